@@ -1,0 +1,88 @@
+"""``ckpt-hooks``: convert and inspect checkpoints from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ckpt_hooks.errors import CheckpointError
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts, got {text!r}") from None
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    from ckpt_hooks.convert import default_workers
+
+    parser.add_argument("--load-dir", required=True, help="source checkpoint (root with the tracker file, or an iter_* dir)")
+    parser.add_argument("--save-dir", required=True, help="where to write the converted checkpoint (must not exist or be empty)")
+    parser.add_argument("--target-tensor-parallel-size", type=int, help="default: the source's")
+    parser.add_argument("--target-pipeline-parallel-size", type=int, help="default: the source's")
+    parser.add_argument("--target-virtual-pipeline-parallel-size", type=int,
+                        help="virtual pipeline chunks per stage (default: the source's if PP is unchanged, else 1)")
+    parser.add_argument("--num-layer-list", type=_layer_list,
+                        help="layers per pipeline stage for uneven splits, e.g. 1,3")
+    parser.add_argument("--convert-param-only", action="store_true", help="convert the model weights only, no optimizer state")
+    parser.add_argument("--true-vocab-size", type=int,
+                        help="real vocabulary rows, when the saved args do not tell (needed to re-pad the vocab for a new TP)")
+    parser.add_argument("--workers", type=int, default=default_workers(), help="target files built in parallel")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_convert(args) -> None:
+    from ckpt_hooks.convert import convert
+
+    report = convert(args.load_dir, args.save_dir,
+                     target_tp=args.target_tensor_parallel_size, target_pp=args.target_pipeline_parallel_size,
+                     target_vpp=args.target_virtual_pipeline_parallel_size, num_layer_list=args.num_layer_list,
+                     convert_param_only=args.convert_param_only, true_vocab_size=args.true_vocab_size,
+                     workers=args.workers, quiet=args.quiet)
+    if not args.quiet:
+        print(f"wrote {args.save_dir}: {report}")
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("load_dir", help="checkpoint root or iter_* directory")
+    parser.add_argument("--tensors", action="store_true", help="list every tensor of every file")
+
+
+def run_inspect(args) -> None:
+    from ckpt_hooks.inspect import describe
+
+    print(describe(args.load_dir, tensors=args.tensors))
+
+
+COMMANDS = {
+    "convert": ("reshard a checkpoint to another TP/PP/VPP layout", add_convert_arguments, run_convert),
+    "inspect": ("describe a checkpoint: format, layout, model, files", add_inspect_arguments, run_inspect),
+}
+
+
+def guarded(run, args) -> int:
+    """Run a command; report a checkpoint problem as one line on stderr and a non-zero exit."""
+    try:
+        run(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ckpt-hooks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return guarded(COMMANDS[args.command][2], args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Offline conversion of a Megatron legacy checkpoint to another parallel layout."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+
+from ckpt_hooks import layout
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.executor import run
+from ckpt_hooks.formats import megatron_legacy as legacy
+from ckpt_hooks.formats.torch_pickle import LazyTensor, iter_lazy_tensors
+from ckpt_hooks.plan import SourceFile, TargetFile, TensorMeta, plan_conversion
+from ckpt_hooks.spec import (ModelSpec, ParallelConfig, model_spec_from_args, parallel_config_from_args,
+                             updated_args)
+
+# Entries of model_optim_rng.pt that do not depend on the layout and are carried over.
+_CARRIED = ("checkpoint_version", "iteration", "opt_param_scheduler", "num_floating_point_operations_so_far")
+
+
+@dataclass
+class Report:
+    spec: ModelSpec
+    source: ParallelConfig
+    target: ParallelConfig
+    files: int
+    nbytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = self.nbytes / max(self.seconds, 1e-9) / 1e6
+        return (f"{self.source.describe()} -> {self.target.describe()}: {self.files} files, "
+                f"{self.nbytes / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s)")
+
+
+def read_source(load_dir, true_vocab_size: int | None = None):
+    """Open a checkpoint and describe it: (checkpoint, spec, layout, per-file tensor metadata)."""
+    ckpt = legacy.open_checkpoint(load_dir)
+    args = ckpt.args
+    try:
+        spec = model_spec_from_args(args)
+        source = parallel_config_from_args(args)
+    except AttributeError as e:
+        raise CheckpointError(ckpt.first.path, f"saved args lack a model setting ({e})") from None
+    if true_vocab_size is not None:
+        spec = replace(spec, true_vocab_size=true_vocab_size)
+    if spec.true_vocab_size is not None and spec.padded_vocab_for(source.tp) != spec.padded_vocab_size:
+        raise CheckpointError(ckpt.first.path, f"padded vocabulary {spec.padded_vocab_size} does not follow from "
+                                               f"vocabulary {spec.true_vocab_size} at TP{source.tp}; "
+                                               "pass --true-vocab-size")
+    try:
+        layout.check_divisible(spec, source)
+    except layout.LayoutError as e:
+        raise CheckpointError(ckpt.first.path, f"saved args: {e}") from None
+    files = []
+    for (tp_rank, pp_rank), torch_file in ckpt.files.items():
+        chunks = {}
+        for chunk in legacy.chunk_keys(source.vpp):
+            state = torch_file.obj.get(chunk)
+            if not isinstance(state, dict):
+                raise CheckpointError(torch_file.path, f"no model chunk '{chunk}' (args say VPP{source.vpp})")
+            chunks[chunk] = {key: TensorMeta(v.shape, v.dtype) if isinstance(v, LazyTensor) else None
+                             for key, v in state.items()}
+            torch_file.check_complete(t for _, t in iter_lazy_tensors(state))
+        files.append(SourceFile(torch_file.path, tp_rank, pp_rank, chunks))
+    return ckpt, spec, source, files
+
+
+def target_config(source: ParallelConfig, tp=None, pp=None, vpp=None, num_layer_list=None) -> ParallelConfig:
+    """The target layout: given sizes, the rest kept from the source where they still apply
+    (DP fills the source's world size)."""
+    new_pp = pp or source.pp
+    new_vpp = vpp or (source.vpp if new_pp == source.pp else 1)
+    new_tp = tp or source.tp
+    stages = tuple(num_layer_list) if num_layer_list else (source.layers_per_stage if new_pp == source.pp else None)
+    world = source.tp * source.pp * source.dp
+    return ParallelConfig(tp=new_tp, pp=new_pp, vpp=new_vpp, dp=max(world // (new_tp * new_pp), 1),
+                          layers_per_stage=stages)
+
+
+def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int | None = None,
+            target_vpp: int | None = None, num_layer_list=None, convert_param_only: bool = False,
+            true_vocab_size: int | None = None, workers: int = 2, quiet: bool = False) -> Report:
+    """Reshard the model weights of a Megatron legacy checkpoint; write it to ``save_dir`` atomically."""
+    if not convert_param_only:
+        raise CheckpointError(load_dir, "optimizer-state conversion is not available yet; "
+                                        "pass --convert-param-only to convert the model weights")
+    legacy.refuse_non_empty(save_dir)
+    started = time.perf_counter()
+    ckpt, spec, source, files = read_source(load_dir, true_vocab_size)
+    target = target_config(source, target_tp, target_pp, target_vpp, num_layer_list)
+    try:
+        layout.check_divisible(spec, target)
+    except layout.LayoutError as e:
+        raise CheckpointError(ckpt.first.path, f"target {target.describe()}: {e}") from None
+    plan = plan_conversion(spec, source, files, target, legacy.chunk_keys(source.vpp), legacy.chunk_keys(target.vpp))
+    args = updated_args(ckpt.args, spec, target)
+    carried = {k: ckpt.first.obj[k] for k in _CARRIED if k in ckpt.first.obj}
+
+    def lookup(file, chunk, key):
+        torch_file = ckpt.files[file]
+        return torch_file, torch_file.obj[chunk][key]
+
+    with legacy.staged_directory(save_dir) as root:
+        def write(target_file: TargetFile, chunks: OrderedDict) -> None:
+            state = {"args": args, **carried, **chunks}
+            legacy.save_rank_file(root, ckpt.iteration, target_file.tp_rank, target_file.pp_rank, target.pp, state)
+
+        run(plan, lookup, write, workers=workers, quiet=quiet,
+            label=f"{source.describe()} -> {target.describe()}")
+        legacy.write_tracker(root, ckpt.iteration)
+    return Report(spec, source, target, len(plan), sum(f.nbytes for f in plan), time.perf_counter() - started)
+
+
+def default_workers() -> int:
+    return max(1, min(4, os.cpu_count() or 1))

@@ -1,0 +1,1 @@
+"""On-disk formats: one module per format, lazy readers and atomic writers."""

@@ -1,0 +1,156 @@
+"""Megatron-LM's legacy checkpoint layout (``--ckpt-format torch``).
+
+    <root>/latest_checkpointed_iteration.txt          iteration number or "release"
+    <root>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt
+                                          distrib_optim.pt  (distributed optimizer)
+
+``model_optim_rng.pt`` holds ``args``, ``iteration``, ``checkpoint_version`` and the
+model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.torch_pickle import TorchFile
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+OPTIMIZER_FILE = "distrib_optim.pt"
+_RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?")
+
+
+def iteration_dir_name(iteration: int | None) -> str:
+    return "release" if iteration is None else f"iter_{iteration:07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def chunk_keys(vpp: int) -> list[str]:
+    return ["model"] if vpp == 1 else [f"model{v}" for v in range(vpp)]
+
+
+def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
+    """The iteration directory to read, from the tracker file or given directly."""
+    root = Path(load_dir)
+    if not root.is_dir():
+        raise CheckpointError(root, "checkpoint directory not found")
+    if any(_RANK_DIR.fullmatch(p.name) for p in root.iterdir()):
+        name = root.name
+        return root, (int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None)
+    tracker = root / TRACKER
+    if not tracker.is_file():
+        raise CheckpointError(tracker, "missing: not a Megatron legacy checkpoint directory")
+    text = tracker.read_text().strip()
+    if text == "release":
+        iteration = None
+    elif text.isdigit():
+        iteration = int(text)
+    else:
+        raise CheckpointError(tracker, f"expected an iteration number or 'release', found {text[:40]!r}")
+    iter_dir = root / iteration_dir_name(iteration)
+    if not iter_dir.is_dir():
+        raise CheckpointError(iter_dir, "missing iteration directory named by the tracker file")
+    return iter_dir, iteration
+
+
+@dataclass
+class LegacyCheckpoint:
+    """A Megatron legacy checkpoint opened lazily: pickles parsed, no tensor data read."""
+
+    iter_dir: Path
+    iteration: int | None
+    files: dict[tuple[int, int], TorchFile]   # (tp_rank, pp_rank) -> model_optim_rng.pt
+    tp: int
+    pp: int
+
+    @property
+    def first(self) -> TorchFile:
+        return self.files[(0, 0)]
+
+    @property
+    def args(self):
+        return self.first.obj.get("args")
+
+
+def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
+    iter_dir, iteration = find_iteration_dir(load_dir)
+    ranks = {}
+    for entry in sorted(iter_dir.iterdir()):
+        match = _RANK_DIR.fullmatch(entry.name)
+        if not match:
+            continue
+        if match.group(3) is not None:
+            raise CheckpointError(entry, "expert-parallel checkpoints are not supported yet")
+        ranks[(int(match.group(1)), int(match.group(2) or 0))] = entry
+    if not ranks:
+        raise CheckpointError(iter_dir, "no mp_rank_* directories")
+    first_dir = ranks.get((0, 0))
+    if first_dir is None:
+        raise CheckpointError(iter_dir / "mp_rank_00", "missing rank directory")
+    first = TorchFile(first_dir / MODEL_FILE)
+    args = first.obj.get("args") if isinstance(first.obj, dict) else None
+    if args is None:
+        raise CheckpointError(first.path, "no 'args' saved in the checkpoint; cannot tell its layout")
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    expected = {(t, p) for t in range(tp) for p in range(pp)}
+    for t, p in sorted(expected - ranks.keys()):
+        raise CheckpointError(iter_dir / rank_dir_name(t, p, pp),
+                              f"missing rank directory (args say TP{tp}·PP{pp})")
+    for t, p in sorted(ranks.keys() - expected):
+        raise CheckpointError(ranks[(t, p)], f"unexpected rank directory (args say TP{tp}·PP{pp})")
+    files = {(0, 0): first}
+    for key in sorted(expected - {(0, 0)}):
+        files[key] = TorchFile(ranks[key] / MODEL_FILE)
+    return LegacyCheckpoint(iter_dir, iteration, files, tp, pp)
+
+
+def refuse_non_empty(save_dir: str | os.PathLike) -> None:
+    path = Path(save_dir)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(path, "save directory exists and is not empty; refusing to overwrite")
+
+
+@contextlib.contextmanager
+def staged_directory(save_dir: str | os.PathLike):
+    """Yield a temporary sibling of ``save_dir``; it becomes ``save_dir`` only on success."""
+    target = Path(save_dir).absolute()
+    refuse_non_empty(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def write_tracker(root: Path, iteration: int | None) -> None:
+    (root / TRACKER).write_text("release" if iteration is None else str(iteration))
+
+
+def save_rank_file(root: Path, iteration: int | None, tp_rank: int, pp_rank: int, pp: int,
+                   state: dict, name: str = MODEL_FILE) -> Path:
+    directory = root / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    torch.save(state, path)
+    return path

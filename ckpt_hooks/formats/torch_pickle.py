@@ -1,0 +1,238 @@
+"""Lazy, safe reading of ``torch.save`` zip files.
+
+The pickle is unpickled with an explicit allowlist of globals (nothing else is ever
+imported or called), and tensors come back as :class:`LazyTensor` handles that know
+where their bytes lie in the file. Bytes are read with ``pread`` only when a plan asks
+for them, so a reader holds at most one tensor of a source file in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import enum
+import importlib
+import math
+import os
+import pickle
+import struct
+import zipfile
+from dataclasses import dataclass
+
+import torch
+
+from ckpt_hooks.errors import CheckpointError
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool, "UntypedStorage": torch.uint8,
+}
+
+
+@dataclass(frozen=True)
+class LazyStorage:
+    path: str
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor of a ``torch.save`` file, not yet read."""
+
+    storage: LazyStorage
+    offset: int
+    shape: tuple
+    stride: tuple
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.storage.dtype
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    def is_contiguous(self) -> bool:
+        expected = 1
+        for size, stride in reversed(list(zip(self.shape, self.stride))):
+            if size != 1 and stride != expected:
+                return False
+            expected *= size
+        return True
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+
+
+def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
+    return data
+
+
+# Every global a checkpoint may name, and what it becomes. Tensor rebuilds turn into
+# lazy handles; everything else is a plain data type that runs no code of the file's.
+_ALLOWED = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch", "Size"): torch.Size,
+    ("torch", "device"): torch.device,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("builtins", "complex"): complex,
+    ("_codecs", "encode"): lambda text, encoding="latin1": text.encode(encoding),
+}
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+# Enums defined by the trainers appear in saved ``args`` (e.g. AttnBackend).
+_ENUM_MODULE_PREFIXES = ("megatron.", "mindspeed.", "mindformers.")
+
+
+def _allowed_global(module: str, name: str):
+    if (module, name) in _ALLOWED:
+        return _ALLOWED[(module, name)]
+    if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        return getattr(torch, name)
+    if (module, name) in _NUMPY_GLOBALS or (module == "numpy" and name.endswith("DType")) \
+            or module == "numpy.dtypes":
+        return getattr(importlib.import_module(module), name)
+    if module.startswith(_ENUM_MODULE_PREFIXES):
+        try:
+            obj = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError):
+            obj = None
+        if isinstance(obj, type) and issubclass(obj, enum.Enum):
+            return obj
+    return None
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="utf-8")
+        self._path = path
+
+    def find_class(self, module, name):
+        if module == "torch" and name in _STORAGE_DTYPES:  # named inside persistent ids
+            return _STORAGE_DTYPES[name]
+        obj = _allowed_global(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"refused to load: the pickle needs '{module}.{name}', "
+                                         "which is not on the allowlist")
+        return obj
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, storage_type, key, _location, numel = pid
+        return LazyStorage(self._path, str(key), storage_type, int(numel))
+
+
+class TorchFile:
+    """A ``torch.save`` zip file opened lazily: ``obj`` holds LazyTensors in place of tensors."""
+
+    def __init__(self, path):
+        self.path = str(path)
+        try:
+            with zipfile.ZipFile(self.path) as archive:
+                names = archive.namelist()
+                pkl = next((n for n in names if n.endswith("/data.pkl")), None)
+                if pkl is None:
+                    raise CheckpointError(self.path, "not a torch.save zip file (no data.pkl)")
+                self._prefix = pkl[: -len("data.pkl")]
+                self._records = {info.filename: info for info in archive.infolist()}
+                byteorder = self._records.get(self._prefix + "byteorder")
+                if byteorder is not None and archive.read(byteorder) != b"little":
+                    raise CheckpointError(self.path, "big-endian torch files are not supported")
+                with archive.open(pkl) as f:
+                    self.obj = _Unpickler(f, self.path).load()
+            self._offsets: dict[str, int] = {}
+        except CheckpointError:
+            raise
+        except FileNotFoundError:
+            raise CheckpointError(self.path, "file not found") from None
+        except zipfile.BadZipFile as e:
+            raise CheckpointError(self.path, f"not a readable torch.save zip file, truncated or corrupt ({e})") from None
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(self.path, str(e)) from None
+        except (EOFError, ValueError, KeyError, TypeError, struct.error, zipfile.LargeZipFile) as e:
+            raise CheckpointError(self.path, f"corrupt pickle in torch file ({type(e).__name__}: {e})") from None
+
+    def _data_offset(self, storage: LazyStorage) -> int:
+        """Byte offset of a storage record's data (records are stored uncompressed)."""
+        offset = self._offsets.get(storage.key)
+        if offset is None:
+            info = self._records.get(f"{self._prefix}data/{storage.key}")
+            if info is None:
+                raise CheckpointError(self.path, f"storage record {storage.key} is missing (truncated file?)")
+            if info.compress_type != zipfile.ZIP_STORED:
+                raise CheckpointError(self.path, f"storage record {storage.key} is compressed")
+            with open(self.path, "rb") as f:
+                f.seek(info.header_offset)
+                header = f.read(30)
+            if len(header) < 30 or header[:4] != b"PK\x03\x04":
+                raise CheckpointError(self.path, f"storage record {storage.key} lies beyond the end of the file (truncated?)")
+            name_len, extra_len = struct.unpack("<HH", header[26:30])
+            offset = info.header_offset + 30 + name_len + extra_len
+            if offset + storage.numel * storage.dtype.itemsize > os.path.getsize(self.path):
+                raise CheckpointError(self.path, f"storage record {storage.key} is cut short (truncated file)")
+            self._offsets[storage.key] = offset
+        return offset
+
+    def check_complete(self, tensors) -> None:
+        """Fail now, not mid-conversion, if any tensor's bytes are missing."""
+        for t in tensors:
+            self._data_offset(t.storage)
+
+    def read(self, t: LazyTensor, rows: slice | None = None) -> torch.Tensor:
+        """Read tensor ``t`` (or only rows ``rows`` of its first axis when it is contiguous)."""
+        base = self._data_offset(t.storage)
+        itemsize = t.dtype.itemsize
+        if t.is_contiguous() and len(t.shape) > 0:
+            start, stop, _ = (rows or slice(None)).indices(t.shape[0])
+            row_numel = math.prod(t.shape[1:])
+            shape = (stop - start,) + t.shape[1:]
+            out = torch.empty(shape, dtype=t.dtype)
+            self._pread_into(out, base + (t.offset + start * row_numel) * itemsize)
+            return out
+        flat = torch.empty(t.storage.numel, dtype=t.dtype)
+        self._pread_into(flat, base)
+        out = flat.as_strided(t.shape, t.stride, t.offset).clone()
+        return out[rows] if rows is not None else out
+
+    def _pread_into(self, out: torch.Tensor, position: int) -> None:
+        view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], position + done)
+                if n <= 0:
+                    raise CheckpointError(self.path, "unexpected end of file (truncated)")
+                done += n
+        finally:
+            os.close(fd)
+
+
+def iter_lazy_tensors(obj, prefix=""):
+    """Yield ``(dotted_path, LazyTensor)`` for every tensor inside nested dicts/lists."""
+    if isinstance(obj, LazyTensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from iter_lazy_tensors(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from iter_lazy_tensors(v, f"{prefix}.{i}" if prefix else str(i))

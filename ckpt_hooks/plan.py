@@ -1,0 +1,183 @@
+"""The planner: from the tensors a source layout holds to the copies a target layout needs.
+
+Each source tensor is placed as a box of its logical tensor; each target tensor is a
+box too; a plan is the list of box intersections. Pure: works on shapes and names only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from ckpt_hooks import layout, names
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.layout import EXTRA, VOCAB, LayoutError, Placement
+from ckpt_hooks.spec import ModelSpec, ParallelConfig
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    shape: tuple[int, ...]
+    dtype: object
+
+
+@dataclass
+class SourceFile:
+    """What one source file holds: per model chunk, key -> TensorMeta (None for non-tensors)."""
+
+    path: str
+    tp_rank: int
+    pp_rank: int
+    chunks: dict[str, dict[str, TensorMeta | None]]
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    path: str
+    file: tuple[int, int]    # (tp_rank, pp_rank)
+    chunk: str
+    key: str
+    placement: Placement
+    dtype: object
+
+
+@dataclass(frozen=True)
+class Copy:
+    source: SourceTensor
+    source_slices: tuple[slice, ...]   # in the source's view shape (Placement.view_shape)
+    target_slices: tuple[slice, ...]   # in the target's view shape
+
+
+@dataclass
+class TargetTensor:
+    chunk: str
+    key: str
+    placement: Placement | None        # None for non-tensor entries (``_extra_state``)
+    dtype: object = None
+    copies: list[Copy] = field(default_factory=list)
+    complete: bool = True               # False: regions no source covers are zero (vocab padding)
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.placement is None else self.placement.box.numel * self.dtype.itemsize
+
+
+@dataclass
+class TargetFile:
+    tp_rank: int
+    pp_rank: int
+    tensors: list[TargetTensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class _Logical:
+    rule: layout.Rule
+    name: names.Name
+    pieces: list[SourceTensor] = field(default_factory=list)
+
+
+def _index_sources(spec: ModelSpec, config: ParallelConfig, files: list[SourceFile],
+                   chunk_keys: list[str]) -> "OrderedDict[str, _Logical]":
+    """Place every source tensor in its logical tensor, checking it against the spec."""
+    index: OrderedDict[str, _Logical] = OrderedDict()
+    for f in files:
+        if sorted(f.chunks) != sorted(chunk_keys):
+            raise CheckpointError(f.path, f"holds model chunks {sorted(f.chunks)}, args imply {chunk_keys}")
+        for vp, chunk in enumerate(chunk_keys):
+            layers = layout.chunk_layers(spec, config, f.pp_rank, vp)
+            for key, meta in f.chunks[chunk].items():
+                name = names.classify(key)
+                if name is None:
+                    raise CheckpointError(f.path, f"{chunk}: unsupported tensor '{key}'")
+                if name.local_layer is not None and name.local_layer >= len(layers):
+                    raise CheckpointError(f.path, f"{chunk}: '{key}' but args give this stage {len(layers)} "
+                                                  "layers; the args disagree with the tensors")
+                global_layer = layers[name.local_layer] if name.local_layer is not None else None
+                logical = names.logical_name(name, global_layer, spec.tied_embeddings)
+                entry = index.setdefault(logical, _Logical(name.rule, name))
+                if name.rule.kind == EXTRA:
+                    continue
+                if meta is None:
+                    raise CheckpointError(f.path, f"{chunk}: '{key}' is not a tensor")
+                try:
+                    where = layout.placement(name.rule, spec, config.tp, f.tp_rank,
+                                             spec.padded_vocab_size, meta.shape)
+                except LayoutError as e:
+                    raise CheckpointError(f.path, f"{chunk}: '{key}': {e}; the args disagree with the tensors") from None
+                if tuple(meta.shape) != where.stored_shape:
+                    raise CheckpointError(
+                        f.path, f"{chunk}: '{key}' has shape {tuple(meta.shape)} but the args "
+                                f"({config.describe()}, {spec.describe()}) imply {where.stored_shape}")
+                if any(p.placement.box == where.box for p in entry.pieces):
+                    continue  # a replica (replicated tensor, or the tied output layer's copy)
+                entry.pieces.append(SourceTensor(f.path, (f.tp_rank, f.pp_rank), chunk, key, where, meta.dtype))
+    return index
+
+
+def _target_keys(index, spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp: int) -> list[tuple[str, str]]:
+    """(key, logical name) of each entry a target chunk holds, in Megatron's state-dict order."""
+    first = layout.is_first_chunk(config, pp_rank, vp)
+    last = layout.is_last_chunk(config, pp_rank, vp)
+    layer_suffixes = list(OrderedDict.fromkeys(e.name.suffix for e in index.values() if e.name.local_layer is not None))
+    keys = []
+    for logical, entry in index.items():
+        if entry.name.local_layer is None and entry.name.suffix.startswith("embedding.") and first:
+            keys.append((entry.name.suffix, logical))
+    for local, global_layer in enumerate(layout.chunk_layers(spec, config, pp_rank, vp)):
+        keys += [(names.layer_key(local, s), names.layer_key(global_layer, s)) for s in layer_suffixes]
+    if last:
+        for logical, entry in index.items():
+            suffix = entry.name.suffix
+            if entry.name.local_layer is None and suffix.startswith(("decoder.", "output_layer.")) \
+                    and suffix != names.OUTPUT:
+                keys.append((suffix, logical))
+        # A tied output layer exists only on a last stage that does not also hold the embedding.
+        if not spec.tied_embeddings or not first:
+            keys.append((names.OUTPUT, names.EMBEDDING if spec.tied_embeddings else names.OUTPUT))
+    return keys
+
+
+def plan_conversion(spec: ModelSpec, source: ParallelConfig, files: list[SourceFile],
+                    target: ParallelConfig, source_chunks: list[str], target_chunks: list[str]) -> list[TargetFile]:
+    """The copies that build every target file from the source files."""
+    index = _index_sources(spec, source, files, source_chunks)
+    target_vocab = spec.padded_vocab_for(target.tp)
+    plan = []
+    for pp_rank in range(target.pp):
+        for tp_rank in range(target.tp):
+            tensors = []
+            for vp, chunk in enumerate(target_chunks):
+                for key, logical in _target_keys(index, spec, target, pp_rank, vp):
+                    entry = index.get(logical)
+                    if entry is None:
+                        raise CheckpointError(files[0].path, f"no source file holds '{logical}'")
+                    if entry.rule.kind == EXTRA:
+                        tensors.append(TargetTensor(chunk, key, None))
+                        continue
+                    if not entry.pieces:
+                        raise CheckpointError(files[0].path, f"no source tensor for '{logical}'")
+                    tensors.append(_plan_tensor(entry, chunk, key, spec, target, tp_rank, target_vocab))
+            plan.append(TargetFile(tp_rank, pp_rank, tensors))
+    return plan
+
+
+def _plan_tensor(entry: _Logical, chunk: str, key: str, spec: ModelSpec, target: ParallelConfig,
+                 tp_rank: int, target_vocab: int) -> TargetTensor:
+    first = entry.pieces[0]
+    where = layout.placement(entry.rule, spec, target.tp, tp_rank, target_vocab, first.placement.logical_shape)
+    out = TargetTensor(chunk, key, where, first.dtype)
+    covered = 0
+    for piece in entry.pieces:
+        overlap = piece.placement.box.intersect(where.box)
+        if overlap is not None:
+            out.copies.append(Copy(piece, overlap.slices_within(piece.placement.box), overlap.slices_within(where.box)))
+            covered += overlap.numel
+    out.complete = covered == where.box.numel
+    if not out.complete and entry.rule.kind != VOCAB:
+        raise CheckpointError(first.path, f"source tensors cover {covered} of {where.box.numel} elements "
+                                         f"of target '{key}' (a rank file is missing tensors)")
+    return out

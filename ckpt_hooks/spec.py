@@ -1,0 +1,153 @@
+"""ModelSpec (architecture facts needed to slice tensors) and ParallelConfig (how a run is split).
+
+Pure: no I/O, no framework imports. Both can be read from a Megatron ``args`` Namespace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    padded_vocab_size: int          # rows of the embedding as saved (includes padding)
+    true_vocab_size: int | None     # rows that are real tokens; None when unknown
+    make_vocab_size_divisible_by: int = 128
+    swiglu: bool = False
+    tied_embeddings: bool = True
+    add_bias_linear: bool = True
+    add_qkv_bias: bool = False
+    position_embedding_type: str = "learned_absolute"
+    normalization: str = "LayerNorm"
+
+    @property
+    def rows_per_query_group(self) -> int:
+        """Rows of linear_qkv per query group: its query heads, one key and one value head."""
+        return (self.num_attention_heads // self.num_query_groups + 2) * self.kv_channels
+
+    def padded_vocab_for(self, tp: int) -> int:
+        """The embedding rows Megatron allocates at tensor-parallel size ``tp``."""
+        if self.true_vocab_size is None:
+            return self.padded_vocab_size
+        return round_up(self.true_vocab_size, self.make_vocab_size_divisible_by * tp)
+
+    def describe(self) -> str:
+        gqa = f" (GQA, {self.num_query_groups} groups)" if self.num_query_groups != self.num_attention_heads else ""
+        vocab = f"vocab {self.true_vocab_size} padded to {self.padded_vocab_size}" if self.true_vocab_size \
+            else f"vocab {self.padded_vocab_size} (padded)"
+        return (f"{self.num_layers} layers, hidden {self.hidden_size}, ffn {self.ffn_hidden_size}"
+                f"{' SwiGLU' if self.swiglu else ''}, {self.num_attention_heads} heads{gqa}, "
+                f"kv_channels {self.kv_channels}, {vocab}, "
+                f"{'tied' if self.tied_embeddings else 'untied'} embeddings, {self.normalization}, "
+                f"{self.position_embedding_type}, {'with' if self.add_bias_linear else 'no'} linear bias")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    dp: int = 1
+    layers_per_stage: tuple[int, ...] | None = field(default=None)  # uneven PP; None = even split
+
+    def describe(self) -> str:
+        text = f"TP{self.tp}·PP{self.pp}" + (f"·VPP{self.vpp}" if self.vpp > 1 else "") + f"·DP{self.dp}"
+        if self.layers_per_stage:
+            text += f" layers per stage {list(self.layers_per_stage)}"
+        return text
+
+
+def _true_vocab_size(args) -> int | None:
+    vocab = getattr(args, "vocab_size", None)
+    if vocab is None:
+        return None
+    # NullTokenizer appends one end-of-document token to --vocab-size.
+    return vocab + 1 if getattr(args, "tokenizer_type", None) == "NullTokenizer" else vocab
+
+
+def model_spec_from_args(args) -> ModelSpec:
+    heads = args.num_attention_heads
+    groups = args.num_query_groups if getattr(args, "group_query_attention", False) and args.num_query_groups else heads
+    kv_channels = getattr(args, "kv_channels", None) or args.hidden_size // heads
+    return ModelSpec(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=kv_channels,
+        padded_vocab_size=args.padded_vocab_size,
+        true_vocab_size=_true_vocab_size(args),
+        make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", 128),
+        swiglu=bool(getattr(args, "swiglu", False)),
+        tied_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
+        add_bias_linear=bool(getattr(args, "add_bias_linear", True)),
+        add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
+        position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
+        normalization=getattr(args, "normalization", "LayerNorm"),
+    )
+
+
+def uneven_layers(num_layers: int, pp: int, first: int | None, last: int | None) -> tuple[int, ...] | None:
+    """Megatron's first/last-stage layer counts as a per-stage list (None when even)."""
+    if not first and not last:
+        return None
+    middle_stages = pp - (1 if first else 0) - (1 if last else 0)
+    middle_layers = num_layers - (first or 0) - (last or 0)
+    per_middle = middle_layers // middle_stages if middle_stages else 0
+    stages = [per_middle] * pp
+    if first:
+        stages[0] = first
+    if last:
+        stages[-1] = last
+    return tuple(stages)
+
+
+def first_last_layers(stages: tuple[int, ...]) -> tuple[int | None, int | None] | None:
+    """Express a per-stage list as Megatron's (first, last) counts; None if it cannot be."""
+    for first in (None, stages[0]):
+        for last in (None, stages[-1]):
+            if len(stages) > 1 and uneven_layers(sum(stages), len(stages), first, last) == stages:
+                return first, last
+    return None
+
+
+def parse_layer_list(text: str | None) -> tuple[int, ...] | None:
+    return tuple(int(x) for x in str(text).split(",")) if text else None
+
+
+def parallel_config_from_args(args) -> ParallelConfig:
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
+    stages = parse_layer_list(getattr(args, "num_layer_list", None)) or uneven_layers(
+        args.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
+        getattr(args, "decoder_last_pipeline_num_layers", None))
+    return ParallelConfig(tp=getattr(args, "tensor_model_parallel_size", 1) or 1, pp=pp, vpp=vpp,
+                          dp=getattr(args, "data_parallel_size", 1) or 1, layers_per_stage=stages)
+
+
+def updated_args(args, spec: ModelSpec, config: ParallelConfig):
+    """A copy of Megatron ``args`` describing the same model at another layout."""
+    new = type(args)(**vars(args))
+    new.tensor_model_parallel_size = config.tp
+    new.pipeline_model_parallel_size = config.pp
+    new.virtual_pipeline_model_parallel_size = config.vpp if config.vpp > 1 else None
+    new.num_layers_per_virtual_pipeline_stage = (spec.num_layers // (config.pp * config.vpp)
+                                                 if config.vpp > 1 else None)
+    stages = config.layers_per_stage
+    first, last = (first_last_layers(stages) or (None, None)) if stages else (None, None)
+    new.decoder_first_pipeline_num_layers, new.decoder_last_pipeline_num_layers = first, last
+    new.num_layer_list = ",".join(map(str, stages)) if stages else None  # MindSpeed's spelling
+    new.padded_vocab_size = spec.padded_vocab_for(config.tp)
+    new.data_parallel_size = config.dp
+    return new
