@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
+import os
 import sys
 
 from ckpt_hooks.errors import CheckpointError
@@ -16,8 +19,6 @@ def _layer_list(text: str) -> tuple[int, ...]:
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    from ckpt_hooks.convert import default_workers
-
     parser.add_argument("--load-dir", required=True, help="source checkpoint (root with the tracker file, or an iter_* dir)")
     parser.add_argument("--save-dir", required=True, help="where to write the converted checkpoint (must not exist or be empty)")
     parser.add_argument("--target-tensor-parallel-size", type=int, help="default: the source's")
@@ -29,7 +30,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--convert-param-only", action="store_true", help="convert the model weights only, no optimizer state")
     parser.add_argument("--true-vocab-size", type=int,
                         help="real vocabulary rows, when the saved args do not tell (needed to re-pad the vocab for a new TP)")
-    parser.add_argument("--workers", type=int, default=default_workers(), help="target files built in parallel")
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="target files built in parallel")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -62,6 +63,16 @@ COMMANDS = {
 }
 
 
+def return_freed_memory() -> None:
+    """Serve big tensors from mmap so that freeing them returns memory to the OS. glibc's
+    adaptive threshold would otherwise grow the heap to the size of a whole file."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 4 << 20)  # M_MMAP_THRESHOLD: 4 MiB
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
 def guarded(run, args) -> int:
     """Run a command; report a checkpoint problem as one line on stderr and a non-zero exit."""
     try:
@@ -81,6 +92,7 @@ def main(argv=None) -> int:
     for name, (help_text, add_arguments, _) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     args = parser.parse_args(argv)
+    return_freed_memory()
     return guarded(COMMANDS[args.command][2], args)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, replace
@@ -112,7 +111,3 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
             label=f"{source.describe()} -> {target.describe()}")
         legacy.write_tracker(root, ckpt.iteration)
     return Report(spec, source, target, len(plan), sum(f.nbytes for f in plan), time.perf_counter() - started)
-
-
-def default_workers() -> int:
-    return max(1, min(4, os.cpu_count() or 1))

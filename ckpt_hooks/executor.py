@@ -1,7 +1,8 @@
 """Runs a plan: builds each target file from slices of source tensors, with bounded memory.
 
-One target file is in flight per worker; source bytes are read with ``pread`` only for the
-rows a copy needs, so peak memory is about ``workers x largest target file``.
+Each worker writes one target file, one tensor at a time; source bytes are read with
+``pread`` only for the rows a copy needs. Peak memory is about ``workers x (largest target
+tensor + the source rows it needs)``, whatever the size of the files.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ckpt_hooks.formats.torch_pickle import LazyTensor, TorchFile
+from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile
 from ckpt_hooks.plan import Copy, TargetFile, TargetTensor
 
 # (file, chunk, key) -> the lazy tensor holding it
@@ -43,13 +44,22 @@ def build_tensor(lookup: SourceLookup, tensor: TargetTensor) -> torch.Tensor | N
     return out
 
 
-def build_file(lookup: SourceLookup, target: TargetFile, progress=None) -> "OrderedDict[str, OrderedDict]":
-    """{chunk: {key: tensor}} for one target file."""
+def pending_file(lookup: SourceLookup, target: TargetFile, progress=None) -> "OrderedDict[str, OrderedDict]":
+    """{chunk: {key: PendingTensor}} for one target file: each tensor is built only when the
+    writer asks for it, so one tensor of the file is in memory at a time."""
+    def produce(tensor: TargetTensor):
+        def build():
+            out = build_tensor(lookup, tensor)
+            if progress is not None:
+                progress.update(tensor.nbytes)
+            return out
+        return build
+
     chunks: OrderedDict[str, OrderedDict] = OrderedDict()
     for tensor in target.tensors:
-        chunks.setdefault(tensor.chunk, OrderedDict())[tensor.key] = build_tensor(lookup, tensor)
-        if progress is not None:
-            progress.update(tensor.nbytes)
+        entry = None if tensor.placement is None else \
+            PendingTensor(tensor.placement.stored_shape, tensor.dtype, produce(tensor))
+        chunks.setdefault(tensor.chunk, OrderedDict())[tensor.key] = entry
     return chunks
 
 
@@ -59,7 +69,7 @@ def run(plan: list[TargetFile], lookup: SourceLookup, write: Callable[[TargetFil
     total = sum(f.nbytes for f in plan)
     with tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, dynamic_ncols=True) as bar:
         def one(target: TargetFile):
-            write(target, build_file(lookup, target, bar))
+            write(target, pending_file(lookup, target, bar))
 
         if workers <= 1 or len(plan) == 1:
             for target in plan:

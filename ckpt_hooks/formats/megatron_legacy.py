@@ -18,9 +18,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats import torch_pickle
 from ckpt_hooks.formats.torch_pickle import TorchFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -152,5 +151,5 @@ def save_rank_file(root: Path, iteration: int | None, tp_rank: int, pp_rank: int
     directory = root / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    torch.save(state, path)
+    torch_pickle.save(state, path)
     return path

@@ -12,6 +12,7 @@ import argparse
 import collections
 import enum
 import importlib
+import io
 import math
 import os
 import pickle
@@ -145,20 +146,17 @@ class TorchFile:
 
     def __init__(self, path):
         self.path = str(path)
+        self._offsets: dict[str, int] = {}
         try:
             with zipfile.ZipFile(self.path) as archive:
-                names = archive.namelist()
-                pkl = next((n for n in names if n.endswith("/data.pkl")), None)
-                if pkl is None:
-                    raise CheckpointError(self.path, "not a torch.save zip file (no data.pkl)")
-                self._prefix = pkl[: -len("data.pkl")]
                 self._records = {info.filename: info for info in archive.infolist()}
-                byteorder = self._records.get(self._prefix + "byteorder")
-                if byteorder is not None and archive.read(byteorder) != b"little":
-                    raise CheckpointError(self.path, "big-endian torch files are not supported")
-                with archive.open(pkl) as f:
-                    self.obj = _Unpickler(f, self.path).load()
-            self._offsets: dict[str, int] = {}
+            pkl = next((n for n in self._records if n.endswith("/data.pkl")), None)
+            if pkl is None:
+                raise CheckpointError(self.path, "not a torch.save zip file (no data.pkl)")
+            self._prefix = pkl[: -len("data.pkl")]
+            if self._prefix + "byteorder" in self._records and self._read_record("byteorder") != b"little":
+                raise CheckpointError(self.path, "big-endian torch files are not supported")
+            self.obj = _Unpickler(io.BytesIO(self._read_record("data.pkl")), self.path).load()
         except CheckpointError:
             raise
         except FileNotFoundError:
@@ -170,26 +168,36 @@ class TorchFile:
         except (EOFError, ValueError, KeyError, TypeError, struct.error, zipfile.LargeZipFile) as e:
             raise CheckpointError(self.path, f"corrupt pickle in torch file ({type(e).__name__}: {e})") from None
 
-    def _data_offset(self, storage: LazyStorage) -> int:
-        """Byte offset of a storage record's data (records are stored uncompressed)."""
-        offset = self._offsets.get(storage.key)
-        if offset is None:
-            info = self._records.get(f"{self._prefix}data/{storage.key}")
-            if info is None:
-                raise CheckpointError(self.path, f"storage record {storage.key} is missing (truncated file?)")
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(self.path, f"storage record {storage.key} is compressed")
-            with open(self.path, "rb") as f:
-                f.seek(info.header_offset)
-                header = f.read(30)
-            if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                raise CheckpointError(self.path, f"storage record {storage.key} lies beyond the end of the file (truncated?)")
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            offset = info.header_offset + 30 + name_len + extra_len
-            if offset + storage.numel * storage.dtype.itemsize > os.path.getsize(self.path):
-                raise CheckpointError(self.path, f"storage record {storage.key} is cut short (truncated file)")
-            self._offsets[storage.key] = offset
+    def _record_offset(self, name: str, nbytes: int | None = None) -> int:
+        """Byte offset of a record's data, from its local header (records are stored uncompressed).
+        Small records are read this way too: torch may write them without CRCs."""
+        offset = self._offsets.get(name)
+        if offset is not None:
+            return offset
+        info = self._records.get(self._prefix + name)
+        if info is None:
+            raise CheckpointError(self.path, f"record {name} is missing (truncated file?)")
+        if info.compress_type != zipfile.ZIP_STORED:
+            raise CheckpointError(self.path, f"record {name} is compressed")
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            header = f.read(30)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise CheckpointError(self.path, f"record {name} lies beyond the end of the file (truncated?)")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        offset = info.header_offset + 30 + name_len + extra_len
+        if offset + (info.file_size if nbytes is None else nbytes) > os.path.getsize(self.path):
+            raise CheckpointError(self.path, f"record {name} is cut short (truncated file)")
+        self._offsets[name] = offset
         return offset
+
+    def _read_record(self, name: str) -> bytes:
+        out = torch.empty(self._records[self._prefix + name].file_size, dtype=torch.uint8)
+        self._pread_into(out, self._record_offset(name))
+        return out.numpy().tobytes()
+
+    def _data_offset(self, storage: LazyStorage) -> int:
+        return self._record_offset(f"data/{storage.key}", storage.numel * storage.dtype.itemsize)
 
     def check_complete(self, tensors) -> None:
         """Fail now, not mid-conversion, if any tensor's bytes are missing."""
@@ -224,6 +232,71 @@ class TorchFile:
                 done += n
         finally:
             os.close(fd)
+
+
+class PendingTensor:
+    """A tensor of a file being written, produced only when its bytes are written."""
+
+    def __init__(self, shape, dtype: torch.dtype, produce):
+        self.shape, self.dtype, self.produce = tuple(shape), dtype, produce
+
+
+class _PendingStorage:
+    def __init__(self, key: str, tensor: PendingTensor):
+        self.key, self.tensor = key, tensor
+
+
+_STORAGE_TYPE_NAMES = {dtype: name for name, dtype in _STORAGE_DTYPES.items() if name != "UntypedStorage"}
+
+
+class _StreamingPickler(pickle.Pickler):
+    def __init__(self, file):
+        super().__init__(file, protocol=2)
+        self.storages: list[_PendingStorage] = []
+
+    def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor):
+            tensor = obj.detach()
+            obj = PendingTensor(tensor.shape, tensor.dtype, lambda: tensor)
+        if not isinstance(obj, PendingTensor):
+            return NotImplemented
+        storage = _PendingStorage(str(len(self.storages)), obj)
+        self.storages.append(storage)
+        stride = tuple(math.prod(obj.shape[i + 1:]) for i in range(len(obj.shape)))
+        return torch._utils._rebuild_tensor_v2, (storage, 0, torch.Size(obj.shape), stride, False,
+                                                 collections.OrderedDict())
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _PendingStorage):
+            storage_type = getattr(torch, _STORAGE_TYPE_NAMES[obj.tensor.dtype])
+            return "storage", storage_type, obj.key, "cpu", math.prod(obj.tensor.shape)
+        return None
+
+
+def save(obj, path) -> None:
+    """Write ``obj`` like ``torch.save`` (any ``torch.load`` reads it), producing its tensors one
+    at a time: PendingTensor leaves are built just before their bytes are written and freed after,
+    so memory holds one tensor, not the file. Zip CRCs are skipped: torch.load does not check
+    them, and computing them halves the write speed."""
+    buffer = io.BytesIO()
+    pickler = _StreamingPickler(buffer)
+    pickler.dump(obj)
+    writer = torch._C.PyTorchFileWriter(str(path), False)
+    data = buffer.getvalue()
+    writer.write_record("data.pkl", data, len(data))
+    writer.write_record(".format_version", "1", 1)
+    writer.write_record(".storage_alignment", "64", 2)
+    writer.write_record("byteorder", "little", 6)
+    for storage in pickler.storages:
+        pending = storage.tensor
+        tensor = pending.produce().contiguous()
+        if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
+            raise ValueError(f"produced {tuple(tensor.shape)} {tensor.dtype}, promised {pending.shape} {pending.dtype}")
+        if tensor.untyped_storage().nbytes() != tensor.nbytes:  # a view into a larger storage
+            tensor = tensor.clone()
+        writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
+        del tensor
+    writer.write_end_of_file()
 
 
 def iter_lazy_tensors(obj, prefix=""):

@@ -1,0 +1,156 @@
+"""Resharding benchmark on a ~1 GB checkpoint in Megatron-LM's real legacy layout.
+
+Builds a GQA/SwiGLU GPT checkpoint (local-spec names) at TP2·PP2, then reshards it to
+TP4·PP1 and TP1·PP1 with `ckpt-hooks convert --convert-param-only`, each in its own
+process. Reports throughput, the ratio to `cp -r` of the same source files measured in
+the same run (both warm: source in the page cache), and each process's peak RSS
+against the largest target file.
+
+    python bench/bench_reshard.py [--workdir DIR] [--layers 16] [--hidden 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+
+
+def make_source_args(layers: int, hidden: int) -> argparse.Namespace:
+    import torch
+
+    heads, groups = 16, 4
+    return argparse.Namespace(
+        num_layers=layers, hidden_size=hidden, ffn_hidden_size=hidden * 11 // 4, num_attention_heads=heads,
+        num_query_groups=groups, group_query_attention=True, kv_channels=hidden // heads,
+        vocab_size=32000, tokenizer_type="HuggingFaceTokenizer", make_vocab_size_divisible_by=128,
+        padded_vocab_size=32000, swiglu=True, untie_embeddings_and_output_weights=True, add_bias_linear=False,
+        add_qkv_bias=False, position_embedding_type="rope", normalization="RMSNorm",
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+        data_parallel_size=4, world_size=4, params_dtype=torch.float32, ckpt_format="torch")
+
+
+def write_tp1_checkpoint(root: Path, args) -> None:
+    """A TP1·PP1 file with Megatron's local-spec names; random fp32 weights."""
+    import torch
+
+    from ckpt_hooks.formats import megatron_legacy as legacy
+
+    h, f, v = args.hidden_size, args.ffn_hidden_size, args.padded_vocab_size
+    qkv_rows = (args.num_attention_heads + 2 * args.num_query_groups) * args.kv_channels
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g)
+
+    model = OrderedDict(**{"embedding.word_embeddings.weight": rand(v, h)})
+    for i in range(args.num_layers):
+        p = f"decoder.layers.{i}."
+        model[p + "input_layernorm.weight"] = rand(h)
+        model[p + "self_attention.linear_qkv.weight"] = rand(qkv_rows, h)
+        model[p + "self_attention.linear_proj.weight"] = rand(h, args.num_attention_heads * args.kv_channels)
+        model[p + "pre_mlp_layernorm.weight"] = rand(h)
+        model[p + "mlp.linear_fc1.weight"] = rand(2 * f, h)
+        model[p + "mlp.linear_fc2.weight"] = rand(h, f)
+    model["decoder.final_layernorm.weight"] = rand(h)
+    model["output_layer.weight"] = rand(v, h)
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": 100, "model": model}
+    legacy.save_rank_file(root, 100, 0, 0, 1, state)
+    legacy.write_tracker(root, 100)
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def largest_file(path: Path) -> int:
+    return max(p.stat().st_size for p in path.rglob("*.pt"))
+
+
+def child(command: list[str]) -> tuple[float, int, str]:
+    """Wall seconds, peak RSS (bytes) and stdout of one child process, started after a sync so
+    that every run begins with no dirty pages of an earlier one."""
+    subprocess.run(["sync"], check=True)
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    out = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(command)}")
+    return seconds, usage.ru_maxrss * 1024, out
+
+
+_CONVERT = """
+import json, sys, time
+from ckpt_hooks.convert import convert
+started = time.perf_counter()
+convert(sys.argv[1], sys.argv[2], target_tp=int(sys.argv[3]), target_pp=int(sys.argv[4]),
+        workers=int(sys.argv[5]), convert_param_only=True, quiet=True)
+print(json.dumps(time.perf_counter() - started))
+"""
+
+
+def median(values):
+    return sorted(values)[len(values) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", help="scratch directory (default: a temporary one, removed afterwards)")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
+    parser.add_argument("--make-source", metavar="DIR", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.make_source:  # in a child, so that this process stays small (fork copies its RSS)
+        return make_source(Path(options.make_source), options.layers, options.hidden)
+    work = Path(options.workdir or tempfile.mkdtemp(prefix="ckpt-hooks-bench-"))
+    try:
+        source = work / "tp2pp2"
+        child([sys.executable, __file__, "--make-source", str(source),
+               "--layers", str(options.layers), "--hidden", str(options.hidden)])
+        size = du(source)
+        print(f"source: TP2·PP2, {size / 1e9:.2f} GB in {len(list(source.rglob('*.pt')))} files; "
+              f"median of {options.repeat} runs, warm page cache, sync before each")
+        for tp, pp in ((4, 1), (1, 1)):
+            copies, runs = [], []
+            for _ in range(options.repeat):
+                copies.append(child(["cp", "-r", str(source), str(work / "copy")])[0])
+                shutil.rmtree(work / "copy")
+                out = work / f"tp{tp}pp{pp}"
+                wall, rss, printed = child([sys.executable, "-c", _CONVERT, str(source), str(out),
+                                            str(tp), str(pp), str(options.workers)])
+                runs.append((float(printed), wall, rss, largest_file(out)))
+                shutil.rmtree(out)
+            copy = median(copies)
+            work_s = median([r[0] for r in runs])
+            wall = median([r[1] for r in runs])
+            rss, biggest = max(r[2] for r in runs), runs[0][3]
+            print(f"-> TP{tp}·PP{pp}: convert {work_s:5.2f} s = {size / work_s / 1e6:5.0f} MB/s = "
+                  f"{copy / work_s:4.2f}x cp -r ({copy:4.2f} s); whole process {wall:5.2f} s = {copy / wall:4.2f}x cp; "
+                  f"peak RSS {rss / 1e6:5.0f} MB = {rss / biggest:4.2f}x largest target file ({biggest / 1e6:.0f} MB)")
+    finally:
+        if not options.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def make_source(source: Path, layers: int, hidden: int) -> None:
+    from ckpt_hooks.convert import convert
+
+    tp1 = source.with_name(source.name + "-tp1")
+    write_tp1_checkpoint(tp1, make_source_args(layers, hidden))
+    convert(tp1, source, target_tp=2, target_pp=2, convert_param_only=True, quiet=True)
+    shutil.rmtree(tp1)
+
+
+if __name__ == "__main__":
+    main()
