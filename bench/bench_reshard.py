@@ -90,7 +90,7 @@ def child(command: list[str]) -> tuple[float, int, str]:
 
 _CONVERT = """
 import json, sys, time
-from ckpt_hooks.convert import convert
+from ckpt_hooks.conversion import convert
 started = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], target_tp=int(sys.argv[3]), target_pp=int(sys.argv[4]),
         workers=int(sys.argv[5]), convert_param_only=True, quiet=True)
@@ -144,7 +144,7 @@ def main() -> None:
 
 
 def make_source(source: Path, layers: int, hidden: int) -> None:
-    from ckpt_hooks.convert import convert
+    from ckpt_hooks.conversion import convert
 
     tp1 = source.with_name(source.name + "-tp1")
     write_tp1_checkpoint(tp1, make_source_args(layers, hidden))

@@ -35,7 +35,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_convert(args) -> None:
-    from ckpt_hooks.convert import convert
+    from ckpt_hooks.conversion import convert
 
     report = convert(args.load_dir, args.save_dir,
                      target_tp=args.target_tensor_parallel_size, target_pp=args.target_pipeline_parallel_size,
@@ -52,7 +52,7 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_inspect(args) -> None:
-    from ckpt_hooks.inspect import describe
+    from ckpt_hooks.inspection import describe
 
     print(describe(args.load_dir, tensors=args.tensors))
 

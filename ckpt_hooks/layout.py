@@ -3,8 +3,10 @@
 Every tensor has a *logical* global form, chosen so that a tensor-parallel shard is a
 plain box (offsets + lengths) of it:
 
-* GQA ``linear_qkv`` rows are ``[q_g | k_g | v_g]`` per query group g: logical shape
-  ``(groups, rows_per_group, hidden)``, TP splits axis 0;
+* GQA ``linear_qkv`` rows are ``[q_g | k_g | v_g]`` per query group g, and TP splits the
+  rows evenly: whole groups per rank, or, when TP exceeds the groups (megatron-core allows a
+  multiple), part of one group per rank. The logical shape is ``(groups x rows_per_group,
+  hidden)`` split on rows;
 * ``linear_fc1`` holds ``[gate_r; up_r]`` on each TP rank with SwiGLU: logical
   ``(2, ffn, hidden)`` (``(1, ffn, hidden)`` without), TP splits axis 1;
 * column-parallel weights split rows, row-parallel weights split columns, norms are replicated;
@@ -59,9 +61,10 @@ EXTRA = "extra"       # Transformer Engine ``_extra_state``: not a weight, writt
 class Rule:
     """How one kind of tensor is laid out: a split kind and a symbolic logical shape.
 
-    Shape symbols: H hidden, F ffn, S fc1 parts (2 with SwiGLU, else 1), G query groups,
-    R rows per query group, A attention heads x kv channels, K kv channels, V vocab rows.
-    ``fused``: the stored tensor merges the first two logical axes (QKV, fc1).
+    Shape symbols: H hidden, F ffn, S fc1 parts (2 with SwiGLU, else 1), Q rows of
+    linear_qkv (query groups x rows per group), A attention heads x kv channels,
+    K kv channels, V vocab rows.
+    ``fused``: the stored tensor merges the first two logical axes (fc1's gate and up).
     """
 
     kind: str
@@ -85,7 +88,7 @@ class Placement:
 
 def _symbol_sizes(spec: ModelSpec, vocab_rows: int) -> dict[str, int]:
     return {"H": spec.hidden_size, "F": spec.ffn_hidden_size, "S": 2 if spec.swiglu else 1,
-            "G": spec.num_query_groups, "R": spec.rows_per_query_group,
+            "Q": spec.num_query_groups * spec.rows_per_query_group,
             "A": spec.num_attention_heads * spec.kv_channels, "K": spec.kv_channels, "V": vocab_rows}
 
 
@@ -115,17 +118,19 @@ def placement(rule: Rule, spec: ModelSpec, tp: int, tp_rank: int, vocab_rows: in
     return Placement(logical, Box(tuple(offsets), tuple(view)), stored)
 
 
-_AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "G": "query groups",
+_AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "Q": "linear_qkv rows",
                "A": "attention heads x kv channels", "V": "padded vocabulary"}
 
 
 def check_divisible(spec: ModelSpec, config: ParallelConfig) -> None:
     """Fail early, with the reason, when a layout cannot hold the model."""
     tp = config.tp
-    for what, value in (("attention heads", spec.num_attention_heads), ("query groups", spec.num_query_groups),
-                        ("ffn hidden size", spec.ffn_hidden_size)):
+    for what, value in (("attention heads", spec.num_attention_heads), ("ffn hidden size", spec.ffn_hidden_size)):
         if value % tp:
             raise LayoutError(f"tensor parallel size {tp} does not divide {what} ({value})")
+    groups = spec.num_query_groups
+    if groups % tp and tp % groups:
+        raise LayoutError(f"tensor parallel size {tp} neither divides nor is a multiple of query groups ({groups})")
     if config.layers_per_stage is not None:
         if len(config.layers_per_stage) != config.pp:
             raise LayoutError(f"layer list {list(config.layers_per_stage)} has {len(config.layers_per_stage)} "

@@ -80,10 +80,13 @@ class _Logical:
     pieces: list[SourceTensor] = field(default_factory=list)
 
 
-def _index_sources(spec: ModelSpec, config: ParallelConfig, files: list[SourceFile],
-                   chunk_keys: list[str]) -> "OrderedDict[str, _Logical]":
-    """Place every source tensor in its logical tensor, checking it against the spec."""
+def _index_sources(spec: ModelSpec, config: ParallelConfig, files: list[SourceFile], chunk_keys: list[str]):
+    """Place every source tensor in its logical tensor, checking it against the spec.
+
+    Returns the logical tensors, and the keys outside the layers (key -> logical name) in
+    the order the source holds them."""
     index: OrderedDict[str, _Logical] = OrderedDict()
+    outer_keys: OrderedDict[str, str] = OrderedDict()
     for f in files:
         if sorted(f.chunks) != sorted(chunk_keys):
             raise CheckpointError(f.path, f"holds model chunks {sorted(f.chunks)}, args imply {chunk_keys}")
@@ -99,6 +102,8 @@ def _index_sources(spec: ModelSpec, config: ParallelConfig, files: list[SourceFi
                 global_layer = layers[name.local_layer] if name.local_layer is not None else None
                 logical = names.logical_name(name, global_layer, spec.tied_embeddings)
                 entry = index.setdefault(logical, _Logical(name.rule, name))
+                if name.local_layer is None:
+                    outer_keys.setdefault(key, logical)
                 if name.rule.kind == EXTRA:
                     continue
                 if meta is None:
@@ -115,43 +120,41 @@ def _index_sources(spec: ModelSpec, config: ParallelConfig, files: list[SourceFi
                 if any(p.placement.box == where.box for p in entry.pieces):
                     continue  # a replica (replicated tensor, or the tied output layer's copy)
                 entry.pieces.append(SourceTensor(f.path, (f.tp_rank, f.pp_rank), chunk, key, where, meta.dtype))
-    return index
+    if spec.tied_embeddings and names.OUTPUT not in outer_keys:
+        # A tied model saved on one stage has no output-layer copy; later stages need it.
+        keys = list(outer_keys.items())
+        at = next((i for i, (k, _) in enumerate(keys) if k.startswith("output_layer.")), len(keys))
+        keys.insert(at, (names.OUTPUT, names.EMBEDDING))
+        outer_keys = OrderedDict(keys)
+    return index, outer_keys
 
 
-def _target_keys(index, spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp: int) -> list[tuple[str, str]]:
+def _target_keys(index, outer_keys, spec: ModelSpec, config: ParallelConfig, pp_rank: int,
+                 vp: int) -> list[tuple[str, str]]:
     """(key, logical name) of each entry a target chunk holds, in Megatron's state-dict order."""
     first = layout.is_first_chunk(config, pp_rank, vp)
     last = layout.is_last_chunk(config, pp_rank, vp)
     layer_suffixes = list(OrderedDict.fromkeys(e.name.suffix for e in index.values() if e.name.local_layer is not None))
-    keys = []
-    for logical, entry in index.items():
-        if entry.name.local_layer is None and entry.name.suffix.startswith("embedding.") and first:
-            keys.append((entry.name.suffix, logical))
+    keys = [(k, logical) for k, logical in outer_keys.items() if first and k.startswith("embedding.")]
     for local, global_layer in enumerate(layout.chunk_layers(spec, config, pp_rank, vp)):
         keys += [(names.layer_key(local, s), names.layer_key(global_layer, s)) for s in layer_suffixes]
-    if last:
-        for logical, entry in index.items():
-            suffix = entry.name.suffix
-            if entry.name.local_layer is None and suffix.startswith(("decoder.", "output_layer.")) \
-                    and suffix != names.OUTPUT:
-                keys.append((suffix, logical))
-        # A tied output layer exists only on a last stage that does not also hold the embedding.
-        if not spec.tied_embeddings or not first:
-            keys.append((names.OUTPUT, names.EMBEDDING if spec.tied_embeddings else names.OUTPUT))
+    # A tied output layer exists only on a last stage that does not also hold the embedding.
+    keys += [(k, logical) for k, logical in outer_keys.items() if last and k.startswith(("decoder.", "output_layer."))
+             and not (k == names.OUTPUT and spec.tied_embeddings and first)]
     return keys
 
 
 def plan_conversion(spec: ModelSpec, source: ParallelConfig, files: list[SourceFile],
                     target: ParallelConfig, source_chunks: list[str], target_chunks: list[str]) -> list[TargetFile]:
     """The copies that build every target file from the source files."""
-    index = _index_sources(spec, source, files, source_chunks)
+    index, outer_keys = _index_sources(spec, source, files, source_chunks)
     target_vocab = spec.padded_vocab_for(target.tp)
     plan = []
     for pp_rank in range(target.pp):
         for tp_rank in range(target.tp):
             tensors = []
             for vp, chunk in enumerate(target_chunks):
-                for key, logical in _target_keys(index, spec, target, pp_rank, vp):
+                for key, logical in _target_keys(index, outer_keys, spec, target, pp_rank, vp):
                     entry = index.get(logical)
                     if entry is None:
                         raise CheckpointError(files[0].path, f"no source file holds '{logical}'")

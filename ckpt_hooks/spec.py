@@ -113,13 +113,18 @@ def uneven_layers(num_layers: int, pp: int, first: int | None, last: int | None)
     return tuple(stages)
 
 
-def first_last_layers(stages: tuple[int, ...]) -> tuple[int | None, int | None] | None:
-    """Express a per-stage list as Megatron's (first, last) counts; None if it cannot be."""
-    for first in (None, stages[0]):
-        for last in (None, stages[-1]):
-            if len(stages) > 1 and uneven_layers(sum(stages), len(stages), first, last) == stages:
-                return first, last
+def first_last_layers(stages: tuple[int, ...]) -> tuple[int, int] | None:
+    """Express a per-stage list as Megatron's (first, last) counts; None if it cannot be
+    (Megatron spreads the other layers evenly over the middle stages)."""
+    if len(stages) > 1 and uneven_layers(sum(stages), len(stages), stages[0], stages[-1]) == stages:
+        return stages[0], stages[-1]
     return None
+
+
+def even_or_none(stages) -> tuple[int, ...] | None:
+    """A per-stage layer list, or None when it is an even split (Megatron's default)."""
+    stages = tuple(stages) if stages else None
+    return None if not stages or len(set(stages)) == 1 else stages
 
 
 def parse_layer_list(text: str | None) -> tuple[int, ...] | None:
@@ -129,7 +134,7 @@ def parse_layer_list(text: str | None) -> tuple[int, ...] | None:
 def parallel_config_from_args(args) -> ParallelConfig:
     pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
     vpp = getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
-    stages = parse_layer_list(getattr(args, "num_layer_list", None)) or uneven_layers(
+    stages = even_or_none(parse_layer_list(getattr(args, "num_layer_list", None))) or uneven_layers(
         args.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
         getattr(args, "decoder_last_pipeline_num_layers", None))
     return ParallelConfig(tp=getattr(args, "tensor_model_parallel_size", 1) or 1, pp=pp, vpp=vpp,

@@ -12,8 +12,8 @@ from ckpt_hooks.executor import run
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.torch_pickle import LazyTensor, iter_lazy_tensors
 from ckpt_hooks.plan import SourceFile, TargetFile, TensorMeta, plan_conversion
-from ckpt_hooks.spec import (ModelSpec, ParallelConfig, model_spec_from_args, parallel_config_from_args,
-                             updated_args)
+from ckpt_hooks.spec import (ModelSpec, ParallelConfig, even_or_none, model_spec_from_args,
+                             parallel_config_from_args, updated_args)
 
 # Entries of model_optim_rng.pt that do not depend on the layout and are carried over.
 _CARRIED = ("checkpoint_version", "iteration", "opt_param_scheduler", "num_floating_point_operations_so_far")
@@ -73,7 +73,8 @@ def target_config(source: ParallelConfig, tp=None, pp=None, vpp=None, num_layer_
     new_pp = pp or source.pp
     new_vpp = vpp or (source.vpp if new_pp == source.pp else 1)
     new_tp = tp or source.tp
-    stages = tuple(num_layer_list) if num_layer_list else (source.layers_per_stage if new_pp == source.pp else None)
+    stages = even_or_none(num_layer_list) if num_layer_list else \
+        (source.layers_per_stage if new_pp == source.pp else None)
     world = source.tp * source.pp * source.dp
     return ParallelConfig(tp=new_tp, pp=new_pp, vpp=new_vpp, dp=max(world // (new_tp * new_pp), 1),
                           layers_per_stage=stages)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ckpt_hooks.convert import read_source
+from ckpt_hooks.conversion import read_source
 from ckpt_hooks.formats import megatron_legacy as legacy
 
 

@@ -1,0 +1,124 @@
+"""Test harness: real megatron-core 0.16.1 training and verification under torchrun (CPU, gloo).
+
+`run_jobs(jobs, workdir)` runs a list of jobs in ONE `torchrun --nproc-per-node 4` launch
+(processes cost ~5 s of imports each here, so batch jobs).  World size is 4; DP = 4 / (tp*pp).
+
+Job schema (JSON-able dicts; omitted model/layout fields take the defaults in spec.py):
+
+  layout = {"tp": int, "pp": int, "vpp": int|None, "first": int|None, "last": int|None}
+      first/last: layers in the first/last pipeline stage (uneven PP).
+  model  = {"num_layers": 4, "hidden": 64, "heads": 4, "query_groups": 2, "ffn": 128,
+            "swiglu": True, "normalization": "RMSNorm", "position_embedding": "rope",
+            "add_bias_linear": False, "untie_embeddings": True, "vocab_size": 99,
+            "make_vocab_size_divisible_by": 16, "seq_length": 16, "micro_batch": 2,
+            "global_batch": 8, "seed": 1234, "dtype": "fp32" | "bf16"}
+      vocab_size is Megatron-LM's --vocab-size for NullTokenizer: true vocab = vocab_size + 1.
+
+  {"kind": "train", "model": {...}, "layout": {...}, "steps": int, "save_dir": DIR, "truth": PATH}
+      Trains `steps` steps and saves a Megatron-LM legacy (--ckpt-format torch) checkpoint in
+      DIR (iter_{steps:07d}/mp_rank_TT[_PPP]/{model_optim_rng.pt,distrib_optim.pt} and
+      latest_checkpointed_iteration.txt).  PATH gets (torch.save) {"tensors": {sharded key:
+      full global tensor}, "loss": eval loss, "train_losses": [per step], "layout", "model",
+      "padded_vocab"}.
+  {"kind": "verify", "model": {...}, "layout": {...}, "load_dir": DIR, "truth": PATH,
+   "result": OUT.json}
+      Loads DIR's latest iteration strictly at this layout (torch.load + load_state_dict(strict))
+      and compares with the truth bitwise.  OUT.json gets {"ok", "mismatches", "missing",
+      "extra", "loss", "truth_loss", "load_error", "args_mismatches"}; ok needs all lists empty
+      and no load_error.  args_mismatches: saved args (layout, padded vocab, architecture: see
+      CHECKED_ARGS in megatron_run.py) that differ from what this layout's run would save.
+
+Data: every step draws one global batch of `global_batch` random sequences (seeded by the model
+seed, identical for every layout); each DP rank trains on its contiguous slice of the rows, as
+Megatron's sampler does.  "loss" is the forward-only mean LM loss on a fixed batch (seed + 1).
+
+Truth keys are megatron-core's sharded_state_dict keys, in global (layout-free) form:
+  embedding.word_embeddings.weight        [padded_vocab, hidden]  (rows past true vocab: padding)
+  output_layer.weight                     [padded_vocab, hidden]  (absent when tied)
+  decoder.final_layernorm.weight          [hidden]
+  decoder.layers.<name>                   [num_layers, ...]: leading GLOBAL layer axis, names:
+    self_attention.linear_qkv.layer_norm_weight   (= input_layernorm.weight in the local spec)
+    self_attention.linear_qkv.weight      [groups * (heads/groups + 2) * kv_channels, hidden]
+                                          group-major: [q_0; k_0; v_0; q_1; k_1; v_1; ...]
+    self_attention.linear_proj.weight     [hidden, heads * kv_channels]
+    mlp.linear_fc1.layer_norm_weight      (= pre_mlp_layernorm.weight in the local spec)
+    mlp.linear_fc1.weight                 [2 * ffn, hidden] = [all gate rows; all up rows]
+    mlp.linear_fc2.weight                 [hidden, ffn]
+This global form equals a TP1·PP1 model's state_dict with the layers stacked.  bf16 runs keep
+every tensor bf16 (Float16Module casts the norms too).
+Vocabulary tensors compare rows [0:min(padded_src, padded_tgt)] bitwise; rows past the source's
+padded size must be zero.  Every replica (TP-replicated norms, DP copies, a tied embedding's
+last-stage copy) is compared, not just the main one.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .spec import (  # noqa: F401  (re-exported for the tests)
+    LAYOUT_DEFAULTS,
+    MODEL_DEFAULTS,
+    VOCAB_KEYS,
+    layout_spec,
+    model_spec,
+    padded_vocab,
+    true_vocab,
+)
+
+NPROC = 4
+RUNNER = Path(__file__).resolve().parent / "megatron_run.py"
+
+
+def train_job(layout: dict, save_dir, truth, model: dict | None = None, steps: int = 3) -> dict:
+    return {"kind": "train", "model": model or {}, "layout": layout, "steps": steps,
+            "save_dir": str(save_dir), "truth": str(truth)}
+
+
+def verify_job(layout: dict, load_dir, truth, result, model: dict | None = None) -> dict:
+    return {"kind": "verify", "model": model or {}, "layout": layout, "load_dir": str(load_dir),
+            "truth": str(truth), "result": str(result)}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_jobs(jobs: list, workdir, timeout: float = 900) -> None:
+    """Runs `jobs` in one torchrun launch; raises RuntimeError with the output tail on failure.
+
+    The job file and the full log are kept in `workdir` (jobs-*.json / .log) for debugging.
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd, job_file = tempfile.mkstemp(prefix="jobs-", suffix=".json", dir=workdir)
+    with os.fdopen(fd, "w") as f:
+        json.dump(jobs, f, indent=1)
+    log_file = Path(job_file).with_suffix(".log")
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={NPROC}",
+           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(RUNNER), job_file]
+    # One thread per process: 4 processes share 2 cores.  CUDA_DEVICE_MAX_CONNECTIONS=1 is
+    # what Megatron-LM's launch scripts set; it only silences megatron-core's warning here.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        try:
+            proc.wait(timeout=timeout)
+            why = f"rc={proc.returncode}"
+        except subprocess.TimeoutExpired:
+            # torchrun starts each worker in its own session: SIGTERM lets it stop them.
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            why = f"timed out after {timeout} s"
+    if proc.returncode != 0:
+        tail = log_file.read_text(errors="replace")[-8000:]
+        raise RuntimeError(f"megatron_run failed ({why}, log {log_file}):\n{tail}")

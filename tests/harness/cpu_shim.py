@@ -1,0 +1,90 @@
+"""Route megatron-core 0.16.1's CUDA calls to the CPU (test-only code).
+
+megatron-core assumes a GPU in a handful of places (current device, streams, the RNG
+tracker, ``device='cuda'`` factory calls, the DistributedOptimizer's ``Tensor.type()``
+checks).  The patches below are the minimum that lets GPTModel + DDP + the distributed
+optimizer train under torchrun with the gloo backend on a CPU-only torch build.
+Never import this from library code.
+"""
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+
+
+def _is_cuda(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    return isinstance(dev, str) and dev.startswith("cuda")
+
+
+class _CudaToCpu(TorchFunctionMode):
+    """Rewrites every CUDA device argument (positional or ``device=``) to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        args = tuple("cpu" if _is_cuda(a) else a for a in args)
+        return func(*args, **kwargs)
+
+
+_orig_tensor_type = torch.Tensor.type
+
+
+def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
+    # The DistributedOptimizer accepts only 'torch.cuda.*Tensor' names for its params.
+    if dtype is None and not kwargs:
+        name = _orig_tensor_type(self)
+        return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+    return _orig_tensor_type(self, dtype, non_blocking, **kwargs)
+
+
+class _NoStream:
+    """Stands in for torch.cuda.Stream: every method is a no-op."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+def _get_rng_state(*args, **kwargs):
+    # megatron's tracker clones/restores states; on the CPU the state is the CPU generator's.
+    return torch.get_rng_state()
+
+
+def _set_rng_state(new_state, *args, **kwargs):
+    torch.set_rng_state(new_state)
+
+
+def install() -> None:
+    """Idempotently apply all patches to this process."""
+    global _installed
+    if _installed:
+        return
+    _installed = True
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.Stream = _NoStream
+    torch.cuda.current_stream = lambda *a, **k: _NoStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *a, **k: None
+    # model_parallel_cuda_manual_seed and the RNG tracker call these directly.
+    torch.cuda.manual_seed = torch.manual_seed
+    torch.cuda.get_rng_state = _get_rng_state
+    torch.cuda.set_rng_state = _set_rng_state
+    torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.type = _tensor_type
+
+    # The mode must stay active for the whole process (optimizer state, p2p buffers...).
+    _CudaToCpu().__enter__()
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = _get_rng_state  # returns a fresh copy already
+    mcore_random._set_cuda_rng_state = _set_rng_state

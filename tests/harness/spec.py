@@ -1,0 +1,58 @@
+"""Job-spec defaults and the vocabulary padding rule (pure Python: no torch, no megatron)."""
+
+import math
+
+MODEL_DEFAULTS = {
+    "num_layers": 4,
+    "hidden": 64,
+    "heads": 4,
+    "query_groups": 2,  # GQA: 2 heads per KV group
+    "ffn": 128,
+    "swiglu": True,  # gated_linear_unit + silu
+    "normalization": "RMSNorm",
+    "position_embedding": "rope",
+    "add_bias_linear": False,
+    "untie_embeddings": True,  # False: share_embeddings_and_output_weights
+    # Megatron-LM's --vocab-size for --tokenizer-type NullTokenizer, which appends one EOD
+    # token: the true vocabulary (tokenizer.vocab_size, the size that gets padded) is 100.
+    "vocab_size": 99,
+    "make_vocab_size_divisible_by": 16,
+    "seq_length": 16,
+    "micro_batch": 2,
+    # Fixed across layouts and split over DP ranks, so every layout trains on the same data.
+    "global_batch": 8,
+    "seed": 1234,
+    "dtype": "fp32",  # or "bf16"
+}
+
+LAYOUT_DEFAULTS = {"tp": 1, "pp": 1, "vpp": None, "first": None, "last": None}
+
+# Tensors whose first axis is the padded vocabulary.
+VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def model_spec(model: dict) -> dict:
+    unknown = set(model) - set(MODEL_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown model fields: {sorted(unknown)}")
+    return {**MODEL_DEFAULTS, **model}
+
+
+def layout_spec(layout: dict) -> dict:
+    unknown = set(layout) - set(LAYOUT_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown layout fields: {sorted(unknown)}")
+    full = {**LAYOUT_DEFAULTS, **layout}
+    if full["vpp"] == 1:  # Megatron-LM treats a virtual size of 1 as no VPP
+        full["vpp"] = None
+    return full
+
+
+def true_vocab(model: dict) -> int:
+    return model_spec(model)["vocab_size"] + 1
+
+
+def padded_vocab(model: dict, tp: int) -> int:
+    """Megatron-LM's _vocab_size_with_padding: round up to a multiple of divisible_by * TP."""
+    multiple = model_spec(model)["make_vocab_size_divisible_by"] * tp
+    return int(math.ceil(true_vocab(model) / multiple) * multiple)

@@ -1,0 +1,112 @@
+"""Bad input: one line naming the file and the cause, a non-zero exit, nothing written, and the
+source left exactly as it was."""
+
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def tree_digest(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "ckpt_hooks.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def ckpt(sources, tmp_path):
+    """A private copy of the real TP2·PP2 checkpoint, to damage."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(sources["tp2pp2"].dir, copy)
+    return copy
+
+
+def rank_file(ckpt: Path, rank_dir: str) -> Path:
+    return ckpt / "iter_0000003" / rank_dir / "model_optim_rng.pt"
+
+
+def assert_refused(ckpt: Path, save_dir: Path, *flags, names: Path, says: str):
+    before = tree_digest(ckpt)
+    result = cli("convert", "--load-dir", ckpt, "--save-dir", save_dir, "--convert-param-only", "--quiet", *flags)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {names}"), lines[0]
+    assert says in lines[0], lines[0]
+    assert not save_dir.exists() or not any(save_dir.iterdir())
+    assert not any(p.name.startswith(f".{save_dir.name}.partial") for p in save_dir.parent.iterdir())
+    assert tree_digest(ckpt) == before
+
+
+def test_missing_rank_directory(ckpt, tmp_path):
+    shutil.rmtree(ckpt / "iter_0000003" / "mp_rank_01_001")
+    assert_refused(ckpt, tmp_path / "out", "--target-tensor-parallel-size", "1",
+                   names=ckpt / "iter_0000003" / "mp_rank_01_001", says="missing rank directory")
+
+
+@pytest.mark.parametrize("tp", [3, 8])
+def test_target_tp_that_does_not_divide(ckpt, tmp_path, tp):
+    assert_refused(ckpt, tmp_path / "out", "--target-tensor-parallel-size", tp,
+                   names=rank_file(ckpt, "mp_rank_00_000"), says="does not divide attention heads (4)")
+
+
+def test_truncated_file(ckpt, tmp_path):
+    victim = rank_file(ckpt, "mp_rank_01_000")
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])
+    assert_refused(ckpt, tmp_path / "out", "--target-tensor-parallel-size", "1", names=victim, says="truncated")
+
+
+def test_args_disagree_with_tensors(ckpt, tmp_path):
+    # Rewrite the args of every rank as if the model had 4 query groups instead of 2.
+    for path in (ckpt / "iter_0000003").glob("*/model_optim_rng.pt"):
+        state = torch.load(path, weights_only=False)
+        state["args"].num_query_groups = 4
+        torch.save(state, path)
+    assert_refused(ckpt, tmp_path / "out", "--target-tensor-parallel-size", "1",
+                   names=rank_file(ckpt, "mp_rank_00_000"), says="the args")
+
+
+def test_non_empty_save_dir(ckpt, tmp_path):
+    save_dir = tmp_path / "out"
+    save_dir.mkdir()
+    (save_dir / "keep.txt").write_text("precious")
+    before = tree_digest(ckpt)
+    result = cli("convert", "--load-dir", ckpt, "--save-dir", save_dir, "--convert-param-only",
+                 "--target-tensor-parallel-size", "1")
+    assert result.returncode != 0
+    assert result.stderr.strip() == f"error: {save_dir}: save directory exists and is not empty; refusing to overwrite"
+    assert [p.name for p in save_dir.iterdir()] == ["keep.txt"]
+    assert (save_dir / "keep.txt").read_text() == "precious"
+    assert tree_digest(ckpt) == before
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused_not_run(ckpt, tmp_path):
+    marker = tmp_path / "pwned"
+    victim = rank_file(ckpt, "mp_rank_00_001")
+    state = torch.load(victim, weights_only=False)
+    state["args"].evil = _Payload(marker)
+    torch.save(state, victim, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    assert_refused(ckpt, tmp_path / "out", "--target-tensor-parallel-size", "1",
+                   names=victim, says="not on the allowlist")
+    inspected = cli("inspect", ckpt)
+    assert inspected.returncode != 0 and "not on the allowlist" in inspected.stderr
+    assert not marker.exists()
