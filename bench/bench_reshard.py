@@ -2,7 +2,7 @@
 
 Builds a GQA/SwiGLU GPT checkpoint (local-spec names) at TP2·PP2, then reshards it to
 TP4·PP1 and TP1·PP1 with `ckpt-hooks convert --convert-param-only`, each in its own
-process. Reports throughput, the ratio to `cp -r` of the same source files measured in
+process (the command users run). Reports throughput, the ratio to `cp -r` of the same source files measured in
 the same run (both warm: source in the page cache), and each process's peak RSS
 against the largest target file.
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,7 +80,7 @@ def child(command: list[str]) -> tuple[float, int, str]:
     that every run begins with no dirty pages of an earlier one."""
     subprocess.run(["sync"], check=True)
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
@@ -88,14 +89,15 @@ def child(command: list[str]) -> tuple[float, int, str]:
     return seconds, usage.ru_maxrss * 1024, out
 
 
-_CONVERT = """
-import json, sys, time
-from ckpt_hooks.conversion import convert
-started = time.perf_counter()
-convert(sys.argv[1], sys.argv[2], target_tp=int(sys.argv[3]), target_pp=int(sys.argv[4]),
-        workers=int(sys.argv[5]), convert_param_only=True, quiet=True)
-print(json.dumps(time.perf_counter() - started))
-"""
+def convert_command(source: Path, out: Path, tp: int, pp: int, workers: int) -> list[str]:
+    return [sys.executable, "-m", "ckpt_hooks.cli", "convert", "--load-dir", str(source), "--save-dir", str(out),
+            "--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size", str(pp),
+            "--convert-param-only", "--workers", str(workers)]
+
+
+def reported_seconds(printed: str) -> float:
+    """The conversion's own time, from the CLI's summary line (``... in 1.23 s ...``)."""
+    return float(re.search(r" in ([0-9.]+) s ", printed).group(1))
 
 
 def median(values):
@@ -127,9 +129,8 @@ def main() -> None:
                 copies.append(child(["cp", "-r", str(source), str(work / "copy")])[0])
                 shutil.rmtree(work / "copy")
                 out = work / f"tp{tp}pp{pp}"
-                wall, rss, printed = child([sys.executable, "-c", _CONVERT, str(source), str(out),
-                                            str(tp), str(pp), str(options.workers)])
-                runs.append((float(printed), wall, rss, largest_file(out)))
+                wall, rss, printed = child(convert_command(source, out, tp, pp, options.workers))
+                runs.append((reported_seconds(printed), wall, rss, largest_file(out)))
                 shutil.rmtree(out)
             copy = median(copies)
             work_s = median([r[0] for r in runs])

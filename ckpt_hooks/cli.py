@@ -25,9 +25,12 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-pipeline-parallel-size", type=int, help="default: the source's")
     parser.add_argument("--target-virtual-pipeline-parallel-size", type=int,
                         help="virtual pipeline chunks per stage (default: the source's if PP is unchanged, else 1)")
+    parser.add_argument("--target-data-parallel-size", type=int,
+                        help="only shapes the optimizer's buckets when there are several (default: fill the source's world)")
     parser.add_argument("--num-layer-list", type=_layer_list,
                         help="layers per pipeline stage for uneven splits, e.g. 1,3")
-    parser.add_argument("--convert-param-only", action="store_true", help="convert the model weights only, no optimizer state")
+    parser.add_argument("--convert-param-only", action="store_true",
+                        help="convert the model weights only, not the distributed optimizer's state")
     parser.add_argument("--true-vocab-size", type=int,
                         help="real vocabulary rows, when the saved args do not tell (needed to re-pad the vocab for a new TP)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="target files built in parallel")
@@ -39,7 +42,8 @@ def run_convert(args) -> None:
 
     report = convert(args.load_dir, args.save_dir,
                      target_tp=args.target_tensor_parallel_size, target_pp=args.target_pipeline_parallel_size,
-                     target_vpp=args.target_virtual_pipeline_parallel_size, num_layer_list=args.num_layer_list,
+                     target_vpp=args.target_virtual_pipeline_parallel_size, target_dp=args.target_data_parallel_size,
+                     num_layer_list=args.num_layer_list,
                      convert_param_only=args.convert_param_only, true_vocab_size=args.true_vocab_size,
                      workers=args.workers, quiet=args.quiet)
     if not args.quiet:
@@ -57,9 +61,24 @@ def run_inspect(args) -> None:
     print(describe(args.load_dir, tensors=args.tensors))
 
 
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load-dir", required=True, help="checkpoint root or iter_* directory")
+    parser.add_argument("--save-dir", required=True, help="directory for the JSON files (must not exist or be empty)")
+    parser.add_argument("--data-parallel-size", type=int, help="default: the checkpoint's")
+
+
+def run_export(args) -> None:
+    from ckpt_hooks.export import export_param_maps
+
+    written = export_param_maps(args.load_dir, args.save_dir, dp=args.data_parallel_size)
+    print(f"wrote {len(written)} param_map files to {args.save_dir}")
+
+
 COMMANDS = {
     "convert": ("reshard a checkpoint to another TP/PP/VPP layout", add_convert_arguments, run_convert),
     "inspect": ("describe a checkpoint: format, layout, model, files", add_inspect_arguments, run_inspect),
+    "export-param-map": ("write the distributed optimizer's param_map of every rank (MindSpeed-Core-MS JSON)",
+                         add_export_arguments, run_export),
 }
 
 

@@ -1,16 +1,16 @@
-"""Offline conversion of a Megatron legacy checkpoint to another parallel layout."""
+"""Offline conversion of a Megatron legacy checkpoint (weights and optimizer state) to another layout."""
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 from ckpt_hooks import layout
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.executor import run
+from ckpt_hooks.executor import build_tensor, pending_file, run
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.torch_pickle import LazyTensor, iter_lazy_tensors
+from ckpt_hooks.optimizer import STATES, SourceOptimizer, target_state
 from ckpt_hooks.plan import SourceFile, TargetFile, TensorMeta, plan_conversion
 from ckpt_hooks.spec import (ModelSpec, ParallelConfig, even_or_none, model_spec_from_args,
                              parallel_config_from_args, updated_args)
@@ -67,48 +67,61 @@ def read_source(load_dir, true_vocab_size: int | None = None):
     return ckpt, spec, source, files
 
 
-def target_config(source: ParallelConfig, tp=None, pp=None, vpp=None, num_layer_list=None) -> ParallelConfig:
+def target_config(source: ParallelConfig, tp=None, pp=None, vpp=None, num_layer_list=None, dp=None) -> ParallelConfig:
     """The target layout: given sizes, the rest kept from the source where they still apply
-    (DP fills the source's world size)."""
+    (by default DP fills the source's world size)."""
     new_pp = pp or source.pp
     new_vpp = vpp or (source.vpp if new_pp == source.pp else 1)
     new_tp = tp or source.tp
     stages = even_or_none(num_layer_list) if num_layer_list else \
         (source.layers_per_stage if new_pp == source.pp else None)
     world = source.tp * source.pp * source.dp
-    return ParallelConfig(tp=new_tp, pp=new_pp, vpp=new_vpp, dp=max(world // (new_tp * new_pp), 1),
+    return ParallelConfig(tp=new_tp, pp=new_pp, vpp=new_vpp, dp=dp or max(world // (new_tp * new_pp), 1),
                           layers_per_stage=stages)
 
 
 def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int | None = None,
-            target_vpp: int | None = None, num_layer_list=None, convert_param_only: bool = False,
-            true_vocab_size: int | None = None, workers: int = 2, quiet: bool = False) -> Report:
-    """Reshard the model weights of a Megatron legacy checkpoint; write it to ``save_dir`` atomically."""
-    if not convert_param_only:
-        raise CheckpointError(load_dir, "optimizer-state conversion is not available yet; "
-                                        "pass --convert-param-only to convert the model weights")
+            target_vpp: int | None = None, target_dp: int | None = None, num_layer_list=None,
+            convert_param_only: bool = False, true_vocab_size: int | None = None, workers: int = 2,
+            quiet: bool = False) -> Report:
+    """Reshard a Megatron legacy checkpoint — weights, and unless ``convert_param_only`` the
+    distributed optimizer's fp32 params and Adam moments — and write it to ``save_dir`` atomically."""
     legacy.refuse_non_empty(save_dir)
     started = time.perf_counter()
     ckpt, spec, source, files = read_source(load_dir, true_vocab_size)
-    target = target_config(source, target_tp, target_pp, target_vpp, num_layer_list)
+    target = target_config(source, target_tp, target_pp, target_vpp, num_layer_list, target_dp)
     try:
         layout.check_divisible(spec, target)
     except layout.LayoutError as e:
         raise CheckpointError(ckpt.first.path, f"target {target.describe()}: {e}") from None
-    plan = plan_conversion(spec, source, files, target, legacy.chunk_keys(source.vpp), legacy.chunk_keys(target.vpp))
+    chunk_keys = legacy.chunk_keys(source.vpp), legacy.chunk_keys(target.vpp)
+    plan = plan_conversion(spec, source, files, target, *chunk_keys)
+    optim = None if convert_param_only else SourceOptimizer(ckpt, spec, source, files)
+    optim_plans = {} if optim is None else \
+        {state: {(t.tp_rank, t.pp_rank): t for t in plan_conversion(spec, source, optim.source_files(state, files),
+                                                                     target, *chunk_keys)}
+         for state in STATES}
     args = updated_args(ckpt.args, spec, target)
     carried = {k: ckpt.first.obj[k] for k in _CARRIED if k in ckpt.first.obj}
+    if optim is not None and optim.param_groups is not None:
+        carried["optimizer"] = optim.param_groups  # param groups and step: the same on every rank
 
-    def lookup(file, chunk, key):
+    def model_lookup(file, chunk, key):
         torch_file = ckpt.files[file]
         return torch_file, torch_file.obj[chunk][key]
 
+    optim_lookups = {state: optim.lookup(state) for state in STATES} if optim else {}
     with legacy.staged_directory(save_dir) as root:
-        def write(target_file: TargetFile, chunks: OrderedDict) -> None:
-            state = {"args": args, **carried, **chunks}
-            legacy.save_rank_file(root, ckpt.iteration, target_file.tp_rank, target_file.pp_rank, target.pp, state)
+        def write(target_file: TargetFile, progress) -> None:
+            rank = target_file.tp_rank, target_file.pp_rank
+            state = {"args": args, **carried, **pending_file(model_lookup, target_file, progress)}
+            legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, state)
+            if optim is not None:
+                optim_state = target_state(target_file, {s: optim_plans[s][rank] for s in STATES}, optim_lookups,
+                                           build_tensor, spec, target, args, optim.grad_dtypes, progress)
+                legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, optim_state, legacy.OPTIMIZER_FILE)
 
-        run(plan, lookup, write, workers=workers, quiet=quiet,
-            label=f"{source.describe()} -> {target.describe()}")
+        total = sum(f.nbytes for f in plan) + sum(f.nbytes for plans in optim_plans.values() for f in plans.values())
+        run(plan, write, total, workers=workers, quiet=quiet, label=f"{source.describe()} -> {target.describe()}")
         legacy.write_tracker(root, ckpt.iteration)
-    return Report(spec, source, target, len(plan), sum(f.nbytes for f in plan), time.perf_counter() - started)
+    return Report(spec, source, target, len(plan) * (1 if optim is None else 2), total, time.perf_counter() - started)

@@ -63,18 +63,14 @@ def pending_file(lookup: SourceLookup, target: TargetFile, progress=None) -> "Or
     return chunks
 
 
-def run(plan: list[TargetFile], lookup: SourceLookup, write: Callable[[TargetFile, OrderedDict], None],
-        workers: int = 2, quiet: bool = False, label: str = "convert") -> None:
-    """Build and write every target file, ``workers`` files at a time."""
-    total = sum(f.nbytes for f in plan)
-    with tqdm(total=total, unit="B", unit_scale=True, desc=label, disable=quiet, dynamic_ncols=True) as bar:
-        def one(target: TargetFile):
-            write(target, pending_file(lookup, target, bar))
-
-        if workers <= 1 or len(plan) == 1:
-            for target in plan:
-                one(target)
+def run(targets: list, write: Callable[[object, tqdm], None], total_bytes: int, workers: int = 2,
+        quiet: bool = False, label: str = "convert") -> None:
+    """``write(target, progress)`` every target, ``workers`` at a time, under one progress bar."""
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, disable=quiet, dynamic_ncols=True) as bar:
+        if workers <= 1 or len(targets) == 1:
+            for target in targets:
+                write(target, bar)
             return
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for result in [pool.submit(one, target) for target in plan]:
+            for result in [pool.submit(write, target, bar) for target in targets]:
                 result.result()

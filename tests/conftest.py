@@ -4,22 +4,31 @@ import pytest
 
 from tests.harness import run_jobs, train_job
 
-# name -> (layout, model overrides). Each trains 3 real steps with the DistributedOptimizer
+# A vocabulary that pads to 128 rows at TP 1, 2 and 4, so that a TP change keeps the model
+# the same function and a resumed run can continue the loss curve exactly.
+SAME_PADDING = {"vocab_size": 127}
+
+# name -> (layout, model overrides, steps). Each trains real steps with the DistributedOptimizer
 # on a world of 4 processes (DP fills the rest) and saves a Megatron-LM legacy checkpoint.
 SOURCES = {
-    "tp2pp2": ({"tp": 2, "pp": 2}, {}),
-    "tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, {}),
-    "tp4pp1": ({"tp": 4, "pp": 1}, {}),
-    "tp1pp4": ({"tp": 1, "pp": 4}, {}),
-    "uneven13": ({"tp": 1, "pp": 2, "first": 1, "last": 3}, {}),
-    "tied_bf16_tp2pp2": ({"tp": 2, "pp": 2}, {"untie_embeddings": False, "dtype": "bf16"}),
+    "tp2pp2": ({"tp": 2, "pp": 2}, {}, 3),
+    "tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, {}, 3),
+    "tp4pp1": ({"tp": 4, "pp": 1}, {}, 3),
+    "tp1pp4": ({"tp": 1, "pp": 4}, {}, 3),
+    "uneven13": ({"tp": 1, "pp": 2, "first": 1, "last": 3}, {}, 3),
+    "tied_bf16_tp2pp2": ({"tp": 2, "pp": 2}, {"untie_embeddings": False, "dtype": "bf16"}, 3),
+    # Loss continuity: 3 steps to resume from, and the same run trained 5 steps uninterrupted.
+    "cont_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
+    "cont_tp2pp2_5steps": ({"tp": 2, "pp": 2}, SAME_PADDING, 5),
+    "cont_tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 3),
+    "cont_tp1pp2vpp2_5steps": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 5),
 }
 
 
 class Source:
     def __init__(self, name, root):
         self.name = name
-        self.layout, self.model = SOURCES[name]
+        self.layout, self.model, self.steps = SOURCES[name]
         self.dir = root / name
         self.truth = root / f"{name}.truth.pt"
 
@@ -28,5 +37,6 @@ class Source:
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     trained = {name: Source(name, root) for name in SOURCES}
-    run_jobs([train_job(s.layout, s.dir, s.truth, model=s.model) for s in trained.values()], root / "logs")
+    run_jobs([train_job(s.layout, s.dir, s.truth, model=s.model, steps=s.steps) for s in trained.values()],
+             root / "logs")
     return trained

@@ -1,26 +1,15 @@
 """Bad input: one line naming the file and the cause, a non-zero exit, nothing written, and the
 source left exactly as it was."""
 
-import hashlib
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-
-def tree_digest(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "ckpt_hooks.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+from tests.util import assert_refused, cli, tree_digest
 
 
 @pytest.fixture
@@ -33,19 +22,6 @@ def ckpt(sources, tmp_path):
 
 def rank_file(ckpt: Path, rank_dir: str) -> Path:
     return ckpt / "iter_0000003" / rank_dir / "model_optim_rng.pt"
-
-
-def assert_refused(ckpt: Path, save_dir: Path, *flags, names: Path, says: str):
-    before = tree_digest(ckpt)
-    result = cli("convert", "--load-dir", ckpt, "--save-dir", save_dir, "--convert-param-only", "--quiet", *flags)
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: {names}"), lines[0]
-    assert says in lines[0], lines[0]
-    assert not save_dir.exists() or not any(save_dir.iterdir())
-    assert not any(p.name.startswith(f".{save_dir.name}.partial") for p in save_dir.parent.iterdir())
-    assert tree_digest(ckpt) == before
 
 
 def test_missing_rank_directory(ckpt, tmp_path):

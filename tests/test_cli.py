@@ -1,16 +1,9 @@
 """The command line on real checkpoints: inspect, convert with progress, and a lossless round trip."""
 
-import subprocess
-import sys
-
 import torch
 
 from ckpt_hooks.formats.megatron_legacy import open_checkpoint
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "ckpt_hooks.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+from tests.util import cli
 
 
 def test_inspect_describes_layout_model_and_files(sources):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+from concurrent.futures import ThreadPoolExecutor
 import enum
 import importlib
 import io
@@ -273,11 +274,20 @@ class _StreamingPickler(pickle.Pickler):
         return None
 
 
+def _produce(pending: PendingTensor) -> torch.Tensor:
+    tensor = pending.produce().contiguous()
+    if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
+        raise ValueError(f"produced {tuple(tensor.shape)} {tensor.dtype}, promised {pending.shape} {pending.dtype}")
+    if tensor.untyped_storage().nbytes() != tensor.nbytes:  # a view into a larger storage
+        tensor = tensor.clone()
+    return tensor
+
+
 def save(obj, path) -> None:
     """Write ``obj`` like ``torch.save`` (any ``torch.load`` reads it), producing its tensors one
     at a time: PendingTensor leaves are built just before their bytes are written and freed after,
-    so memory holds one tensor, not the file. Zip CRCs are skipped: torch.load does not check
-    them, and computing them halves the write speed."""
+    so memory holds two tensors (one being written, the next being built), not the file.
+    Zip CRCs are skipped: torch.load does not check them, and computing them halves the speed."""
     buffer = io.BytesIO()
     pickler = _StreamingPickler(buffer)
     pickler.dump(obj)
@@ -287,15 +297,15 @@ def save(obj, path) -> None:
     writer.write_record(".format_version", "1", 1)
     writer.write_record(".storage_alignment", "64", 2)
     writer.write_record("byteorder", "little", 6)
-    for storage in pickler.storages:
-        pending = storage.tensor
-        tensor = pending.produce().contiguous()
-        if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
-            raise ValueError(f"produced {tuple(tensor.shape)} {tensor.dtype}, promised {pending.shape} {pending.dtype}")
-        if tensor.untyped_storage().nbytes() != tensor.nbytes:  # a view into a larger storage
-            tensor = tensor.clone()
-        writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
-        del tensor
+    # Build the next tensor while this one is written: two tensors in memory at most.
+    with ThreadPoolExecutor(max_workers=1) as producer:
+        upcoming = producer.submit(_produce, pickler.storages[0].tensor) if pickler.storages else None
+        for i, storage in enumerate(pickler.storages):
+            tensor = upcoming.result()
+            upcoming = producer.submit(_produce, pickler.storages[i + 1].tensor) \
+                if i + 1 < len(pickler.storages) else None
+            writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
+            del tensor
     writer.write_end_of_file()
 
 
