@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 from ckpt_hooks import layout
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.executor import build_tensor, pending_file, run
+from ckpt_hooks.executor import pending_file, run
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.torch_pickle import LazyTensor, iter_lazy_tensors
 from ckpt_hooks.optimizer import STATES, SourceOptimizer, target_state
@@ -118,7 +118,7 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
             legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, state)
             if optim is not None:
                 optim_state = target_state(target_file, {s: optim_plans[s][rank] for s in STATES}, optim_lookups,
-                                           build_tensor, spec, target, args, optim.grad_dtypes, progress)
+                                           spec, target, args, optim.grad_dtypes, progress)
                 legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, optim_state, legacy.OPTIMIZER_FILE)
 
         total = sum(f.nbytes for f in plan) + sum(f.nbytes for plans in optim_plans.values() for f in plans.values())

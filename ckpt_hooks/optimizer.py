@@ -17,6 +17,7 @@ import torch
 
 from ckpt_hooks import layout, names
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.executor import build_tensor
 from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE
 from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile
 from ckpt_hooks.param_map import BufferMap, ParamInfo, rebuild
@@ -38,7 +39,7 @@ def bucket_size(args, chunk: int, pp_rank: int, dp: int) -> int | None:
 
 
 def chunk_params(spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp: int,
-                 tensors: "OrderedDict[str, object]") -> list[tuple[ParamInfo, object]]:
+                 tensors: dict) -> list[tuple[ParamInfo, object]]:
     """(ParamInfo, dtype) of a chunk's parameters in ``named_parameters()`` order.
 
     ``tensors`` maps the chunk's state-dict keys to objects with ``shape`` and ``dtype``
@@ -49,16 +50,16 @@ def chunk_params(spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp: int,
     shared = spec.tied_embeddings and config.pp > 1
     out = []
     for key, meta in tensors.items():
-        if meta is None:
-            continue
+        name = names.classify(key)
+        if meta is None or (name is not None and name.rule.kind == layout.EXTRA):
+            continue  # not a parameter
         is_shared = shared and ((key == names.EMBEDDING and first and not last) or
                                 (key == names.OUTPUT and last and not first))
         out.append((ParamInfo(key, tuple(meta.shape), is_shared), meta.dtype))
     return out
 
 
-def rebuild_maps(spec, config, args, pp_rank: int, chunks: "OrderedDict[str, OrderedDict]",
-                 grad_dtypes: dict) -> list[BufferMap]:
+def rebuild_maps(spec, config, args, pp_rank: int, chunks: dict, grad_dtypes: dict) -> list[BufferMap]:
     """The buffers of every chunk of one (tp, pp) rank, in the optimizer's order."""
     maps = []
     for vp, tensors in enumerate(chunks.values()):
@@ -107,8 +108,7 @@ class SourceOptimizer:
             for (param_dtype, grad_dtype), states in buffer.items():
                 self.grad_dtypes[_dtype_name(param_dtype)] = _dtype_name(grad_dtype)
                 flat.append((index, _dtype_name(param_dtype), states))
-        chunks = OrderedDict((c, OrderedDict((k, m) for k, m in keys.items())) for c, keys in f.chunks.items())
-        maps = rebuild_maps(spec, source, args, f.pp_rank, chunks, self.grad_dtypes)
+        maps = rebuild_maps(spec, source, args, f.pp_rank, f.chunks, self.grad_dtypes)
         self.maps[(f.tp_rank, f.pp_rank)] = maps
         if len(maps) != len(flat):
             raise CheckpointError(torch_file.path, f"holds {len(flat)} grad buffers; the model file "
@@ -144,9 +144,10 @@ class SourceOptimizer:
         return find
 
 
-def target_state(target_file: TargetFile, plans: dict, lookups: dict, build_tensor, spec, config, args,
-                 grad_dtypes: dict, progress=None) -> dict:
-    """``distrib_optim.pt``'s content for one target rank: each flat buffer is produced when written."""
+def target_state(target_file: TargetFile, plans: dict, lookups: dict, spec, config, args, grad_dtypes: dict,
+                 progress=None) -> dict:
+    """``distrib_optim.pt``'s content for one target rank, given the rank's plan of each state:
+    each flat buffer is produced when it is written."""
     by_chunk: OrderedDict[str, OrderedDict] = OrderedDict()
     for tensor in target_file.tensors:
         by_chunk.setdefault(tensor.chunk, OrderedDict())[tensor.key] = \
