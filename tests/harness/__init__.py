@@ -18,8 +18,33 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       Trains `steps` steps and saves a Megatron-LM legacy (--ckpt-format torch) checkpoint in
       DIR (iter_{steps:07d}/mp_rank_TT[_PPP]/{model_optim_rng.pt,distrib_optim.pt} and
       latest_checkpointed_iteration.txt).  PATH gets (torch.save) {"tensors": {sharded key:
-      full global tensor}, "loss": eval loss, "train_losses": [per step], "layout", "model",
-      "padded_vocab"}.
+      full global tensor}, "optimizer": {...}, "param_map": [...], "loss": eval loss,
+      "train_losses": [loss of step 1, 2, ...], "layout", "model", "padded_vocab"}.
+      "optimizer": {"param" | "exp_avg" | "exp_avg_sq": {sharded key: full global fp32 tensor}}:
+          the DistributedOptimizer's fp32 main params and Adam moments after the last step, in
+          the same keys and global form as "tensors" (vocab rows padded as the model).  Built
+          without the flat buffer layout: per model param, each DP rank's slice (its range in
+          the flattened param) from the optimizer's _get_main_param_and_optimizer_states is
+          all-gathered over the DP group, reshaped to the param, and placed through megatron's
+          own sharded_state_dict for that param (SwiGLU factory included), like the weights.
+          (megatron-core 0.16.1's own "fully_sharded_model_space" optimizer.sharded_state_dict
+          raises "ShardedTensor.flattened_range is not supported".)
+      "param_map": one entry per model-parallel rank, sorted by (tp_rank, pp_rank), read from the
+          live DDP buffers of its DP rank 0 (all DP ranks are checked to agree):
+          {"tp_rank", "pp_rank", "buffers": [buffer, ...]} with buffers in the optimizer's
+          gbuf_idx order (DistributedOptimizer.buffers: model chunks, then each chunk's buffers;
+          the integer keys of distrib_optim.pt), each
+          {"chunk": vp index, "param_dtype": "float32" | "bfloat16", "grad_dtype": ...,
+           "dp_size": the buffer's DP size, "numel": buffer.numel (with padding),
+           "numel_unpadded": buffer.numel_unpadded (= the file's "numel_unpadded"),
+           "bucket_indices": [[start, end], ...] (buffer positions, bucket-end padding included),
+           "per_bucket_numel_unpadded": [...],
+           "params": [[name, shape, start, end, bucket_id], ...]}  ascending start, as in
+              buffer.param_index_map; name = the key in that chunk's
+              state_dict_for_save_checkpoint() (chunk-local layer numbers, no "module.").
+          A param's elements in distrib_optim.pt's flat tensors are [start - d, end - d) with
+          d = bucket_indices[b][0] - sum(per_bucket_numel_unpadded[:b]) (bucket-end padding is
+          removed there; the 64-element gaps between params are kept).
   {"kind": "verify", "model": {...}, "layout": {...}, "load_dir": DIR, "truth": PATH,
    "result": OUT.json}
       Loads DIR's latest iteration strictly at this layout (torch.load + load_state_dict(strict))
@@ -27,9 +52,37 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       "extra", "loss", "truth_loss", "load_error", "args_mismatches"}; ok needs all lists empty
       and no load_error.  args_mismatches: saved args (layout, padded vocab, architecture: see
       CHECKED_ARGS in megatron_run.py) that differ from what this layout's run would save.
+  {"kind": "resume", "model": {...}, "layout": {...}, "load_dir": DIR, "truth": PATH, "steps": M,
+   "result": OUT.json}
+      Builds model + DDP + DistributedOptimizer + scheduler exactly as `train`, then loads DIR's
+      latest iteration as Megatron-LM's load_checkpoint does (--ckpt-format torch
+      --use-distributed-optimizer): strict load_state_dict per chunk, optimizer.load_state_dict(
+      state["optimizer"]), optimizer.load_parameter_state(distrib_optim.pt), the scheduler from
+      "opt_param_scheduler", the RNG from "rng_state" (if present), the iteration from
+      "iteration".  With megatron-core 0.16.1 + torch AdamW that needs (done here): the shared
+      `step` tensor that load_state_dict puts into every param's state taken out around
+      load_parameter_state (else KeyError 'step'), then one `step` tensor per param restored
+      (a shared one is advanced once per param: silent bias-correction drift), and torch.no_grad
+      around the copy into the fp32 main params.  Then it compares, bitwise, the weights with
+      the truth's "tensors" (as verify; also right after the model file alone, since for fp32
+      distrib_optim.pt overwrites the weights) and the loaded optimizer state, gathered as in
+      the truth's "optimizer", with it, and trains M more steps: steps iteration+1..iteration+M
+      of the same data stream as an uninterrupted run (M = 0: load and check only).
+      OUT.json: {"ok", "weight_mismatches": [key], "optim_mismatches": ["exp_avg:<key>", ...,
+      "step" when a param's Adam step is not the iteration or is shared], "missing": [key or
+      "<state>:<key>" in the truth but not loaded], "extra", "load_error": str | None,
+      "losses": [M floats], "iteration": loaded iteration (None on a load error),
+      "args_mismatches" (as verify), "weight_mismatches_model_file", "loss": eval loss after the
+      load, "truth_loss"}.  ok needs all lists empty and no load_error.  A load failure (any
+      rank) is reported in load_error with losses [] and no training, never a hang: distrib_optim.pt
+      is read and checked on DP rank 0 (keys, dtypes, numel_unpadded, exact fp32 lengths) before
+      the collective load.  Reference curve: a `train` job with N+M steps at the layout of the
+      N-step checkpoint; its train_losses[N:N+M] equal the resumed losses bit for bit at the same
+      layout.
 
-Data: every step draws one global batch of `global_batch` random sequences (seeded by the model
-seed, identical for every layout); each DP rank trains on its contiguous slice of the rows, as
+Data: step i (1-based) trains on the i-th global batch of `global_batch` random sequences drawn
+from one generator seeded with the model seed: a function of (seed, i), identical for every
+layout and for a resumed run.  Each DP rank trains on its contiguous slice of the rows, as
 Megatron's sampler does.  "loss" is the forward-only mean LM loss on a fixed batch (seed + 1).
 
 Truth keys are megatron-core's sharded_state_dict keys, in global (layout-free) form:
@@ -48,7 +101,7 @@ This global form equals a TP1·PP1 model's state_dict with the layers stacked.  
 every tensor bf16 (Float16Module casts the norms too).
 Vocabulary tensors compare rows [0:min(padded_src, padded_tgt)] bitwise; rows past the source's
 padded size must be zero.  Every replica (TP-replicated norms, DP copies, a tied embedding's
-last-stage copy) is compared, not just the main one.
+last-stage copy) is compared, not just the main one; the same holds for the optimizer states.
 """
 
 import json
@@ -81,6 +134,11 @@ def train_job(layout: dict, save_dir, truth, model: dict | None = None, steps: i
 def verify_job(layout: dict, load_dir, truth, result, model: dict | None = None) -> dict:
     return {"kind": "verify", "model": model or {}, "layout": layout, "load_dir": str(load_dir),
             "truth": str(truth), "result": str(result)}
+
+
+def resume_job(layout: dict, load_dir, truth, result, model: dict | None = None, steps: int = 2) -> dict:
+    return {"kind": "resume", "model": model or {}, "layout": layout, "load_dir": str(load_dir),
+            "truth": str(truth), "steps": steps, "result": str(result)}
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""torchrun entry point: `train` and `verify` jobs on a tiny megatron-core GPT (CPU, gloo).
+"""torchrun entry point: `train`, `verify` and `resume` jobs on a tiny megatron-core GPT (CPU, gloo).
 
     torchrun --nproc-per-node 4 -m tests.harness.megatron_run JOBS.json   (from the repo root)
     torchrun --nproc-per-node 4 tests/harness/megatron_run.py JOBS.json   (by path)
@@ -8,6 +8,7 @@ state is destroyed and re-initialised between jobs.  The schema is in tests/harn
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import random
@@ -47,6 +48,7 @@ from megatron.core.enums import ModelType  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: E402
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
@@ -250,6 +252,19 @@ def token_batches(generator: torch.Generator, m: dict) -> torch.Tensor:
     return torch.randint(0, true_vocab(m), shape, generator=generator)
 
 
+def train_tokens(m: dict, step: int) -> torch.Tensor:
+    """The global batch of training step `step` (1-based): a function of (seed, step) alone.
+
+    It is the step-th draw of one generator seeded with the model seed, so a resumed run sees
+    exactly the batches an uninterrupted run sees at the same steps (as Megatron's sampler
+    resumes at consumed_train_samples).  Re-drawing the earlier batches costs nothing here.
+    """
+    generator = torch.Generator().manual_seed(m["seed"])
+    for _ in range(step - 1):
+        token_batches(generator, m)
+    return token_batches(generator, m)
+
+
 def microbatches(tokens: torch.Tensor, m: dict) -> list:
     """This DP rank's rows of the global batch, split into micro batches (as Megatron's sampler)."""
     rows = tokens.chunk(ps.get_data_parallel_world_size())[ps.get_data_parallel_rank()]
@@ -310,15 +325,28 @@ def eval_loss(chunks: list, m: dict) -> float:
 # ----------------------------------------------------------------------------- global tensors
 
 
-def local_shards(chunks: list) -> list:
+def local_shards(chunks: list, data_of: dict | None = None) -> list:
     """This rank's pieces of every global tensor, from megatron-core's own sharded_state_dict.
 
     Each piece is (key, global_shape, global_offset, data, is_main_replica); data is reshaped
     to include the prepended (layer) axes so that offsets and shape line up.
+
+    data_of ({id(model param): tensor of the param's shape}) replaces each parameter's data
+    before the sharded tensors (and the SwiGLU factories) are built: the same global mapping
+    then places, e.g., the optimizer's exp_avg of every parameter.
     """
     shards = []
     for chunk in unwrap_model(chunks):
         for item in nested_values(chunk.sharded_state_dict()):
+            if isinstance(item, (ShardedTensor, ShardedTensorFactory)) and data_of is not None:
+                if id(item.data) not in data_of:
+                    raise KeyError(f"{item.key}: no optimizer state for this model tensor")
+                new = data_of[id(item.data)]
+                assert new.shape == item.data.shape, (item.key, new.shape, item.data.shape)
+                if isinstance(item, ShardedTensor):
+                    item = dataclasses.replace(item, data=new, dtype=new.dtype)
+                else:
+                    item = dataclasses.replace(item, data=new)
             if isinstance(item, ShardedTensorFactory):  # SwiGLU fc1: gate and up halves
                 pieces = item.build()
             elif isinstance(item, ShardedTensor):
@@ -336,14 +364,14 @@ def local_shards(chunks: list) -> list:
     return shards
 
 
-def gather_global(chunks: list):
+def gather_global(chunks: list, data_of: dict | None = None):
     """On rank 0: ({key: full tensor}, {keys whose replicas disagree or that have holes}).
 
     Every replica is gathered (the models are tiny) so that, e.g., a norm weight that differs
-    between two TP ranks' files is caught, not just the main copy.
+    between two TP ranks' files is caught, not just the main copy.  data_of: see local_shards.
     """
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, local_shards(chunks))
+    dist.all_gather_object(gathered, local_shards(chunks, data_of))
     if dist.get_rank() != 0:
         return None, None
     shards = [s for rank_shards in gathered for s in rank_shards]
@@ -387,6 +415,159 @@ def compare(truth: dict, got: dict, bad: set) -> dict:
         "missing": sorted(set(truth) - set(got)),
         "extra": sorted(set(got) - set(truth)),
     }
+
+
+# ----------------------------------------------------------------------------- optimizer state
+
+OPTIM_STATES = ("param", "exp_avg", "exp_avg_sq")  # what distrib_optim.pt holds per element
+
+
+def distributed_optimizers(optimizer) -> list:
+    """The DistributedOptimizers inside what get_megatron_optimizer returned.
+
+    megatron-core 0.16.1 always returns a ChainedOptimizer (one DistributedOptimizer for the
+    dense params; a second one would hold MoE expert params, which these models do not have).
+    """
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(inner) != 1 or not isinstance(inner[0], DistributedOptimizer):
+        raise NotImplementedError(f"expected one DistributedOptimizer, got {inner}")
+    return inner
+
+
+def param_names(chunks: list) -> list:
+    """Per model chunk: {id(param): its key in that chunk's state_dict_for_save_checkpoint()}."""
+    names = []
+    for chunk in unwrap_model(chunks):
+        state = chunk.state_dict_for_save_checkpoint(keep_vars=True)
+        names.append({id(v): k for k, v in state.items() if isinstance(v, torch.nn.Parameter)})
+    return names
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def local_param_map(chunks: list, optimizer) -> list:
+    """This rank's grad buffers in the optimizer's gbuf_idx order, read from the live DDP buffers."""
+    names = param_names(chunks)
+    chunk_of = {}
+    for i, ddp in enumerate(chunks):
+        for buffer in list(ddp.buffers) + list(ddp.expert_parallel_buffers):
+            chunk_of[id(buffer)] = i
+    buffers = []
+    for dopt in distributed_optimizers(optimizer):
+        for buffer in dopt.buffers:
+            chunk = chunk_of[id(buffer)]
+            params = [
+                [names[chunk][id(param)], list(param.shape), start, end, bucket_id]
+                for param, (start, end, bucket_id) in buffer.param_index_map.items()
+            ]
+            params.sort(key=lambda p: p[2])  # buffer order
+            buffers.append(
+                {
+                    "chunk": chunk,
+                    "param_dtype": _dtype_name(buffer.param_dtype),
+                    "grad_dtype": _dtype_name(buffer.grad_dtype),
+                    "dp_size": buffer.data_parallel_world_size,
+                    "numel": buffer.numel,
+                    "numel_unpadded": buffer.numel_unpadded,
+                    "bucket_indices": [list(b) for b in buffer.bucket_indices],
+                    "per_bucket_numel_unpadded": [b.numel_unpadded for b in buffer.buckets],
+                    "params": params,
+                }
+            )
+    return buffers
+
+
+def gather_param_map(chunks: list, optimizer) -> list | None:
+    """On rank 0: [{"tp_rank", "pp_rank", "buffers"}] for every model-parallel rank (DP rank 0's),
+    sorted by (tp_rank, pp_rank).  Raises if two DP ranks of one (tp, pp) disagree."""
+    mine = (
+        ps.get_tensor_model_parallel_rank(),
+        ps.get_pipeline_model_parallel_rank(),
+        ps.get_data_parallel_rank(with_context_parallel=True),
+        local_param_map(chunks, optimizer),
+    )
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, mine)
+    if dist.get_rank() != 0:
+        return None
+    by_rank = {}
+    for tp_rank, pp_rank, dp_rank, buffers in sorted(gathered, key=lambda g: g[2]):
+        if (tp_rank, pp_rank) not in by_rank:
+            by_rank[(tp_rank, pp_rank)] = buffers
+        elif by_rank[(tp_rank, pp_rank)] != buffers:
+            raise RuntimeError(f"DP rank {dp_rank} of (tp {tp_rank}, pp {pp_rank}) has another param_map")
+    return [{"tp_rank": t, "pp_rank": p, "buffers": b} for (t, p), b in sorted(by_rank.items())]
+
+
+def optimizer_states(chunks: list, optimizer) -> dict:
+    """{state: {id(model param): full fp32 tensor of the param's (TP-local) shape}}.
+
+    Each DP rank holds, per model param, the slice param_range (a range in the flattened param,
+    not in the flat buffer) of the fp32 main param and of Adam's moments; they come from the
+    optimizer's own `_get_main_param_and_optimizer_states(model_param)`, are all-gathered over
+    the optimizer's DP group and assembled in parameter space.  Every element must be covered
+    exactly once.
+    """
+    names = param_names(chunks)
+    name_of = {pid: (i, name) for i, chunk_names in enumerate(names) for pid, name in chunk_names.items()}
+    param_of = {name_of[id(p)]: p for chunk in unwrap_model(chunks) for p in chunk.parameters()}
+    out = {key: {} for key in OPTIM_STATES}
+    for dopt in distributed_optimizers(optimizer):
+        pieces = []
+        for gbuf_range_maps in dopt.gbuf_ranges:
+            for bucket_maps in gbuf_range_maps.values():
+                for bucket_map in bucket_maps:
+                    for model_param, range_map in bucket_map["param_map"].items():
+                        tensors = dopt._get_main_param_and_optimizer_states(model_param)
+                        rng = range_map["param"]
+                        pieces.append(
+                            (
+                                name_of[id(model_param)],
+                                rng.start,
+                                rng.end,
+                                {k: tensors[k].detach().clone().view(-1) for k in OPTIM_STATES},
+                            )
+                        )
+        gathered = [None] * dopt.data_parallel_group.size()
+        dist.all_gather_object(gathered, pieces, group=dopt.data_parallel_group)
+        full, count = {}, {}
+        for rank_pieces in gathered:
+            for ident, start, end, tensors in rank_pieces:
+                param = param_of[ident]
+                if ident not in count:
+                    full[ident] = {k: torch.zeros(param.numel(), dtype=torch.float32) for k in OPTIM_STATES}
+                    count[ident] = torch.zeros(param.numel(), dtype=torch.int32)
+                for k in OPTIM_STATES:
+                    assert tensors[k].dtype == torch.float32 and tensors[k].numel() == end - start, ident
+                    full[ident][k][start:end] = tensors[k]
+                count[ident][start:end] += 1
+        for ident, c in count.items():
+            if not (c == 1).all():
+                raise RuntimeError(f"optimizer shards of {ident} do not tile the parameter")
+            for k in OPTIM_STATES:
+                out[k][id(param_of[ident])] = full[ident][k].view(param_of[ident].shape)
+    return out
+
+
+def gather_optimizer(chunks: list, optimizer):
+    """On rank 0: ({state: {global key: full fp32 tensor}}, {state: bad keys}); see gather_global."""
+    states = optimizer_states(chunks, optimizer)
+    full, bad = {}, {}
+    for key in OPTIM_STATES:
+        full[key], bad[key] = gather_global(chunks, states[key])
+    return (full, bad) if dist.get_rank() == 0 else (None, None)
+
+
+def optimizer_steps(optimizer) -> list:
+    """Every per-parameter Adam `step` tensor (torch AdamW keeps one per parameter)."""
+    return [
+        state["step"]
+        for dopt in distributed_optimizers(optimizer)
+        for state in dopt.optimizer.state.values()
+        if "step" in state
+    ]
 
 
 # ----------------------------------------------------------------------------- checkpoint files
@@ -453,31 +634,152 @@ CHECKED_ARGS = (
 )
 
 
-def load_legacy_model(load_dir, layout, chunks, expected_args) -> list:
-    """Loads this rank's model_optim_rng.pt strictly into every chunk.
-
-    Returns the names in CHECKED_ARGS whose saved value differs from `expected_args`.
-    """
+def read_model_file(load_dir, layout):
+    """(tracker iteration, this rank's mp_rank dir, its model_optim_rng.pt) of DIR's latest iteration."""
     with open(os.path.join(load_dir, "latest_checkpointed_iteration.txt")) as f:
         iteration = int(f.read().strip())
     ckpt_dir = mp_rank_dir(os.path.join(load_dir, f"iter_{iteration:07d}"), layout)
     # weights_only=False: the file holds an argparse.Namespace; it is our own test output.
     state = torch.load(os.path.join(ckpt_dir, "model_optim_rng.pt"), weights_only=False)
+    return iteration, ckpt_dir, state
+
+
+def load_model_state(state: dict, ckpt_dir, chunks: list) -> None:
+    """Strict load_state_dict of every chunk's entry ("model" or "model0", "model1", ...)."""
     keys = model_keys(len(chunks))
     found = sorted(k for k in state if k.startswith("model"))
     if found != sorted(keys):
         raise KeyError(f"{ckpt_dir}: model entries {found}, expected {keys}")
     for key, chunk in zip(keys, unwrap_model(chunks)):
         chunk.load_state_dict(state[key], strict=True)
+
+
+def args_mismatches(state: dict, expected_args) -> list:
+    """The names in CHECKED_ARGS whose saved value differs from `expected_args`."""
     saved = vars(state["args"])
     return [n for n in CHECKED_ARGS if saved.get(n, "<absent>") != getattr(expected_args, n)]
+
+
+def load_legacy_model(load_dir, layout, chunks, expected_args) -> list:
+    """Loads this rank's model_optim_rng.pt strictly into every chunk.
+
+    Returns the names in CHECKED_ARGS whose saved value differs from `expected_args`.
+    """
+    _, ckpt_dir, state = read_model_file(load_dir, layout)
+    load_model_state(state, ckpt_dir, chunks)
+    return args_mismatches(state, expected_args)
+
+
+def check_param_state_file(state, optimizer, path) -> None:
+    """Raises unless `state` (a loaded distrib_optim.pt) fits this optimizer's buffers.
+
+    It covers every condition under which DistributedOptimizer.load_parameter_state_from_dp_zero
+    would fail on DP rank 0 between its collectives (so a bad file is a load error, not a hang),
+    and is stricter where Megatron's own saver is exact: each buffer entry holds exactly
+    numel_unpadded fp32 elements per state and nothing else is in the file.  (Like Megatron, it
+    checks the buffer's total only; a different bucket split shows in the state comparison.)
+    """
+    dopts = distributed_optimizers(optimizer)
+    states = [state] if len(dopts) == 1 else state
+    if not isinstance(states, list) or len(states) != len(dopts):
+        raise ValueError(f"{path}: expected {len(dopts)} optimizer state(s)")
+    for dopt, st in zip(dopts, states):
+        if not isinstance(st, dict):
+            raise ValueError(f"{path}: not a dict but {type(st).__name__}")
+        expected = {"buckets_coalesced"} | set(range(len(dopt.gbuf_ranges)))
+        if set(st) != expected:
+            raise ValueError(
+                f"{path}: top-level keys {sorted(map(str, st))}, expected {sorted(map(str, expected))}"
+            )
+        if st["buckets_coalesced"] is not True:
+            raise ValueError(f"{path}: buckets_coalesced is {st['buckets_coalesced']!r}")
+        for gbuf_idx, gbuf_range_maps in enumerate(dopt.gbuf_ranges):
+            if set(st[gbuf_idx]) != set(gbuf_range_maps):
+                raise ValueError(f"{path}: buffer {gbuf_idx} has dtype keys {list(st[gbuf_idx])}, "
+                                 f"expected {list(gbuf_range_maps)}")
+            numel = dopt.buffers[gbuf_idx].numel_unpadded
+            for dtype in gbuf_range_maps:
+                entry = st[gbuf_idx][dtype]
+                if set(entry) != set(OPTIM_STATES) | {"numel_unpadded"}:
+                    raise ValueError(f"{path}: buffer {gbuf_idx} has keys {sorted(entry)}")
+                if entry["numel_unpadded"] != numel:
+                    raise ValueError(f"{path}: buffer {gbuf_idx} numel_unpadded {entry['numel_unpadded']}, "
+                                     f"this layout's buffer has {numel}")
+                for key in OPTIM_STATES:
+                    t = entry[key]
+                    if not (isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.shape == (numel,)):
+                        raise ValueError(f"{path}: buffer {gbuf_idx} {key} is not fp32 [{numel}]: "
+                                         f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+
+
+def load_optimizer_state(state: dict, optimizer, scheduler, ckpt_dir, check_file: bool) -> float:
+    """The local part of Megatron-LM's load_checkpoint for the optimizer (no collectives).
+
+    optimizer.load_state_dict(state["optimizer"]) and the scheduler from "opt_param_scheduler";
+    on DP rank 0 (check_file) the distrib_optim.pt is read as load_parameter_state reads it and
+    checked.  Returns the saved Adam step.
+    """
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["opt_param_scheduler"])
+    steps = {g["step"] for g in state["optimizer"]["optimizer"]["param_groups"]}
+    if len(steps) != 1:
+        raise ValueError(f"{ckpt_dir}: param groups have different steps {sorted(steps)}")
+    if check_file:
+        path = os.path.join(ckpt_dir, "distrib_optim.pt")
+        check_param_state_file(torch.load(path), optimizer, path)  # torch.load as Megatron calls it
+    return steps.pop()
+
+
+def load_parameter_state(optimizer, ckpt_dir, step: float) -> None:
+    """optimizer.load_parameter_state(distrib_optim.pt) with the fixes megatron-core 0.16.1 needs
+    with plain torch AdamW (collective over each DP group).
+
+    * load_state_dict has put one shared `step` tensor into every parameter's state, and
+      _set_main_param_and_optimizer_states copies every state key from the file, which has no
+      `step`: KeyError 'step'.  The steps are taken out during the load...
+    * ...and put back as one tensor per parameter: a shared one would be advanced once per
+      parameter by AdamW's in-place `step += 1` (wrong bias correction).
+    * The copy into fp32 main params (views of the model's leaf params) needs torch.no_grad().
+    """
+    for dopt in distributed_optimizers(optimizer):
+        for param_state in dopt.optimizer.state.values():
+            param_state.pop("step", None)
+    with torch.no_grad():
+        optimizer.load_parameter_state(os.path.join(ckpt_dir, "distrib_optim.pt"))
+    for dopt in distributed_optimizers(optimizer):
+        for group in dopt.optimizer.param_groups:
+            for param in group["params"]:
+                dopt.optimizer.state[param]["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+
+def restore_rng(state: dict) -> None:
+    """Megatron-LM's RNG restore (entry 0: no --data-parallel-random-init); absent = --no-load-rng."""
+    if "rng_state" not in state:
+        return
+    rng = state["rng_state"][0]
+    random.setstate(rng["random_rng_state"])
+    np.random.set_state(rng["np_rng_state"])
+    torch.set_rng_state(rng["torch_rng_state"])
+    torch.cuda.set_rng_state(rng["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["rng_tracker_states"])
+
+
+def gather_errors(error) -> list:
+    """All ranks' errors (None where none): every rank must reach the next collective."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    return [e for e in errors if e]
+
+
+def describe(exc: Exception) -> str:
+    return f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}"
 
 
 # ----------------------------------------------------------------------------- jobs
 
 
-def train_job(job: dict) -> None:
-    m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
+def build_training(m: dict, layout: dict, steps: int):
+    """(dp, config, chunks, optimizer, scheduler) as Megatron-LM's setup_model_and_optimizer."""
     dp = init_parallel(m, layout)
     config = transformer_config(m, layout)
     chunks = build_model(m, layout, config)
@@ -492,7 +794,9 @@ def train_job(job: dict) -> None:
         ),
         chunks,
     )
-    samples = job["steps"] * m["global_batch"]
+    # Megatron-LM: lr_decay_iters defaults to train_iters.  On load the checkpoint's values win
+    # (use_checkpoint_opt_param_scheduler defaults to True in megatron-core's class).
+    samples = steps * m["global_batch"]
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
@@ -509,27 +813,45 @@ def train_job(job: dict) -> None:
     # What Megatron-LM's train() wires into the config before the first step.
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
+    return dp, config, chunks, optimizer, scheduler
 
-    generator = torch.Generator().manual_seed(m["seed"])
-    train_losses = []
-    for _ in range(job["steps"]):
+
+def train_steps(chunks, optimizer, scheduler, m: dict, first: int, count: int) -> list:
+    """Trains steps first..first+count-1 (1-based); returns their losses."""
+    losses = []
+    for step in range(first, first + count):
         for chunk in chunks:
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
-        train_losses.append(run_schedule(chunks, microbatches(token_batches(generator, m), m), m, False))
+        losses.append(run_schedule(chunks, microbatches(train_tokens(m, step), m), m, False))
         update_successful, _, _ = optimizer.step()
         assert update_successful, "optimizer step skipped"
         scheduler.step(increment=m["global_batch"])
+    return losses
+
+
+def train_job(job: dict) -> None:
+    m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
+    dp, config, chunks, optimizer, scheduler = build_training(m, layout, job["steps"])
+    train_losses = train_steps(chunks, optimizer, scheduler, m, 1, job["steps"])
 
     args = megatron_args(m, layout, dp, job["steps"])
     save_legacy_checkpoint(job["save_dir"], job["steps"], layout, chunks, optimizer, scheduler, args)
     loss = eval_loss(chunks, m)
     tensors, bad = gather_global(chunks)
+    optim, optim_bad = gather_optimizer(chunks, optimizer)
+    param_map = gather_param_map(chunks, optimizer)
     if dist.get_rank() == 0:
         if bad:
             raise RuntimeError(f"megatron's own shards are inconsistent for {sorted(bad)}")
+        if any(optim_bad.values()):
+            raise RuntimeError(f"the optimizer's own states are inconsistent: {optim_bad}")
+        if set(optim["param"]) != set(tensors):
+            raise RuntimeError("optimizer state keys differ from the weights'")
         truth = {
             "tensors": tensors,
+            "optimizer": optim,
+            "param_map": param_map,
             "loss": loss,
             "train_losses": train_losses,
             "layout": layout,
@@ -537,6 +859,89 @@ def train_job(job: dict) -> None:
             "padded_vocab": padded_vocab(m, layout["tp"]),
         }
         torch.save(truth, job["truth"])
+
+
+def resume_job(job: dict) -> None:
+    """Megatron-LM's load_checkpoint (--ckpt-format torch --use-distributed-optimizer), a bitwise
+    check of the loaded weights and optimizer state, then `steps` more training steps."""
+    m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
+    # The scheduler's decay steps are the checkpoint's once loaded; megatron-core only needs > 0.
+    dp, config, chunks, optimizer, scheduler = build_training(m, layout, max(job["steps"], 1))
+    expected_args = megatron_args(m, layout, dp, iteration=0)  # iteration is not checked
+    result = {"ok": False, "weight_mismatches": [], "optim_mismatches": [], "missing": [],
+              "extra": [], "load_error": None, "losses": [], "iteration": None,
+              "args_mismatches": [], "loss": None, "truth_loss": None}
+
+    # 1. Everything local: model weights, optimizer.load_state_dict, scheduler, RNG, and (DP
+    #    rank 0) reading + checking distrib_optim.pt.
+    iteration = step = ckpt_dir = None
+    mismatched_args = []
+    try:
+        tracker_iteration, ckpt_dir, state = read_model_file(job["load_dir"], layout)
+        load_model_state(state, ckpt_dir, chunks)
+        mismatched_args = args_mismatches(state, expected_args)
+        iteration = state["iteration"]
+        if iteration != tracker_iteration:
+            raise ValueError(f"{ckpt_dir}: iteration {iteration}, tracker says {tracker_iteration}")
+        step = load_optimizer_state(state, optimizer, scheduler, ckpt_dir,
+                                    check_file=ps.get_data_parallel_rank(with_context_parallel=True) == 0)
+        restore_rng(state)
+        error = None
+    except Exception as exc:  # reported, not raised: every rank must reach the collectives
+        error = describe(exc)
+    errors = gather_errors(error)
+
+    # 2. The collective part: load_parameter_state (scatter over each DP group).
+    if not errors:
+        weights_from_file, bad_from_file = gather_global(chunks)  # before distrib_optim.pt
+        try:
+            load_parameter_state(optimizer, ckpt_dir, step)
+            error = None
+        except Exception as exc:
+            error = describe(exc)
+        errors = gather_errors(error)
+    all_args = [None] * dist.get_world_size()
+    dist.all_gather_object(all_args, mismatched_args)
+
+    if not errors:
+        result["loss"] = eval_loss(chunks, m)
+        weights, bad = gather_global(chunks)
+        optim, optim_bad = gather_optimizer(chunks, optimizer)
+        steps = optimizer_steps(optimizer)
+        steps_ok = len({id(t) for t in steps}) == len(steps) and all(t.item() == iteration for t in steps)
+        steps_ok = gather_errors(None if steps_ok else "step") == []
+    if dist.get_rank() == 0:
+        result["load_error"] = "\n".join(errors) or None
+        result["args_mismatches"] = sorted({name for names in all_args for name in names})
+        truth = torch.load(job["truth"], weights_only=False)
+        result["truth_loss"] = truth["loss"]
+        if not errors:
+            result["iteration"] = iteration
+            cmp_file = compare(truth["tensors"], weights_from_file, bad_from_file)
+            cmp = compare(truth["tensors"], weights, bad)
+            result["weight_mismatches"] = sorted(set(cmp["mismatches"]) | set(cmp_file["mismatches"]))
+            result["weight_mismatches_model_file"] = cmp_file["mismatches"]
+            result["missing"], result["extra"] = cmp["missing"], cmp["extra"]
+            if "optimizer" not in truth:
+                raise KeyError(f"{job['truth']} has no optimizer ground truth (an old truth file)")
+            for key in OPTIM_STATES:
+                c = compare(truth["optimizer"][key], optim[key], optim_bad[key])
+                result["optim_mismatches"] += [f"{key}:{k}" for k in c["mismatches"]]
+                result["missing"] += [f"{key}:{k}" for k in c["missing"]]
+                result["extra"] += [f"{key}:{k}" for k in c["extra"]]
+            if not steps_ok:
+                result["optim_mismatches"].append("step")
+
+    # 3. Train on: steps iteration+1 .. iteration+M of the same data stream.
+    if not errors:
+        result["losses"] = train_steps(chunks, optimizer, scheduler, m, iteration + 1, job["steps"])
+    if dist.get_rank() == 0:
+        result["ok"] = not (
+            result["load_error"] or result["weight_mismatches"] or result["optim_mismatches"]
+            or result["missing"] or result["extra"] or result["args_mismatches"]
+        )
+        with open(job["result"], "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def verify_job(job: dict) -> None:
@@ -571,7 +976,7 @@ def verify_job(job: dict) -> None:
         json.dump(result, f, indent=1)
 
 
-JOBS = {"train": train_job, "verify": verify_job}
+JOBS = {"train": train_job, "verify": verify_job, "resume": resume_job}
 
 
 def main() -> None:
