@@ -4,7 +4,7 @@ Builds a GQA/SwiGLU GPT checkpoint (local-spec names) at TP2·PP2, then reshards
 TP4·PP1 and TP1·PP1 with `ckpt-hooks convert --convert-param-only`, each in its own
 process (the command users run). Reports throughput, the ratio to `cp -r` of the same source files measured in
 the same run (both warm: source in the page cache), and each process's peak RSS
-against the largest target file.
+against the largest target file, also net of the interpreter's own (Python + torch).
 
     python bench/bench_reshard.py [--workdir DIR] [--layers 16] [--hidden 1024]
 """
@@ -121,6 +121,7 @@ def main() -> None:
         child([sys.executable, __file__, "--make-source", str(source),
                "--layers", str(options.layers), "--hidden", str(options.hidden)])
         size = du(source)
+        baseline = child([sys.executable, "-c", "import ckpt_hooks.conversion"])[1]
         print(f"source: TP2·PP2, {size / 1e9:.2f} GB in {len(list(source.rglob('*.pt')))} files; "
               f"median of {options.repeat} runs, warm page cache, sync before each")
         for tp, pp in ((4, 1), (1, 1)):
@@ -138,7 +139,9 @@ def main() -> None:
             rss, biggest = max(r[2] for r in runs), runs[0][3]
             print(f"-> TP{tp}·PP{pp}: convert {work_s:5.2f} s = {size / work_s / 1e6:5.0f} MB/s = "
                   f"{copy / work_s:4.2f}x cp -r ({copy:4.2f} s); whole process {wall:5.2f} s = {copy / wall:4.2f}x cp; "
-                  f"peak RSS {rss / 1e6:5.0f} MB = {rss / biggest:4.2f}x largest target file ({biggest / 1e6:.0f} MB)")
+                  f"peak RSS {rss / 1e6:5.0f} MB = {rss / biggest:4.2f}x largest target file ({biggest / 1e6:.0f} MB); "
+                  f"{(rss - baseline) / 1e6:5.0f} MB above the interpreter with torch ({baseline / 1e6:.0f} MB) = "
+                  f"{(rss - baseline) / biggest:4.2f}x")
     finally:
         if not options.workdir:
             shutil.rmtree(work, ignore_errors=True)

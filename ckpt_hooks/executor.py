@@ -21,16 +21,21 @@ from ckpt_hooks.plan import Copy, TargetFile, TargetTensor
 SourceLookup = Callable[[tuple[int, int], str, str], tuple[TorchFile, LazyTensor]]
 
 
-def read_piece(lookup: SourceLookup, copy: Copy) -> torch.Tensor:
-    """The part of a source tensor a copy needs, reading only the rows that hold it."""
+def copy_piece(lookup: SourceLookup, copy: Copy, target: torch.Tensor) -> None:
+    """Copy the part of a source tensor a copy needs into ``target`` (the copy's target slice),
+    reading only the rows that hold it; straight into ``target`` when both sides are whole rows."""
     src = copy.source
     torch_file, lazy = lookup(src.file, src.chunk, src.key)
     view = src.placement.view_shape
     rows_per_item = view[1] if len(src.placement.stored_shape) < len(view) else 1  # fused first two axes
-    first = copy.source_slices[0]
+    first, rest = copy.source_slices[0], copy.source_slices[1:]
     rows = slice(first.start * rows_per_item, first.stop * rows_per_item)
+    whole_rows = all(s.start == 0 and s.stop == n for s, n in zip(rest, view[1:]))
+    if whole_rows and target.is_contiguous():
+        torch_file.read(lazy, rows, out=target)
+        return
     data = torch_file.read(lazy, rows).view((first.stop - first.start,) + tuple(view[1:]))
-    return data[(slice(None),) + copy.source_slices[1:]]
+    target.copy_(data[(slice(None),) + rest])
 
 
 def build_tensor(lookup: SourceLookup, tensor: TargetTensor) -> torch.Tensor | None:
@@ -40,7 +45,7 @@ def build_tensor(lookup: SourceLookup, tensor: TargetTensor) -> torch.Tensor | N
     out = alloc(tensor.placement.stored_shape, dtype=tensor.dtype)
     view = out.view(tensor.placement.view_shape)
     for copy in tensor.copies:
-        view[copy.target_slices].copy_(read_piece(lookup, copy))
+        copy_piece(lookup, copy, view[copy.target_slices])
     return out
 
 

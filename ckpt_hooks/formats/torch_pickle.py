@@ -205,21 +205,25 @@ class TorchFile:
         for t in tensors:
             self._data_offset(t.storage)
 
-    def read(self, t: LazyTensor, rows: slice | None = None) -> torch.Tensor:
-        """Read tensor ``t`` (or only rows ``rows`` of its first axis when it is contiguous)."""
+    def read(self, t: LazyTensor, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read tensor ``t`` (or only rows ``rows`` of its first axis when it is contiguous),
+        into ``out`` when given (contiguous, of the rows' size)."""
         base = self._data_offset(t.storage)
         itemsize = t.dtype.itemsize
         if t.is_contiguous() and len(t.shape) > 0:
             start, stop, _ = (rows or slice(None)).indices(t.shape[0])
             row_numel = math.prod(t.shape[1:])
-            shape = (stop - start,) + t.shape[1:]
-            out = torch.empty(shape, dtype=t.dtype)
+            if out is None:
+                out = torch.empty((stop - start,) + t.shape[1:], dtype=t.dtype)
+            elif not out.is_contiguous() or out.numel() != (stop - start) * row_numel or out.dtype != t.dtype:
+                raise ValueError(f"cannot read {stop - start} rows of {t.shape} {t.dtype} into {tuple(out.shape)}")
             self._pread_into(out, base + (t.offset + start * row_numel) * itemsize)
             return out
         flat = torch.empty(t.storage.numel, dtype=t.dtype)
         self._pread_into(flat, base)
-        out = flat.as_strided(t.shape, t.stride, t.offset).clone()
-        return out[rows] if rows is not None else out
+        whole = flat.as_strided(t.shape, t.stride, t.offset)
+        piece = whole[rows] if rows is not None else whole
+        return piece.clone() if out is None else out.view(piece.shape).copy_(piece)
 
     def _pread_into(self, out: torch.Tensor, position: int) -> None:
         view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
