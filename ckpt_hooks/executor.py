@@ -7,6 +7,8 @@ tensor + the source rows it needs)``, whatever the size of the files.
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -23,19 +25,23 @@ SourceLookup = Callable[[tuple[int, int], str, str], tuple[TorchFile, LazyTensor
 
 def copy_piece(lookup: SourceLookup, copy: Copy, target: torch.Tensor) -> None:
     """Copy the part of a source tensor a copy needs into ``target`` (the copy's target slice),
-    reading only the rows that hold it; straight into ``target`` when both sides are whole rows."""
+    reading exactly its bytes: one run per index of the axes before the innermost partial one."""
     src = copy.source
     torch_file, lazy = lookup(src.file, src.chunk, src.key)
-    view = src.placement.view_shape
-    rows_per_item = view[1] if len(src.placement.stored_shape) < len(view) else 1  # fused first two axes
-    first, rest = copy.source_slices[0], copy.source_slices[1:]
-    rows = slice(first.start * rows_per_item, first.stop * rows_per_item)
-    whole_rows = all(s.start == 0 and s.stop == n for s, n in zip(rest, view[1:]))
-    if whole_rows and target.is_contiguous():
-        torch_file.read(lazy, rows, out=target)
+    view, slices = src.placement.view_shape, copy.source_slices
+    if not lazy.is_contiguous():
+        target.copy_(torch_file.read(lazy).view(view)[slices])
         return
-    data = torch_file.read(lazy, rows).view((first.stop - first.start,) + tuple(view[1:]))
-    target.copy_(data[(slice(None),) + rest])
+    partial = [a for a, (s, n) in enumerate(zip(slices, view)) if (s.start, s.stop) != (0, n)]
+    inner = partial[-1] if partial else 0
+    strides = [math.prod(view[a + 1:]) for a in range(len(view))]
+    run_numel = (slices[inner].stop - slices[inner].start) * strides[inner]
+    starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
+              for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
+    buffer = target if target.is_contiguous() else torch.empty(target.shape, dtype=target.dtype)
+    torch_file.read_runs(lazy, starts, run_numel, buffer)
+    if buffer is not target:
+        target.copy_(buffer)
 
 
 def build_tensor(lookup: SourceLookup, tensor: TargetTensor) -> torch.Tensor | None:

@@ -6,12 +6,13 @@ box too; a plan is the list of box intersections. Pure: works on shapes and name
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from ckpt_hooks import layout, names
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.layout import EXTRA, VOCAB, LayoutError, Placement
+from ckpt_hooks.layout import EXTRA, VOCAB, Box, LayoutError, Placement
 from ckpt_hooks.spec import ModelSpec, ParallelConfig
 
 
@@ -60,6 +61,46 @@ class TargetTensor:
     @property
     def nbytes(self) -> int:
         return 0 if self.placement is None else self.placement.box.numel * self.dtype.itemsize
+
+
+def element_range_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Boxes ``(offsets, lengths)`` of a row-major ``shape`` holding exactly its flat elements
+    [start, stop), in order: a partial head row, whole rows, a partial tail row, recursively."""
+    if start >= stop:
+        return []
+    if len(shape) == 1:
+        return [((start,), (stop - start,))]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner
+    if first == last:
+        return [((first,) + o, (1,) + n) for o, n in
+                element_range_boxes(shape[1:], start - first * inner, stop - first * inner)]
+    boxes = []
+    if start % inner:
+        boxes += element_range_boxes(shape, start, (first + 1) * inner)
+        first += 1
+    whole_end = stop // inner
+    if whole_end > first:
+        boxes.append(((first,) + (0,) * (len(shape) - 1), (whole_end - first,) + tuple(shape[1:])))
+    return boxes + element_range_boxes(shape, whole_end * inner, stop)
+
+
+def restrict(tensor: TargetTensor, offsets, lengths) -> TargetTensor:
+    """The sub-box ``offsets``/``lengths`` (in the tensor's view) of a target tensor, with only
+    the copies (clipped) that fill it: planning, and reading, just that part."""
+    copies = []
+    for copy in tensor.copies:
+        lo = [max(t.start, o) for t, o in zip(copy.target_slices, offsets)]
+        hi = [min(t.stop, o + n) for t, o, n in zip(copy.target_slices, offsets, lengths)]
+        if any(a >= b for a, b in zip(lo, hi)):
+            continue
+        shift = [s.start - t.start for s, t in zip(copy.source_slices, copy.target_slices)]
+        copies.append(Copy(copy.source, tuple(slice(a + d, b + d) for a, b, d in zip(lo, hi, shift)),
+                           tuple(slice(a - o, b - o) for a, b, o in zip(lo, hi, offsets))))
+    box = tensor.placement.box
+    sub = Box(tuple(b + o for b, o in zip(box.offsets, offsets)), tuple(lengths))
+    return TargetTensor(tensor.chunk, tensor.key, Placement(tensor.placement.logical_shape, sub, tuple(lengths)),
+                        tensor.dtype, copies, tensor.complete)
 
 
 @dataclass

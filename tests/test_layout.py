@@ -2,6 +2,8 @@
 
 import dataclasses
 import itertools
+import math
+import random
 import re
 
 import pytest
@@ -10,6 +12,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from ckpt_hooks.layout import (Box, LayoutError, Rule, SPLIT, VOCAB, check_divisible, chunk_layers, placement)
+from ckpt_hooks.plan import element_range_boxes
 from ckpt_hooks.spec import ModelSpec, ParallelConfig, first_last_layers, uneven_layers
 
 SPEC = ModelSpec(num_layers=8, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8, num_query_groups=4,
@@ -84,3 +87,19 @@ def test_box_intersection():
     assert a.intersect(b) == Box((2, 4), (2, 2))
     assert a.intersect(Box((4, 0), (1, 8))) is None
     assert Box((2, 4), (2, 2)).slices_within(a) == (slice(2, 4), slice(0, 2))
+
+
+def test_element_range_boxes_hold_exactly_the_range():
+    """A DP shard of a flattened tensor, as boxes: every element once, in order (what lets a
+    rank read only its shard of the optimizer state)."""
+    rng = random.Random(0)
+    for _ in range(2000):
+        shape = tuple(rng.randint(1, 5) for _ in range(rng.randint(1, 4)))
+        total = math.prod(shape)
+        start = rng.randint(0, total)
+        stop = rng.randint(start, total)
+        flat = []
+        for offsets, lengths in element_range_boxes(shape, start, stop):
+            for index in itertools.product(*(range(o, o + n) for o, n in zip(offsets, lengths))):
+                flat.append(sum(i * math.prod(shape[axis + 1:]) for axis, i in enumerate(index)))
+        assert flat == list(range(start, stop)), (shape, start, stop)

@@ -148,6 +148,7 @@ class TorchFile:
     def __init__(self, path):
         self.path = str(path)
         self._offsets: dict[str, int] = {}
+        self.bytes_read = 0  # by pread: the pickle and the tensor bytes asked for
         try:
             with zipfile.ZipFile(self.path) as archive:
                 self._records = {info.filename: info for info in archive.infolist()}
@@ -205,25 +206,25 @@ class TorchFile:
         for t in tensors:
             self._data_offset(t.storage)
 
-    def read(self, t: LazyTensor, rows: slice | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Read tensor ``t`` (or only rows ``rows`` of its first axis when it is contiguous),
-        into ``out`` when given (contiguous, of the rows' size)."""
-        base = self._data_offset(t.storage)
-        itemsize = t.dtype.itemsize
-        if t.is_contiguous() and len(t.shape) > 0:
-            start, stop, _ = (rows or slice(None)).indices(t.shape[0])
-            row_numel = math.prod(t.shape[1:])
-            if out is None:
-                out = torch.empty((stop - start,) + t.shape[1:], dtype=t.dtype)
-            elif not out.is_contiguous() or out.numel() != (stop - start) * row_numel or out.dtype != t.dtype:
-                raise ValueError(f"cannot read {stop - start} rows of {t.shape} {t.dtype} into {tuple(out.shape)}")
-            self._pread_into(out, base + (t.offset + start * row_numel) * itemsize)
+    def read(self, t: LazyTensor) -> torch.Tensor:
+        """Read all of tensor ``t``."""
+        if t.is_contiguous():
+            out = torch.empty(t.shape, dtype=t.dtype)
+            self.read_runs(t, [0], t.numel, out)
             return out
         flat = torch.empty(t.storage.numel, dtype=t.dtype)
-        self._pread_into(flat, base)
-        whole = flat.as_strided(t.shape, t.stride, t.offset)
-        piece = whole[rows] if rows is not None else whole
-        return piece.clone() if out is None else out.view(piece.shape).copy_(piece)
+        self._pread_into(flat, self._data_offset(t.storage))
+        return flat.as_strided(t.shape, t.stride, t.offset).clone()
+
+    def read_runs(self, t: LazyTensor, starts, run_numel: int, out: torch.Tensor) -> None:
+        """Read runs of ``run_numel`` elements of contiguous tensor ``t``, at element offsets
+        ``starts``, one after the other into contiguous ``out``: exactly the bytes asked for."""
+        if not t.is_contiguous() or not out.is_contiguous() or out.dtype != t.dtype:
+            raise ValueError("read_runs needs contiguous tensors of the same dtype")
+        base = self._data_offset(t.storage) + t.offset * t.dtype.itemsize
+        flat = out.view(-1)
+        for i, start in enumerate(starts):
+            self._pread_into(flat[i * run_numel:(i + 1) * run_numel], base + start * t.dtype.itemsize)
 
     def _pread_into(self, out: torch.Tensor, position: int) -> None:
         view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
@@ -235,6 +236,7 @@ class TorchFile:
                 if n <= 0:
                     raise CheckpointError(self.path, "unexpected end of file (truncated)")
                 done += n
+            self.bytes_read += done
         finally:
             os.close(fd)
 

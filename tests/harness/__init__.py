@@ -79,6 +79,10 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       the collective load.  Reference curve: a `train` job with N+M steps at the layout of the
       N-step checkpoint; its train_losses[N:N+M] equal the resumed losses bit for bit at the same
       layout.
+      With "loader": "ckpt_hooks" the load is instead ckpt_hooks.megatron.load(chunks, optimizer,
+      DIR) (reshards on the fly from DIR's layout; no args check, since DIR's args describe its
+      own layout), and each rank writes OUT.json.bytes.<rank>.json: {"bytes_read", "tp_rank",
+      "pp_rank", "dp_rank"}.
 
 Data: step i (1-based) trains on the i-th global batch of `global_batch` random sequences drawn
 from one generator seeded with the model seed: a function of (seed, i), identical for every
@@ -136,9 +140,10 @@ def verify_job(layout: dict, load_dir, truth, result, model: dict | None = None)
             "truth": str(truth), "result": str(result)}
 
 
-def resume_job(layout: dict, load_dir, truth, result, model: dict | None = None, steps: int = 2) -> dict:
+def resume_job(layout: dict, load_dir, truth, result, model: dict | None = None, steps: int = 2,
+               loader: str = "megatron") -> dict:
     return {"kind": "resume", "model": model or {}, "layout": layout, "load_dir": str(load_dir),
-            "truth": str(truth), "steps": steps, "result": str(result)}
+            "truth": str(truth), "steps": steps, "result": str(result), "loader": loader}
 
 
 def _free_port() -> int:

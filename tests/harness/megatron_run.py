@@ -861,20 +861,33 @@ def train_job(job: dict) -> None:
         torch.save(truth, job["truth"])
 
 
-def resume_job(job: dict) -> None:
-    """Megatron-LM's load_checkpoint (--ckpt-format torch --use-distributed-optimizer), a bitwise
-    check of the loaded weights and optimizer state, then `steps` more training steps."""
-    m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
-    # The scheduler's decay steps are the checkpoint's once loaded; megatron-core only needs > 0.
-    dp, config, chunks, optimizer, scheduler = build_training(m, layout, max(job["steps"], 1))
-    expected_args = megatron_args(m, layout, dp, iteration=0)  # iteration is not checked
-    result = {"ok": False, "weight_mismatches": [], "optim_mismatches": [], "missing": [],
-              "extra": [], "load_error": None, "losses": [], "iteration": None,
-              "args_mismatches": [], "loss": None, "truth_loss": None}
+def load_with_ckpt_hooks(job, chunks, optimizer, scheduler):
+    """ckpt_hooks.megatron.load straight from the saved checkpoint, at this job's layout;
+    the bytes each rank read go to job["result"] + ".bytes.<rank>.json"."""
+    from ckpt_hooks.megatron import load
 
+    iteration = None
+    try:
+        loaded = load(chunks, optimizer, job["load_dir"])
+        scheduler.load_state_dict(loaded.scheduler)
+        iteration = loaded.iteration
+        with open(f"{job['result']}.bytes.{dist.get_rank()}.json", "w") as f:
+            json.dump({"bytes_read": loaded.bytes_read, "tp_rank": ps.get_tensor_model_parallel_rank(),
+                       "pp_rank": ps.get_pipeline_model_parallel_rank(),
+                       "dp_rank": ps.get_data_parallel_rank(with_context_parallel=True)}, f)
+        error = None
+    except Exception as exc:  # reported, not raised: every rank must reach the collectives
+        error = describe(exc)
+    errors = gather_errors(error)
+    weights, bad = gather_global(chunks) if not errors else (None, None)
+    return iteration, errors, weights, bad
+
+
+def load_like_megatron_lm(job, layout, chunks, optimizer, scheduler, expected_args):
+    """Megatron-LM's own load_checkpoint sequence."""
     # 1. Everything local: model weights, optimizer.load_state_dict, scheduler, RNG, and (DP
     #    rank 0) reading + checking distrib_optim.pt.
-    iteration = step = ckpt_dir = None
+    iteration = step = ckpt_dir = weights_from_file = bad_from_file = None
     mismatched_args = []
     try:
         tracker_iteration, ckpt_dir, state = read_model_file(job["load_dir"], layout)
@@ -900,6 +913,26 @@ def resume_job(job: dict) -> None:
         except Exception as exc:
             error = describe(exc)
         errors = gather_errors(error)
+    return iteration, errors, weights_from_file, bad_from_file, mismatched_args
+
+
+def resume_job(job: dict) -> None:
+    """Megatron-LM's load_checkpoint (--ckpt-format torch --use-distributed-optimizer), a bitwise
+    check of the loaded weights and optimizer state, then `steps` more training steps."""
+    m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
+    # The scheduler's decay steps are the checkpoint's once loaded; megatron-core only needs > 0.
+    dp, config, chunks, optimizer, scheduler = build_training(m, layout, max(job["steps"], 1))
+    expected_args = megatron_args(m, layout, dp, iteration=0)  # iteration is not checked
+    result = {"ok": False, "weight_mismatches": [], "optim_mismatches": [], "missing": [],
+              "extra": [], "load_error": None, "losses": [], "iteration": None,
+              "args_mismatches": [], "loss": None, "truth_loss": None}
+
+    if job.get("loader") == "ckpt_hooks":
+        iteration, errors, weights_from_file, bad_from_file = load_with_ckpt_hooks(job, chunks, optimizer, scheduler)
+        mismatched_args = []
+    else:
+        iteration, errors, weights_from_file, bad_from_file, mismatched_args = \
+            load_like_megatron_lm(job, layout, chunks, optimizer, scheduler, expected_args)
     all_args = [None] * dist.get_world_size()
     dist.all_gather_object(all_args, mismatched_args)
 

@@ -1,0 +1,138 @@
+"""Load a Megatron legacy checkpoint into a running megatron-core job at *its* layout.
+
+Each rank plans the target layout, keeps only its own (tp, pp) file of the plan, and reads
+only the source slices its model chunks and its DP shard of the optimizer need: no converted
+copy on disk. Works the same when the layout did not change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ckpt_hooks.conversion import read_source
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.executor import build_tensor
+from ckpt_hooks.formats.megatron_legacy import chunk_keys
+from ckpt_hooks.optimizer import STATES, SourceOptimizer
+from ckpt_hooks.plan import TargetFile, element_range_boxes, plan_conversion, restrict
+from ckpt_hooks.spec import ModelSpec, ParallelConfig, uneven_layers
+
+
+@dataclass
+class Loaded:
+    """What a trainer needs besides the filled model and optimizer."""
+
+    iteration: int | None
+    scheduler: dict | None
+    source: ParallelConfig
+    target: ParallelConfig
+    bytes_read: int      # by this rank, checkpoint metadata included
+
+    @property
+    def resharded(self) -> bool:
+        return (self.source.tp, self.source.pp, self.source.vpp, self.source.layers_per_stage) != \
+            (self.target.tp, self.target.pp, self.target.vpp, self.target.layers_per_stage)
+
+
+def running_layout(model_chunks) -> tuple[ParallelConfig, int, int]:
+    """(layout, tp_rank, pp_rank) of the calling rank, from megatron-core's parallel state."""
+    from megatron.core import parallel_state as ps
+
+    config = unwrap(model_chunks[0]).config
+    pp = ps.get_pipeline_model_parallel_world_size()
+    stages = uneven_layers(config.num_layers, pp, config.num_layers_in_first_pipeline_stage,
+                           config.num_layers_in_last_pipeline_stage) if pp > 1 else None
+    layout = ParallelConfig(tp=ps.get_tensor_model_parallel_world_size(), pp=pp, vpp=len(model_chunks),
+                            dp=ps.get_data_parallel_world_size(with_context_parallel=True), layers_per_stage=stages)
+    return layout, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+
+
+def unwrap(module):
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def check_same_model(spec: ModelSpec, model, path) -> None:
+    config = model.config
+    checks = {"num_layers": (spec.num_layers, config.num_layers), "hidden_size": (spec.hidden_size, config.hidden_size),
+              "ffn_hidden_size": (spec.ffn_hidden_size, config.ffn_hidden_size),
+              "num_attention_heads": (spec.num_attention_heads, config.num_attention_heads),
+              "num_query_groups": (spec.num_query_groups, config.num_query_groups or config.num_attention_heads)}
+    wrong = [f"{k} {saved} (running {running})" for k, (saved, running) in checks.items() if saved != running]
+    if wrong:
+        raise CheckpointError(path, "checkpoint of a different model: " + ", ".join(wrong))
+
+
+def load(model_chunks, optimizer, load_dir) -> Loaded:
+    """Fill ``model_chunks`` (and megatron-core's distributed ``optimizer``, if given) from the
+    checkpoint in ``load_dir``, resharding from whatever layout it was saved at."""
+    ckpt, spec, source, files = read_source(load_dir)
+    target, tp_rank, pp_rank = running_layout(model_chunks)
+    check_same_model(spec, unwrap(model_chunks[0]), ckpt.first.path)
+    keys = chunk_keys(source.vpp), chunk_keys(target.vpp)
+    mine = _own_file(plan_conversion(spec, source, files, target, *keys), tp_rank, pp_rank)
+
+    def model_lookup(file, chunk, key):
+        return ckpt.files[file], ckpt.files[file].obj[chunk][key]
+
+    for chunk, module in zip(keys[1], model_chunks):
+        state = {t.key: build_tensor(model_lookup, t) for t in mine.tensors if t.chunk == chunk}
+        unwrap(module).load_state_dict(state, strict=True)
+    opened = list(ckpt.files.values())
+    if optimizer is not None:
+        opened += _load_optimizer(optimizer, model_chunks, ckpt, spec, source, files, target, keys, tp_rank, pp_rank)
+    return Loaded(ckpt.iteration, ckpt.first.obj.get("opt_param_scheduler"), source, target,
+                  sum(f.bytes_read for f in opened))
+
+
+def _own_file(plan: list[TargetFile], tp_rank: int, pp_rank: int) -> TargetFile:
+    return next(f for f in plan if (f.tp_rank, f.pp_rank) == (tp_rank, pp_rank))
+
+
+def distributed_optimizers(optimizer) -> list:
+    """The DistributedOptimizers of a (possibly chained) megatron-core optimizer."""
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _load_optimizer(optimizer, model_chunks, ckpt, spec, source, files, target, keys, tp_rank, pp_rank) -> list:
+    """Each model param's fp32 main param and Adam moments, reading only this DP rank's range."""
+    source_optimizer = SourceOptimizer(ckpt, spec, source, files)
+    plans = {state: {(t.chunk, t.key): t for t in
+                     _own_file(plan_conversion(spec, source, source_optimizer.source_files(state, files), target,
+                                               *keys), tp_rank, pp_rank).tensors}
+             for state in STATES}
+    groups = source_optimizer.param_groups
+    if groups is None:
+        raise CheckpointError(ckpt.first.path, "no 'optimizer' entry (param groups, step) to resume from")
+    step = groups["optimizer"]["param_groups"][0]["step"]
+    optimizers = distributed_optimizers(optimizer)
+    if len(optimizers) != 1:
+        raise CheckpointError(ckpt.first.path, "several chained optimizers (MoE) are not supported yet")
+    dopt = optimizers[0]
+    if len(dopt.optimizer.state) == 0:
+        dopt._init_optimizer_states_with_dummy_values()  # load_state_dict needs allocated state
+    dopt.load_state_dict(groups)
+    for main_state in dopt.optimizer.state.values():
+        main_state.pop("step", None)  # not a tensor of the file: set per parameter below
+    with torch.no_grad():
+        for chunk, module in zip(keys[1], model_chunks):
+            for name, model_param in unwrap(module).named_parameters():
+                if model_param not in dopt.model_param_gbuf_map:
+                    continue  # no element of it in this DP rank's shard
+                piece = dopt._get_model_param_range_map(model_param)["param"]
+                tensors = {}
+                for state in STATES:
+                    tensor = plans[state][(chunk, name)]
+                    parts = [build_tensor(source_optimizer.lookup(state), restrict(tensor, *box)).view(-1) for box in
+                             element_range_boxes(tensor.placement.view_shape, piece.start, piece.end)]
+                    tensors[state] = torch.cat(parts)
+                dopt._set_main_param_and_optimizer_states(model_param, tensors)
+        # One step tensor per parameter: load_state_dict leaves one shared tensor, which AdamW
+        # would advance once per parameter.
+        for main_state in dopt.optimizer.state.values():
+            main_state["step"] = torch.tensor(float(step))
+    return list(source_optimizer.files.values())
