@@ -18,7 +18,7 @@ import torch
 from ckpt_hooks import layout, names
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.executor import build_tensor
-from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE
+from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE, read_recorded_maps
 from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile
 from ckpt_hooks.param_map import BufferMap, ParamInfo, rebuild
 from ckpt_hooks.plan import SourceFile, TargetFile, TensorMeta
@@ -108,7 +108,8 @@ class SourceOptimizer:
             for (param_dtype, grad_dtype), states in buffer.items():
                 self.grad_dtypes[_dtype_name(param_dtype)] = _dtype_name(grad_dtype)
                 flat.append((index, _dtype_name(param_dtype), states))
-        maps = rebuild_maps(spec, source, args, f.pp_rank, f.chunks, self.grad_dtypes)
+        maps = read_recorded_maps(Path(torch_file.path).parent) or \
+            rebuild_maps(spec, source, args, f.pp_rank, f.chunks, self.grad_dtypes)
         self.maps[(f.tp_rank, f.pp_rank)] = maps
         if len(maps) != len(flat):
             raise CheckpointError(torch_file.path, f"holds {len(flat)} grad buffers; the model file "
@@ -118,7 +119,7 @@ class SourceOptimizer:
             stored = states.get("numel_unpadded")
             if buffer_map.param_dtype != param_dtype or stored != buffer_map.numel_unpadded:
                 raise CheckpointError(torch_file.path, f"buffer {index} holds {stored} {param_dtype} elements; the "
-                                                       f"param_map rebuilt from the model ({buffer_map.param_dtype}) "
+                                                       f"param_map of the model ({buffer_map.param_dtype}) "
                                                        f"needs {buffer_map.numel_unpadded}")
             for state in STATES:
                 tensor = states.get(state)

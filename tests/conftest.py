@@ -22,7 +22,10 @@ SOURCES = {
     "cont_tp2pp2_5steps": ({"tp": 2, "pp": 2}, SAME_PADDING, 5),
     "cont_tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 3),
     "cont_tp1pp2vpp2_5steps": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 5),
+    # The same run as cont_tp1pp2vpp2, saved with ckpt_hooks.patches.megatron_core installed.
+    "hooked_tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 3),
 }
+PATCHED = {"hooked_tp1pp2vpp2": ("megatron_core",)}
 
 
 class Source:
@@ -37,6 +40,6 @@ class Source:
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     trained = {name: Source(name, root) for name in SOURCES}
-    run_jobs([train_job(s.layout, s.dir, s.truth, model=s.model, steps=s.steps) for s in trained.values()],
-             root / "logs")
+    run_jobs([train_job(s.layout, s.dir, s.truth, model=s.model, steps=s.steps, patches=PATCHED.get(s.name, ()))
+              for s in trained.values()], root / "logs")
     return trained

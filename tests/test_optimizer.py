@@ -103,7 +103,7 @@ def test_optimizer_file_from_another_model_is_refused(sources, ckpt, tmp_path):
     victim = ckpt / "iter_0000003" / "mp_rank_00_001" / "distrib_optim.pt"
     shutil.copy(sources["tied_bf16_tp2pp2"].dir / "iter_0000003" / "mp_rank_00_001" / "distrib_optim.pt", victim)
     assert_refused(ckpt, tmp_path / "out", "--target-tensor-parallel-size", "1", optimizer=True,
-                   names=victim, says="param_map rebuilt from the model")
+                   names=victim, says="param_map of the model")
 
 
 def test_bucket_layout_mismatch_is_refused(ckpt, tmp_path):

@@ -1,11 +1,14 @@
 #!/usr/bin/env python
-"""The built-in demo: a real Megatron GPT, trained on the CPU, resharded and verified bit-exactly.
+"""The built-in demo: a real Megatron GPT trained on the CPU, resharded offline and on the fly.
 
-1. megatron-core trains a tiny GPT (GQA, SwiGLU, RMSNorm, RoPE) at TP2·PP2 for a few steps
-   under torchrun/gloo with the DistributedOptimizer and saves a Megatron-LM legacy checkpoint;
-2. ckpt_hooks converts it to TP1·PP1 and TP4·PP1;
-3. megatron-core loads each conversion at its layout (strict) and every weight is compared,
-   bit for bit, with the trained model; the forward loss on a fixed batch is compared too.
+1. megatron-core trains a tiny GPT (GQA, SwiGLU, RMSNorm, RoPE) at TP2·PP2·DP1 under
+   torchrun/gloo with the DistributedOptimizer and ckpt_hooks' save hook installed, and saves a
+   Megatron-LM legacy checkpoint after 3 steps; the same run also goes on uninterrupted;
+2. `ckpt_hooks.convert` converts the checkpoint (weights and optimizer state) to TP1·PP1 and
+   TP4·PP1, and megatron-core loads each at its layout: every weight and Adam moment is
+   compared bit for bit with the trained run;
+3. the run resumes at TP1·PP2·DP2 and TP4·PP1·DP1 straight from the TP2·PP2 checkpoint with
+   `ckpt_hooks.megatron.load`, and its losses are printed beside the uninterrupted run's.
 
     python tools/demo.py [--workdir DIR]
 """
@@ -17,48 +20,71 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.harness
 
 from ckpt_hooks.conversion import convert  # noqa: E402
-from tests.harness import run_jobs, train_job, verify_job  # noqa: E402
+from tests.harness import resume_job, run_jobs, train_job  # noqa: E402
 
+MODEL = {"vocab_size": 127}  # pads to 128 rows at TP 1, 2 and 4: the same function at every TP
 SOURCE = {"tp": 2, "pp": 2}
-TARGETS = [{"tp": 1, "pp": 1}, {"tp": 4, "pp": 1}]
+CONVERTED = [{"tp": 1, "pp": 1}, {"tp": 4, "pp": 1}]
+RESUMED = [{"tp": 1, "pp": 2}, {"tp": 4, "pp": 1}]
+SAVED_AT, MORE = 3, 3
+
+
+def name(layout: dict) -> str:
+    return f"TP{layout['tp']}·PP{layout['pp']}·DP{4 // (layout['tp'] * layout['pp'])}"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", help="where to keep the checkpoints (default: a temporary directory)")
-    parser.add_argument("--steps", type=int, default=5)
     options = parser.parse_args()
     work = Path(options.workdir or tempfile.mkdtemp(prefix="ckpt-hooks-demo-"))
     source, truth = work / "tp2pp2", work / "tp2pp2.truth.pt"
+    reference = work / "uninterrupted.truth.pt"
 
-    print(f"[1/3] training a GPT at TP2·PP2 for {options.steps} steps on the CPU (torchrun, 4 processes)...")
+    print(f"[1/3] training a GPT at {name(SOURCE)} on the CPU (torchrun, 4 processes): a checkpoint "
+          f"at step {SAVED_AT} (save hook on), and the same run for {SAVED_AT + MORE} steps uninterrupted...")
     started = time.perf_counter()
-    run_jobs([train_job(SOURCE, source, truth, steps=options.steps)], work / "logs")
+    run_jobs([train_job(SOURCE, source, truth, model=MODEL, steps=SAVED_AT, patches=("megatron_core",)),
+              train_job(SOURCE, work / "uninterrupted", reference, model=MODEL, steps=SAVED_AT + MORE)],
+             work / "logs")
     print(f"      saved {source} ({time.perf_counter() - started:.0f} s)")
 
-    print("[2/3] converting with ckpt_hooks...")
+    print("[2/3] converting offline with ckpt_hooks (weights and optimizer state)...")
     jobs, results = [], {}
-    for target in TARGETS:
-        name = f"tp{target['tp']}pp{target['pp']}"
-        report = convert(source, work / name, target_tp=target["tp"], target_pp=target["pp"],
-                         convert_param_only=True, quiet=True)
-        print(f"      {report}")
-        results[name] = work / f"{name}.json"
-        jobs.append(verify_job(target, work / name, truth, results[name]))
-
-    print("[3/3] loading each conversion into megatron-core at its layout and comparing...")
+    for target in CONVERTED:
+        out = work / f"tp{target['tp']}pp{target['pp']}"
+        print(f"      {convert(source, out, target_tp=target['tp'], target_pp=target['pp'], quiet=True)}")
+        results[f"convert {name(target)}"] = work / f"{out.name}.json"
+        jobs.append(resume_job(target, out, truth, results[f"convert {name(target)}"], model=MODEL, steps=0))
+    for target in RESUMED:
+        results[f"resume {name(target)}"] = work / f"resume-tp{target['tp']}pp{target['pp']}.json"
+        jobs.append(resume_job(target, source, truth, results[f"resume {name(target)}"], model=MODEL, steps=MORE,
+                               loader="ckpt_hooks"))
+    print("[3/3] loading into megatron-core at the new layouts, comparing, and resuming training...")
     run_jobs(jobs, work / "logs")
+
+    outcome = {key: json.loads(path.read_text()) for key, path in results.items()}
     failed = 0
-    for name, path in results.items():
-        r = json.loads(path.read_text())
-        verdict = "bit-exact" if r["ok"] else "MISMATCH"
-        failed += not r["ok"]
-        print(f"      {name}: {verdict}; forward loss {r['loss']:.6f} (source {r['truth_loss']:.6f})"
-              + ("" if r["ok"] else f"; mismatches {r['mismatches']} missing {r['missing']} "
-                                    f"load error {r['load_error']}"))
+    for key, r in outcome.items():
+        exact = r["ok"] and not r["weight_mismatches"] and not r["optim_mismatches"]
+        failed += not exact
+        print(f"      {key}: weights and Adam state {'bit-exact' if exact else 'MISMATCH'}"
+              + ("" if exact else f" ({r['weight_mismatches'][:3]} {r['optim_mismatches'][:3]} {r['load_error']})"))
+    losses = torch.load(reference, weights_only=False)["train_losses"]
+    resumed = [f"resume {name(t)}" for t in RESUMED]
+    print("\n      step  uninterrupted " + name(SOURCE) + "".join(f"  resumed at {k[7:]}" for k in resumed))
+    for i in range(SAVED_AT, SAVED_AT + MORE):
+        row = "".join(f"  {outcome[k]['losses'][i - SAVED_AT]:>21.7f}" for k in resumed if outcome[k]["losses"])
+        print(f"      {i + 1:4d}  {losses[i]:>21.7f}{row}")
+    drift = max((abs(outcome[k]["losses"][i] - losses[SAVED_AT + i]) for k in resumed for i in range(MORE)
+                 if outcome[k]["losses"]), default=float("inf"))
+    failed += not drift <= 1e-5
+    print(f"\n      max |loss difference| after resuming at a new layout: {drift:.2e}")
     print(f"checkpoints in {work}")
     return 1 if failed else 0
 

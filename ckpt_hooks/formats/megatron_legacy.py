@@ -11,6 +11,7 @@ model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -21,10 +22,13 @@ from pathlib import Path
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import torch_pickle
 from ckpt_hooks.formats.torch_pickle import TorchFile
+from ckpt_hooks.param_map import BufferMap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 OPTIMIZER_FILE = "distrib_optim.pt"
+RECORDED_MAP = "param_map.json"   # written by ckpt_hooks' save hook beside distrib_optim.pt
+MINDSPEED_DIR = "param_map"       # MindSpeed-Core-MS param_map files, idem
 _RANK_DIR = re.compile(r"mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?")
 
 
@@ -153,3 +157,14 @@ def save_rank_file(root: Path, iteration: int | None, tp_rank: int, pp_rank: int
     path = directory / name
     torch_pickle.save(state, path)
     return path
+
+
+def read_recorded_maps(rank_dir) -> list[BufferMap] | None:
+    """The param_maps the save hook recorded for a rank directory, if it did."""
+    path = Path(rank_dir) / RECORDED_MAP
+    if not path.is_file():
+        return None
+    try:
+        return [BufferMap.from_json(entry) for entry in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(path, f"unreadable recorded param_map ({type(e).__name__}: {e})") from None

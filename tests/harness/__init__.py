@@ -83,6 +83,8 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       DIR) (reshards on the fly from DIR's layout; no args check, since DIR's args describe its
       own layout), and each rank writes OUT.json.bytes.<rank>.json: {"bytes_read", "tp_rank",
       "pp_rank", "dp_rank"}.
+  Any job may carry "patches": ["megatron_core", ...]: the ckpt_hooks.patches modules installed
+  around it (install() before, uninstall() after).
 
 Data: step i (1-based) trains on the i-th global batch of `global_batch` random sequences drawn
 from one generator seeded with the model seed: a function of (seed, i), identical for every
@@ -130,9 +132,10 @@ NPROC = 4
 RUNNER = Path(__file__).resolve().parent / "megatron_run.py"
 
 
-def train_job(layout: dict, save_dir, truth, model: dict | None = None, steps: int = 3) -> dict:
+def train_job(layout: dict, save_dir, truth, model: dict | None = None, steps: int = 3,
+              patches: tuple = ()) -> dict:
     return {"kind": "train", "model": model or {}, "layout": layout, "steps": steps,
-            "save_dir": str(save_dir), "truth": str(truth)}
+            "save_dir": str(save_dir), "truth": str(truth), "patches": list(patches)}
 
 
 def verify_job(layout: dict, load_dir, truth, result, model: dict | None = None) -> dict:
@@ -141,9 +144,10 @@ def verify_job(layout: dict, load_dir, truth, result, model: dict | None = None)
 
 
 def resume_job(layout: dict, load_dir, truth, result, model: dict | None = None, steps: int = 2,
-               loader: str = "megatron") -> dict:
+               loader: str = "megatron", patches: tuple = ()) -> dict:
     return {"kind": "resume", "model": model or {}, "layout": layout, "load_dir": str(load_dir),
-            "truth": str(truth), "steps": steps, "result": str(result), "loader": loader}
+            "truth": str(truth), "steps": steps, "result": str(result), "loader": loader,
+            "patches": list(patches)}
 
 
 def _free_port() -> int:

@@ -9,6 +9,7 @@ state is destroyed and re-initialised between jobs.  The schema is in tests/harn
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import random
@@ -1020,7 +1021,14 @@ def main() -> None:
         for i, job in enumerate(jobs):
             if dist.get_rank() == 0:
                 print(f"[megatron_run] job {i}: {job['kind']} {job.get('layout')}", flush=True)
-            JOBS[job["kind"]](job)
+            patches = [importlib.import_module(f"ckpt_hooks.patches.{name}") for name in job.get("patches", [])]
+            for patch in patches:
+                patch.install()
+            try:
+                JOBS[job["kind"]](job)
+            finally:
+                for patch in patches:
+                    patch.uninstall()
     except Exception:
         # torchrun then stops the other ranks; the traceback lands in run_jobs' error.
         traceback.print_exc()

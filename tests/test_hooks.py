@@ -1,0 +1,98 @@
+"""ckpt_hooks.patches.megatron_core in a real megatron-core run: the param_map is recorded at
+save time beside distrib_optim.pt, the trainer's own files are unchanged, and a load whose
+bucket layout does not fit is refused on every rank."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from ckpt_hooks.param_map import BufferMap
+from tests.harness import resume_job, run_jobs
+
+HOOKED, TWIN = "hooked_tp1pp2vpp2", "cont_tp1pp2vpp2"
+
+
+def rank_dirs(source):
+    return sorted(source.dir.glob("iter_*/mp_rank_*"))
+
+
+def test_save_hook_records_the_live_param_map(sources):
+    recorded = {(r["tp_rank"], r["pp_rank"]): r["buffers"]
+                for r in torch.load(sources[HOOKED].truth, weights_only=False)["param_map"]}
+    dirs = rank_dirs(sources[HOOKED])
+    assert len(dirs) == 2
+    for pp_rank, rank_dir in enumerate(dirs):
+        saved = json.loads((rank_dir / "param_map.json").read_text())
+        assert [BufferMap.from_json(b).to_json() for b in saved] == \
+            [BufferMap.from_json(b).to_json() for b in recorded[(0, pp_rank)]]
+        # MindSpeed-Core-MS files: one per DP rank (DP 2) and virtual chunk (2), one buffer each.
+        names = sorted(p.name for p in (rank_dir / "param_map").iterdir())
+        assert names == [f"param_map_buffer0_dp{d}tp0pp{pp_rank}vpp{v}.json" for d in (0, 1) for v in (0, 1)]
+        mindspeed = json.loads((rank_dir / "param_map" / f"param_map_buffer0_dp1tp0pp{pp_rank}vpp1.json").read_text())
+        chunk1 = next(b for b in saved if b["chunk"] == 1)
+        assert mindspeed == {n: ["float32", shape, start, end, bucket] for n, shape, start, end, bucket in chunk1["params"]}
+
+
+def test_trainer_files_are_unchanged_by_the_save_hook(sources):
+    for hooked, twin in zip(rank_dirs(sources[HOOKED]), rank_dirs(sources[TWIN])):
+        for name in ("distrib_optim.pt", "model_optim_rng.pt"):
+            a = torch.load(hooked / name, weights_only=False)
+            b = torch.load(twin / name, weights_only=False)
+            assert_same(a, b, name)
+        assert sorted(p.name for p in twin.iterdir()) == ["distrib_optim.pt", "model_optim_rng.pt"]
+
+
+def assert_same(a, b, where):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif hasattr(a, "__dict__") and not isinstance(a, type):
+        assert_same(vars(a), vars(b), where)
+    else:
+        assert a == b, where
+
+
+@pytest.fixture(scope="module")
+def hooked_loads(sources, tmp_path_factory):
+    """Same-layout resumes through Megatron-LM's load path with the patch installed: one of the
+    hooked checkpoint, one of a copy whose recorded bucket layout was tampered with."""
+    root = tmp_path_factory.mktemp("hooked")
+    source = sources[HOOKED]
+    tampered = root / "tampered"
+    shutil.copytree(source.dir, tampered)
+    for path in tampered.glob("iter_*/mp_rank_*/param_map.json"):
+        maps = json.loads(path.read_text())
+        maps[0]["per_bucket_numel_unpadded"][0] += 64
+        path.write_text(json.dumps(maps))
+    jobs = {name: resume_job(source.layout, load_dir, source.truth, root / f"{name}.json", model=source.model,
+                             steps=2, patches=("megatron_core",))
+            for name, load_dir in (("intact", source.dir), ("tampered", tampered))}
+    run_jobs(list(jobs.values()), root / "logs")
+    return {name: json.loads((root / f"{name}.json").read_text()) for name in jobs}
+
+
+def test_hooked_checkpoint_resumes_exactly_with_the_patch(sources, hooked_loads):
+    result = hooked_loads["intact"]
+    assert result["ok"], result
+    reference = torch.load(sources["cont_tp1pp2vpp2_5steps"].truth, weights_only=False)["train_losses"]
+    assert result["losses"] == reference[3:5]
+
+
+def test_bucket_layout_that_does_not_fit_is_refused_on_every_rank(hooked_loads):
+    error = hooked_loads["tampered"]["load_error"]
+    assert error is not None
+    lines = error.splitlines()
+    assert len(lines) == 4  # every rank reports it, none hangs
+    assert all("distrib_optim.pt: saved with buckets" in line and "misplaced" in line for line in lines), error
