@@ -23,9 +23,12 @@ from ckpt_hooks.plan import Copy, TargetFile, TargetTensor
 SourceLookup = Callable[[tuple[int, int], str, str], tuple[TorchFile, LazyTensor]]
 
 
-def copy_piece(lookup: SourceLookup, copy: Copy, target: torch.Tensor) -> None:
-    """Copy the part of a source tensor a copy needs into ``target`` (the copy's target slice),
-    reading exactly its bytes: one run per index of the axes before the innermost partial one."""
+def copy_piece(lookup: SourceLookup, copy: Copy, target: torch.Tensor, exact: bool = False) -> None:
+    """Copy the part of a source tensor a copy needs into ``target`` (the copy's target slice).
+
+    The part is one run of elements per index of the axes before its innermost partial axis.
+    ``exact`` reads just those runs (a rank reading its share); otherwise one read covers them
+    all, gaps included, which is much faster when the runs are many and short."""
     src = copy.source
     torch_file, lazy = lookup(src.file, src.chunk, src.key)
     view, slices = src.placement.view_shape, copy.source_slices
@@ -38,20 +41,27 @@ def copy_piece(lookup: SourceLookup, copy: Copy, target: torch.Tensor) -> None:
     run_numel = (slices[inner].stop - slices[inner].start) * strides[inner]
     starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
               for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
-    buffer = target if target.is_contiguous() else torch.empty(target.shape, dtype=target.dtype)
-    torch_file.read_runs(lazy, starts, run_numel, buffer)
+    if exact or len(starts) == 1:
+        buffer = target if target.is_contiguous() else torch.empty(target.shape, dtype=target.dtype)
+        torch_file.read_runs(lazy, starts, run_numel, buffer)
+    else:
+        covering = torch.empty(starts[-1] + run_numel - starts[0], dtype=target.dtype)
+        torch_file.read_runs(lazy, [starts[0]], covering.numel(), covering)
+        shape = [s.stop - s.start for s in slices[:inner + 1]] + list(view[inner + 1:])
+        buffer = covering.as_strided(shape, strides, 0)
     if buffer is not target:
-        target.copy_(buffer)
+        target.copy_(buffer.view(target.shape) if buffer.is_contiguous() else buffer.reshape(target.shape))
 
 
-def build_tensor(lookup: SourceLookup, tensor: TargetTensor) -> torch.Tensor | None:
+def build_tensor(lookup: SourceLookup, tensor: TargetTensor, exact: bool = False) -> torch.Tensor | None:
+    """A target tensor, built from its copies (``exact``: read no byte it does not need)."""
     if tensor.placement is None:
         return None
     alloc = torch.empty if tensor.complete else torch.zeros
     out = alloc(tensor.placement.stored_shape, dtype=tensor.dtype)
     view = out.view(tensor.placement.view_shape)
     for copy in tensor.copies:
-        copy_piece(lookup, copy, view[copy.target_slices])
+        copy_piece(lookup, copy, view[copy.target_slices], exact)
     return out
 
 

@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import struct
+import threading
 import zipfile
 from dataclasses import dataclass
 
@@ -149,6 +150,7 @@ class TorchFile:
         self.path = str(path)
         self._offsets: dict[str, int] = {}
         self.bytes_read = 0  # by pread: the pickle and the tensor bytes asked for
+        self._fd, self._fd_lock = None, threading.Lock()
         try:
             with zipfile.ZipFile(self.path) as archive:
                 self._records = {info.filename: info for info in archive.infolist()}
@@ -228,17 +230,29 @@ class TorchFile:
 
     def _pread_into(self, out: torch.Tensor, position: int) -> None:
         view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            done = 0
-            while done < len(view):
-                n = os.preadv(fd, [view[done:]], position + done)
-                if n <= 0:
-                    raise CheckpointError(self.path, "unexpected end of file (truncated)")
-                done += n
-            self.bytes_read += done
-        finally:
-            os.close(fd)
+        done = 0
+        while done < len(view):
+            n = os.preadv(self._descriptor(), [view[done:]], position + done)
+            if n <= 0:
+                raise CheckpointError(self.path, "unexpected end of file (truncated)")
+            done += n
+        self.bytes_read += done
+
+    def _descriptor(self) -> int:
+        """One read-only descriptor per file, opened on first use (pread is thread-safe)."""
+        if self._fd is None:
+            with self._fd_lock:
+                if self._fd is None:
+                    self._fd = os.open(self.path, os.O_RDONLY)
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self):
+        self.close()
 
 
 class PendingTensor:

@@ -80,7 +80,7 @@ def load(model_chunks, optimizer, load_dir) -> Loaded:
         return ckpt.files[file], ckpt.files[file].obj[chunk][key]
 
     for chunk, module in zip(keys[1], model_chunks):
-        state = {t.key: build_tensor(model_lookup, t) for t in mine.tensors if t.chunk == chunk}
+        state = {t.key: build_tensor(model_lookup, t, exact=True) for t in mine.tensors if t.chunk == chunk}
         unwrap(module).load_state_dict(state, strict=True)
     opened = list(ckpt.files.values())
     if optimizer is not None:
@@ -127,7 +127,7 @@ def _load_optimizer(optimizer, model_chunks, ckpt, spec, source, files, target, 
                 tensors = {}
                 for state in STATES:
                     tensor = plans[state][(chunk, name)]
-                    parts = [build_tensor(source_optimizer.lookup(state), restrict(tensor, *box)).view(-1) for box in
+                    parts = [build_tensor(source_optimizer.lookup(state), restrict(tensor, *box), exact=True).view(-1) for box in
                              element_range_boxes(tensor.placement.view_shape, piece.start, piece.end)]
                     tensors[state] = torch.cat(parts)
                 dopt._set_main_param_and_optimizer_states(model_param, tensors)
