@@ -65,9 +65,6 @@ class BufferMap:
         """Where ``slot`` starts in ``distrib_optim.pt``'s flat tensors (bucket padding removed)."""
         return slot.start - self.bucket_indices[slot.bucket][0] + sum(self.per_bucket_numel_unpadded[:slot.bucket])
 
-    def slot(self, name: str) -> ParamSlot:
-        return next(s for s in self.params if s.name == name)
-
     def to_json(self) -> dict:
         return {"chunk": self.chunk, "param_dtype": self.param_dtype, "grad_dtype": self.grad_dtype,
                 "dp_size": self.dp_size, "expert": self.expert,

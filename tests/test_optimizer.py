@@ -11,10 +11,9 @@ from ckpt_hooks import convert
 from ckpt_hooks.conversion import read_source
 from ckpt_hooks.optimizer import SourceOptimizer
 from ckpt_hooks.param_map import BufferMap
-from ckpt_hooks.spec import uneven_layers
 from tests.conftest import SOURCES
 from tests.harness import resume_job, run_jobs
-from tests.test_reshard import NUM_LAYERS, PAIRS, pair_id
+from tests.test_reshard import PAIRS, pair_id, target_stages
 from tests.util import assert_refused
 
 # Layout changes for the loss-continuity runs: (source, 5-step reference, target layout).
@@ -26,11 +25,6 @@ CONTINUITY = [
     ("cont_tp2pp2", "cont_tp2pp2_5steps", {"tp": 2, "pp": 2}),       # same layout: must be exact
 ]
 RESUMED_STEPS = 2
-
-
-def target_stages(target):
-    return uneven_layers(NUM_LAYERS, target["pp"], target.get("first"), target.get("last")) \
-        or [NUM_LAYERS // target["pp"]] * target["pp"]
 
 
 @pytest.mark.parametrize("name", [n for n in SOURCES if not n.endswith("_5steps")])

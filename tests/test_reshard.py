@@ -45,6 +45,12 @@ def pair_id(pair):
     return f"{name}-to-tp{t['tp']}pp{t['pp']}{extra}"
 
 
+def target_stages(target):
+    """The layer list of a target layout, "even" said explicitly (uneven13 would keep its split)."""
+    return uneven_layers(NUM_LAYERS, target["pp"], target.get("first"), target.get("last")) \
+        or [NUM_LAYERS // target["pp"]] * target["pp"]
+
+
 @pytest.fixture(scope="module")
 def verified(sources, tmp_path_factory):
     """Convert every pair, then verify them all in one torchrun launch: {pair id: result}."""
@@ -54,10 +60,8 @@ def verified(sources, tmp_path_factory):
         name, target = pair
         source = sources[name]
         out = root / pair_id(pair)
-        stages = uneven_layers(NUM_LAYERS, target["pp"], target.get("first"), target.get("last")) \
-            or [NUM_LAYERS // target["pp"]] * target["pp"]  # say "even" explicitly: uneven13 would keep its split
         convert(source.dir, out, target_tp=target["tp"], target_pp=target["pp"], target_vpp=target.get("vpp"),
-                num_layer_list=stages, convert_param_only=True, quiet=True)
+                num_layer_list=target_stages(target), convert_param_only=True, quiet=True)
         results[pair_id(pair)] = root / f"{pair_id(pair)}.json"
         jobs.append(verify_job(target, out, source.truth, results[pair_id(pair)], model=source.model))
     jobs.append(corrupted_control(root, sources[PAIRS[0][0]], results))
