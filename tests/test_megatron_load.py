@@ -3,6 +3,7 @@
 each rank reading only its share, and training continues the uninterrupted loss curve."""
 
 import json
+import shutil
 import zipfile
 
 import pytest
@@ -31,8 +32,19 @@ def case_id(case):
 def resumed(sources, tmp_path_factory):
     root = tmp_path_factory.mktemp("hook_load")
     results = {case_id(c): root / f"{case_id(c)}.json" for c in CASES}
-    run_jobs([resume_job(t, sources[name].dir, sources[name].truth, results[case_id(c)], model=sources[name].model,
-                         steps=STEPS, loader="ckpt_hooks") for c in CASES for name, _, t in [c]], root / "logs")
+    jobs = [resume_job(t, sources[name].dir, sources[name].truth, results[case_id(c)], model=sources[name].model,
+                       steps=STEPS, loader="ckpt_hooks") for c in CASES for name, _, t in [c]]
+    # Bad input: another model's checkpoint, and an iteration directory missing a rank.
+    source = sources["cont_tp2pp2"]
+    partial = root / "partial"
+    shutil.copytree(source.dir, partial)
+    shutil.rmtree(next(partial.glob("iter_*/mp_rank_01_001")))
+    for key, load_dir, model in (("other-model", source.dir, {**source.model, "query_groups": 4}),
+                                 ("missing-rank", partial, source.model)):
+        results[key] = root / f"{key}.json"
+        jobs.append(resume_job({"tp": 1, "pp": 2}, load_dir, source.truth, results[key], model=model, steps=STEPS,
+                               loader="ckpt_hooks"))
+    run_jobs(jobs, root / "logs")
     return {key: (json.loads(path.read_text()),
                   [json.loads(p.read_text()) for p in sorted(root.glob(f"{path.name}.bytes.*.json"))])
             for key, path in results.items()}
@@ -50,6 +62,17 @@ def test_resume_at_new_layout_is_bitwise_and_continues_the_loss(sources, resumed
     assert max(abs(a - b) for a, b in zip(result["losses"], want)) <= 1e-5, (result["losses"], want)
     if target == sources[name].layout:
         assert result["losses"] == want
+
+
+@pytest.mark.parametrize("key, says", [("other-model", "checkpoint of a different model: num_query_groups 2 "
+                                                        "(running 4)"),
+                                        ("missing-rank", "mp_rank_01_001: missing rank directory")])
+def test_bad_checkpoint_is_refused_on_every_rank(resumed, key, says):
+    result, _ = resumed[key]
+    lines = result["load_error"].splitlines()
+    assert len(lines) == 4, result["load_error"]  # every rank says why, and the job ends cleanly
+    assert all(says in line for line in lines), result["load_error"]
+    assert result["losses"] == []
 
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
