@@ -106,15 +106,11 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
     if optim is not None and optim.param_groups is not None:
         carried["optimizer"] = optim.param_groups  # param groups and step: the same on every rank
 
-    def model_lookup(file, chunk, key):
-        torch_file = ckpt.files[file]
-        return torch_file, torch_file.obj[chunk][key]
-
     optim_lookups = {state: optim.lookup(state) for state in STATES} if optim else {}
     with legacy.staged_directory(save_dir) as root:
         def write(target_file: TargetFile, progress) -> None:
             rank = target_file.tp_rank, target_file.pp_rank
-            state = {"args": args, **carried, **pending_file(model_lookup, target_file, progress)}
+            state = {"args": args, **carried, **pending_file(ckpt.lookup, target_file, progress)}
             legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, state)
             if optim is not None:
                 optim_state = target_state(target_file, {s: optim_plans[s][rank] for s in STATES}, optim_lookups,

@@ -86,6 +86,10 @@ class LegacyCheckpoint:
     def args(self):
         return self.first.obj.get("args")
 
+    def lookup(self, file: tuple[int, int], chunk: str, key: str):
+        """(file, lazy tensor) of a model tensor: the executor's SourceLookup for the weights."""
+        return self.files[file], self.files[file].obj[chunk][key]
+
 
 def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
     iter_dir, iteration = find_iteration_dir(load_dir)

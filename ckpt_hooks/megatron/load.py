@@ -76,11 +76,8 @@ def load(model_chunks, optimizer, load_dir) -> Loaded:
     keys = chunk_keys(source.vpp), chunk_keys(target.vpp)
     mine = _own_file(plan_conversion(spec, source, files, target, *keys), tp_rank, pp_rank)
 
-    def model_lookup(file, chunk, key):
-        return ckpt.files[file], ckpt.files[file].obj[chunk][key]
-
     for chunk, module in zip(keys[1], model_chunks):
-        state = {t.key: build_tensor(model_lookup, t, exact=True) for t in mine.tensors if t.chunk == chunk}
+        state = {t.key: build_tensor(ckpt.lookup, t, exact=True) for t in mine.tensors if t.chunk == chunk}
         unwrap(module).load_state_dict(state, strict=True)
     opened = list(ckpt.files.values())
     if optimizer is not None:
