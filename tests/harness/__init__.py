@@ -83,6 +83,10 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       DIR) (reshards on the fly from DIR's layout; no args check, since DIR's args describe its
       own layout), and each rank writes OUT.json.bytes.<rank>.json: {"bytes_read", "tp_rank",
       "pp_rank", "dp_rank"}.
+  {"kind": "save_timing", "model", "layout", "repeat": R, "save_dir": DIR, "result": OUT.json}
+      One training step, then R legacy saves without and R with ckpt_hooks.patches.megatron_core
+      (interleaved); OUT.json: {"plain": [s], "hooked": [s], "checkpoint_bytes", "hook_bytes"}.
+      Used by bench/bench_save_hook.py.
   Any job may carry "patches": ["megatron_core", ...]: the ckpt_hooks.patches modules installed
   around it (install() before, uninstall() after).
 

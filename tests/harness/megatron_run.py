@@ -14,6 +14,7 @@ import json
 import os
 import random
 import sys
+import time
 import traceback
 from functools import partial
 from pathlib import Path
@@ -1010,7 +1011,38 @@ def verify_job(job: dict) -> None:
         json.dump(result, f, indent=1)
 
 
-JOBS = {"train": train_job, "verify": verify_job, "resume": resume_job}
+def save_timing_job(job: dict) -> None:
+    """Time Megatron-LM's legacy save after one training step, `repeat` times each without and
+    with ckpt_hooks.patches.megatron_core installed (interleaved, alternating which goes first);
+    rank 0 writes job["result"]:
+    {"plain": [s], "hooked": [s], "checkpoint_bytes": int, "hook_bytes": int}."""
+    from ckpt_hooks.patches import megatron_core as patch
+
+    m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
+    dp, config, chunks, optimizer, scheduler = build_training(m, layout, 1)
+    train_steps(chunks, optimizer, scheduler, m, 1, 1)
+    args = megatron_args(m, layout, dp, 1)
+    times = {"plain": [], "hooked": []}
+    for i in range(job["repeat"]):
+        for kind in (("plain", "hooked") if i % 2 == 0 else ("hooked", "plain")):  # no order advantage
+            if kind == "hooked":
+                patch.install()
+            save_dir = os.path.join(job["save_dir"], f"{kind}{i}")
+            dist.barrier()
+            started = time.perf_counter()
+            save_legacy_checkpoint(save_dir, 1, layout, chunks, optimizer, scheduler, args)
+            times[kind].append(time.perf_counter() - started)
+            patch.uninstall()
+    if dist.get_rank() == 0:
+        def size(path, hook_files):
+            return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
+                       if ("param_map" in f) == hook_files)
+        hooked = os.path.join(job["save_dir"], "hooked0")
+        with open(job["result"], "w") as f:
+            json.dump({**times, "checkpoint_bytes": size(hooked, False), "hook_bytes": size(hooked, True)}, f)
+
+
+JOBS = {"train": train_job, "verify": verify_job, "resume": resume_job, "save_timing": save_timing_job}
 
 
 def main() -> None:
