@@ -98,23 +98,21 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
     plan = plan_conversion(spec, source, files, target, *chunk_keys)
     optim = None if convert_param_only else SourceOptimizer(ckpt, spec, source, files)
     optim_plans = {} if optim is None else \
-        {state: {(t.tp_rank, t.pp_rank): t for t in plan_conversion(spec, source, optim.source_files(state, files),
-                                                                     target, *chunk_keys)}
-         for state in STATES}
+        {state: {(t.tp_rank, t.pp_rank): t for t in targets}
+         for state, targets in optim.plans(spec, source, files, target, chunk_keys).items()}
     args = updated_args(ckpt.args, spec, target)
     carried = {k: ckpt.first.obj[k] for k in _CARRIED if k in ckpt.first.obj}
     if optim is not None and optim.param_groups is not None:
         carried["optimizer"] = optim.param_groups  # param groups and step: the same on every rank
 
-    optim_lookups = {state: optim.lookup(state) for state in STATES} if optim else {}
     with legacy.staged_directory(save_dir) as root:
         def write(target_file: TargetFile, progress) -> None:
             rank = target_file.tp_rank, target_file.pp_rank
             state = {"args": args, **carried, **pending_file(ckpt.lookup, target_file, progress)}
             legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, state)
             if optim is not None:
-                optim_state = target_state(target_file, {s: optim_plans[s][rank] for s in STATES}, optim_lookups,
-                                           spec, target, args, optim.grad_dtypes, progress)
+                optim_state = target_state(target_file, {s: optim_plans[s][rank] for s in STATES}, optim,
+                                           spec, target, args, progress)
                 legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, optim_state, legacy.OPTIMIZER_FILE)
 
         total = sum(f.nbytes for f in plan) + sum(f.nbytes for plans in optim_plans.values() for f in plans.values())

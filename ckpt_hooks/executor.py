@@ -8,7 +8,6 @@ tensor + the source rows it needs)``, whatever the size of the files.
 from __future__ import annotations
 
 import itertools
-import math
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -16,7 +15,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile
+from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile, contiguous_strides
 from ckpt_hooks.plan import Copy, TargetFile, TargetTensor
 
 # (file, chunk, key) -> the lazy tensor holding it
@@ -37,7 +36,7 @@ def copy_piece(lookup: SourceLookup, copy: Copy, target: torch.Tensor, exact: bo
         return
     partial = [a for a, (s, n) in enumerate(zip(slices, view)) if (s.start, s.stop) != (0, n)]
     inner = partial[-1] if partial else 0
-    strides = [math.prod(view[a + 1:]) for a in range(len(view))]
+    strides = contiguous_strides(view)
     run_numel = (slices[inner].stop - slices[inner].start) * strides[inner]
     starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
               for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
@@ -50,7 +49,7 @@ def copy_piece(lookup: SourceLookup, copy: Copy, target: torch.Tensor, exact: bo
         shape = [s.stop - s.start for s in slices[:inner + 1]] + list(view[inner + 1:])
         buffer = covering.as_strided(shape, strides, 0)
     if buffer is not target:
-        target.copy_(buffer.view(target.shape) if buffer.is_contiguous() else buffer.reshape(target.shape))
+        target.copy_(buffer.reshape(target.shape))
 
 
 def build_tensor(lookup: SourceLookup, tensor: TargetTensor, exact: bool = False) -> torch.Tensor | None:

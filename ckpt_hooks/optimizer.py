@@ -9,7 +9,6 @@ the target layout.
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from pathlib import Path
 
@@ -19,9 +18,9 @@ from ckpt_hooks import layout, names
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.executor import build_tensor
 from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE, read_recorded_maps
-from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile
+from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile, contiguous_strides
 from ckpt_hooks.param_map import BufferMap, ParamInfo, rebuild
-from ckpt_hooks.plan import SourceFile, TargetFile, TensorMeta
+from ckpt_hooks.plan import SourceFile, TargetFile, TensorMeta, plan_conversion
 from ckpt_hooks.spec import ModelSpec, ParallelConfig
 
 STATES = ("param", "exp_avg", "exp_avg_sq")
@@ -73,8 +72,7 @@ def rebuild_maps(spec, config, args, pp_rank: int, chunks: dict, grad_dtypes: di
 
 
 def _contiguous_view(flat: LazyTensor, offset: int, shape) -> LazyTensor:
-    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
-    return LazyTensor(flat.storage, flat.offset + offset, tuple(shape), stride)
+    return LazyTensor(flat.storage, flat.offset + offset, tuple(shape), contiguous_strides(shape))
 
 
 class SourceOptimizer:
@@ -139,13 +137,18 @@ class SourceOptimizer:
             out.append(SourceFile(str(self.files[(f.tp_rank, f.pp_rank)].path), f.tp_rank, f.pp_rank, chunks))
         return out
 
+    def plans(self, spec, source, model_files: list[SourceFile], target, chunk_keys) -> dict[str, list[TargetFile]]:
+        """For each state, the plan that reshards it like the weights: {state: target files}."""
+        return {state: plan_conversion(spec, source, self.source_files(state, model_files), target, *chunk_keys)
+                for state in STATES}
+
     def lookup(self, state: str):
         def find(file, chunk, key):
             return self.files[file], self.tensors[(state, file, chunk, key)]
         return find
 
 
-def target_state(target_file: TargetFile, plans: dict, lookups: dict, spec, config, args, grad_dtypes: dict,
+def target_state(target_file: TargetFile, plans: dict, source: SourceOptimizer, spec, config, args,
                  progress=None) -> dict:
     """``distrib_optim.pt``'s content for one target rank, given the rank's plan of each state:
     each flat buffer is produced when it is written."""
@@ -153,20 +156,21 @@ def target_state(target_file: TargetFile, plans: dict, lookups: dict, spec, conf
     for tensor in target_file.tensors:
         by_chunk.setdefault(tensor.chunk, OrderedDict())[tensor.key] = \
             None if tensor.placement is None else TensorMeta(tensor.placement.stored_shape, tensor.dtype)
-    maps = rebuild_maps(spec, config, args, target_file.pp_rank, by_chunk, grad_dtypes)
+    maps = rebuild_maps(spec, config, args, target_file.pp_rank, by_chunk, source.grad_dtypes)
     chunk_keys = list(by_chunk)
+    indexed = {name: {(t.chunk, t.key): t for t in plans[name].tensors} for name in STATES}
     state = {"buckets_coalesced": True}
     for index, buffer_map in enumerate(maps):
         flats = {}
         for name in STATES:
-            plan = {(t.chunk, t.key): t for t in plans[name].tensors}
+            plan = indexed[name]
 
             def produce(buffer_map=buffer_map, plan=plan, name=name):
                 flat = torch.zeros(buffer_map.numel_unpadded, dtype=torch.float32)
                 for slot in buffer_map.params:
                     tensor = plan[(chunk_keys[buffer_map.chunk], slot.name)]
                     offset = buffer_map.legacy_offset(slot)
-                    flat[offset:offset + tensor.placement.box.numel] = build_tensor(lookups[name], tensor).reshape(-1)
+                    flat[offset:offset + tensor.placement.box.numel] = build_tensor(source.lookup(name), tensor).reshape(-1)
                     if progress is not None:
                         progress.update(tensor.nbytes)
                 return flat

@@ -72,6 +72,11 @@ class LazyTensor:
         return True
 
 
+def contiguous_strides(shape) -> tuple[int, ...]:
+    """The strides, in elements, of a row-major tensor of ``shape``."""
+    return tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
 
@@ -283,8 +288,7 @@ class _StreamingPickler(pickle.Pickler):
             return NotImplemented
         storage = _PendingStorage(str(len(self.storages)), obj)
         self.storages.append(storage)
-        stride = tuple(math.prod(obj.shape[i + 1:]) for i in range(len(obj.shape)))
-        return torch._utils._rebuild_tensor_v2, (storage, 0, torch.Size(obj.shape), stride, False,
+        return torch._utils._rebuild_tensor_v2, (storage, 0, torch.Size(obj.shape), contiguous_strides(obj.shape), False,
                                                  collections.OrderedDict())
 
     def persistent_id(self, obj):

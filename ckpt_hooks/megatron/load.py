@@ -98,10 +98,8 @@ def distributed_optimizers(optimizer) -> list:
 def _load_optimizer(optimizer, model_chunks, ckpt, spec, source, files, target, keys, tp_rank, pp_rank) -> list:
     """Each model param's fp32 main param and Adam moments, reading only this DP rank's range."""
     source_optimizer = SourceOptimizer(ckpt, spec, source, files)
-    plans = {state: {(t.chunk, t.key): t for t in
-                     _own_file(plan_conversion(spec, source, source_optimizer.source_files(state, files), target,
-                                               *keys), tp_rank, pp_rank).tensors}
-             for state in STATES}
+    plans = {state: {(t.chunk, t.key): t for t in _own_file(targets, tp_rank, pp_rank).tensors}
+             for state, targets in source_optimizer.plans(spec, source, files, target, keys).items()}
     groups = source_optimizer.param_groups
     if groups is None:
         raise CheckpointError(ckpt.first.path, "no 'optimizer' entry (param groups, step) to resume from")
@@ -123,10 +121,10 @@ def _load_optimizer(optimizer, model_chunks, ckpt, spec, source, files, target, 
                 piece = dopt._get_model_param_range_map(model_param)["param"]
                 tensors = {}
                 for state in STATES:
-                    tensor = plans[state][(chunk, name)]
-                    parts = [build_tensor(source_optimizer.lookup(state), restrict(tensor, *box), exact=True).view(-1) for box in
-                             element_range_boxes(tensor.placement.view_shape, piece.start, piece.end)]
-                    tensors[state] = torch.cat(parts)
+                    tensor, lookup = plans[state][(chunk, name)], source_optimizer.lookup(state)
+                    boxes = element_range_boxes(tensor.placement.view_shape, piece.start, piece.end)
+                    tensors[state] = torch.cat([build_tensor(lookup, restrict(tensor, *box), exact=True).view(-1)
+                                                for box in boxes])
                 dopt._set_main_param_and_optimizer_states(model_param, tensors)
         # One step tensor per parameter: load_state_dict leaves one shared tensor, which AdamW
         # would advance once per parameter.
