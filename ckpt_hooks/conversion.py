@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
-from ckpt_hooks import layout
+from ckpt_hooks import layout, manifest
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.executor import pending_file, run
 from ckpt_hooks.formats import megatron_legacy as legacy
@@ -34,8 +35,9 @@ class Report:
                 f"{self.nbytes / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s)")
 
 
-def read_source(load_dir, true_vocab_size: int | None = None):
-    """Open a checkpoint and describe it: (checkpoint, spec, layout, per-file tensor metadata)."""
+def read_source(load_dir, true_vocab_size: int | None = None, check_manifest: bool = True):
+    """Open a checkpoint and describe it: (checkpoint, spec, layout, per-file tensor metadata).
+    Where a manifest lies beside the files, they are checked against it first."""
     ckpt = legacy.open_checkpoint(load_dir)
     args = ckpt.args
     try:
@@ -43,6 +45,10 @@ def read_source(load_dir, true_vocab_size: int | None = None):
         source = parallel_config_from_args(args)
     except AttributeError as e:
         raise CheckpointError(ckpt.first.path, f"saved args lack a model setting ({e})") from None
+    files = _source_files(ckpt, source)
+    saved_manifest = manifest.read(ckpt.iter_dir) if check_manifest else None
+    if saved_manifest is not None:
+        manifest.check(saved_manifest, ckpt.iter_dir, spec, source, files)
     if true_vocab_size is not None:
         spec = replace(spec, true_vocab_size=true_vocab_size)
     if spec.true_vocab_size is not None and spec.padded_vocab_for(source.tp) != spec.padded_vocab_size:
@@ -53,6 +59,10 @@ def read_source(load_dir, true_vocab_size: int | None = None):
         layout.check_divisible(spec, source)
     except layout.LayoutError as e:
         raise CheckpointError(ckpt.first.path, f"saved args: {e}") from None
+    return ckpt, spec, source, files
+
+
+def _source_files(ckpt, source: ParallelConfig) -> list[SourceFile]:
     files = []
     for (tp_rank, pp_rank), torch_file in ckpt.files.items():
         chunks = {}
@@ -64,7 +74,14 @@ def read_source(load_dir, true_vocab_size: int | None = None):
                              for key, v in state.items()}
             torch_file.check_complete(t for _, t in iter_lazy_tensors(state))
         files.append(SourceFile(torch_file.path, tp_rank, pp_rank, chunks))
-    return ckpt, spec, source, files
+    return files
+
+
+def write_manifest(load_dir) -> Path:
+    """Describe a complete checkpoint iteration in its manifest (see ckpt_hooks.manifest)."""
+    ckpt, spec, source, files = read_source(load_dir, check_manifest=False)
+    built = manifest.build(ckpt.iter_dir, ckpt.iteration, spec, source, files, legacy.chunk_keys(source.vpp))
+    return manifest.write(ckpt.iter_dir, built)
 
 
 def target_config(source: ParallelConfig, tp=None, pp=None, vpp=None, num_layer_list=None, dp=None) -> ParallelConfig:
@@ -118,4 +135,5 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
         total = sum(f.nbytes for f in plan) + sum(f.nbytes for plans in optim_plans.values() for f in plans.values())
         run(plan, write, total, workers=workers, quiet=quiet, label=f"{source.describe()} -> {target.describe()}")
         legacy.write_tracker(root, ckpt.iteration)
+        write_manifest(root)
     return Report(spec, source, target, len(plan) * (1 if optim is None else 2), total, time.perf_counter() - started)

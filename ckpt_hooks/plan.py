@@ -124,10 +124,12 @@ class _Logical:
 def _index_sources(spec: ModelSpec, config: ParallelConfig, files: list[SourceFile], chunk_keys: list[str]):
     """Place every source tensor in its logical tensor, checking it against the spec.
 
-    Returns the logical tensors, and the keys outside the layers (key -> logical name) in
-    the order the source holds them."""
+    Returns the logical tensors, the keys outside the layers (key -> logical name) in the
+    order the source holds them, and where each stored tensor lies:
+    (path, chunk, key) -> (logical name, Placement)."""
     index: OrderedDict[str, _Logical] = OrderedDict()
     outer_keys: OrderedDict[str, str] = OrderedDict()
+    placed: dict[tuple[str, str, str], tuple[str, Placement]] = {}
     for f in files:
         if sorted(f.chunks) != sorted(chunk_keys):
             raise CheckpointError(f.path, f"holds model chunks {sorted(f.chunks)}, args imply {chunk_keys}")
@@ -158,6 +160,7 @@ def _index_sources(spec: ModelSpec, config: ParallelConfig, files: list[SourceFi
                     raise CheckpointError(
                         f.path, f"{chunk}: '{key}' has shape {tuple(meta.shape)} but the args "
                                 f"({config.describe()}, {spec.describe()}) imply {where.stored_shape}")
+                placed[(f.path, chunk, key)] = logical, where
                 if any(p.placement.box == where.box for p in entry.pieces):
                     continue  # a replica (replicated tensor, or the tied output layer's copy)
                 entry.pieces.append(SourceTensor(f.path, (f.tp_rank, f.pp_rank), chunk, key, where, meta.dtype))
@@ -167,7 +170,13 @@ def _index_sources(spec: ModelSpec, config: ParallelConfig, files: list[SourceFi
         at = next((i for i, (k, _) in enumerate(keys) if k.startswith("output_layer.")), len(keys))
         keys.insert(at, (names.OUTPUT, names.EMBEDDING))
         outer_keys = OrderedDict(keys)
-    return index, outer_keys
+    return index, outer_keys, placed
+
+
+def source_placements(spec: ModelSpec, config: ParallelConfig, files: list[SourceFile],
+                      chunk_keys: list[str]) -> dict[tuple[str, str, str], tuple[str, Placement]]:
+    """(path, chunk, key) -> (logical name, Placement) of every stored tensor, checked against the spec."""
+    return _index_sources(spec, config, files, chunk_keys)[2]
 
 
 def _target_keys(index, outer_keys, spec: ModelSpec, config: ParallelConfig, pp_rank: int,
@@ -188,7 +197,7 @@ def _target_keys(index, outer_keys, spec: ModelSpec, config: ParallelConfig, pp_
 def plan_conversion(spec: ModelSpec, source: ParallelConfig, files: list[SourceFile],
                     target: ParallelConfig, source_chunks: list[str], target_chunks: list[str]) -> list[TargetFile]:
     """The copies that build every target file from the source files."""
-    index, outer_keys = _index_sources(spec, source, files, source_chunks)
+    index, outer_keys, _ = _index_sources(spec, source, files, source_chunks)
     target_vocab = spec.padded_vocab_for(target.tp)
     plan = []
     for pp_rank in range(target.pp):

@@ -1,6 +1,7 @@
 """Bad input: one line naming the file and the cause, a non-zero exit, nothing written, and the
 source left exactly as it was."""
 
+import json
 import os
 import pickle
 import shutil
@@ -86,3 +87,20 @@ def test_malicious_pickle_is_refused_not_run(ckpt, tmp_path):
     inspected = cli("inspect", ckpt)
     assert inspected.returncode != 0 and "not on the allowlist" in inspected.stderr
     assert not marker.exists()
+
+
+def test_manifest_that_disagrees_with_the_files(sources, tmp_path):
+    """convert writes a manifest; a reader checks the files against it before trusting them."""
+    converted = tmp_path / "converted"
+    result = cli("convert", "--load-dir", sources["tp2pp2"].dir, "--save-dir", converted, "--convert-param-only",
+                 "--target-tensor-parallel-size", "1", "--quiet")
+    assert result.returncode == 0, result.stderr
+    manifest_path = converted / "iter_0000003" / "ckpt_hooks_manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert cli("inspect", converted).returncode == 0
+    entry = manifest["files"]["mp_rank_00_001/model_optim_rng.pt"]["tensors"]["model"]
+    entry["decoder.layers.0.mlp.linear_fc2.weight"]["shape"] = [64, 64]
+    manifest_path.write_text(json.dumps(manifest))
+    assert_refused(converted, tmp_path / "out", "--target-tensor-parallel-size", "2",
+                   names=rank_file(converted, "mp_rank_00_001"),
+                   says="the manifest disagrees with the files: model.decoder.layers.0.mlp.linear_fc2.weight")
