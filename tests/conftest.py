@@ -24,8 +24,11 @@ SOURCES = {
     "cont_tp1pp2vpp2_5steps": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 5),
     # The same run as cont_tp1pp2vpp2, saved with ckpt_hooks.patches.megatron_core installed.
     "hooked_tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 3),
+    # The same run as cont_tp2pp2, saved by ckpt_hooks.megatron.save (manifest, param_maps).
+    "saved_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
 }
 PATCHED = {"hooked_tp1pp2vpp2": ("megatron_core",)}
+SAVED_BY_CKPT_HOOKS = {"saved_tp2pp2"}
 
 
 class Source:
@@ -40,6 +43,7 @@ class Source:
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     trained = {name: Source(name, root) for name in SOURCES}
-    run_jobs([train_job(s.layout, s.dir, s.truth, model=s.model, steps=s.steps, patches=PATCHED.get(s.name, ()))
+    run_jobs([train_job(s.layout, s.dir, s.truth, model=s.model, steps=s.steps, patches=PATCHED.get(s.name, ()),
+                      saver="ckpt_hooks" if s.name in SAVED_BY_CKPT_HOOKS else "megatron")
               for s in trained.values()], root / "logs")
     return trained

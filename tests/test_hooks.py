@@ -96,3 +96,30 @@ def test_bucket_layout_that_does_not_fit_is_refused_on_every_rank(hooked_loads):
     lines = error.splitlines()
     assert len(lines) == 4  # every rank reports it, none hangs
     assert all("distrib_optim.pt: saved with buckets" in line and "misplaced" in line for line in lines), error
+
+
+SAVED, PLAIN = "saved_tp2pp2", "cont_tp2pp2"
+
+
+def test_library_save_writes_what_megatron_lm_writes_plus_manifest_and_maps(sources):
+    """ckpt_hooks.megatron.save of a run = Megatron-LM's files of the same run (args aside: the
+    library describes the model from its config), plus the manifest and the param_maps."""
+    saved_iter = next(sources[SAVED].dir.glob("iter_*"))
+    plain_iter = next(sources[PLAIN].dir.glob("iter_*"))
+    for rank_dir in sorted(plain_iter.glob("mp_rank_*")):
+        twin = saved_iter / rank_dir.name
+        assert_same(torch.load(twin / "distrib_optim.pt", weights_only=False),
+                    torch.load(rank_dir / "distrib_optim.pt", weights_only=False), "distrib_optim.pt")
+        ours, theirs = (torch.load(d / "model_optim_rng.pt", weights_only=False) for d in (twin, rank_dir))
+        assert ours.keys() == theirs.keys()
+        assert_same({k: v for k, v in ours.items() if k != "args"},
+                    {k: v for k, v in theirs.items() if k != "args"}, "model_optim_rng.pt")
+        assert (twin / "param_map.json").is_file() and any((twin / "param_map").iterdir())
+    manifest = json.loads((saved_iter / "ckpt_hooks_manifest.json").read_text())
+    assert manifest["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": 1, "layers_per_stage": None}
+    listed = {p for p in manifest["files"] if p.endswith(".pt")}
+    assert listed == {str(p.relative_to(saved_iter)) for p in saved_iter.rglob("*.pt")}
+    entry = manifest["files"]["mp_rank_01_000/model_optim_rng.pt"]["tensors"]["model"]
+    qkv = entry["decoder.layers.0.self_attention.linear_qkv.weight"]
+    assert qkv["logical"] == "decoder.layers.0.self_attention.linear_qkv.weight"
+    assert qkv["offsets"][0] == qkv["logical_shape"][0] // 2  # TP rank 1 holds the second half of the groups

@@ -19,6 +19,8 @@ CASES = [
     ("cont_tp1pp2vpp2", "cont_tp1pp2vpp2_5steps", {"tp": 2, "pp": 2}),  # VPP off
     ("cont_tp2pp2", "cont_tp2pp2_5steps", {"tp": 1, "pp": 2, "vpp": 2}),  # VPP on
     ("cont_tp2pp2", "cont_tp2pp2_5steps", {"tp": 2, "pp": 2}),        # same layout
+    ("saved_tp2pp2", "cont_tp2pp2_5steps", {"tp": 1, "pp": 2}),       # saved by ckpt_hooks.megatron.save
+    ("saved_tp2pp2", "cont_tp2pp2_5steps", {"tp": 2, "pp": 2}),
 ]
 STEPS = 2
 
@@ -34,13 +36,19 @@ def resumed(sources, tmp_path_factory):
     results = {case_id(c): root / f"{case_id(c)}.json" for c in CASES}
     jobs = [resume_job(t, sources[name].dir, sources[name].truth, results[case_id(c)], model=sources[name].model,
                        steps=STEPS, loader="ckpt_hooks") for c in CASES for name, _, t in [c]]
-    # Bad input: another model's checkpoint, and an iteration directory missing a rank.
+    # Bad input: another model's checkpoint, an iteration directory missing a rank, and one
+    # whose manifest disagrees with a file (replaced by the same rank's file of another save).
     source = sources["cont_tp2pp2"]
     partial = root / "partial"
     shutil.copytree(source.dir, partial)
     shutil.rmtree(next(partial.glob("iter_*/mp_rank_01_001")))
+    replaced = root / "replaced"
+    shutil.copytree(sources["saved_tp2pp2"].dir, replaced)
+    shutil.copy(next(source.dir.glob("iter_*/mp_rank_00_001/model_optim_rng.pt")),
+                next(replaced.glob("iter_*/mp_rank_00_001/model_optim_rng.pt")))
     for key, load_dir, model in (("other-model", source.dir, {**source.model, "query_groups": 4}),
-                                 ("missing-rank", partial, source.model)):
+                                 ("missing-rank", partial, source.model),
+                                 ("replaced-file", replaced, source.model)):
         results[key] = root / f"{key}.json"
         jobs.append(resume_job({"tp": 1, "pp": 2}, load_dir, source.truth, results[key], model=model, steps=STEPS,
                                loader="ckpt_hooks"))
@@ -66,7 +74,8 @@ def test_resume_at_new_layout_is_bitwise_and_continues_the_loss(sources, resumed
 
 @pytest.mark.parametrize("key, says", [("other-model", "checkpoint of a different model: num_query_groups 2 "
                                                         "(running 4)"),
-                                        ("missing-rank", "mp_rank_01_001: missing rank directory")])
+                                        ("missing-rank", "mp_rank_01_001: missing rank directory"),
+                                        ("replaced-file", "bytes, ckpt_hooks_manifest.json says")])
 def test_bad_checkpoint_is_refused_on_every_rank(resumed, key, says):
     result, _ = resumed[key]
     lines = result["load_error"].splitlines()

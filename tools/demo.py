@@ -2,8 +2,9 @@
 """The built-in demo: a real Megatron GPT trained on the CPU, resharded offline and on the fly.
 
 1. megatron-core trains a tiny GPT (GQA, SwiGLU, RMSNorm, RoPE) at TP2·PP2·DP1 under
-   torchrun/gloo with the DistributedOptimizer and ckpt_hooks' save hook installed, and saves a
-   Megatron-LM legacy checkpoint after 3 steps; the same run also goes on uninterrupted;
+   torchrun/gloo with the DistributedOptimizer, and `ckpt_hooks.megatron.save` writes a
+   Megatron-LM legacy checkpoint after 3 steps, with its manifest and param_maps; the same
+   run also goes on uninterrupted;
 2. `ckpt_hooks.convert` converts the checkpoint (weights and optimizer state) to TP1·PP1 and
    TP4·PP1, and megatron-core loads each at its layout: every weight and Adam moment is
    compared bit for bit with the trained run;
@@ -47,9 +48,9 @@ def main() -> int:
     reference = work / "uninterrupted.truth.pt"
 
     print(f"[1/3] training a GPT at {name(SOURCE)} on the CPU (torchrun, 4 processes): a checkpoint "
-          f"at step {SAVED_AT} (save hook on), and the same run for {SAVED_AT + MORE} steps uninterrupted...")
+          f"at step {SAVED_AT} (ckpt_hooks.megatron.save), and the same run for {SAVED_AT + MORE} steps uninterrupted...")
     started = time.perf_counter()
-    run_jobs([train_job(SOURCE, source, truth, model=MODEL, steps=SAVED_AT, patches=("megatron_core",)),
+    run_jobs([train_job(SOURCE, source, truth, model=MODEL, steps=SAVED_AT, saver="ckpt_hooks"),
               train_job(SOURCE, work / "uninterrupted", reference, model=MODEL, steps=SAVED_AT + MORE)],
              work / "logs")
     print(f"      saved {source} ({time.perf_counter() - started:.0f} s)")
@@ -74,7 +75,8 @@ def main() -> int:
         exact = r["ok"] and not r["weight_mismatches"] and not r["optim_mismatches"]
         failed += not exact
         print(f"      {key}: weights and Adam state {'bit-exact' if exact else 'MISMATCH'}"
-              + ("" if exact else f" ({r['weight_mismatches'][:3]} {r['optim_mismatches'][:3]} {r['load_error']})"))
+              + ("" if exact else f" ({r['weight_mismatches'][:3]} {r['optim_mismatches'][:3]} "
+                                f"{r['args_mismatches']} {r['load_error']})"))
     losses = torch.load(reference, weights_only=False)["train_losses"]
     resumed = [f"resume {name(t)}" for t in RESUMED]
     print("\n      step  uninterrupted " + name(SOURCE) + "".join(f"  resumed at {k[7:]}" for k in resumed))

@@ -17,6 +17,7 @@ import io
 import math
 import os
 import pickle
+import signal
 import struct
 import threading
 import zipfile
@@ -94,6 +95,7 @@ _ALLOWED = {
     ("torch", "Size"): torch.Size,
     ("torch", "device"): torch.device,
     ("argparse", "Namespace"): argparse.Namespace,
+    ("signal", "Signals"): signal.Signals,   # Megatron-LM's --exit-signal
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
@@ -222,6 +224,16 @@ class TorchFile:
         flat = torch.empty(t.storage.numel, dtype=t.dtype)
         self._pread_into(flat, self._data_offset(t.storage))
         return flat.as_strided(t.shape, t.stride, t.offset).clone()
+
+    def materialize(self, obj):
+        """``obj`` (nested dicts/lists/tuples) with every LazyTensor read into a tensor."""
+        if isinstance(obj, LazyTensor):
+            return self.read(obj)
+        if isinstance(obj, dict):
+            return type(obj)((k, self.materialize(v)) for k, v in obj.items())
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.materialize(v) for v in obj)
+        return obj
 
     def read_runs(self, t: LazyTensor, starts, run_numel: int, out: torch.Tensor) -> None:
         """Read runs of ``run_numel`` elements of contiguous tensor ``t``, at element offsets

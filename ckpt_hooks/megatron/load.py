@@ -29,6 +29,9 @@ class Loaded:
     source: ParallelConfig
     target: ParallelConfig
     bytes_read: int      # by this rank, checkpoint metadata included
+    args: object = None  # the saved Megatron-LM args
+    num_floating_point_operations_so_far: int = 0
+    rng_restored: bool = False  # only at an unchanged layout: RNG state is per rank
 
     @property
     def resharded(self) -> bool:
@@ -67,9 +70,10 @@ def check_same_model(spec: ModelSpec, model, path) -> None:
         raise CheckpointError(path, "checkpoint of a different model: " + ", ".join(wrong))
 
 
-def load(model_chunks, optimizer, load_dir) -> Loaded:
+def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Loaded:
     """Fill ``model_chunks`` (and megatron-core's distributed ``optimizer``, if given) from the
-    checkpoint in ``load_dir``, resharding from whatever layout it was saved at."""
+    checkpoint in ``load_dir``, resharding from whatever layout it was saved at. At an unchanged
+    layout the saved RNG state of this rank is restored too (unless ``restore_rng`` is False)."""
     ckpt, spec, source, files = read_source(load_dir)
     target, tp_rank, pp_rank = running_layout(model_chunks)
     check_same_model(spec, unwrap(model_chunks[0]), ckpt.first.path)
@@ -82,8 +86,29 @@ def load(model_chunks, optimizer, load_dir) -> Loaded:
     opened = list(ckpt.files.values())
     if optimizer is not None:
         opened += _load_optimizer(optimizer, model_chunks, ckpt, spec, source, files, target, keys, tp_rank, pp_rank)
-    return Loaded(ckpt.iteration, ckpt.first.obj.get("opt_param_scheduler"), source, target,
-                  sum(f.bytes_read for f in opened))
+    loaded = Loaded(ckpt.iteration, ckpt.first.obj.get("opt_param_scheduler"), source, target, 0, ckpt.args,
+                    ckpt.first.obj.get("num_floating_point_operations_so_far", 0))
+    own = ckpt.files.get((tp_rank, pp_rank))
+    if restore_rng and not loaded.resharded and own is not None and own.obj.get("rng_state"):
+        _restore_rng(own.materialize(own.obj["rng_state"][0]))
+        loaded.rng_restored = True
+    loaded.bytes_read = sum(f.bytes_read for f in opened)
+    return loaded
+
+
+def _restore_rng(state: dict) -> None:
+    """As Megatron-LM's load_checkpoint does (without --data-parallel-random-init)."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
 def _own_file(plan: list[TargetFile], tp_rank: int, pp_rank: int) -> TargetFile:

@@ -1,23 +1,32 @@
-"""Save hook: record the distributed optimizer's param_map beside ``distrib_optim.pt``.
+"""Save hook: what ckpt_hooks writes beside a Megatron legacy checkpoint, and ``save`` for
+trainers built directly on megatron-core.
 
-Written next to the trainer's own files, which stay byte for byte as they were:
+Beside the trainer's own files, which stay byte for byte as they were:
 
-    mp_rank_TT_PPP/param_map.json        recorded BufferMaps of this (tp, pp) rank (DP rank 0)
+    iter_XXXXXXX/ckpt_hooks_manifest.json      what every file holds (ckpt_hooks.manifest), global rank 0
+    mp_rank_TT_PPP/param_map.json              recorded BufferMaps of this (tp, pp) rank (DP rank 0)
     mp_rank_TT_PPP/param_map/param_map_buffer{b}_dp{d}tp{t}pp{p}vpp{v}.json   MindSpeed-Core-MS,
-                                         one per DP rank, written by that rank
+                                               one per DP rank, written by that rank
 
-No communication: every rank records its own live buffers.
+No communication beyond the save's own: every rank records its own live buffers, and rank 0
+writes the manifest once the save's closing barrier says every file is complete.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import random
 from pathlib import Path
 
-from ckpt_hooks.formats.megatron_legacy import MINDSPEED_DIR, RECORDED_MAP
-from ckpt_hooks.megatron.load import distributed_optimizers, unwrap
+import numpy as np
+import torch
+
+from ckpt_hooks.formats import megatron_legacy as legacy
+from ckpt_hooks.megatron.load import distributed_optimizers, running_layout, unwrap
 from ckpt_hooks.param_map import BufferMap, mindspeed_file_name, mindspeed_json, record
+
 
 def record_param_maps(optimizer) -> list[BufferMap]:
     """The live param_maps of a (possibly chained) DistributedOptimizer, in its buffer order."""
@@ -41,11 +50,87 @@ def write_param_maps(optimizer, rank_dir, *, tp_rank: int, pp_rank: int, dp_rank
     rank_dir = Path(rank_dir)
     maps = record_param_maps(optimizer)
     if dp_rank == 0:
-        _write_json(rank_dir / RECORDED_MAP, [m.to_json() for m in maps])
-    (rank_dir / MINDSPEED_DIR).mkdir(parents=True, exist_ok=True)
+        _write_json(rank_dir / legacy.RECORDED_MAP, [m.to_json() for m in maps])
+    (rank_dir / legacy.MINDSPEED_DIR).mkdir(parents=True, exist_ok=True)
     per_chunk: dict[int, int] = {}
     for buffer in maps:
         index = per_chunk.get(buffer.chunk, 0)
         per_chunk[buffer.chunk] = index + 1
         name = mindspeed_file_name(index, dp_rank, tp_rank, pp_rank, buffer.chunk)
-        _write_json(rank_dir / MINDSPEED_DIR / name, mindspeed_json(buffer))
+        _write_json(rank_dir / legacy.MINDSPEED_DIR / name, mindspeed_json(buffer))
+
+
+def args_from_model(model_chunks) -> argparse.Namespace:
+    """The Megatron-LM ``args`` a legacy checkpoint needs to describe itself, for a trainer that
+    has none: read from the running model's TransformerConfig and megatron-core's parallel state."""
+    model = unwrap(model_chunks[0])
+    config = model.config
+    layout, _, _ = running_layout(model_chunks)
+    groups = config.num_query_groups or config.num_attention_heads
+    first, last = config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage
+    return argparse.Namespace(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, ffn_hidden_size=config.ffn_hidden_size,
+        num_attention_heads=config.num_attention_heads, group_query_attention=groups != config.num_attention_heads,
+        num_query_groups=groups, kv_channels=config.kv_channels, padded_vocab_size=model.vocab_size,
+        swiglu=config.gated_linear_unit, add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_qkv_bias,
+        normalization=config.normalization, position_embedding_type=model.position_embedding_type,
+        add_position_embedding=model.position_embedding_type == "learned_absolute",
+        max_position_embeddings=model.max_sequence_length,
+        untie_embeddings_and_output_weights=not model.share_embeddings_and_output_weights,
+        tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
+        decoder_first_pipeline_num_layers=first if layout.pp > 1 else None,
+        decoder_last_pipeline_num_layers=last if layout.pp > 1 else None,
+        data_parallel_size=layout.dp, params_dtype=config.params_dtype, ckpt_format="torch",
+        use_distributed_optimizer=True)
+
+
+def rng_state() -> list[dict]:
+    """This rank's generators, as Megatron-LM's ``get_rng_state`` saves them (one DP entry)."""
+    from megatron.core import tensor_parallel
+
+    return [{"random_rng_state": random.getstate(), "np_rng_state": np.random.get_state(),
+             "torch_rng_state": torch.get_rng_state(),
+             "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.get_rng_state(),
+             "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states()}]
+
+
+def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, args=None,
+         num_floating_point_operations_so_far: int = 0) -> Path:
+    """Save a running megatron-core job (model chunks in DDP, the DistributedOptimizer) as
+    Megatron-LM's ``save_checkpoint`` does with ``--ckpt-format torch --use-distributed-optimizer``,
+    plus the param_maps and the manifest. Collective: call it on every rank. ``args`` are
+    Megatron-LM's (saved as they are); without them, ``args_from_model`` describes the model.
+    Returns the iteration directory."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    args = args if args is not None else args_from_model(model_chunks)
+    layout, tp_rank, pp_rank = running_layout(model_chunks)
+    root = Path(save_dir)
+    iter_dir = root / legacy.iteration_dir_name(iteration)
+    rank_dir = iter_dir / legacy.rank_dir_name(tp_rank, pp_rank, layout.pp)
+    rank_dir.mkdir(parents=True, exist_ok=True)
+    optimizer.save_parameter_state(str(rank_dir / legacy.OPTIMIZER_FILE))  # collective over DP
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    write_param_maps(optimizer, rank_dir, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
+    if dp_rank == 0:
+        state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration}
+        for key, chunk in zip(legacy.chunk_keys(layout.vpp), model_chunks):
+            state[key] = chunk.state_dict_for_save_checkpoint()
+        state["optimizer"] = optimizer.state_dict()
+        if scheduler is not None:
+            state["opt_param_scheduler"] = scheduler.state_dict()
+        state["rng_state"] = rng_state()
+        state["num_floating_point_operations_so_far"] = num_floating_point_operations_so_far
+        partial = rank_dir / f".{legacy.MODEL_FILE}.partial"
+        torch.save(state, partial)
+        partial.replace(rank_dir / legacy.MODEL_FILE)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        from ckpt_hooks.conversion import write_manifest
+
+        write_manifest(iter_dir)              # before the tracker names the iteration
+        legacy.write_tracker(root, iteration)
+    dist.barrier()
+    return iter_dir

@@ -17,7 +17,8 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
   {"kind": "train", "model": {...}, "layout": {...}, "steps": int, "save_dir": DIR, "truth": PATH}
       Trains `steps` steps and saves a Megatron-LM legacy (--ckpt-format torch) checkpoint in
       DIR (iter_{steps:07d}/mp_rank_TT[_PPP]/{model_optim_rng.pt,distrib_optim.pt} and
-      latest_checkpointed_iteration.txt).  PATH gets (torch.save) {"tensors": {sharded key:
+      latest_checkpointed_iteration.txt), as Megatron-LM writes them, or with "saver":
+      "ckpt_hooks" through ckpt_hooks.megatron.save (args described from the model).  PATH gets (torch.save) {"tensors": {sharded key:
       full global tensor}, "optimizer": {...}, "param_map": [...], "loss": eval loss,
       "train_losses": [loss of step 1, 2, ...], "layout", "model", "padded_vocab"}.
       "optimizer": {"param" | "exp_avg" | "exp_avg_sq": {sharded key: full global fp32 tensor}}:
@@ -137,9 +138,9 @@ RUNNER = Path(__file__).resolve().parent / "megatron_run.py"
 
 
 def train_job(layout: dict, save_dir, truth, model: dict | None = None, steps: int = 3,
-              patches: tuple = ()) -> dict:
+              patches: tuple = (), saver: str = "megatron") -> dict:
     return {"kind": "train", "model": model or {}, "layout": layout, "steps": steps,
-            "save_dir": str(save_dir), "truth": str(truth), "patches": list(patches)}
+            "save_dir": str(save_dir), "truth": str(truth), "patches": list(patches), "saver": saver}
 
 
 def verify_job(layout: dict, load_dir, truth, result, model: dict | None = None) -> dict:

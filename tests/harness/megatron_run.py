@@ -837,8 +837,13 @@ def train_job(job: dict) -> None:
     dp, config, chunks, optimizer, scheduler = build_training(m, layout, job["steps"])
     train_losses = train_steps(chunks, optimizer, scheduler, m, 1, job["steps"])
 
-    args = megatron_args(m, layout, dp, job["steps"])
-    save_legacy_checkpoint(job["save_dir"], job["steps"], layout, chunks, optimizer, scheduler, args)
+    if job.get("saver") == "ckpt_hooks":  # the library's save, describing the model itself
+        from ckpt_hooks.megatron import save
+
+        save(chunks, optimizer, job["save_dir"], job["steps"], scheduler=scheduler)
+    else:
+        args = megatron_args(m, layout, dp, job["steps"])
+        save_legacy_checkpoint(job["save_dir"], job["steps"], layout, chunks, optimizer, scheduler, args)
     loss = eval_loss(chunks, m)
     tensors, bad = gather_global(chunks)
     optim, optim_bad = gather_optimizer(chunks, optimizer)
