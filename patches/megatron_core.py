@@ -7,7 +7,12 @@
 * ``load_parameter_state(filename)`` first checks, on every rank, that the file's buffers fit
   the running optimizer's: buffer sizes always, and bucket boundaries and parameter places
   when a recorded param_map lies beside it. megatron-core checks only the total size, so a
-  changed bucket split would otherwise load silently misplaced.
+  changed bucket split would otherwise load silently misplaced. It also works around
+  megatron-core 0.16.1's load with torch's AdamW (no Apex / Transformer Engine): the shared
+  ``step`` tensor ``load_state_dict`` leaves in every parameter's state is taken out during
+  the load (else ``KeyError: 'step'``) and put back as one tensor per parameter (a shared one
+  is advanced once per parameter: wrong bias correction), and the copy into the fp32 main
+  params runs under ``torch.no_grad()``.
 
 ``uninstall()`` restores the originals.
 """
@@ -32,8 +37,15 @@ def install() -> None:
         _save_param_maps(self, filename)
 
     def load_parameter_state(self, filename: str, *, update_legacy_format=False):
+        import torch
+
         check_fits(self, filename)
-        return _originals["load"](self, filename, update_legacy_format=update_legacy_format)
+        steps = {param: state.pop("step") for param, state in self.optimizer.state.items() if "step" in state}
+        with torch.no_grad():
+            result = _originals["load"](self, filename, update_legacy_format=update_legacy_format)
+        for param, step in steps.items():
+            self.optimizer.state[param]["step"] = step.clone() if torch.is_tensor(step) else step
+        return result
 
     DistributedOptimizer.save_parameter_state = save_parameter_state
     DistributedOptimizer.load_parameter_state = load_parameter_state

@@ -1,0 +1,190 @@
+"""``ckpt_hooks.patches.megatron_lm``: hooks in Megatron-LM's trainer (``megatron.training``).
+
+``install()`` wraps ``megatron.training.checkpointing.save_checkpoint`` / ``load_checkpoint``
+(and the names other ``megatron.*`` modules imported from it) and installs
+``ckpt_hooks.patches.megatron_core``; no upstream source is copied. With ``--ckpt-format torch``:
+
+* save: Megatron-LM saves as always; the megatron_core patch writes the param_maps beside
+  each ``distrib_optim.pt``, and rank 0 then writes the iteration's manifest;
+* load: a checkpoint saved at another TP / PP / VPP / layer split is resharded on the fly by
+  ``ckpt_hooks.megatron.load`` (weights, fp32 main params, Adam moments, step, scheduler,
+  iteration, consumed samples), each rank reading only its share (``--ckpt-step N`` reads
+  iteration N, weights and optimizer alike). Megatron-LM itself refuses a
+  TP change and, for a PP change, exits with code 0 having trained nothing. At an unchanged
+  layout (a DP change included) Megatron-LM's own load runs, behind the megatron_core checks.
+  A bad checkpoint stops every rank with one line ``error: <file>: <cause>`` and exit code 2.
+
+Turn it on for an unmodified ``pretrain_gpt.py`` launch with ``-m``:
+
+    torchrun ... -m ckpt_hooks.patches.megatron_lm pretrain_gpt.py <its usual arguments>
+
+Run against Megatron-LM ``core_v0.16.1`` (with megatron-core 0.16.1).
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+from ckpt_hooks.formats.megatron_legacy import TRACKER, iteration_dir_name
+
+_originals: dict = {}
+
+
+def install() -> None:
+    from megatron.training import checkpointing
+
+    from ckpt_hooks.patches import megatron_core
+
+    if _originals:
+        return
+    megatron_core.install()
+    _originals["save_checkpoint"] = checkpointing.save_checkpoint
+    _originals["load_checkpoint"] = checkpointing.load_checkpoint
+    _rebind({_originals["save_checkpoint"]: save_checkpoint, _originals["load_checkpoint"]: load_checkpoint})
+
+
+def uninstall() -> None:
+    from ckpt_hooks.patches import megatron_core
+
+    if not _originals:
+        return
+    _rebind({save_checkpoint: _originals.pop("save_checkpoint"), load_checkpoint: _originals.pop("load_checkpoint")})
+    megatron_core.uninstall()
+
+
+def _rebind(replacements: dict) -> None:
+    """Replace the functions wherever a loaded ``megatron`` module holds them by name
+    (``training.py`` does ``from .checkpointing import save_checkpoint``)."""
+    for name, module in list(sys.modules.items()):
+        if name == "megatron" or name.startswith("megatron."):
+            for attr in ("save_checkpoint", "load_checkpoint"):
+                if getattr(module, attr, None) in replacements:
+                    setattr(module, attr, replacements[getattr(module, attr)])
+
+
+def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):
+    result = _originals["save_checkpoint"](iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
+    _write_manifest(iteration, kwargs)
+    return result
+
+
+def _write_manifest(iteration, kwargs) -> None:
+    import torch.distributed as dist
+    from megatron.training import get_args
+
+    from ckpt_hooks.conversion import write_manifest
+    from ckpt_hooks.errors import CheckpointError
+
+    args = get_args()
+    if args.ckpt_format != "torch" or args.async_save or kwargs.get("non_persistent_ckpt") or dist.get_rank() != 0:
+        return
+    iter_dir = Path(args.save) / iteration_dir_name(None if kwargs.get("release") else iteration)
+    try:
+        write_manifest(iter_dir)
+    except CheckpointError as e:  # training goes on: the checkpoint itself is Megatron-LM's
+        print(f"ckpt_hooks: warning: no manifest for {iter_dir}: {e}", file=sys.stderr, flush=True)
+
+
+def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg="load", strict=True, **kwargs):
+    from megatron.training import get_args
+
+    args = get_args()
+    load_dir = getattr(args, load_arg, None)
+    layouts, error = None, None
+    if args.ckpt_format == "torch" and load_dir and _has_checkpoint(load_dir):
+        if getattr(args, "ckpt_step", None) is not None:
+            load_dir = Path(load_dir) / iteration_dir_name(args.ckpt_step)
+        layouts, error = _guarded(_layouts, ddp_model, load_dir)
+    _stop_if_any_failed(error)
+    if layouts is None or layouts[0] == layouts[1]:
+        return _originals["load_checkpoint"](ddp_model, optimizer, opt_param_scheduler, load_arg, strict, **kwargs)
+    outcome, error = _guarded(_load_resharded, args, load_dir, ddp_model, optimizer, opt_param_scheduler)
+    _stop_if_any_failed(error)
+    return outcome
+
+
+def _has_checkpoint(load_dir) -> bool:
+    return (Path(load_dir) / TRACKER).is_file()
+
+
+def _layouts(ddp_model, load_dir):
+    """(saved, running) layouts as (TP, PP, VPP, layer split): DP is Megatron-LM's business."""
+    from ckpt_hooks.formats.megatron_legacy import open_checkpoint
+    from ckpt_hooks.megatron.load import running_layout
+    from ckpt_hooks.spec import parallel_config_from_args
+
+    saved = parallel_config_from_args(open_checkpoint(load_dir).args)
+    running, _, _ = running_layout(ddp_model)
+    return [(c.tp, c.pp, c.vpp, c.layers_per_stage) for c in (saved, running)]
+
+
+def _load_resharded(args, load_dir, ddp_model, optimizer, opt_param_scheduler):
+    """What Megatron-LM's load_checkpoint does, with ckpt_hooks reading the checkpoint."""
+    import torch.distributed as dist
+    from megatron.core.num_microbatches_calculator import update_num_microbatches
+    from megatron.training import checkpointing
+    from megatron.training.utils import print_rank_0
+
+    from ckpt_hooks.megatron.load import load
+
+    load_optimizer = not (args.finetune or args.no_load_optim)
+    loaded = load(ddp_model, optimizer if load_optimizer else None, load_dir, restore_rng=False)
+    if not load_optimizer and (args.fp16 or args.bf16) and optimizer is not None:
+        optimizer.reload_model_params()  # fp32 main params from the loaded weights
+    if load_optimizer and opt_param_scheduler is not None and loaded.scheduler is not None:
+        opt_param_scheduler.load_state_dict(loaded.scheduler)
+    checkpointing.set_checkpoint_version(3.0)
+    iteration = 0 if args.finetune or loaded.iteration is None else loaded.iteration
+    if not args.finetune:
+        saved = loaded.args
+        args.consumed_train_samples = getattr(saved, "consumed_train_samples", 0)
+        args.skipped_train_samples = getattr(saved, "skipped_train_samples", 0)
+        args.consumed_valid_samples = getattr(saved, "consumed_valid_samples", 0)
+        update_num_microbatches(consumed_samples=args.consumed_train_samples, verbose=True)
+    dist.barrier()
+    print_rank_0(f"ckpt_hooks: resharded {load_dir} from {loaded.source.describe()} to {loaded.target.describe()} "
+                 f"at iteration {iteration} (rank 0 read {loaded.bytes_read / 1e6:.1f} MB; RNG state not "
+                 "restored: it is per rank)")
+    return iteration, loaded.num_floating_point_operations_so_far
+
+
+def _guarded(function, *args):
+    """(result, None), or (None, the one-line error) for a bad checkpoint."""
+    from ckpt_hooks.errors import CheckpointError
+
+    try:
+        return function(*args), None
+    except CheckpointError as e:
+        return None, str(e)
+
+
+def _stop_if_any_failed(error: str | None) -> None:
+    """Every rank learns whether any rank failed, and then all stop: none waits in a collective."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    failed = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        print(f"error: {error or 'another rank could not load the checkpoint'}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ckpt_hooks.patches.megatron_lm SCRIPT [ARGS]``: run a Megatron-LM training
+    script (e.g. ``pretrain_gpt.py``) unmodified, with the hooks installed."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        sys.exit("usage: python -m ckpt_hooks.patches.megatron_lm pretrain_gpt.py [its arguments]")
+    script = Path(argv[0]).resolve()
+    sys.argv = [str(script), *argv[1:]]
+    sys.path.insert(0, str(script.parent))  # as `python pretrain_gpt.py` would
+    install()
+    runpy.run_path(str(script), run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""ckpt_hooks.patches.megatron_lm with Megatron-LM's own, unmodified pretrain_gpt.py (CPU, gloo).
+
+Megatron-LM is not on PyPI and none of it is committed: these tests run only when
+CKPT_HOOKS_MEGATRON_LM names a checkout (tag core_v0.16.1, matching megatron-core 0.16.1):
+
+    git clone -b core_v0.16.1 https://github.com/NVIDIA/Megatron-LM /path/to/Megatron-LM
+    CKPT_HOOKS_MEGATRON_LM=/path/to/Megatron-LM ./run.sh test tests/test_megatron_lm.py
+
+A run trains 3 of 6 iterations at TP2·PP2 and stops (--exit-interval); resumed through the
+patch at other layouts it must continue the loss curve of the uninterrupted run.
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.harness import run_megatron_lm
+
+MEGATRON_LM = os.environ.get("CKPT_HOOKS_MEGATRON_LM")
+pytestmark = pytest.mark.skipif(not MEGATRON_LM or not (Path(MEGATRON_LM) / "pretrain_gpt.py").is_file(),
+                                reason="set CKPT_HOOKS_MEGATRON_LM to a Megatron-LM checkout (core_v0.16.1)")
+
+# NullTokenizer adds one token: 256 rows, padded to 256 at TP 1, 2 and 4 (the same model at every TP).
+COMMON = """--num-layers 4 --hidden-size 64 --num-attention-heads 4 --seq-length 32 --max-position-embeddings 32
+ --micro-batch-size 2 --global-batch-size 8 --train-iters 6 --lr 1e-3 --min-lr 1e-3 --lr-decay-style constant
+ --weight-decay 0.01 --clip-grad 1.0 --seed 1234 --hidden-dropout 0 --attention-dropout 0 --log-interval 1
+ --eval-iters 0 --eval-interval 1000 --use-distributed-optimizer --ckpt-format torch --distributed-backend gloo
+ --transformer-impl local --attention-backend unfused --no-gradient-accumulation-fusion --no-masked-softmax-fusion
+ --no-bias-swiglu-fusion --no-bias-dropout-fusion --no-rope-fusion --no-persist-layer-norm --num-workers 0
+ --mock-data --tokenizer-type NullTokenizer --vocab-size 255 --make-vocab-size-divisible-by 64 --split 100,0,0""".split()
+STOP = 3
+LAYOUTS = {  # 4 processes; DP fills the rest
+    "tp2pp2": ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 2],
+    "tp1pp2dp2": ["--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 2],
+    "tp4pp1": ["--tensor-model-parallel-size", 4, "--pipeline-model-parallel-size", 1],
+    "tp1pp2vpp2dp2": ["--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 2,
+                      "--num-layers-per-virtual-pipeline-stage", 1],
+    "tp1pp1dp4": ["--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 1],
+    "tp2pp1dp2": ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 1],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The uninterrupted run (also saving a plain, hook-less checkpoint at STOP) and the hooked
+    run that stops at STOP."""
+    work = tmp_path_factory.mktemp("megatron_lm")
+    save = ["--save-interval", STOP]
+    plain = run_megatron_lm(MEGATRON_LM, "plain", COMMON + LAYOUTS["tp2pp2"] + save + ["--save", work / "plain"],
+                            work, "uninterrupted")
+    hooked = run_megatron_lm(MEGATRON_LM, "hooks", COMMON + LAYOUTS["tp2pp2"] + save +
+                             ["--exit-interval", STOP, "--save", work / "hooked"], work, "hooked")
+    for rc, losses, log in (plain, hooked):
+        assert rc == 0, log[-3000:]
+    assert sorted(hooked[1]) == [1, 2, 3] and all(hooked[1][i] == plain[1][i] for i in (1, 2, 3))
+    return work, plain[1]
+
+
+def resume(runs, layout: str, source: str = "hooked", mode: str = "hooks", extra=()):
+    work, _ = runs
+    return run_megatron_lm(MEGATRON_LM, mode, COMMON + LAYOUTS[layout] + ["--load", work / source, *extra],
+                           work, f"resume-{source}-{layout}-{mode}")
+
+
+def assert_continues(runs, rc, losses, log):
+    assert rc == 0, log[-3000:]
+    uninterrupted = runs[1]
+    assert sorted(losses) == [4, 5, 6], log[-3000:]
+    assert max(abs(losses[i] - uninterrupted[i]) for i in losses) <= 1e-5, (losses, uninterrupted)
+
+
+def test_hooked_save_writes_manifest_and_param_maps(runs):
+    iter_dir = runs[0] / "hooked" / f"iter_{STOP:07d}"
+    assert (iter_dir / "ckpt_hooks_manifest.json").is_file()
+    for rank_dir in sorted(iter_dir.glob("mp_rank_*")):
+        assert (rank_dir / "param_map.json").is_file() and any((rank_dir / "param_map").iterdir())
+    assert not list((runs[0] / "plain" / f"iter_{STOP:07d}").glob("*.json"))
+
+
+@pytest.mark.parametrize("layout", ["tp1pp2dp2", "tp4pp1", "tp1pp2vpp2dp2", "tp1pp1dp4"])
+def test_resume_at_another_layout_continues_the_loss_curve(runs, layout):
+    rc, losses, log = resume(runs, layout)
+    assert "ckpt_hooks: resharded" in log
+    assert_continues(runs, rc, losses, log)
+
+
+def test_same_layout_is_left_to_megatron_lm(runs):
+    rc, losses, log = resume(runs, "tp2pp2")
+    assert "ckpt_hooks: resharded" not in log
+    assert_continues(runs, rc, losses, log)
+
+
+def test_checkpoint_saved_without_hooks_resumes_at_another_layout(runs):
+    # The uninterrupted run saved iterations 3 and 6: --ckpt-step picks 3.
+    rc, losses, log = resume(runs, "tp4pp1", source="plain", extra=["--ckpt-step", STOP])
+    assert "ckpt_hooks: resharded" in log
+    assert_continues(runs, rc, losses, log)
+
+
+def test_megatron_lm_alone_trains_nothing_after_a_pp_change(runs):
+    """The negative control: what the patch is for."""
+    rc, losses, log = resume(runs, "tp2pp1dp2", mode="plain")
+    assert rc == 0 and losses == {} and "could not load the checkpoint" in log
+
+
+def test_missing_rank_stops_every_rank_with_one_error(runs):
+    work = runs[0]
+    broken = work / "broken"
+    shutil.copytree(work / "hooked", broken)
+    shutil.rmtree(broken / f"iter_{STOP:07d}" / "mp_rank_01_001")
+    before = sorted(p.relative_to(broken) for p in broken.rglob("*"))
+    rc, losses, log = resume(runs, "tp4pp1", source="broken")
+    assert rc != 0 and losses == {}
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4 and all("mp_rank_01_001" in e and "missing" in e for e in errors), errors
+    assert sorted(p.relative_to(broken) for p in broken.rglob("*")) == before
