@@ -9,7 +9,7 @@ venv=${CKPT_HOOKS_VENV:-.venv}
 if [ ! -f "$venv/.installed" ] || [ pyproject.toml -nt "$venv/.installed" ]; then
   python3 -m venv "$venv"
   # torch is pinned to the CPU build; the library itself accepts a range.
-  "$venv/bin/pip" install --quiet torch==2.13.0 megatron-core==0.16.1 "numpy<2" -e ".[test]"
+  "$venv/bin/pip" install --quiet torch==2.13.0 megatron-core==0.16.1 mindspore==2.10.0 "numpy<2" -e ".[test]"
   touch "$venv/.installed"
 fi
 command=${1:-}

@@ -1,0 +1,85 @@
+"""MindSpore-style safetensors files, as ``mindspore.save_checkpoint(..., format="safetensors")``.
+
+Plain safetensors with ``{"format": "ms"}`` metadata (none when there are no tensors); with
+``crc_check=True`` MindSpore adds ``"crc_num"``, the CRC32 of each name and its bytes in name
+order. The header is parsed here and the file mapped, because safetensors' NumPy reader has no
+bfloat16 (BF16 arrays come back as mindspore_ckpt.BF16). The writer lays the file out as the
+safetensors library does (tensors by its dtype order then name, header padded with spaces to
+8 bytes), so its output is byte-identical to MindSpore's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import zlib
+from collections.abc import Mapping
+
+import numpy as np
+
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.mindspore_ckpt import DTYPES, MappedFile, StoredTensor, atomic_write, dtype_index, raw_bytes
+
+_ST_DTYPES = {code: np.dtype(dtype) for _, dtype, code in DTYPES}
+
+
+class SafetensorsFile(MappedFile):
+    """A MindSpore safetensors file opened lazily: ``tensors`` in name order (MindSpore's),
+    ``metadata`` the header's. ``check_crc`` checks ``crc_num`` when present (reads the file)."""
+
+    def __init__(self, path, check_crc: bool = False):
+        super().__init__(path)
+        buf = self._map
+        try:
+            (size,) = struct.unpack("<Q", buf[:8])
+            header = json.loads(bytes(buf[8:8 + size]))
+            self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+            for name in sorted(header):
+                self.tensors[name] = self._tensor(name, header[name], 8 + size)
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(self.path, f"not a safetensors file, or corrupt or truncated "
+                                             f"({type(e).__name__}: {e})") from None
+        if check_crc and "crc_num" in self.metadata:
+            crc = 0
+            for name, t in self.tensors.items():
+                crc = zlib.crc32(name.encode(), crc)
+                crc = zlib.crc32(memoryview(buf)[t.pieces[0][0]:sum(t.pieces[0])], crc)
+            if str(crc) != self.metadata["crc_num"]:
+                raise CheckpointError(self.path, "CRC mismatch: the file is damaged")
+
+    def _tensor(self, name: str, entry: dict, base: int) -> StoredTensor:
+        if name in self.metadata:  # MindSpore notes dtypes safetensors lacks (Int4) here
+            raise CheckpointError(self.path, f"{name}: unsupported MindSpore dtype {self.metadata[name]}")
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(self.path, f"{name}: unsupported dtype {entry['dtype']}")
+        shape = tuple(int(d) for d in entry["shape"])
+        start, stop = (int(o) for o in entry["data_offsets"])
+        if stop - start != math.prod(shape) * dtype.itemsize or start < 0:
+            raise CheckpointError(self.path, f"{name}: data_offsets {[start, stop]} do not fit shape {list(shape)}")
+        if base + stop > len(self._map):
+            raise CheckpointError(self.path, f"{name}: data runs past the end of the file (truncated)")
+        return StoredTensor(dtype, shape, ((base + start, stop - start),))
+
+
+def save(path, items: Mapping) -> None:
+    """Write ``items`` (name -> array) as ``save_checkpoint(..., format="safetensors")`` does,
+    to the byte: one tensor made contiguous at a time, into a temporary file renamed into place
+    when complete. bfloat16 arrays have dtype BF16 (or any NumPy dtype named "bfloat16")."""
+    arrays = {name: np.asarray(value) for name, value in items.items()}
+    index = {name: dtype_index(array.dtype, path, name) for name, array in arrays.items()}
+    order = sorted(arrays, key=lambda name: (index[name], name))
+    entries, offset = {}, 0
+    for name in order:
+        nbytes = arrays[name].nbytes
+        entries[name] = {"dtype": DTYPES[index[name]][2], "shape": list(arrays[name].shape),
+                         "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header = {"__metadata__": {"format": "ms"}, **entries} if entries else {}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in order:
+            f.write(raw_bytes(arrays[name]))  # a copy only for a non-contiguous view
