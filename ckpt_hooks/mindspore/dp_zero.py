@@ -1,0 +1,223 @@
+"""MindSpeed-Core-MS distributed-optimizer checkpoints: DP-sharded buckets back to per-parameter
+tensors (what its ``combine_ckpt_dp_zero.py`` does, reading only the slices each parameter needs).
+
+With ``--use-dist-ckpt`` every DP rank saves its shard of each bucket of each grad buffer as a
+flat fp32 ``buffer_{b}_bucket_{k}``, with the Adam moments as ``exp_avg.buffer_{b}_bucket_{k}``
+and ``exp_avg_sq.buffer_{b}_bucket_{k}``, and DP rank 0 of each group writes
+``opt_shard_info/rank_{r}/dist_opt_shard_info_rank_{r}-0_0.json``::
+
+    {"dp_rank_list": [global ranks of the DP group],
+     "param_info": {name: {"range_map": [buffer, bucket, start, end], "shape": [...], "dtype": "float32"}},
+     "zero3_params": [names saved as plain per-rank shards, concatenated on axis 0],
+     "buffer_info": {buffer: {"buckets": {bucket: [numel, numel_unpadded]}, "buffer_size": n, ...}}}
+
+``start``/``end`` are element offsets in the whole buffer; the buckets lie back to back, each
+split evenly over the DP ranks in ``dp_rank_list`` order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ckpt_hooks.errors import CheckpointError
+
+STATES = ("", "exp_avg", "exp_avg_sq")  # the fp32 param, then Adam's moments: name prefixes
+_BUCKET = re.compile(r"(exp_avg(_sq)?\.)?buffer_\d+_bucket_\d+")
+
+
+def state_name(state: str, name: str) -> str:
+    return f"{state}.{name}" if state else name
+
+
+def bucket_name(buffer: int, bucket: int) -> str:
+    return f"buffer_{buffer}_bucket_{bucket}"
+
+
+@dataclass(frozen=True)
+class ParamRange:
+    buffer: int
+    start: int        # in the whole buffer
+    end: int
+    shape: tuple[int, ...]
+
+
+@dataclass
+class ShardInfo:
+    """One DP group's ``dist_opt_shard_info`` JSON."""
+
+    path: str
+    dp_ranks: list[int]
+    params: dict[str, ParamRange]
+    zero3: list[str]
+    bucket_sizes: dict[int, list[int]]   # buffer -> padded numel of each bucket, in order
+
+    def pieces(self, param: ParamRange):
+        """(dp index, bucket, first element, last element + 1 in that rank's bucket shard) of
+        every run of ``param``'s elements, in order."""
+        offset = 0
+        for bucket, size in enumerate(self.bucket_sizes[param.buffer]):
+            per_rank = size // len(self.dp_ranks)
+            lo, hi = max(param.start, offset), min(param.end, offset + size)
+            for dp in range(len(self.dp_ranks)):
+                a, b = max(lo, offset + dp * per_rank), min(hi, offset + (dp + 1) * per_rank)
+                if a < b:
+                    yield dp, bucket, a - offset - dp * per_rank, b - offset - dp * per_rank
+            offset += size
+
+
+def read_shard_info(path) -> ShardInfo:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+        buckets = {}
+        for buffer, info in data["buffer_info"].items():
+            sizes = {int(k): int(v[0]) for k, v in info["buckets"].items()}
+            buckets[int(buffer)] = [sizes[k] for k in range(len(sizes))]
+        params = {}
+        for name, info in data["param_info"].items():
+            buffer, _, start, end = (int(x) for x in info["range_map"])
+            params[name] = ParamRange(buffer, start, end, tuple(int(d) for d in info["shape"]))
+        info = ShardInfo(str(path), [int(r) for r in data["dp_rank_list"]], params,
+                         list(data.get("zero3_params", [])), buckets)
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing distributed-optimizer shard info") from None
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CheckpointError(path, f"unreadable shard info ({type(e).__name__}: {e})") from None
+    for name, param in info.params.items():
+        if param.buffer not in info.bucket_sizes or param.end - param.start != math.prod(param.shape) \
+                or param.end > sum(info.bucket_sizes[param.buffer]):
+            raise CheckpointError(path, f"{name}: range {param.start}..{param.end} does not fit shape "
+                                        f"{list(param.shape)} in buffer {param.buffer}")
+    for buffer, sizes in info.bucket_sizes.items():
+        if any(size % len(info.dp_ranks) for size in sizes):
+            raise CheckpointError(path, f"buffer {buffer}: bucket sizes {sizes} do not split over "
+                                        f"{len(info.dp_ranks)} DP ranks")
+    return info
+
+
+def combined_tensors(info: ShardInfo, shards: list, states=STATES):
+    """Yield (name, array) of the combined checkpoint, one tensor in flight: every parameter's
+    fp32 value and moments (``states``), the zero3 parameters, then the other entries of DP
+    rank 0's file (step, learning rate, ...). ``shards``: the DP ranks' opened files, in
+    ``dp_rank_list`` order (CkptFile / SafetensorsFile)."""
+    if len(shards) != len(info.dp_ranks):
+        raise CheckpointError(info.path, f"{len(shards)} shard files for DP group {info.dp_ranks}")
+    for shard in shards:
+        for buffer, sizes in info.bucket_sizes.items():
+            for bucket, size in enumerate(sizes):
+                for state in states:
+                    _check_bucket(shard, state_name(state, bucket_name(buffer, bucket)), size // len(shards))
+    for state in states:
+        for name, param in info.params.items():
+            out = np.empty(param.end - param.start, np.float32)
+            at = 0
+            for dp, bucket, lo, hi in info.pieces(param):
+                out[at:at + hi - lo] = shards[dp].read(state_name(state, bucket_name(param.buffer, bucket)),
+                                                       rows=slice(lo, hi))
+                at += hi - lo
+            yield state_name(state, name), out.reshape(param.shape)
+    for name in info.zero3:
+        yield name, np.concatenate([_read(shard, name) for shard in shards])
+    for name in shards[0].names:  # buckets are all consumed (or unknown to the shard info)
+        if name not in info.zero3 and not _BUCKET.fullmatch(name):
+            yield name, shards[0].read(name)
+    yield from getattr(shards[0], "strings", {}).items()
+
+
+def _check_bucket(shard, name: str, numel: int) -> None:
+    t = shard.tensors.get(name)
+    if t is None:
+        raise CheckpointError(shard.path, f"no {name!r}: not a shard of this DP group's optimizer")
+    if t.shape != (numel,) or t.dtype != np.float32:
+        raise CheckpointError(shard.path, f"{name}: shape {list(t.shape)} {t.dtype}, the shard info implies "
+                                          f"[{numel}] float32")
+
+
+def _read(shard, name: str) -> np.ndarray:
+    if name not in shard.tensors:
+        raise CheckpointError(shard.path, f"no zero3 parameter {name!r}")
+    return shard.read(name)
+
+
+def open_shard(path):
+    from ckpt_hooks.formats.mindspore_ckpt import CkptFile
+    from ckpt_hooks.formats.ms_safetensors import SafetensorsFile
+
+    return SafetensorsFile(path) if str(path).endswith(".safetensors") else CkptFile(path)
+
+
+def write_checkpoint(path, items) -> None:
+    """``items`` (name, value) pairs to a .ckpt (streamed) or MindSpore safetensors file."""
+    from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors
+
+    if str(path).endswith(".safetensors"):
+        ms_safetensors.save(path, {name: value for name, value in items if not isinstance(value, str)})
+    else:
+        mindspore_ckpt.save(path, items)
+
+
+def latest_file(rank_dir: Path, suffix: str) -> Path:
+    """The newest ``*.suffix`` of a rank directory, as MindSpeed's tool picks it."""
+    if not rank_dir.is_dir():
+        raise CheckpointError(rank_dir, "missing rank directory")
+    files = sorted(rank_dir.glob(f"*.{suffix}"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise CheckpointError(rank_dir, f"no *.{suffix} checkpoint")
+    return files[-1]
+
+
+def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str = "ckpt",
+                    dst_format: str = "ckpt", copy_to_all_dp_ranks: bool = False, rank_section=(None, None),
+                    no_save_optim: bool = False, workers: int = 2, quiet: bool = False) -> list[Path]:
+    """Merge every DP group's optimizer shards (``checkpoint_dir/rank_{r}/``, newest file) into
+    per-parameter tensors: ``output_dir/rank_{r}/{name}_dp_merged.{dst_format}`` for DP rank 0
+    of each group (and its DP peers with ``copy_to_all_dp_ranks``). ``rank_section`` = (start,
+    end) keeps the groups whose first rank is in [start, end). Written atomically; returns the
+    files written."""
+    import shutil
+
+    from ckpt_hooks.executor import run
+    from ckpt_hooks.formats.megatron_legacy import staged_directory
+
+    infos = [read_shard_info(p) for p in sorted(Path(strategy_dir).rglob("dist_opt_shard_info*.json"))]
+    if not infos:
+        raise CheckpointError(strategy_dir, "no dist_opt_shard_info*.json (MindSpeed-Core-MS shard info)")
+    start, end = rank_section
+    infos = [i for i in infos if (start is None or i.dp_ranks[0] >= start) and (end is None or i.dp_ranks[0] < end)]
+    sources = {i.path: [latest_file(Path(checkpoint_dir) / f"rank_{r}", src_format) for r in i.dp_ranks]
+               for i in infos}
+    states = STATES[:1] if no_save_optim else STATES
+    written = []
+    with staged_directory(output_dir) as root:
+        def write(info: ShardInfo, progress) -> None:
+            files = sources[info.path]
+            first = f"rank_{info.dp_ranks[0]}"
+            target = root / first / f"{files[0].stem}_dp_merged.{dst_format}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shards = [open_shard(f) for f in files]
+            items = combined_tensors(info, shards, states)
+            if no_save_optim:
+                items = ((n, v) for n, v in items if not _training_state(n))
+            write_checkpoint(target, items)
+            progress.update(sum(f.stat().st_size for f in files))
+            written.append(target)
+            for rank in info.dp_ranks[1:] if copy_to_all_dp_ranks else ():
+                copy = root / f"rank_{rank}" / target.name.replace(first, f"rank_{rank}")
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(target, copy)
+                written.append(copy)
+
+        total = sum(f.stat().st_size for files in sources.values() for f in files)
+        run(infos, write, total, workers=workers, quiet=quiet, label="combine-dp-zero")
+    return [Path(output_dir) / p.relative_to(root) for p in written]
+
+
+def _training_state(name: str) -> bool:
+    """What MindSpeed's --no-save-optim drops besides the moments."""
+    return any(word in name for word in ("learning_rate", "weight_decay", "epoch", "step", "default_generator"))
