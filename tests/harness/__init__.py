@@ -18,9 +18,10 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       Trains `steps` steps and saves a Megatron-LM legacy (--ckpt-format torch) checkpoint in
       DIR (iter_{steps:07d}/mp_rank_TT[_PPP]/{model_optim_rng.pt,distrib_optim.pt} and
       latest_checkpointed_iteration.txt), as Megatron-LM writes them, or with "saver":
-      "ckpt_hooks" through ckpt_hooks.megatron.save (args described from the model).  PATH gets (torch.save) {"tensors": {sharded key:
-      full global tensor}, "optimizer": {...}, "param_map": [...], "loss": eval loss,
-      "train_losses": [loss of step 1, 2, ...], "layout", "model", "padded_vocab"}.
+      "ckpt_hooks" through ckpt_hooks.megatron.save (args described from the model).
+      PATH gets (torch.save) {"tensors": {sharded key: full global tensor}, "optimizer": {...},
+      "param_map": [...], "loss": eval loss, "train_losses": [loss of step 1, 2, ...], "layout",
+      "model", "padded_vocab"}.
       "optimizer": {"param" | "exp_avg" | "exp_avg_sq": {sharded key: full global fp32 tensor}}:
           the DistributedOptimizer's fp32 main params and Adam moments after the last step, in
           the same keys and global form as "tensors" (vocab rows padded as the model).  Built
@@ -85,8 +86,9 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       own layout), and each rank writes OUT.json.bytes.<rank>.json: {"bytes_read", "tp_rank",
       "pp_rank", "dp_rank"}.
   {"kind": "save_timing", "model", "layout", "repeat": R, "save_dir": DIR, "result": OUT.json}
-      One training step, then R legacy saves without and R with ckpt_hooks.patches.megatron_core
-      (interleaved); OUT.json: {"plain": [s], "hooked": [s], "checkpoint_bytes", "hook_bytes"}.
+      One training step, then R legacy saves each without hooks, with
+      ckpt_hooks.patches.megatron_core and through ckpt_hooks.megatron.save (interleaved);
+      OUT.json: {"plain": [s], "hooked": [s], "library": [s], "checkpoint_bytes", "hook_bytes"}.
       Used by bench/bench_save_hook.py.
   Any job may carry "patches": ["megatron_core", ...]: the ckpt_hooks.patches modules installed
   around it (install() before, uninstall() after).

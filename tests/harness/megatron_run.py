@@ -1017,34 +1017,41 @@ def verify_job(job: dict) -> None:
 
 
 def save_timing_job(job: dict) -> None:
-    """Time Megatron-LM's legacy save after one training step, `repeat` times each without and
-    with ckpt_hooks.patches.megatron_core installed (interleaved, alternating which goes first);
-    rank 0 writes job["result"]:
-    {"plain": [s], "hooked": [s], "checkpoint_bytes": int, "hook_bytes": int}."""
+    """Time Megatron-LM's legacy save after one training step, `repeat` times each without
+    hooks ("plain"), with ckpt_hooks.patches.megatron_core installed ("hooked": param_maps) and
+    through ckpt_hooks.megatron.save ("library": param_maps and manifest), interleaved in a
+    rotating order; rank 0 writes job["result"]:
+    {"plain": [s], "hooked": [s], "library": [s], "checkpoint_bytes": int, "hook_bytes": int}
+    (hook_bytes: what the library save adds)."""
+    from ckpt_hooks.megatron import save
     from ckpt_hooks.patches import megatron_core as patch
 
     m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
     dp, config, chunks, optimizer, scheduler = build_training(m, layout, 1)
     train_steps(chunks, optimizer, scheduler, m, 1, 1)
     args = megatron_args(m, layout, dp, 1)
-    times = {"plain": [], "hooked": []}
+    kinds = ["plain", "hooked", "library"]
+    times = {kind: [] for kind in kinds}
     for i in range(job["repeat"]):
-        for kind in (("plain", "hooked") if i % 2 == 0 else ("hooked", "plain")):  # no order advantage
-            if kind == "hooked":
-                patch.install()
+        for kind in kinds[i % 3:] + kinds[:i % 3]:  # no order advantage
             save_dir = os.path.join(job["save_dir"], f"{kind}{i}")
             dist.barrier()
             started = time.perf_counter()
-            save_legacy_checkpoint(save_dir, 1, layout, chunks, optimizer, scheduler, args)
+            if kind == "library":
+                save(chunks, optimizer, save_dir, 1, scheduler=scheduler, args=args)
+            else:
+                if kind == "hooked":
+                    patch.install()
+                save_legacy_checkpoint(save_dir, 1, layout, chunks, optimizer, scheduler, args)
+                patch.uninstall()
             times[kind].append(time.perf_counter() - started)
-            patch.uninstall()
     if dist.get_rank() == 0:
         def size(path, hook_files):
             return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files
-                       if ("param_map" in f) == hook_files)
-        hooked = os.path.join(job["save_dir"], "hooked0")
+                       if f.endswith(".json") == hook_files)
+        saved = os.path.join(job["save_dir"], "library0")
         with open(job["result"], "w") as f:
-            json.dump({**times, "checkpoint_bytes": size(hooked, False), "hook_bytes": size(hooked, True)}, f)
+            json.dump({**times, "checkpoint_bytes": size(saved, False), "hook_bytes": size(saved, True)}, f)
 
 
 JOBS = {"train": train_job, "verify": verify_job, "resume": resume_job, "save_timing": save_timing_job}
