@@ -19,7 +19,9 @@ def _layer_list(text: str) -> tuple[int, ...]:
 
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--load-dir", required=True, help="source checkpoint (root with the tracker file, or an iter_* dir)")
+    parser.add_argument("--load-dir", required=True,
+                        help="source checkpoint: Megatron (root with the tracker file, or an iter_* dir) or "
+                             "MindSpore (a rank_N/ tree, or one .ckpt/.safetensors file)")
     parser.add_argument("--save-dir", required=True, help="where to write the converted checkpoint (must not exist or be empty)")
     parser.add_argument("--target-tensor-parallel-size", type=int, help="default: the source's")
     parser.add_argument("--target-pipeline-parallel-size", type=int, help="default: the source's")
@@ -33,11 +35,41 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="convert the model weights only, not the distributed optimizer's state")
     parser.add_argument("--true-vocab-size", type=int,
                         help="real vocabulary rows, when the saved args do not tell (needed to re-pad the vocab for a new TP)")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="target files built in parallel")
+    parser.add_argument("--workers", "--process-num", type=int, default=min(4, os.cpu_count() or 1),
+                        help="target files built in parallel")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    mindspore = parser.add_argument_group("MindSpore checkpoints (mindspore.transform_checkpoints' arguments)")
+    mindspore.add_argument("--src-strategy-path-or-dir",
+                           help="the source's strategy file, or the directory of its pipeline stages' files "
+                                "(default: the source is one complete checkpoint)")
+    mindspore.add_argument("--dst-strategy", help="the target's strategy file or directory (default: one complete "
+                                                  "checkpoint)")
+    mindspore.add_argument("--prefix", help="target file names: rank_{r}/{prefix}{r}.{format} (default: checkpoint_)")
+    mindspore.add_argument("--format", choices=("ckpt", "safetensors"), help="target format (default: the source's)")
+
+
+# The flags of one framework's conversion, refused for the other's checkpoints.
+_MEGATRON_ONLY = ("target_tensor_parallel_size", "target_pipeline_parallel_size",
+                  "target_virtual_pipeline_parallel_size", "target_data_parallel_size", "num_layer_list",
+                  "convert_param_only", "true_vocab_size")
+_MINDSPORE_ONLY = ("prefix", "format")
+
+
+def _refuse_flags(args, names: tuple[str, ...], framework: str) -> None:
+    given = [name for name in names if getattr(args, name) not in (None, False)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise CheckpointError(args.load_dir, f"{flag} does not apply to a {framework} checkpoint")
 
 
 def run_convert(args) -> None:
+    from ckpt_hooks.mindspore.transform import is_mindspore_source
+
+    if args.src_strategy_path_or_dir or args.dst_strategy or is_mindspore_source(args.load_dir):
+        _refuse_flags(args, _MEGATRON_ONLY, "MindSpore")
+        run_mindspore_convert(args)
+        return
+    _refuse_flags(args, _MINDSPORE_ONLY, "Megatron")
     from ckpt_hooks.conversion import convert
 
     report = convert(args.load_dir, args.save_dir,
@@ -46,6 +78,16 @@ def run_convert(args) -> None:
                      num_layer_list=args.num_layer_list,
                      convert_param_only=args.convert_param_only, true_vocab_size=args.true_vocab_size,
                      workers=args.workers, quiet=args.quiet)
+    if not args.quiet:
+        print(f"wrote {args.save_dir}: {report}")
+
+
+def run_mindspore_convert(args) -> None:
+    from ckpt_hooks.mindspore.transform import DEFAULT_PREFIX, transform_checkpoints
+
+    report = transform_checkpoints(args.load_dir, args.save_dir, args.src_strategy_path_or_dir, args.dst_strategy,
+                                   prefix=args.prefix or DEFAULT_PREFIX, output_format=args.format,
+                                   process_num=args.workers, quiet=args.quiet)
     if not args.quiet:
         print(f"wrote {args.save_dir}: {report}")
 
@@ -75,7 +117,8 @@ def run_export(args) -> None:
 
 
 COMMANDS = {
-    "convert": ("reshard a checkpoint to another TP/PP/VPP layout", add_convert_arguments, run_convert),
+    "convert": ("reshard a Megatron checkpoint to another TP/PP/VPP layout, or a MindSpore one to another strategy",
+                add_convert_arguments, run_convert),
     "inspect": ("describe a checkpoint: format, layout, model, files", add_inspect_arguments, run_inspect),
     "export-param-map": ("write the distributed optimizer's param_map of every rank (MindSpeed-Core-MS JSON)",
                          add_export_arguments, run_export),

@@ -14,7 +14,7 @@ tensor_type ``"str"``, dims ``[0]`` and the UTF-32 bytes of a NumPy ``U`` array.
 ``crc_check=True`` the file ends with ``b"crc_num"`` and the CRC32 of everything before it as
 10 big-endian bytes.
 
-The wire format is parsed here by hand over an ``mmap``: listing a file reads only the record
+The wire format is parsed by hand (protobuf_wire) over an ``mmap``: listing a file reads only the record
 headers, and a tensor held in one record is read as a zero-copy view of the map.
 """
 
@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.protobuf_wire import field, message, text
 
 # NumPy has no bfloat16 without ml_dtypes. Our bfloat16 arrays have this 2-byte structured dtype
 # holding the raw bits: unlike plain uint16 it stays bfloat16 through slicing and saving, and it
@@ -144,54 +145,6 @@ class MappedFile:
         return out
 
 
-def _varint(buf, pos: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while shift < 70:
-        if pos >= end:
-            raise ValueError(f"varint cut short at byte {pos}")
-        byte = buf[pos]
-        pos += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, pos
-        shift += 7
-    raise ValueError(f"varint too long at byte {pos}")
-
-
-def _message(buf, start: int, end: int) -> dict[int, list]:
-    """The fields of the protobuf message in ``buf[start:end]``, by number: ints for varints,
-    (start, end) spans for length-delimited fields. Nothing is copied."""
-    fields, pos = {}, start
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        wire = key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos, end)
-        elif wire == 2:
-            n, pos = _varint(buf, pos, end)
-            value, pos = (pos, pos + n), pos + n
-        elif wire in (1, 5):
-            value, pos = pos, pos + (8 if wire == 1 else 4)
-        else:
-            raise ValueError(f"unexpected wire type {wire} at byte {pos}")
-        if pos > end:
-            raise ValueError(f"field {key >> 3} runs past the end of its message at byte {end}")
-        fields.setdefault(key >> 3, []).append(value)
-    return fields
-
-
-def _text(buf, span: tuple[int, int]) -> str:
-    return bytes(buf[span[0]:span[1]]).decode()
-
-
-def _field(fields: dict, number: int, kind: type, what: str):
-    """The (last, as protobuf reads it) value of a singular field, which must be there."""
-    value = fields.get(number, [None])[-1]
-    if not isinstance(value, kind):
-        raise ValueError(f"{what} is missing")
-    return value
-
-
 class CkptFile(MappedFile):
     """A MindSpore ``.ckpt`` opened lazily. ``tensors`` in file order; ``strings`` holds the
     string values; ``map_parameters`` names the MapParameters (hash-table embeddings), which
@@ -218,22 +171,22 @@ class CkptFile(MappedFile):
     def _records(self, end: int) -> list:
         """[tag, tensor_type, dims, pieces] per tensor, its consecutive records merged."""
         buf, merged, seen = self._map, [], set()
-        top = _message(buf, 0, end)
+        top = message(buf, 0, end)
         if set(top) - {1}:
             raise ValueError(f"unexpected field {min(set(top) - {1})} in Checkpoint")
         for span in top.get(1, []):
             if not isinstance(span, tuple):
                 raise ValueError("a record is not a message")
-            value = _message(buf, *span)
-            tag = _text(buf, _field(value, 1, tuple, "a record's tag"))
+            value = message(buf, *span)
+            tag = text(buf, field(value, 1, tuple, "a record's tag"))
             if 3 in value:
                 if tag not in self.map_parameters:
                     self.map_parameters.append(tag)
                 continue
-            tensor = _message(buf, *_field(value, 2, tuple, f"{tag}: the tensor"))
-            tensor_type = _text(buf, _field(tensor, 2, tuple, f"{tag}: tensor_type"))
+            tensor = message(buf, *field(value, 2, tuple, f"{tag}: the tensor"))
+            tensor_type = text(buf, field(tensor, 2, tuple, f"{tag}: tensor_type"))
             dims = tensor.get(1, [])
-            start, stop = _field(tensor, 3, tuple, f"{tag}: tensor_content")
+            start, stop = field(tensor, 3, tuple, f"{tag}: tensor_content")
             if merged and merged[-1][0] == tag:  # the next 512 MiB of the same tensor
                 if merged[-1][1:3] != [tensor_type, dims]:
                     raise ValueError(f"{tag}: its records disagree on dtype or shape")
