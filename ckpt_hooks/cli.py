@@ -116,12 +116,43 @@ def run_export(args) -> None:
     print(f"wrote {len(written)} param_map files to {args.save_dir}")
 
 
+def add_combine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy-dir", required=True,
+                        help="the opt_shard_info directory (dist_opt_shard_info*.json of every DP group)")
+    parser.add_argument("--checkpoint-dir", required=True, help="the rank_N/ directories of the sharded checkpoint")
+    parser.add_argument("--output-dir", required=True, help="where to write (must not exist or be empty)")
+    parser.add_argument("--src-format", choices=("ckpt", "safetensors"), default="ckpt")
+    parser.add_argument("--dst-format", choices=("ckpt", "safetensors"), default="ckpt")
+    parser.add_argument("--copy-to-all-dp-ranks", action="store_true",
+                        help="write the merged file for every rank of a DP group, not only its first")
+    parser.add_argument("--rank-section", type=int, nargs=2, metavar=("START", "END"), default=(None, None),
+                        help="only the DP groups whose first rank is in [START, END)")
+    parser.add_argument("--no-save-optim", action="store_true",
+                        help="the fp32 parameters only: no Adam moments, step or learning rate")
+    parser.add_argument("--max-process-limit", "--max-proccess-limit", dest="workers", type=int,
+                        default=min(4, os.cpu_count() or 1), help="DP groups merged in parallel")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_combine(args) -> None:
+    from ckpt_hooks.mindspore.dp_zero import combine_dp_zero
+
+    written = combine_dp_zero(args.strategy_dir, args.checkpoint_dir, args.output_dir, src_format=args.src_format,
+                              dst_format=args.dst_format, copy_to_all_dp_ranks=args.copy_to_all_dp_ranks,
+                              rank_section=tuple(args.rank_section), no_save_optim=args.no_save_optim,
+                              workers=args.workers, quiet=args.quiet)
+    if not args.quiet:
+        print(f"wrote {len(written)} merged files to {args.output_dir}")
+
+
 COMMANDS = {
     "convert": ("reshard a Megatron checkpoint to another TP/PP/VPP layout, or a MindSpore one to another strategy",
                 add_convert_arguments, run_convert),
     "inspect": ("describe a checkpoint: format, layout, model, files", add_inspect_arguments, run_inspect),
     "export-param-map": ("write the distributed optimizer's param_map of every rank (MindSpeed-Core-MS JSON)",
                          add_export_arguments, run_export),
+    "combine-dp-zero": ("merge MindSpeed-Core-MS distributed-optimizer buckets into per-parameter tensors",
+                        add_combine_arguments, run_combine),
 }
 
 

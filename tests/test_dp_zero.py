@@ -16,7 +16,7 @@ ms = pytest.importorskip("mindspore")
 
 from ckpt_hooks.errors import CheckpointError  # noqa: E402
 from ckpt_hooks.mindspore.dp_zero import combine_dp_zero  # noqa: E402
-from tests.util import tree_digest  # noqa: E402
+from tests.util import cli, tree_digest  # noqa: E402
 
 DP_GROUPS = [[0, 2], [1, 3]]  # global ranks; TP2 x DP2: rank = dp * 2 + tp
 PARAMS = {  # name -> shape, per TP rank (the same shapes on both)
@@ -96,9 +96,10 @@ def test_buckets_combine_into_the_very_tensors_they_were_cut_from(sharded):
     root, truths = sharded
     _, buckets = buffer_layout(2)
     assert len(buckets) == 2  # a parameter straddles DP ranks and buckets
-    written = combine_dp_zero(root / "opt_shard_info", root / "output", root / "merged", copy_to_all_dp_ranks=True,
-                              quiet=True)
-    assert len(written) == 4
+    result = cli("combine-dp-zero", "--strategy-dir", root / "opt_shard_info", "--checkpoint-dir", root / "output",
+                 "--output-dir", root / "merged", "--copy-to-all-dp-ranks", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert len(list((root / "merged").rglob("*.ckpt"))) == 4
     for first, truth in truths.items():
         out = loaded(root / "merged" / f"rank_{first}" / f"network_rank_{first}-1_7_dp_merged.ckpt")
         assert set(out) == set(truth) | {"state_step", "learning_rate_group_0"}
@@ -126,8 +127,10 @@ def test_missing_rank_and_misfit_shard_info_are_refused(sharded):
     root, _ = sharded
     before = tree_digest(root / "output")
     (root / "output" / "rank_3").rename(root / "rank_3_moved")
-    with pytest.raises(CheckpointError, match="rank_3: missing rank directory"):
-        combine_dp_zero(root / "opt_shard_info", root / "output", root / "merged", quiet=True)
+    result = cli("combine-dp-zero", "--strategy-dir", root / "opt_shard_info", "--checkpoint-dir", root / "output",
+                 "--output-dir", root / "merged")
+    assert result.returncode == 2
+    assert result.stderr == f"error: {root / 'output' / 'rank_3'}: missing rank directory\n"
     (root / "rank_3_moved").rename(root / "output" / "rank_3")
     info_path = root / "opt_shard_info" / "rank_1" / "dist_opt_shard_info_rank_1-0_0.json"
     info = json.loads(info_path.read_text())

@@ -20,6 +20,7 @@ ms = pytest.importorskip("mindspore")
 from ckpt_hooks.errors import CheckpointError  # noqa: E402
 from ckpt_hooks.mindspore import manifest  # noqa: E402
 from ckpt_hooks.mindspore.callback import CheckpointManifest  # noqa: E402
+from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
 from ckpt_hooks.mindspore.load import load  # noqa: E402
 from tests.harness.mindspore_run import STEPS, dataset, network_and_optimizer  # noqa: E402
 
@@ -187,7 +188,7 @@ def test_parallel_layouts_are_recorded_and_saved_slices_refused(runs, tmp_path):
     path = Path(shutil.copy(runs / "stand_alone_ckpt" / SAVED, tmp_path / SAVED))
     layouts = {"fc1.weight": manifest.parallel_layout([[2, 1], [1, -1], [16, 8], 0, True, "", [], [], 7]),
                "fc2.weight": manifest.parallel_layout([[2, 1], [-1, 1], [16, 8], 0, True, "", [], []])}
-    described = manifest.build(manifest.open_checkpoint(path), layout={"rank": 0, "world_size": 2,
+    described = manifest.build(open_checkpoint(path), layout={"rank": 0, "world_size": 2,
                                "parallel_mode": "semi_auto_parallel"}, step=4, epoch=1, roles={},
                                parallel_layouts=layouts)
     fc1, fc2 = described["tensors"]["fc1.weight"], described["tensors"]["fc2.weight"]

@@ -18,6 +18,7 @@ from pathlib import Path
 from mindspore.train import Callback, ModelCheckpoint
 
 from ckpt_hooks.mindspore import manifest
+from ckpt_hooks.mindspore.files import open_checkpoint
 
 
 class CheckpointManifest(Callback):
@@ -67,7 +68,7 @@ def _describe(path: str, cb_params) -> None:
     step_in_epoch = (cb_params.cur_step_num - 1) % cb_params.batch_num + 1
     epoch = cb_params.cur_epoch_num
     model_params = {p.name for p in cb_params.network.get_parameters()}
-    saved = manifest.open_checkpoint(path)
+    saved = open_checkpoint(path)
     layouts = cb_params.train_network.parameter_layout_dict
     described = manifest.build(
         saved, layout=manifest.running_layout(), step=(epoch - 1) * cb_params.batch_num + step_in_epoch, epoch=epoch,

@@ -145,13 +145,6 @@ def _read(shard, name: str) -> np.ndarray:
     return shard.read(name)
 
 
-def open_shard(path):
-    from ckpt_hooks.formats.mindspore_ckpt import CkptFile
-    from ckpt_hooks.formats.ms_safetensors import SafetensorsFile
-
-    return SafetensorsFile(path) if str(path).endswith(".safetensors") else CkptFile(path)
-
-
 def write_checkpoint(path, items) -> None:
     """``items`` (name, value) pairs to a .ckpt (streamed) or MindSpore safetensors file."""
     from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors
@@ -162,20 +155,10 @@ def write_checkpoint(path, items) -> None:
         mindspore_ckpt.save(path, items)
 
 
-def latest_file(rank_dir: Path, suffix: str) -> Path:
-    """The newest ``*.suffix`` of a rank directory, as MindSpeed's tool picks it."""
-    if not rank_dir.is_dir():
-        raise CheckpointError(rank_dir, "missing rank directory")
-    files = sorted(rank_dir.glob(f"*.{suffix}"), key=lambda p: p.stat().st_mtime)
-    if not files:
-        raise CheckpointError(rank_dir, f"no *.{suffix} checkpoint")
-    return files[-1]
-
-
 def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str = "ckpt",
                     dst_format: str = "ckpt", copy_to_all_dp_ranks: bool = False, rank_section=(None, None),
                     no_save_optim: bool = False, workers: int = 2, quiet: bool = False) -> list[Path]:
-    """Merge every DP group's optimizer shards (``checkpoint_dir/rank_{r}/``, newest file) into
+    """Merge every DP group's optimizer shards (``checkpoint_dir/rank_{r}/``, last file) into
     per-parameter tensors: ``output_dir/rank_{r}/{name}_dp_merged.{dst_format}`` for DP rank 0
     of each group (and its DP peers with ``copy_to_all_dp_ranks``). ``rank_section`` = (start,
     end) keeps the groups whose first rank is in [start, end). Written atomically; returns the
@@ -184,13 +167,14 @@ def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str
 
     from ckpt_hooks.executor import run
     from ckpt_hooks.formats.megatron_legacy import staged_directory
+    from ckpt_hooks.mindspore.files import latest_checkpoint, open_checkpoint
 
     infos = [read_shard_info(p) for p in sorted(Path(strategy_dir).rglob("dist_opt_shard_info*.json"))]
     if not infos:
         raise CheckpointError(strategy_dir, "no dist_opt_shard_info*.json (MindSpeed-Core-MS shard info)")
     start, end = rank_section
     infos = [i for i in infos if (start is None or i.dp_ranks[0] >= start) and (end is None or i.dp_ranks[0] < end)]
-    sources = {i.path: [latest_file(Path(checkpoint_dir) / f"rank_{r}", src_format) for r in i.dp_ranks]
+    sources = {i.path: [latest_checkpoint(Path(checkpoint_dir) / f"rank_{r}", f".{src_format}") for r in i.dp_ranks]
                for i in infos}
     states = STATES[:1] if no_save_optim else STATES
     written = []
@@ -200,7 +184,7 @@ def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str
             first = f"rank_{info.dp_ranks[0]}"
             target = root / first / f"{files[0].stem}_dp_merged.{dst_format}"
             target.parent.mkdir(parents=True, exist_ok=True)
-            shards = [open_shard(f) for f in files]
+            shards = [open_checkpoint(f) for f in files]
             items = combined_tensors(info, shards, states)
             if no_save_optim:
                 items = ((n, v) for n, v in items if not _training_state(n))

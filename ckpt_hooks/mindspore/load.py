@@ -14,7 +14,6 @@ parameter changes.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,8 +23,8 @@ from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.mindspore_ckpt import BF16, MappedFile
 from ckpt_hooks.layout import Box
 from ckpt_hooks.mindspore import manifest
+from ckpt_hooks.mindspore.files import latest_checkpoint, open_checkpoint, rank_dirs
 
-_RANK_DIR = re.compile(r"rank_(\d+)")
 _WHOLE_TENSOR_MODES = ("stand_alone", "data_parallel")
 
 
@@ -106,12 +105,12 @@ def _sources(path: Path) -> list[Source]:
         return [_open(path)]
     if not path.is_dir():
         raise CheckpointError(path, "no such checkpoint file or directory")
-    ranks = {int(m[1]): p for p in path.iterdir() if p.is_dir() and (m := _RANK_DIR.fullmatch(p.name))}
+    ranks = rank_dirs(path)
     if not ranks:
-        return [_open(_newest(path))]
+        return [_open(latest_checkpoint(path))]
     if 0 not in ranks:
         raise CheckpointError(path / "rank_0", f"missing, but {path} has rank_{min(ranks)}")
-    first = _open(_newest(ranks[0]))
+    first = _open(latest_checkpoint(ranks[0]))
     if first.manifest:
         world, why = first.manifest["layout"]["world_size"], f"the manifest of {first.file.path} says world size"
     else:
@@ -126,19 +125,10 @@ def _sources(path: Path) -> list[Source]:
     return sources
 
 
-def _newest(directory: Path) -> Path:
-    """The last checkpoint of a directory by the epoch and step ModelCheckpoint puts in its name
-    (``CKP-<epoch>_<step>``), as ckpt_hooks.mindspore.transform picks it."""
-    files = [p for p in directory.iterdir() if p.suffix in manifest.READERS and p.is_file()]
-    if not files:
-        raise CheckpointError(directory, f"no checkpoint file ({' or '.join(manifest.READERS)}) in it")
-    return max(files, key=lambda p: ([int(n) for n in re.findall(r"\d+", p.stem)][-2:], p.name))
-
-
 def _open(path: Path) -> Source:
     if not path.is_file():
         raise CheckpointError(path, "missing (a partially written checkpoint?)")
-    source = Source(manifest.open_checkpoint(path), manifest.read(path))
+    source = Source(open_checkpoint(path), manifest.read(path))
     if source.manifest is not None:
         manifest.check(source.manifest, source.file)
     return source

@@ -24,13 +24,11 @@ import json
 from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.mindspore_ckpt import DTYPES, CkptFile, MappedFile, atomic_write, dtype_index
-from ckpt_hooks.formats.ms_safetensors import SafetensorsFile
+from ckpt_hooks.formats.mindspore_ckpt import DTYPES, MappedFile, atomic_write, dtype_index
 
 SUFFIX = ".manifest.json"
 VERSION = 1
 FRAMEWORK = "mindspore"
-READERS = {".ckpt": CkptFile, ".safetensors": SafetensorsFile}
 # The entries of a `parameter_layout_dict` value, as serialization._get_merged_param_data reads them.
 LAYOUT_FIELDS = ("dev_matrix", "tensor_map", "slice_shape", "field_size", "uniform_split", "opt_shard_group",
                  "before_reshape_full_shape", "after_reshape_slice_shape")
@@ -39,14 +37,6 @@ _ENTRY_KEYS = {"shape", "dtype", "role", "global_shape", "offsets"}
 
 def manifest_path(ckpt_path) -> Path:
     return Path(f"{ckpt_path}{SUFFIX}")
-
-
-def open_checkpoint(path) -> MappedFile:
-    """A .ckpt or MindSpore safetensors file, opened lazily."""
-    reader = READERS.get(Path(path).suffix)
-    if reader is None:
-        raise CheckpointError(path, f"not a MindSpore checkpoint (expected {' or '.join(READERS)})")
-    return reader(path)
 
 
 def running_layout() -> dict:

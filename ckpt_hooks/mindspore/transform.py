@@ -11,7 +11,6 @@ Output is laid out as MindSpore's: ``rank_{r}/{prefix}{r}.ckpt`` (or ``.safetens
 from __future__ import annotations
 
 import itertools
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +23,10 @@ from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors
 from ckpt_hooks.formats.megatron_legacy import refuse_non_empty, staged_directory
 from ckpt_hooks.formats.mindspore_ckpt import MappedFile
 from ckpt_hooks.layout import Box, LayoutError
-from ckpt_hooks.mindspore.manifest import READERS, open_checkpoint
+from ckpt_hooks.mindspore.files import READERS, RANK_DIR, latest_checkpoint, open_checkpoint, rank_dirs
 from ckpt_hooks.mindspore.strategy import ParamLayout, Strategy, box, check_shape, global_shape, rank_boxes, \
     read_strategy
 
-_RANK_DIR = re.compile(r"rank_(\d+)")
 DEFAULT_PREFIX = "checkpoint_"  # MindFormers' (transform_checkpoints requires one)
 
 
@@ -88,7 +86,7 @@ def is_mindspore_source(path) -> bool:
     path = Path(path)
     if path.is_file():
         return path.suffix in READERS
-    return path.is_dir() and any(p.suffix in READERS or (_RANK_DIR.fullmatch(p.name) and p.is_dir())
+    return path.is_dir() and any(p.suffix in READERS or (RANK_DIR.fullmatch(p.name) and p.is_dir())
                                  for p in path.iterdir())
 
 
@@ -99,31 +97,20 @@ def open_source(load_dir, world: int) -> dict[int, MappedFile]:
     if root.is_file():
         paths = {0: root}
     elif root.is_dir():
-        rank_dirs = {int(m[1]): p for p in root.iterdir() if (m := _RANK_DIR.fullmatch(p.name)) and p.is_dir()}
-        if not rank_dirs and world == 1:
-            paths = {0: _latest(root)}
+        ranks = rank_dirs(root)
+        if not ranks and world == 1:
+            paths = {0: latest_checkpoint(root)}
         else:
-            missing = [rank for rank in range(world) if rank not in rank_dirs]
+            missing = [rank for rank in range(world) if rank not in ranks]
             if missing:
                 raise CheckpointError(root / f"rank_{missing[0]}", f"missing rank directory (the source strategy "
                                                                    f"describes {world} ranks)")
-            paths = {rank: _latest(rank_dirs[rank]) for rank in range(world)}
+            paths = {rank: latest_checkpoint(ranks[rank]) for rank in range(world)}
     else:
         raise CheckpointError(root, "checkpoint not found")
     if len({p.suffix for p in paths.values()}) > 1:
         raise CheckpointError(root, "mixes .ckpt and .safetensors files")
     return {rank: open_checkpoint(p) for rank, p in paths.items()}
-
-
-def _latest(directory: Path) -> Path:
-    """The checkpoint of a directory; of several, the last saved: the highest (epoch, step) as
-    MindSpore names them (``{prefix}-{epoch}_{step}``), as its safetensors transform picks."""
-    found = [p for p in directory.iterdir() if p.suffix in READERS and p.is_file()]
-    if not found:
-        raise CheckpointError(directory, "no .ckpt or .safetensors file")
-    if len({p.suffix for p in found}) > 1:
-        raise CheckpointError(directory, "holds both .ckpt and .safetensors files")
-    return max(found, key=lambda p: ([int(n) for n in re.findall(r"\d+", p.stem)][-2:], p.name))
 
 
 # ---- planning -------------------------------------------------------------------------------

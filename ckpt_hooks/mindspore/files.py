@@ -1,0 +1,41 @@
+"""Where a MindSpore checkpoint's files are: one file, a directory of them, or ``rank_N/``
+directories; of several files in a directory, the last saved."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.mindspore_ckpt import CkptFile, MappedFile
+from ckpt_hooks.formats.ms_safetensors import SafetensorsFile
+
+READERS = {".ckpt": CkptFile, ".safetensors": SafetensorsFile}
+RANK_DIR = re.compile(r"rank_(\d+)")
+
+
+def open_checkpoint(path) -> MappedFile:
+    """A .ckpt or MindSpore safetensors file, opened lazily."""
+    reader = READERS.get(Path(path).suffix)
+    if reader is None:
+        raise CheckpointError(path, f"not a MindSpore checkpoint (expected {' or '.join(READERS)})")
+    return reader(path)
+
+
+def rank_dirs(root: Path) -> dict[int, Path]:
+    """rank -> its ``rank_N`` directory under ``root``."""
+    return {int(m[1]): p for p in root.iterdir() if (m := RANK_DIR.fullmatch(p.name)) and p.is_dir()}
+
+
+def latest_checkpoint(directory: Path, suffix: str | None = None) -> Path:
+    """The checkpoint file of a directory (``.ckpt`` or ``.safetensors``, or only ``suffix``);
+    of several, the highest (epoch, step) as ModelCheckpoint names them
+    (``{prefix}-{epoch}_{step}``), as MindSpore's safetensors transform picks it."""
+    if not directory.is_dir():
+        raise CheckpointError(directory, "missing rank directory")
+    found = [p for p in directory.iterdir() if p.is_file() and p.suffix in READERS and suffix in (None, p.suffix)]
+    if not found:
+        raise CheckpointError(directory, f"no {suffix or ' or '.join(READERS)} checkpoint file in it")
+    if len({p.suffix for p in found}) > 1:
+        raise CheckpointError(directory, "holds both .ckpt and .safetensors files")
+    return max(found, key=lambda p: ([int(n) for n in re.findall(r"\d+", p.stem)][-2:], p.name))
