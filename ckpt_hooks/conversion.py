@@ -8,9 +8,10 @@ from pathlib import Path
 
 from ckpt_hooks import layout, manifest
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.executor import pending_file, run
+from ckpt_hooks.executor import pending_file
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.torch_pickle import LazyTensor, iter_lazy_tensors
+from ckpt_hooks.output import refuse_non_empty, run, staged_directory
 from ckpt_hooks.optimizer import STATES, SourceOptimizer, target_state
 from ckpt_hooks.plan import SourceFile, TargetFile, TensorMeta, plan_conversion
 from ckpt_hooks.spec import (ModelSpec, ParallelConfig, even_or_none, model_spec_from_args,
@@ -103,7 +104,7 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
             quiet: bool = False) -> Report:
     """Reshard a Megatron legacy checkpoint — weights, and unless ``convert_param_only`` the
     distributed optimizer's fp32 params and Adam moments — and write it to ``save_dir`` atomically."""
-    legacy.refuse_non_empty(save_dir)
+    refuse_non_empty(save_dir)
     started = time.perf_counter()
     ckpt, spec, source, files = read_source(load_dir, true_vocab_size)
     target = target_config(source, target_tp, target_pp, target_vpp, num_layer_list, target_dp)
@@ -122,7 +123,7 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
     if optim is not None and optim.param_groups is not None:
         carried["optimizer"] = optim.param_groups  # param groups and step: the same on every rank
 
-    with legacy.staged_directory(save_dir) as root:
+    with staged_directory(save_dir) as root:
         def write(target_file: TargetFile, progress) -> None:
             rank = target_file.tp_rank, target_file.pp_rank
             state = {"args": args, **carried, **pending_file(ckpt.lookup, target_file, progress)}

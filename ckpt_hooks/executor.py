@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
-from tqdm import tqdm
 
 from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile, contiguous_strides
 from ckpt_hooks.plan import Copy, TargetFile, TargetTensor
@@ -81,16 +79,3 @@ def pending_file(lookup: SourceLookup, target: TargetFile, progress=None) -> "Or
             PendingTensor(tensor.placement.stored_shape, tensor.dtype, produce(tensor))
         chunks.setdefault(tensor.chunk, OrderedDict())[tensor.key] = entry
     return chunks
-
-
-def run(targets: list, write: Callable[[object, tqdm], None], total_bytes: int, workers: int = 2,
-        quiet: bool = False, label: str = "convert") -> None:
-    """``write(target, progress)`` every target, ``workers`` at a time, under one progress bar."""
-    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc=label, disable=quiet, dynamic_ncols=True) as bar:
-        if workers <= 1 or len(targets) == 1:
-            for target in targets:
-                write(target, bar)
-            return
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for result in [pool.submit(write, target, bar) for target in targets]:
-                result.result()

@@ -8,7 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from ckpt_hooks.conversion import read_source
-from ckpt_hooks.formats.megatron_legacy import chunk_keys, staged_directory
+from ckpt_hooks.formats.megatron_legacy import chunk_keys
+from ckpt_hooks.output import staged_directory
 from ckpt_hooks.optimizer import SourceOptimizer
 from ckpt_hooks.param_map import mindspeed_file_name, mindspeed_json
 

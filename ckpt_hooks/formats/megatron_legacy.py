@@ -10,12 +10,9 @@ model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,32 +119,6 @@ def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
     for key in sorted(expected - {(0, 0)}):
         files[key] = TorchFile(ranks[key] / MODEL_FILE)
     return LegacyCheckpoint(iter_dir, iteration, files, tp, pp)
-
-
-def refuse_non_empty(save_dir: str | os.PathLike) -> None:
-    path = Path(save_dir)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CheckpointError(path, "save directory exists and is not empty; refusing to overwrite")
-
-
-@contextlib.contextmanager
-def staged_directory(save_dir: str | os.PathLike):
-    """Yield a temporary sibling of ``save_dir``; it becomes ``save_dir`` only on success."""
-    target = Path(save_dir).absolute()
-    refuse_non_empty(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield staging
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def write_tracker(root: Path, iteration: int | None) -> None:

@@ -18,14 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.executor import run
 from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors
-from ckpt_hooks.formats.megatron_legacy import refuse_non_empty, staged_directory
 from ckpt_hooks.formats.mindspore_ckpt import MappedFile
 from ckpt_hooks.layout import Box, LayoutError
 from ckpt_hooks.mindspore.files import READERS, RANK_DIR, latest_checkpoint, open_checkpoint, rank_dirs
 from ckpt_hooks.mindspore.strategy import ParamLayout, Strategy, box, check_shape, global_shape, rank_boxes, \
     read_strategy
+from ckpt_hooks.output import refuse_non_empty, run, staged_directory
 
 DEFAULT_PREFIX = "checkpoint_"  # MindFormers' (transform_checkpoints requires one)
 
