@@ -9,6 +9,7 @@ import os
 import sys
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.hf.cli import COMMANDS as HF_COMMANDS
 
 
 def _layer_list(text: str) -> tuple[int, ...]:
@@ -153,6 +154,7 @@ COMMANDS = {
                          add_export_arguments, run_export),
     "combine-dp-zero": ("merge MindSpeed-Core-MS distributed-optimizer buckets into per-parameter tensors",
                         add_combine_arguments, run_combine),
+    **HF_COMMANDS,
 }
 
 

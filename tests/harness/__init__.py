@@ -11,7 +11,8 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
             "swiglu": True, "normalization": "RMSNorm", "position_embedding": "rope",
             "add_bias_linear": False, "untie_embeddings": True, "vocab_size": 99,
             "make_vocab_size_divisible_by": 16, "seq_length": 16, "micro_batch": 2,
-            "global_batch": 8, "seed": 1234, "dtype": "fp32" | "bf16"}
+            "global_batch": 8, "seed": 1234, "dtype": "fp32" | "bf16", "norm_eps": 1e-5,
+            "rotary_base": 10000, "add_qkv_bias": None (= add_bias_linear)}
       vocab_size is Megatron-LM's --vocab-size for NullTokenizer: true vocab = vocab_size + 1.
 
   {"kind": "train", "model": {...}, "layout": {...}, "steps": int, "save_dir": DIR, "truth": PATH}
@@ -90,6 +91,11 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       ckpt_hooks.patches.megatron_core and through ckpt_hooks.megatron.save (interleaved);
       OUT.json: {"plain": [s], "hooked": [s], "library": [s], "checkpoint_bytes", "hook_bytes"}.
       Used by bench/bench_save_hook.py.
+  {"kind": "logits", "model", "layout", "load_dir": DIR, "tokens": [[int]], "result": OUT.pt}
+      Loads DIR's latest iteration strictly at this layout (as verify) and runs the rows of
+      "tokens" (a multiple of micro_batch rows) forward, no labels; OUT.pt (torch.save) gets
+      {"logits": [rows, seq, padded_vocab] float tensor (TP pieces joined), "args_mismatches"
+      (as verify)}.  Used to compare with an independent implementation (transformers).
   Any job may carry "patches": ["megatron_core", ...]: the ckpt_hooks.patches modules installed
   around it (install() before, uninstall() after).
 
@@ -155,6 +161,11 @@ def resume_job(layout: dict, load_dir, truth, result, model: dict | None = None,
     return {"kind": "resume", "model": model or {}, "layout": layout, "load_dir": str(load_dir),
             "truth": str(truth), "steps": steps, "result": str(result), "loader": loader,
             "patches": list(patches)}
+
+
+def logits_job(layout: dict, load_dir, tokens, result, model: dict | None = None) -> dict:
+    return {"kind": "logits", "model": model or {}, "layout": layout, "load_dir": str(load_dir),
+            "tokens": [list(map(int, row)) for row in tokens], "result": str(result)}
 
 
 def _free_port() -> int:

@@ -1,4 +1,4 @@
-"""torchrun entry point: `train`, `verify` and `resume` jobs on a tiny megatron-core GPT (CPU, gloo).
+"""torchrun entry point: `train`, `verify`, `resume` and `logits` jobs on a tiny megatron-core GPT (CPU, gloo).
 
     torchrun --nproc-per-node 4 -m tests.harness.megatron_run JOBS.json   (from the repo root)
     torchrun --nproc-per-node 4 tests/harness/megatron_run.py JOBS.json   (by path)
@@ -59,8 +59,6 @@ from megatron.core.utils import unwrap_model  # noqa: E402
 
 LR = 1e-2
 WEIGHT_DECAY = 0.01  # Megatron-LM's default --weight-decay
-NORM_EPS = 1e-5
-ROTARY_BASE = 10000
 
 
 # ----------------------------------------------------------------------------- setup
@@ -84,6 +82,11 @@ def init_parallel(m: dict, layout: dict) -> int:
     return ps.get_data_parallel_world_size()
 
 
+def qkv_bias(m: dict) -> bool:
+    """Megatron-LM keeps add_qkv_bias with add_bias_linear unless told (Qwen2: --add-qkv-bias)."""
+    return m["add_bias_linear"] if m["add_qkv_bias"] is None else m["add_qkv_bias"]
+
+
 def transformer_config(m: dict, layout: dict) -> TransformerConfig:
     bf16 = m["dtype"] == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
@@ -96,9 +99,9 @@ def transformer_config(m: dict, layout: dict) -> TransformerConfig:
         gated_linear_unit=m["swiglu"],
         activation_func=F.silu if m["swiglu"] else F.gelu,
         normalization=m["normalization"],
-        layernorm_epsilon=NORM_EPS,
+        layernorm_epsilon=m["norm_eps"],
         add_bias_linear=m["add_bias_linear"],
-        add_qkv_bias=m["add_bias_linear"],  # Megatron-LM keeps the two in sync
+        add_qkv_bias=qkv_bias(m),
         # No dropout: training must be a deterministic function of data and layout.
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -130,7 +133,7 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=not m["untie_embeddings"],
             position_embedding_type=m["position_embedding"],
-            rotary_base=ROTARY_BASE,
+            rotary_base=m["rotary_base"],
             vp_stage=vp_stage,
         )
         model.model_type = ModelType.encoder_or_decoder
@@ -196,16 +199,16 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int) -> argparse.Na
         vocab_file=None,
         swiglu=m["swiglu"],
         normalization=m["normalization"],
-        norm_epsilon=NORM_EPS,
+        norm_epsilon=m["norm_eps"],
         apply_layernorm_1p=False,
         position_embedding_type=m["position_embedding"],
         add_position_embedding=m["position_embedding"] == "learned_absolute",
         use_rotary_position_embeddings=m["position_embedding"] == "rope",
-        rotary_base=ROTARY_BASE,
+        rotary_base=m["rotary_base"],
         rotary_percent=1.0,
         rotary_interleaved=False,
         add_bias_linear=m["add_bias_linear"],
-        add_qkv_bias=m["add_bias_linear"],
+        add_qkv_bias=qkv_bias(m),
         untie_embeddings_and_output_weights=m["untie_embeddings"],
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -1016,6 +1019,38 @@ def verify_job(job: dict) -> None:
         json.dump(result, f, indent=1)
 
 
+def logits_job(job: dict) -> None:
+    """Strict load of DIR at this layout (as verify); rank 0 writes the full-vocabulary logits of
+    job["tokens"], run through the pipeline schedule in micro batches (each DP rank runs it all)."""
+    m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
+    dp = init_parallel(m, layout)
+    chunks = build_model(m, layout, transformer_config(m, layout))
+    mismatched = load_legacy_model(job["load_dir"], layout, chunks, megatron_args(m, layout, dp, iteration=0))
+    tokens = torch.tensor(job["tokens"])
+    positions = torch.arange(tokens.shape[1]).expand(m["micro_batch"], -1)
+    batches = [{"tokens": mb, "position_ids": positions} for mb in tokens.split(m["micro_batch"])]
+
+    def forward(data_iterator, model):
+        batch = next(data_iterator)
+        logits = model(batch["tokens"], batch["position_ids"], None)  # no labels: [b, s, vocab / tp]
+        return logits, lambda out: (out.sum() * 0, {"logits": out.detach()})
+
+    with torch.no_grad():
+        reports = get_forward_backward_func()(
+            forward_step_func=forward, data_iterator=[iter(batches) for _ in chunks], model=chunks,
+            num_microbatches=len(batches), seq_length=tokens.shape[1], micro_batch_size=m["micro_batch"],
+            forward_only=True)
+    mine = None
+    if ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_data_parallel_rank() == 0:
+        mine = (ps.get_tensor_model_parallel_rank(), torch.cat([r["logits"] for r in reports]))
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mine, mismatched))
+    if dist.get_rank() == 0:
+        pieces = sorted((piece for piece, _ in gathered if piece is not None), key=lambda p: p[0])
+        torch.save({"logits": torch.cat([logits for _, logits in pieces], dim=-1),
+                    "args_mismatches": sorted({name for _, names in gathered for name in names})}, job["result"])
+
+
 def save_timing_job(job: dict) -> None:
     """Time Megatron-LM's legacy save after one training step, `repeat` times each without
     hooks ("plain"), with ckpt_hooks.patches.megatron_core installed ("hooked": param_maps) and
@@ -1054,7 +1089,8 @@ def save_timing_job(job: dict) -> None:
             json.dump({**times, "checkpoint_bytes": size(saved, False), "hook_bytes": size(saved, True)}, f)
 
 
-JOBS = {"train": train_job, "verify": verify_job, "resume": resume_job, "save_timing": save_timing_job}
+JOBS = {"train": train_job, "verify": verify_job, "resume": resume_job, "save_timing": save_timing_job,
+        "logits": logits_job}
 
 
 def main() -> None:

@@ -23,6 +23,9 @@ MODEL_DEFAULTS = {
     "global_batch": 8,
     "seed": 1234,
     "dtype": "fp32",  # or "bf16"
+    "norm_eps": 1e-5,
+    "rotary_base": 10000,
+    "add_qkv_bias": None,  # None: as add_bias_linear (Megatron-LM keeps the two in sync); Qwen2: True
 }
 
 LAYOUT_DEFAULTS = {"tp": 1, "pp": 1, "vpp": None, "first": None, "last": None}

@@ -1,0 +1,287 @@
+"""Hugging Face <-> Megatron against two independent implementations: transformers' Llama, Qwen2
+and Mistral, and real megatron-core GPT models loading the converted checkpoints (torchrun, CPU)."""
+
+import argparse
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ckpt_hooks.cli import guarded
+from ckpt_hooks.formats.megatron_legacy import open_checkpoint
+from ckpt_hooks.hf.cli import COMMANDS
+from ckpt_hooks.hf.to_hf import megatron_to_hf
+from ckpt_hooks.hf.to_megatron import hf_to_megatron
+from tests.harness import logits_job, run_jobs, true_vocab
+from tests.util import tree_digest
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 250
+TOKENS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7))
+# family -> (config class, config overrides, target layout). Distinct RoPE bases and norm eps
+# so that a value not carried over shows; Qwen2 has q/k/v biases and tied embeddings.
+FAMILIES = {
+    "llama": ("LlamaConfig", {"rope_theta": 500000.0, "rms_norm_eps": 1e-5}, {"tp": 2, "pp": 2}),
+    "qwen2": ("Qwen2Config", {"rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
+              {"tp": 2, "pp": 2}),
+    "mistral": ("MistralConfig", {"rope_theta": 20000.0, "rms_norm_eps": 3e-6}, {"tp": 1, "pp": 2, "vpp": 2}),
+}
+
+
+def hf_model(family: str, seed: int):
+    """A tiny random model (no download) whose every weight is non-trivial: biases and norms too."""
+    config_class, overrides, _ = FAMILIES[family]
+    config = getattr(transformers, config_class)(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, **overrides)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.rand_like(param) + 0.5 if "norm" in name else torch.randn_like(param) * 0.1)
+    return model
+
+
+def logits_of(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def harness_model(family: str) -> dict:
+    """The megatron-core model of the same architecture, as the harness builds it."""
+    _, overrides, _ = FAMILIES[family]
+    return {"vocab_size": VOCAB - 1,  # NullTokenizer's --vocab-size: the true vocabulary is one more
+            "make_vocab_size_divisible_by": 128, "rotary_base": overrides["rope_theta"],
+            "norm_eps": overrides["rms_norm_eps"], "add_qkv_bias": family == "qwen2",
+            "untie_embeddings": not overrides.get("tie_word_embeddings", False)}
+
+
+def hf_tensors(directory) -> dict:
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() \
+        else ["model.safetensors"]
+    return {k: v for f in files for k, v in load_file(directory / f).items()}
+
+
+@pytest.fixture(scope="module")
+def hf(tmp_path_factory, sources):
+    """Per family: the HF model, its directory and logits, its Megatron conversion and the logits
+    megatron-core computes from it; plus the harness-trained TP2·PP2 checkpoint's logits.
+    All megatron-core runs share one torchrun launch."""
+    root = tmp_path_factory.mktemp("hf")
+    out, jobs = {}, []
+    for seed, (family, (_, _, layout)) in enumerate(FAMILIES.items()):
+        model = hf_model(family, seed)
+        directory = root / family
+        model.save_pretrained(directory, max_shard_size="100KB" if family == "llama" else "1GB")
+        megatron = root / f"{family}-megatron"
+        hf_to_megatron(directory, megatron, target_tp=layout["tp"], target_pp=layout["pp"],
+                       target_vpp=layout.get("vpp"), layer_spec="local", quiet=True)
+        result = root / f"{family}.logits.pt"
+        jobs.append(logits_job(layout, megatron, TOKENS, result, harness_model(family)))
+        out[family] = {"dir": directory, "megatron": megatron, "logits": logits_of(model), "result": result}
+    trained = sources["tp2pp2"]
+    out["trained"] = {"result": root / "trained.logits.pt", "source": trained}
+    jobs.append(logits_job(trained.layout, trained.dir, TOKENS % true_vocab(trained.model), out["trained"]["result"],
+                           trained.model))
+    run_jobs(jobs, root / "logs")
+    for entry in out.values():
+        entry["megatron_run"] = torch.load(entry["result"])
+    return out
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_to_megatron_gives_transformers_logits(hf, family):
+    """The converted checkpoint, loaded strictly into megatron-core's GPTModel at TP2·PP2 (Mistral:
+    TP1·PP2·VPP2), computes transformers' logits; Megatron-LM's checked args agree."""
+    run, want = hf[family]["megatron_run"], hf[family]["logits"]
+    assert run["args_mismatches"] == []
+    got = run["logits"]
+    assert got.shape == (*want.shape[:2], 256)  # padded to 128 x TP
+    assert not got[..., VOCAB:].any()          # padding rows are zero
+    delta = (got[..., :VOCAB] - want).abs().max().item()
+    print(f"{family}: max |Δ logits| {delta:.2e} (logits up to {want.abs().max():.1f})")
+    assert delta <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_trip_is_bitwise(hf, family, tmp_path):
+    """Megatron (sharded) -> HF gives back every original tensor bit for bit, in sharded files with
+    an index, and transformers loads the directory and computes the same logits."""
+    back = tmp_path / "back"
+    megatron_to_hf(hf[family]["megatron"], back, max_shard_size="200KB", quiet=True)
+    original, converted = hf_tensors(hf[family]["dir"]), hf_tensors(back)
+    assert sorted(converted) == sorted(original)
+    for name, tensor in original.items():
+        assert converted[name].dtype == tensor.dtype and torch.equal(converted[name], tensor), name
+    assert len(json.loads((back / "model.safetensors.index.json").read_text())["weight_map"]) == len(original)
+    model = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    assert type(model).__name__ == getattr(transformers, FAMILIES[family][0]).__name__.replace("Config", "ForCausalLM")
+    assert torch.equal(logits_of(model), hf[family]["logits"])
+
+
+def test_trained_megatron_checkpoint_to_transformers(hf, tmp_path):
+    """A checkpoint trained by megatron-core at TP2·PP2 (GQA, SwiGLU, RMSNorm, RoPE, untied),
+    converted straight to HF, computes megatron-core's logits in transformers' LlamaForCausalLM."""
+    trained = hf["trained"]["source"]
+    out = tmp_path / "hf"
+    megatron_to_hf(trained.dir, out, quiet=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    vocab = true_vocab(trained.model)
+    assert model.config.vocab_size == vocab  # the padded rows are dropped
+    with torch.no_grad():
+        want = model(TOKENS % vocab).logits
+    got = hf["trained"]["megatron_run"]["logits"][..., :vocab]
+    delta = (got - want).abs().max().item()
+    print(f"trained TP2·PP2 -> HF: max |Δ logits| {delta:.2e}")
+    assert delta <= 1e-5
+
+
+def megatron_state(root, rank_dir="mp_rank_00_000") -> dict:
+    ckpt = open_checkpoint(root)
+    return torch.load(ckpt.iter_dir / rank_dir / "model_optim_rng.pt", weights_only=False)
+
+
+def test_files_hold_what_megatron_core_saves(hf):
+    """The converted Llama's rank files list the entries (the linears' None _extra_state too) of the
+    harness-trained checkpoint of the same architecture and layout, in megatron-core's order."""
+    trained = hf["trained"]["source"].dir
+    for rank_dir in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
+        assert list(megatron_state(hf["llama"]["megatron"], rank_dir)["model"]) == \
+            list(megatron_state(trained, rank_dir)["model"]), rank_dir
+
+
+def test_transformer_engine_names_bf16_uneven_release(hf, tmp_path):
+    """The Transformer Engine spec's names, bf16 weights, an uneven pipeline and a release
+    checkpoint; back to HF: the original tensors cast to bf16, bit for bit."""
+    megatron, back = tmp_path / "megatron", tmp_path / "back"
+    hf_to_megatron(hf["qwen2"]["dir"], megatron, target_tp=2, target_pp=2, num_layer_list=(1, 3),
+                   params_dtype=torch.bfloat16, release=True, quiet=True)
+    assert (megatron / "latest_checkpointed_iteration.txt").read_text() == "release"
+    state = megatron_state(megatron)
+    assert state["args"].transformer_impl == "transformer_engine" and state["args"].bf16
+    assert state["args"].decoder_first_pipeline_num_layers == 1
+    prefix = "decoder.layers.0."
+    layer = {k.removeprefix(prefix): v for k, v in state["model"].items() if k.startswith(prefix)}
+    assert list(layer) == ["self_attention.core_attention._extra_state", "self_attention.linear_proj.weight",
+                           "self_attention.linear_proj._extra_state", "self_attention.linear_qkv.layer_norm_weight",
+                           "self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias",
+                           "self_attention.linear_qkv._extra_state", "mlp.linear_fc1.layer_norm_weight",
+                           "mlp.linear_fc1.weight", "mlp.linear_fc1._extra_state", "mlp.linear_fc2.weight",
+                           "mlp.linear_fc2._extra_state"]
+    assert all(v is None for k, v in layer.items() if k.endswith("_extra_state"))
+    assert all(v.dtype == torch.bfloat16 for v in layer.values() if v is not None)
+    megatron_to_hf(megatron, back, quiet=True)
+    original, converted = hf_tensors(hf["qwen2"]["dir"]), hf_tensors(back)
+    assert sorted(converted) == sorted(original)
+    for name, tensor in original.items():
+        assert torch.equal(converted[name], tensor.to(torch.bfloat16)), name
+    assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_vocab_padding_flags(hf, tmp_path):
+    """--padded-vocab-size pads to exactly that many rows (zeros); --true-vocab-size drops HF rows
+    past it, and the way back keeps that many."""
+    megatron, back = tmp_path / "megatron", tmp_path / "back"
+    hf_to_megatron(hf["llama"]["dir"], megatron, target_tp=2, padded_vocab_size=300, true_vocab_size=240,
+                   layer_spec="local", quiet=True)
+    state = megatron_state(megatron, "mp_rank_01")
+    assert state["args"].padded_vocab_size == 300 and state["args"].vocab_size == 240
+    original = hf_tensors(hf["llama"]["dir"])
+    rows = state["model"]["embedding.word_embeddings.weight"]  # rows 150..299 of 300
+    assert rows.shape == (150, 64)
+    assert torch.equal(rows[:90], original["model.embed_tokens.weight"][150:240]) and not rows[90:].any()
+    megatron_to_hf(megatron, back, quiet=True)
+    converted = hf_tensors(back)
+    assert torch.equal(converted["lm_head.weight"], original["lm_head.weight"][:240])
+    assert json.loads((back / "config.json").read_text())["vocab_size"] == 240
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def hf_cli(command: str, *args) -> int:
+    """A subcommand run as `ckpt-hooks` runs it (CheckpointError -> one line, exit 2)."""
+    parser = argparse.ArgumentParser(prog="ckpt-hooks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text))
+    return guarded(COMMANDS[command][2], parser.parse_args([command, *map(str, args), "--quiet"]))
+
+
+def assert_refused(capsys, command, source, save_dir, *flags, names, says):
+    before = tree_digest(source)
+    assert hf_cli(command, "--load-dir", source, "--save-dir", save_dir, *flags) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {names}"), lines
+    assert says in lines[0], lines[0]
+    assert not save_dir.exists() or not any(save_dir.iterdir())
+    assert not any(p.name.startswith(f".{save_dir.name}.partial") for p in save_dir.parent.iterdir())
+    assert tree_digest(source) == before
+
+
+@pytest.fixture
+def llama_copy(hf, tmp_path):
+    """A one-file copy of the tiny Llama, to damage."""
+    copy = tmp_path / "llama"
+    copy.mkdir()
+    shutil.copy(hf["llama"]["dir"] / "config.json", copy)
+    save_file(hf_tensors(hf["llama"]["dir"]), copy / "model.safetensors", metadata={"format": "pt"})
+    return copy
+
+
+def edit_config(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_unknown_family(llama_copy, tmp_path, capsys):
+    edit_config(llama_copy, model_type="gpt2")
+    assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", names=llama_copy / "config.json",
+                   says="unsupported model_type 'gpt2' (supported: llama, mistral, qwen2)")
+
+
+def test_unmapped_and_missing_tensors_are_listed(llama_copy, tmp_path, capsys):
+    tensors = load_file(llama_copy / "model.safetensors")
+    tensors["model.layers.0.self_attn.q_norm.weight"] = torch.ones(16)
+    tensors["model.extra.weight"] = torch.ones(2)
+    save_file(tensors, llama_copy / "model.safetensors")
+    assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", names=llama_copy,
+                   says="2 tensors the llama name map does not cover: model.extra.weight, "
+                        "model.layers.0.self_attn.q_norm.weight")
+    del tensors["model.extra.weight"], tensors["model.layers.0.self_attn.q_norm.weight"]
+    del tensors["model.layers.2.self_attn.k_proj.weight"]
+    save_file(tensors, llama_copy / "model.safetensors")
+    assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", names=llama_copy,
+                   says="missing tensors: model.layers.2.self_attn.k_proj.weight")
+
+
+def test_shape_that_disagrees_with_the_config(llama_copy, tmp_path, capsys):
+    edit_config(llama_copy, intermediate_size=96)
+    assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", names=llama_copy / "model.safetensors",
+                   says="'model.layers.0.mlp.gate_proj.weight' has shape [128, 64], but config.json implies [96, 64]")
+
+
+def test_truncated_safetensors(llama_copy, tmp_path, capsys):
+    path = llama_copy / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", names=path, says="truncated")
+
+
+def test_unsupported_config_and_layout(llama_copy, tmp_path, capsys):
+    edit_config(llama_copy, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4})
+    assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", names=llama_copy / "config.json",
+                   says="has no megatron-core equivalent")
+    edit_config(llama_copy, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", "--target-tensor-parallel-size", 3,
+                   names=llama_copy / "config.json", says="tensor parallel size 3 does not divide attention heads (4)")
+
+
+def test_megatron_that_does_not_fit_the_family(hf, tmp_path, capsys):
+    source = hf["llama"]["megatron"]
+    assert_refused(capsys, "megatron-to-hf", source, tmp_path / "out", "--model-type", "qwen2",
+                   names=source, says="a model with no q/k/v biases cannot be written as Hugging Face qwen2")
