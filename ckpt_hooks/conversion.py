@@ -98,6 +98,53 @@ def target_config(source: ParallelConfig, tp=None, pp=None, vpp=None, num_layer_
                           layers_per_stage=stages)
 
 
+@dataclass
+class Planned:
+    """A Megatron checkpoint and the copies that build a target layout from it: the weights'
+    plan and, unless converting the weights only, each optimizer state's {(tp, pp): file}."""
+
+    ckpt: legacy.LegacyCheckpoint
+    spec: ModelSpec
+    source: ParallelConfig
+    target: ParallelConfig
+    files: list[SourceFile]
+    weights: list[TargetFile]
+    optimizer: SourceOptimizer | None
+    optimizer_plans: dict[str, dict[tuple[int, int], TargetFile]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.weights) + \
+            sum(f.nbytes for plans in self.optimizer_plans.values() for f in plans.values())
+
+    def carried(self) -> dict:
+        """The entries of model_optim_rng.pt that do not depend on the layout."""
+        carried = {k: self.ckpt.first.obj[k] for k in _CARRIED if k in self.ckpt.first.obj}
+        if self.optimizer is not None and self.optimizer.param_groups is not None:
+            carried["optimizer"] = self.optimizer.param_groups  # param groups and step: the same on every rank
+        return carried
+
+
+def plan_megatron(load_dir, *, target_tp: int | None = None, target_pp: int | None = None,
+                  target_vpp: int | None = None, target_dp: int | None = None, num_layer_list=None,
+                  convert_param_only: bool = False, true_vocab_size: int | None = None) -> Planned:
+    """Read a Megatron legacy checkpoint and plan its conversion to the target layout (sizes
+    not given are kept as ``target_config`` says)."""
+    ckpt, spec, source, files = read_source(load_dir, true_vocab_size)
+    target = target_config(source, target_tp, target_pp, target_vpp, num_layer_list, target_dp)
+    try:
+        layout.check_divisible(spec, target)
+    except layout.LayoutError as e:
+        raise CheckpointError(ckpt.first.path, f"target {target.describe()}: {e}") from None
+    chunk_keys = legacy.chunk_keys(source.vpp), legacy.chunk_keys(target.vpp)
+    weights = plan_conversion(spec, source, files, target, *chunk_keys)
+    optim = None if convert_param_only else SourceOptimizer(ckpt, spec, source, files)
+    optim_plans = {} if optim is None else \
+        {state: {(t.tp_rank, t.pp_rank): t for t in targets}
+         for state, targets in optim.plans(spec, source, files, target, chunk_keys).items()}
+    return Planned(ckpt, spec, source, target, files, weights, optim, optim_plans)
+
+
 def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int | None = None,
             target_vpp: int | None = None, target_dp: int | None = None, num_layer_list=None,
             convert_param_only: bool = False, true_vocab_size: int | None = None, workers: int = 2,
@@ -106,22 +153,12 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
     distributed optimizer's fp32 params and Adam moments — and write it to ``save_dir`` atomically."""
     refuse_non_empty(save_dir)
     started = time.perf_counter()
-    ckpt, spec, source, files = read_source(load_dir, true_vocab_size)
-    target = target_config(source, target_tp, target_pp, target_vpp, num_layer_list, target_dp)
-    try:
-        layout.check_divisible(spec, target)
-    except layout.LayoutError as e:
-        raise CheckpointError(ckpt.first.path, f"target {target.describe()}: {e}") from None
-    chunk_keys = legacy.chunk_keys(source.vpp), legacy.chunk_keys(target.vpp)
-    plan = plan_conversion(spec, source, files, target, *chunk_keys)
-    optim = None if convert_param_only else SourceOptimizer(ckpt, spec, source, files)
-    optim_plans = {} if optim is None else \
-        {state: {(t.tp_rank, t.pp_rank): t for t in targets}
-         for state, targets in optim.plans(spec, source, files, target, chunk_keys).items()}
+    p = plan_megatron(load_dir, target_tp=target_tp, target_pp=target_pp, target_vpp=target_vpp, target_dp=target_dp,
+                      num_layer_list=num_layer_list, convert_param_only=convert_param_only,
+                      true_vocab_size=true_vocab_size)
+    ckpt, spec, target, optim = p.ckpt, p.spec, p.target, p.optimizer
     args = updated_args(ckpt.args, spec, target)
-    carried = {k: ckpt.first.obj[k] for k in _CARRIED if k in ckpt.first.obj}
-    if optim is not None and optim.param_groups is not None:
-        carried["optimizer"] = optim.param_groups  # param groups and step: the same on every rank
+    carried = p.carried()
 
     with staged_directory(save_dir) as root:
         def write(target_file: TargetFile, progress) -> None:
@@ -129,12 +166,13 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
             state = {"args": args, **carried, **pending_file(ckpt.lookup, target_file, progress)}
             legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, state)
             if optim is not None:
-                optim_state = target_state(target_file, {s: optim_plans[s][rank] for s in STATES}, optim,
+                optim_state = target_state(target_file, {s: p.optimizer_plans[s][rank] for s in STATES}, optim,
                                            spec, target, args, progress)
                 legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, optim_state, legacy.OPTIMIZER_FILE)
 
-        total = sum(f.nbytes for f in plan) + sum(f.nbytes for plans in optim_plans.values() for f in plans.values())
-        run(plan, write, total, workers=workers, quiet=quiet, label=f"{source.describe()} -> {target.describe()}")
+        run(p.weights, write, p.nbytes, workers=workers, quiet=quiet,
+            label=f"{p.source.describe()} -> {target.describe()}")
         legacy.write_tracker(root, ckpt.iteration)
         write_manifest(root)
-    return Report(spec, source, target, len(plan) * (1 if optim is None else 2), total, time.perf_counter() - started)
+    return Report(spec, p.source, target, len(p.weights) * (1 if optim is None else 2), p.nbytes,
+                  time.perf_counter() - started)

@@ -8,10 +8,23 @@ from dataclasses import replace
 from pathlib import Path
 
 from ckpt_hooks.conversion import read_source
-from ckpt_hooks.formats.megatron_legacy import chunk_keys
 from ckpt_hooks.output import staged_directory
 from ckpt_hooks.optimizer import SourceOptimizer
-from ckpt_hooks.param_map import mindspeed_file_name, mindspeed_json
+from ckpt_hooks.param_map import BufferMap, mindspeed_file_name, mindspeed_json
+
+
+def write_mindspeed_maps(directory: Path, maps: dict[tuple[int, int], list[BufferMap]], dp: int) -> list[Path]:
+    """Write each (tp, pp) rank's buffers as MindSpeed-Core-MS's JSON files, one per DP rank."""
+    written = []
+    for (tp_rank, pp_rank), rank_maps in sorted(maps.items()):
+        for vp in sorted({m.chunk for m in rank_maps}):
+            for index, buffer in enumerate(m for m in rank_maps if m.chunk == vp):
+                text = json.dumps(mindspeed_json(buffer), indent=1)
+                for dp_rank in range(dp):
+                    path = directory / mindspeed_file_name(index, dp_rank, tp_rank, pp_rank, vp)
+                    path.write_text(text)
+                    written.append(path)
+    return written
 
 
 def export_param_maps(load_dir, save_dir, dp: int | None = None) -> list[Path]:
@@ -20,14 +33,6 @@ def export_param_maps(load_dir, save_dir, dp: int | None = None) -> list[Path]:
     if dp:
         source = replace(source, dp=dp)
     optimizer = SourceOptimizer(ckpt, spec, source, files)
-    written = []
     with staged_directory(save_dir) as root:
-        for (tp_rank, pp_rank), maps in sorted(optimizer.maps.items()):
-            for vp in range(len(chunk_keys(source.vpp))):
-                for index, buffer in enumerate(m for m in maps if m.chunk == vp):
-                    text = json.dumps(mindspeed_json(buffer), indent=1)
-                    for dp_rank in range(source.dp):
-                        name = mindspeed_file_name(index, dp_rank, tp_rank, pp_rank, vp)
-                        (root / name).write_text(text)
-                        written.append(Path(save_dir) / name)
-    return written
+        written = write_mindspeed_maps(root, optimizer.maps, source.dp)
+    return [Path(save_dir) / p.relative_to(root) for p in written]
