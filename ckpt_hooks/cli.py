@@ -10,6 +10,7 @@ import sys
 
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.hf.cli import COMMANDS as HF_COMMANDS
+from ckpt_hooks.mindspeed.cli import COMMANDS as MINDSPEED_COMMANDS
 
 
 def _layer_list(text: str) -> tuple[int, ...]:
@@ -155,6 +156,7 @@ COMMANDS = {
     "combine-dp-zero": ("merge MindSpeed-Core-MS distributed-optimizer buckets into per-parameter tensors",
                         add_combine_arguments, run_combine),
     **HF_COMMANDS,
+    **MINDSPEED_COMMANDS,
 }
 
 
