@@ -5,12 +5,12 @@ bucket layout does not fit is refused on every rank."""
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 
 from ckpt_hooks.param_map import BufferMap
 from tests.harness import resume_job, run_jobs
+from tests.util import assert_same
 
 HOOKED, TWIN = "hooked_tp1pp2vpp2", "cont_tp1pp2vpp2"
 
@@ -43,25 +43,6 @@ def test_trainer_files_are_unchanged_by_the_save_hook(sources):
             b = torch.load(twin / name, weights_only=False)
             assert_same(a, b, name)
         assert sorted(p.name for p in twin.iterdir()) == ["distrib_optim.pt", "model_optim_rng.pt"]
-
-
-def assert_same(a, b, where):
-    if isinstance(a, torch.Tensor):
-        assert torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), where
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for k in a:
-            assert_same(a[k], b[k], f"{where}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}[{i}]")
-    elif hasattr(a, "__dict__") and not isinstance(a, type):
-        assert_same(vars(a), vars(b), where)
-    else:
-        assert a == b, where
 
 
 @pytest.fixture(scope="module")

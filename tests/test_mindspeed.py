@@ -18,7 +18,7 @@ from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors  # noqa: E402
 from ckpt_hooks.mindspeed import megatron_to_mindspore, mindspore_to_megatron, tensor_md5  # noqa: E402
 from ckpt_hooks.mindspeed.cli import COMMANDS  # noqa: E402
 from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
-from tests.util import tree_digest  # noqa: E402
+from tests.util import assert_same, tree_digest  # noqa: E402
 
 # (source, MindSpore layout, Megatron layout back, format). cont_tp2pp2's vocabulary pads to the
 # same rows at TP 1 and 2, so even its padding rows survive the trip through TP1.
@@ -44,24 +44,6 @@ def trips(sources, tmp_path_factory):
         again = mindspore_to_megatron(root / f"{name}-ms", root / f"{name}-back", quiet=True, **back)
         out[name] = root / f"{name}-ms", root / f"{name}-back", there, again
     return out
-
-
-def assert_same(a, b, where="") -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
-    elif isinstance(a, np.ndarray):
-        assert np.array_equal(a, b), where
-    elif isinstance(a, dict):
-        assert list(a) == list(b), where
-        for key in a:
-            assert_same(a[key], b[key], f"{where}/{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same(x, y, f"{where}/{i}")
-    else:
-        assert a == b, where
 
 
 @pytest.mark.parametrize("case", ROUND_TRIPS, ids=lambda c: f"{c[0]}-via-ms{c[1].get('tp', '')}{c[1].get('pp', '')}")

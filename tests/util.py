@@ -1,9 +1,13 @@
-"""Shared helpers of the tests: run the CLI, fingerprint a tree, check a refusal."""
+"""Shared helpers of the tests: run the CLI, fingerprint a tree, check a refusal, compare
+loaded checkpoint contents."""
 
 import hashlib
 import subprocess
 import sys
 from pathlib import Path
+
+import numpy as np
+import torch
 
 
 def cli(*args):
@@ -29,3 +33,25 @@ def assert_refused(ckpt: Path, save_dir: Path, *flags, names: Path, says: str, o
     assert not save_dir.exists() or not any(save_dir.iterdir())
     assert not any(p.name.startswith(f".{save_dir.name}.partial") for p in save_dir.parent.iterdir())
     assert tree_digest(ckpt) == before
+
+
+def assert_same(a, b, where="") -> None:
+    """Nested checkpoint contents equal: tensors and arrays bitwise (dtype and shape too), dicts
+    with the same keys in the same order, Namespaces by their attributes."""
+    assert type(a) is type(b), where
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}/{i}")
+    elif hasattr(a, "__dict__") and not isinstance(a, type):
+        assert_same(vars(a), vars(b), where)
+    else:
+        assert a == b, where
