@@ -12,13 +12,13 @@ from ckpt_hooks.spec import parse_layer_list
 DTYPES = ("bf16", "fp16", "fp32")
 
 
-def _dtype(name: str | None):
+def torch_dtype(name: str | None):
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(name)
 
 
-def _common(parser: argparse.ArgumentParser, load_help: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, load_help: str) -> None:
     parser.add_argument("--load-dir", required=True, help=load_help)
     parser.add_argument("--save-dir", required=True, help="where to write (must not exist or be empty)")
     parser.add_argument("--params-dtype", choices=DTYPES, help="cast the weights (default: keep their dtype)")
@@ -28,7 +28,13 @@ def _common(parser: argparse.ArgumentParser, load_help: str) -> None:
 
 
 def add_hf_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
-    _common(parser, "Hugging Face model directory (config.json, model.safetensors or an index and shards)")
+    add_common_arguments(parser, "Hugging Face model directory (config.json, model.safetensors or an index "
+                                 "and shards)")
+    add_megatron_target_arguments(parser)
+
+
+def add_megatron_target_arguments(parser: argparse.ArgumentParser) -> None:
+    """The Megatron checkpoint to write: layout, layer spec, vocabulary padding."""
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
     parser.add_argument("--target-pipeline-parallel-size", type=int, default=1)
     parser.add_argument("--target-virtual-pipeline-parallel-size", type=int, help="virtual pipeline chunks per stage")
@@ -43,22 +49,27 @@ def add_hf_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--release", action="store_true", help="write release/ instead of iter_0000001/")
 
 
+def to_megatron_options(args) -> dict:
+    """The keyword arguments of hf_to_megatron (and external_to_megatron) that the flags give."""
+    return dict(target_tp=args.target_tensor_parallel_size, target_pp=args.target_pipeline_parallel_size,
+                target_vpp=args.target_virtual_pipeline_parallel_size, num_layer_list=args.num_layer_list,
+                layer_spec=args.transformer_impl, params_dtype=torch_dtype(args.params_dtype),
+                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                padded_vocab_size=args.padded_vocab_size, true_vocab_size=args.true_vocab_size,
+                release=args.release, workers=args.workers, quiet=args.quiet)
+
+
 def run_hf_to_megatron(args) -> None:
     from ckpt_hooks.hf.to_megatron import hf_to_megatron
 
-    report = hf_to_megatron(args.load_dir, args.save_dir, target_tp=args.target_tensor_parallel_size,
-                            target_pp=args.target_pipeline_parallel_size,
-                            target_vpp=args.target_virtual_pipeline_parallel_size, num_layer_list=args.num_layer_list,
-                            layer_spec=args.transformer_impl, params_dtype=_dtype(args.params_dtype),
-                            make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                            padded_vocab_size=args.padded_vocab_size, true_vocab_size=args.true_vocab_size,
-                            release=args.release, workers=args.workers, quiet=args.quiet)
+    report = hf_to_megatron(args.load_dir, args.save_dir, **to_megatron_options(args))
     if not args.quiet:
         print(f"wrote {args.save_dir}: {report}")
 
 
 def add_megatron_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
-    _common(parser, "Megatron legacy checkpoint (root with the tracker file, or an iter_* dir), any TP/PP/VPP")
+    add_common_arguments(parser, "Megatron legacy checkpoint (root with the tracker file, or an iter_* dir), "
+                                 "any TP/PP/VPP")
     parser.add_argument("--model-type", choices=sorted(LAYERS),
                         help="Hugging Face family (default: qwen2 with q/k/v biases, mistral with an attention "
                              "window, else llama)")
@@ -69,7 +80,7 @@ def run_megatron_to_hf(args) -> None:
     from ckpt_hooks.hf.to_hf import megatron_to_hf
 
     report = megatron_to_hf(args.load_dir, args.save_dir, model_type=args.model_type,
-                            params_dtype=_dtype(args.params_dtype), max_shard_size=args.max_shard_size,
+                            params_dtype=torch_dtype(args.params_dtype), max_shard_size=args.max_shard_size,
                             true_vocab_size=args.true_vocab_size, workers=args.workers, quiet=args.quiet)
     if not args.quiet:
         print(f"wrote {args.save_dir}: {report}")

@@ -24,8 +24,8 @@ _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_
 
 
 def read(directory) -> tuple[Path, dict, str]:
-    """(path, config, family) of a Hugging Face model directory."""
-    path = Path(directory) / CONFIG
+    """(path, config, family) of a Hugging Face model directory (or of its config file)."""
+    path = Path(directory) if Path(directory).is_file() else Path(directory) / CONFIG
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
@@ -84,7 +84,7 @@ def model_spec(config: dict, path, family: str, true_vocab_size: int | None = No
 
 
 def megatron_args(config: dict, path, spec: ModelSpec, params_dtype: torch.dtype, layer_spec: str,
-                  tokenizer: str, iteration: int) -> argparse.Namespace:
+                  tokenizer: str | None, iteration: int) -> argparse.Namespace:
     """Megatron-LM's ``args`` for the model (the layout is set by spec.updated_args)."""
     base, factor = _rope(config, path)
     window = config.get("sliding_window") if config["model_type"] == "mistral" else None
@@ -97,7 +97,7 @@ def megatron_args(config: dict, path, spec: ModelSpec, params_dtype: torch.dtype
         max_position_embeddings=max_positions, seq_length=max_positions,
         vocab_size=spec.true_vocab_size, padded_vocab_size=spec.padded_vocab_size,
         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
-        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(tokenizer),
+        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer and str(tokenizer),
         swiglu=True, normalization="RMSNorm", norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         apply_layernorm_1p=False, position_embedding_type="rope", add_position_embedding=False,
         use_rotary_position_embeddings=True, rotary_base=base, rotary_percent=1.0, rotary_interleaved=False,

@@ -162,9 +162,10 @@ def write_index(root: Path, shards: dict[str, list[PlannedTensor]]) -> None:
     (root / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def write_file(path: Path, tensors: list[PlannedTensor], progress=None) -> None:
-    """A safetensors file whose tensors are produced, written and freed one at a time."""
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+def write_file(path: Path, tensors: list[PlannedTensor], progress=None, metadata: dict | None = None) -> None:
+    """A safetensors file whose tensors are produced, written and freed one at a time, in order;
+    ``metadata`` default: transformers' ``{"format": "pt"}``."""
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
     for t in tensors:
         header[t.name] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
         offset += t.nbytes

@@ -5,19 +5,23 @@ An HF tensor is a list of row ranges of one Megatron tensor of a TP1·PP1 model 
 flattened), in order:
 * ``linear_qkv`` is group-major, ``[q_g; k_g; v_g]`` per query group g: q_proj is the q rows of
   every group, k_proj and v_proj their one k / v head each (the same for Qwen2's biases);
-* ``linear_fc1`` is ``[gate; up]``: gate_proj its first ffn rows, up_proj the rest;
+* ``linear_fc1`` is ``[gate; up]``: gate_proj its first ffn rows, up_proj the rest (a tensor
+  may also interleave them, row by row: MindFormers' ``w_gate_hidden``);
 * the vocabulary tensors: the true vocabulary's rows (Megatron pads past them);
 * everything else: all rows.
 """
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 
 from ckpt_hooks import layout, names
 from ckpt_hooks.spec import ModelSpec
 
+# The part of linear_fc1 that is gate and up interleaved row by row: g0, u0, g1, u1, ...
+GATE_UP_INTERLEAVED = "gate/up interleaved"
 LOCAL, TRANSFORMER_ENGINE = "local", "transformer_engine"
 
 # The layer norms' megatron-core names under each layer spec.
@@ -72,9 +76,18 @@ IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 @dataclass(frozen=True)
 class Entry:
-    hf: str
+    hf: str                                 # the tensor's name in its framework (HF, MindFormers, ...)
     megatron: str                           # key of a TP1·PP1 model: global layer numbers
-    rows: tuple[tuple[int, int], ...]       # [start, stop) rows of it, in the HF tensor's order
+    rows: tuple[tuple[int, int], ...]       # [start, stop) rows of it, in this tensor's order
+    interleaved: bool = False               # the ranges' rows alternate, one of each in turn
+
+    def runs(self) -> list[tuple[int, int, int]]:
+        """(first Megatron row, first row of this tensor, rows) of each run of rows the two share."""
+        if self.interleaved:
+            n = len(self.rows)
+            return [(start + j, j * n + i, 1) for i, (start, stop) in enumerate(self.rows) for j in range(stop - start)]
+        firsts = [0, *itertools.accumulate(stop - start for start, stop in self.rows)]
+        return [(start, first, stop - start) for (start, stop), first in zip(self.rows, firsts)]
 
 
 def megatron_shape(key: str, spec: ModelSpec) -> tuple[int, ...]:
@@ -86,6 +99,8 @@ def part_rows(part: str | None, spec: ModelSpec, key: str) -> tuple[tuple[int, i
     """The rows of Megatron tensor ``key`` that hold one HF tensor."""
     if part == "vocab":
         return ((0, spec.true_vocab_size),)
+    if part == GATE_UP_INTERLEAVED:
+        return ((0, spec.ffn_hidden_size), (spec.ffn_hidden_size, 2 * spec.ffn_hidden_size))
     if part in ("gate", "up"):
         start = spec.ffn_hidden_size * (part == "up")
         return ((start, start + spec.ffn_hidden_size),)
@@ -97,17 +112,41 @@ def part_rows(part: str | None, spec: ModelSpec, key: str) -> tuple[tuple[int, i
     return ((0, megatron_shape(key, spec)[0]),)
 
 
+@dataclass(frozen=True)
+class Table:
+    """One framework's names for one model family: name -> (megatron-core name, part), for the
+    tensors before the layers, in each layer (after ``model.layers.{i}.``) and after them."""
+
+    name: str                   # in messages: "llama", "MindFormers qwen2 (qkv_concat)", ...
+    embedding: dict
+    layer: dict
+    head: dict
+    ignored: re.Pattern         # entries that hold no weights of the model, skipped when read
+
+    def entries(self, spec: ModelSpec, layer_spec: str) -> list[Entry]:
+        """Every tensor of a model, in the table's order."""
+        def entry(name, megatron, part):
+            megatron = megatron.format(**NORMS[layer_spec])
+            return Entry(name, megatron, part_rows(part, spec, megatron), part == GATE_UP_INTERLEAVED)
+
+        head = {n: target for n, target in self.head.items()
+                if not (spec.tied_embeddings and target[0] == names.OUTPUT)}
+        return ([entry(n, *target) for n, target in self.embedding.items()]
+                + [entry(f"model.layers.{i}.{n}", names.layer_key(i, megatron), part)
+                   for i in range(spec.num_layers) for n, (megatron, part) in self.layer.items()]
+                + [entry(n, *target) for n, target in head.items()])
+
+    def tied_copies(self) -> set[str]:
+        """The output layer's names: a tied model may save it too."""
+        return {n for n, (megatron, _) in self.head.items() if megatron == names.OUTPUT}
+
+
+TABLES = {family: Table(family, EMBEDDING, layer, HEAD, IGNORED) for family, layer in LAYERS.items()}
+
+
 def entries(family: str, spec: ModelSpec, layer_spec: str) -> list[Entry]:
     """Every HF tensor of a model, in Hugging Face's order."""
-    def entry(hf, megatron, part):
-        megatron = megatron.format(**NORMS[layer_spec])
-        return Entry(hf, megatron, part_rows(part, spec, megatron))
-
-    head = {hf: target for hf, target in HEAD.items() if not (spec.tied_embeddings and target[0] == names.OUTPUT)}
-    return ([entry(hf, *target) for hf, target in EMBEDDING.items()]
-            + [entry(f"model.layers.{i}.{hf}", names.layer_key(i, megatron), part)
-               for i in range(spec.num_layers) for hf, (megatron, part) in LAYERS[family].items()]
-            + [entry(hf, *target) for hf, target in head.items()])
+    return TABLES[family].entries(spec, layer_spec)
 
 
 def extra_states(spec: ModelSpec, layer_spec: str) -> list[str]:

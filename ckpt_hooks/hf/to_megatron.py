@@ -32,8 +32,8 @@ CHECKPOINT_VERSION = 3.0  # Megatron-LM's current legacy format
 
 @dataclass(frozen=True)
 class Concatenation:
-    """A Megatron tensor made of flat element ranges of HF tensors, one after the other:
-    the executor's lazy source tensor (always contiguous)."""
+    """A Megatron tensor made of flat element ranges of HF (or other frameworks') tensors, one
+    after the other: the executor's lazy source tensor (always contiguous)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
@@ -42,6 +42,13 @@ class Concatenation:
 
     def is_contiguous(self) -> bool:
         return True
+
+    def rows(self, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of the tensor."""
+        row = math.prod(self.shape[1:])
+        out = torch.empty((stop - start) * row, dtype=self.dtype)
+        self.read_into(start * row, out)
+        return out.view(stop - start, *self.shape[1:])
 
     def read_into(self, start: int, out: torch.Tensor) -> None:
         """Elements [start, start + out.numel()) into flat ``out`` (cast to its dtype)."""
@@ -75,15 +82,17 @@ def _megatron_order(key: str) -> tuple:
     return (0 if position == 0 else 2), position
 
 
-def _source(tensors: dict[str, StoredTensor], entries: list[names.Entry], spec, config, path, extra: list[str],
-            params_dtype: torch.dtype | None) -> dict[str, Concatenation | None]:
-    """Megatron key -> Concatenation (None for non-tensor entries), after checking the HF tensors
-    against the name map and the config."""
+def megatron_view(tensors: dict, table: names.Table, entries: list[names.Entry], spec, vocab_rows: int, path,
+                  described_by: str, extra=(),
+                  params_dtype: torch.dtype | None = None) -> dict[str, Concatenation | None]:
+    """A framework's tensors as a TP1·PP1 Megatron model: key -> Concatenation (None for the
+    non-tensor entries ``extra``), after checking them against the name table and the model,
+    whose vocabulary tensors have ``vocab_rows`` rows and whose other shapes ``described_by`` gives."""
     wanted = {e.hf for e in entries}
-    known = wanted | ({"lm_head.weight"} if spec.tied_embeddings else set())  # a tied copy may be saved
-    unmapped = sorted(n for n in tensors if n not in known and not names.IGNORED.fullmatch(n))
+    known = wanted | (table.tied_copies() if spec.tied_embeddings else set())  # a tied copy may be saved
+    unmapped = sorted(n for n in tensors if n not in known and not table.ignored.fullmatch(n))
     if unmapped:
-        raise CheckpointError(path, f"{len(unmapped)} tensors the {config['model_type']} name map does not "
+        raise CheckpointError(path, f"{len(unmapped)} tensors the {table.name} name map does not "
                                     f"cover: {', '.join(unmapped)}")
     missing = [n for n in wanted if n not in tensors]
     if missing:
@@ -92,15 +101,14 @@ def _source(tensors: dict[str, StoredTensor], entries: list[names.Entry], spec, 
     for e in entries:
         shape = names.megatron_shape(e.megatron, spec)
         vocab = e.megatron in (megatron_names.EMBEDDING, megatron_names.OUTPUT)
-        expected = (config["vocab_size"] if vocab else sum(b - a for a, b in e.rows), *shape[1:])
+        expected = (vocab_rows if vocab else sum(b - a for a, b in e.rows), *shape[1:])
         stored = tensors[e.hf]
         if stored.shape != expected:
             raise CheckpointError(stored.file.path, f"'{e.hf}' has shape {list(stored.shape)}, but "
-                                                    f"{hf_config.CONFIG} implies {list(expected)}")
-        row, hf_row = math.prod(shape[1:]), 0
-        for a, b in e.rows:
-            by_key.setdefault(e.megatron, []).append((a * row, stored, hf_row * row, (b - a) * row))
-            hf_row += b - a
+                                                    f"{described_by} implies {list(expected)}")
+        row = math.prod(shape[1:])
+        for megatron_row, own_row, rows in e.runs():
+            by_key.setdefault(e.megatron, []).append((megatron_row * row, stored, own_row * row, rows * row))
     source = {}
     for key, pieces in by_key.items():
         pieces.sort(key=lambda p: p[0])
@@ -120,31 +128,49 @@ def hf_to_megatron(load_dir, save_dir, *, target_tp: int = 1, target_pp: int = 1
     The vocabulary is padded to a multiple of ``make_vocab_size_divisible_by`` x TP, or to
     ``padded_vocab_size`` rows; ``true_vocab_size`` drops HF rows past it."""
     refuse_non_empty(save_dir)
-    started = time.perf_counter()
     path, config, family = hf_config.read(load_dir)
-    spec = hf_config.model_spec(config, path, family, true_vocab_size, make_vocab_size_divisible_by)
+    return external_to_megatron(
+        open_directory(load_dir), names.TABLES[family], config, path, load_dir, save_dir, label=f"HF {family}",
+        tokenizer=load_dir, target_tp=target_tp, target_pp=target_pp, target_vpp=target_vpp,
+        num_layer_list=num_layer_list, layer_spec=layer_spec, params_dtype=params_dtype,
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by, padded_vocab_size=padded_vocab_size,
+        true_vocab_size=true_vocab_size, release=release, workers=workers, quiet=quiet)
+
+
+def external_to_megatron(tensors: dict, table: names.Table, config: dict, config_path, load_dir, save_dir, *,
+                         label: str, described_by: str = hf_config.CONFIG, tokenizer=None, target_tp: int = 1,
+                         target_pp: int = 1, target_vpp: int | None = None, num_layer_list=None,
+                         layer_spec: str = names.TRANSFORMER_ENGINE, params_dtype: torch.dtype | None = None,
+                         make_vocab_size_divisible_by: int = 128, padded_vocab_size: int | None = None,
+                         true_vocab_size: int | None = None, release: bool = False, workers: int = 2,
+                         quiet: bool = False) -> Report:
+    """hf_to_megatron for any framework's ``tensors`` (name -> StoredTensor, from ``load_dir``)
+    named as ``table`` says, of the model an HF-style ``config`` (read from ``config_path``)
+    describes."""
+    started = time.perf_counter()
+    spec = hf_config.model_spec(config, config_path, config["model_type"], true_vocab_size,
+                                make_vocab_size_divisible_by)
     target = target_config(ParallelConfig(), target_tp, target_pp, target_vpp, num_layer_list)
     if padded_vocab_size:
         if padded_vocab_size % target.tp or padded_vocab_size < spec.true_vocab_size:
-            raise CheckpointError(path, f"padded vocabulary {padded_vocab_size} must be a multiple of TP "
-                                        f"{target.tp} and at least the vocabulary {spec.true_vocab_size}")
+            raise CheckpointError(config_path, f"padded vocabulary {padded_vocab_size} must be a multiple of TP "
+                                               f"{target.tp} and at least the vocabulary {spec.true_vocab_size}")
         # What Megatron-LM pads to with this divisor is exactly the requested size.
         spec = replace(spec, make_vocab_size_divisible_by=padded_vocab_size // target.tp)
     try:
         layout.check_divisible(spec, target)
     except layout.LayoutError as e:
-        raise CheckpointError(path, f"target {target.describe()}: {e}") from None
-    tensors = open_directory(load_dir)
-    entries = names.entries(family, spec, layer_spec)
-    source = _source(tensors, entries, spec, config, load_dir, names.extra_states(spec, layer_spec), params_dtype)
+        raise CheckpointError(config_path, f"target {target.describe()}: {e}") from None
+    source = megatron_view(tensors, table, table.entries(spec, layer_spec), spec, config["vocab_size"], load_dir,
+                           described_by, names.extra_states(spec, layer_spec), params_dtype)
     keys = sorted(source, key=_megatron_order)
     metas = {k: None if source[k] is None else TensorMeta(source[k].shape, source[k].dtype) for k in keys}
     plan = plan_conversion(spec, ParallelConfig(), [SourceFile(str(load_dir), 0, 0, {"model": metas})], target,
                            ["model"], legacy.chunk_keys(target.vpp))
     iteration = None if release else 1
     dtype = params_dtype or source[megatron_names.EMBEDDING].dtype
-    args = updated_args(hf_config.megatron_args(config, path, spec, dtype, layer_spec, load_dir, iteration or 0),
-                        spec, target)
+    args = updated_args(hf_config.megatron_args(config, config_path, spec, dtype, layer_spec, tokenizer,
+                                                iteration or 0), spec, target)
 
     def lookup(file, chunk, key):
         return _Reader, source[key]
@@ -156,7 +182,7 @@ def hf_to_megatron(load_dir, save_dir, *, target_tp: int = 1, target_pp: int = 1
             legacy.save_rank_file(root, iteration, target_file.tp_rank, target_file.pp_rank, target.pp, state)
 
         total = sum(f.nbytes for f in plan)
-        run(plan, write, total, workers=workers, quiet=quiet, label=f"HF {family} -> {target.describe()}")
+        run(plan, write, total, workers=workers, quiet=quiet, label=f"{label} -> {target.describe()}")
         legacy.write_tracker(root, iteration)
         write_manifest(root)
-    return Report(f"HF {family}", target.describe(), len(plan), total, time.perf_counter() - started)
+    return Report(label, target.describe(), len(plan), total, time.perf_counter() - started)
