@@ -11,7 +11,6 @@ safetensors library does (tensors by its dtype order then name, header padded wi
 from __future__ import annotations
 
 import json
-import math
 import struct
 import zlib
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.mindspore_ckpt import DTYPES, MappedFile, StoredTensor, atomic_write, dtype_index, raw_bytes
+from ckpt_hooks.formats.safetensors_header import read_header
 
 _ST_DTYPES = {code: np.dtype(dtype) for _, dtype, code in DTYPES}
 
@@ -31,15 +31,13 @@ class SafetensorsFile(MappedFile):
     def __init__(self, path, check_crc: bool = False):
         super().__init__(path)
         buf = self._map
-        try:
-            (size,) = struct.unpack("<Q", buf[:8])
-            header = json.loads(bytes(buf[8:8 + size]))
-            self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-            for name in sorted(header):
-                self.tensors[name] = self._tensor(name, header[name], 8 + size)
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(self.path, f"not a safetensors file, or corrupt or truncated "
-                                             f"({type(e).__name__}: {e})") from None
+        entries, self.metadata = read_header(self.path, lambda start, count: bytes(buf[start:start + count]),
+                                             len(buf), {code: dtype.itemsize for code, dtype in _ST_DTYPES.items()})
+        for name in sorted(entries):
+            if name in self.metadata:  # MindSpore notes dtypes safetensors lacks (Int4) here
+                raise CheckpointError(self.path, f"{name}: unsupported MindSpore dtype {self.metadata[name]}")
+            entry = entries[name]
+            self.tensors[name] = StoredTensor(_ST_DTYPES[entry.dtype], entry.shape, ((entry.offset, entry.nbytes),))
         if check_crc and "crc_num" in self.metadata:
             crc = 0
             for name, t in self.tensors.items():
@@ -47,20 +45,6 @@ class SafetensorsFile(MappedFile):
                 crc = zlib.crc32(memoryview(buf)[t.pieces[0][0]:sum(t.pieces[0])], crc)
             if str(crc) != self.metadata["crc_num"]:
                 raise CheckpointError(self.path, "CRC mismatch: the file is damaged")
-
-    def _tensor(self, name: str, entry: dict, base: int) -> StoredTensor:
-        if name in self.metadata:  # MindSpore notes dtypes safetensors lacks (Int4) here
-            raise CheckpointError(self.path, f"{name}: unsupported MindSpore dtype {self.metadata[name]}")
-        dtype = _ST_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(self.path, f"{name}: unsupported dtype {entry['dtype']}")
-        shape = tuple(int(d) for d in entry["shape"])
-        start, stop = (int(o) for o in entry["data_offsets"])
-        if stop - start != math.prod(shape) * dtype.itemsize or start < 0:
-            raise CheckpointError(self.path, f"{name}: data_offsets {[start, stop]} do not fit shape {list(shape)}")
-        if base + stop > len(self._map):
-            raise CheckpointError(self.path, f"{name}: data runs past the end of the file (truncated)")
-        return StoredTensor(dtype, shape, ((base + start, stop - start),))
 
 
 def save(path, items: Mapping) -> None:

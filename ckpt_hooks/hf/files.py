@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.safetensors_header import read_header
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
@@ -54,29 +55,13 @@ class SafetensorsFile:
         try:
             size = os.path.getsize(self.path)
             with open(self.path, "rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                if 8 + length > size:
-                    raise ValueError(f"header of {length} bytes runs past the end of the file")
-                header = json.loads(f.read(length))
-            header.pop("__metadata__", None)
-            self.tensors = {name: self._entry(name, entry, 8 + length, size) for name, entry in header.items()}
+                def read(start: int, count: int) -> bytes:
+                    f.seek(start)
+                    return f.read(count)
+                entries, _ = read_header(self.path, read, size, {code: dtype.itemsize for code, dtype in DTYPES.items()})
         except FileNotFoundError:
             raise CheckpointError(self.path, "file not found") from None
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise CheckpointError(self.path, f"not a safetensors file, or truncated "
-                                             f"({type(e).__name__}: {e})") from None
-
-    def _entry(self, name: str, entry: dict, base: int, size: int) -> StoredTensor:
-        dtype = DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(self.path, f"'{name}': unsupported dtype {entry['dtype']}")
-        shape = tuple(int(d) for d in entry["shape"])
-        start, stop = (int(o) for o in entry["data_offsets"])
-        if stop - start != math.prod(shape) * dtype.itemsize or start < 0:
-            raise CheckpointError(self.path, f"'{name}': data_offsets {[start, stop]} do not fit shape {list(shape)}")
-        if base + stop > size:
-            raise CheckpointError(self.path, f"'{name}': data runs past the end of the file (truncated)")
-        return StoredTensor(self, name, dtype, shape, base + start)
+        self.tensors = {name: StoredTensor(self, name, DTYPES[e.dtype], e.shape, e.offset) for name, e in entries.items()}
 
     def pread_into(self, out: torch.Tensor, position: int) -> None:
         view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
