@@ -10,6 +10,7 @@ import sys
 
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.hf.cli import COMMANDS as HF_COMMANDS
+from ckpt_hooks.lora.cli import COMMANDS as LORA_COMMANDS
 from ckpt_hooks.mindformers.cli import COMMANDS as MINDFORMERS_COMMANDS
 from ckpt_hooks.mindspeed.cli import COMMANDS as MINDSPEED_COMMANDS
 
@@ -159,6 +160,7 @@ COMMANDS = {
     **HF_COMMANDS,
     **MINDSPEED_COMMANDS,
     **MINDFORMERS_COMMANDS,
+    **LORA_COMMANDS,
 }
 
 

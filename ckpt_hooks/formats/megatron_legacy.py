@@ -88,7 +88,11 @@ class LegacyCheckpoint:
         return self.files[file], self.files[file].obj[chunk][key]
 
 
-def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
+def open_checkpoint(load_dir: str | os.PathLike | LegacyCheckpoint) -> LegacyCheckpoint:
+    """Open a checkpoint; one already open is used as it is (ckpt_hooks.lora hands the
+    converters a checkpoint whose lookup merges adapters into the weights)."""
+    if isinstance(load_dir, LegacyCheckpoint):
+        return load_dir
     iter_dir, iteration = find_iteration_dir(load_dir)
     ranks = {}
     for entry in sorted(iter_dir.iterdir()):

@@ -222,11 +222,13 @@ def build(files: dict[int, MappedFile], tensor: TargetTensor) -> np.ndarray:
     return out
 
 
-def write_target(files: dict[int, MappedFile], target: TargetFile, path: Path, progress=None) -> None:
-    """One target file, in the format its suffix names, written atomically."""
+def write_target(files: dict[int, MappedFile], target: TargetFile, path: Path, progress=None,
+                 build_tensor=build) -> None:
+    """One target file, in the format its suffix names, written atomically; each tensor made by
+    ``build_tensor(files, tensor)`` (ckpt_hooks.lora's merges adapters in)."""
     def tensors():
         for tensor in target.tensors:
-            yield tensor.name, build(files, tensor)
+            yield tensor.name, build_tensor(files, tensor)
             if progress is not None:
                 progress.update(tensor.nbytes)
 
