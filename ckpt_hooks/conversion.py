@@ -11,7 +11,7 @@ from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.executor import pending_file
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.torch_pickle import LazyTensor, iter_lazy_tensors
-from ckpt_hooks.output import refuse_non_empty, run, staged_directory
+from ckpt_hooks.output import Report, refuse_non_empty, run, staged_directory
 from ckpt_hooks.optimizer import STATES, SourceOptimizer, target_state
 from ckpt_hooks.plan import SourceFile, TargetFile, TensorMeta, plan_conversion
 from ckpt_hooks.spec import (ModelSpec, ParallelConfig, even_or_none, model_spec_from_args,
@@ -19,21 +19,6 @@ from ckpt_hooks.spec import (ModelSpec, ParallelConfig, even_or_none, model_spec
 
 # Entries of model_optim_rng.pt that do not depend on the layout and are carried over.
 _CARRIED = ("checkpoint_version", "iteration", "opt_param_scheduler", "num_floating_point_operations_so_far")
-
-
-@dataclass
-class Report:
-    spec: ModelSpec
-    source: ParallelConfig
-    target: ParallelConfig
-    files: int
-    nbytes: int
-    seconds: float
-
-    def __str__(self) -> str:
-        rate = self.nbytes / max(self.seconds, 1e-9) / 1e6
-        return (f"{self.source.describe()} -> {self.target.describe()}: {self.files} files, "
-                f"{self.nbytes / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s)")
 
 
 def read_source(load_dir, true_vocab_size: int | None = None, check_manifest: bool = True):
@@ -174,5 +159,5 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
             label=f"{p.source.describe()} -> {target.describe()}")
         legacy.write_tracker(root, ckpt.iteration)
         write_manifest(root)
-    return Report(spec, p.source, target, len(p.weights) * (1 if optim is None else 2), p.nbytes,
+    return Report(p.source.describe(), target.describe(), len(p.weights) * (1 if optim is None else 2), p.nbytes,
                   time.perf_counter() - started)

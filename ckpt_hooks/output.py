@@ -1,5 +1,6 @@
 """Writing outputs: a directory staged beside its final name and renamed into place only when
-complete, and target files written in parallel under one progress bar. No torch needed here."""
+complete, target files written in parallel under one progress bar, and the report of it all.
+No torch needed here."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -53,3 +55,19 @@ def run(targets: list, write: Callable[[object, tqdm], None], total_bytes: int, 
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for result in [pool.submit(write, target, bar) for target in targets]:
                 result.result()
+
+
+@dataclass
+class Report:
+    """What a conversion wrote: ``source -> target: N files, X MB in T s (R MB/s)``."""
+
+    source: str
+    target: str
+    files: int
+    nbytes: int
+    seconds: float
+
+    def __str__(self) -> str:
+        rate = self.nbytes / max(self.seconds, 1e-9) / 1e6
+        return (f"{self.source} -> {self.target}: {self.files} files, "
+                f"{self.nbytes / 1e6:.1f} MB in {self.seconds:.2f} s ({rate:.0f} MB/s)")

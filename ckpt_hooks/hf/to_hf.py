@@ -19,8 +19,8 @@ from ckpt_hooks.conversion import read_source
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.executor import build_tensor
 from ckpt_hooks.formats import megatron_legacy as legacy
-from ckpt_hooks.hf import Report, config as hf_config, files, names
-from ckpt_hooks.output import refuse_non_empty, run, staged_directory
+from ckpt_hooks.hf import config as hf_config, files, names
+from ckpt_hooks.output import Report, refuse_non_empty, run, staged_directory
 from ckpt_hooks.plan import TargetTensor, plan_conversion, restrict
 from ckpt_hooks.spec import ParallelConfig
 

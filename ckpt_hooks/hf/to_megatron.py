@@ -21,9 +21,9 @@ from ckpt_hooks.conversion import target_config, write_manifest
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.executor import pending_file
 from ckpt_hooks.formats import megatron_legacy as legacy
-from ckpt_hooks.hf import Report, config as hf_config, names
+from ckpt_hooks.hf import config as hf_config, names
 from ckpt_hooks.hf.files import StoredTensor, open_directory
-from ckpt_hooks.output import refuse_non_empty, run, staged_directory
+from ckpt_hooks.output import Report, refuse_non_empty, run, staged_directory
 from ckpt_hooks.plan import SourceFile, TensorMeta, plan_conversion
 from ckpt_hooks.spec import ParallelConfig, updated_args
 

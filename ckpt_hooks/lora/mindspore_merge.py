@@ -19,9 +19,9 @@ from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.mindspore_ckpt import BF16
 from ckpt_hooks.mindspore.files import READERS
 from ckpt_hooks.mindspore.strategy import read_strategy
-from ckpt_hooks.mindspore.transform import (DEFAULT_PREFIX, Report, TargetTensor, _check_format, build, open_source,
+from ckpt_hooks.mindspore.transform import (DEFAULT_PREFIX, TargetTensor, build, check_format, open_source,
                                             plan, write_target)
-from ckpt_hooks.output import refuse_non_empty, run, staged_directory
+from ckpt_hooks.output import Report, refuse_non_empty, run, staged_directory
 
 # (lora_a suffix, lora_b suffix) of MindFormers' adapters: its parallel_core LoRA layers,
 # mindpet's LoRADense (tk_delta before it), its pynative layers. The adapted weight is the name
@@ -104,7 +104,7 @@ def merge_lora_mindspore(load_dir, save_dir, src_strategy=None, dst_strategy=Non
     adapters = _adapters(files, {t.name: t for t in plan(files, src, None)[0].tensors}, lora_r)
     targets = [replace(t, tensors=tuple(x for x in t.tensors if not _adapter_part(x.name)))
                for t in plan(files, src, dst)]
-    _check_format(targets, output_format, load_dir)
+    check_format(targets, output_format, load_dir)
 
     def merged(sources, tensor: TargetTensor) -> np.ndarray:
         array = build(sources, tensor)
@@ -124,4 +124,4 @@ def merge_lora_mindspore(load_dir, save_dir, src_strategy=None, dst_strategy=Non
 
         run(targets, write, total, workers=workers, quiet=quiet,
             label=f"merge LoRA, {len(files)} -> {len(targets)} ranks")
-    return Report(len(files), len(targets), total, time.perf_counter() - started)
+    return Report(f"{len(files)} ranks", f"{len(targets)} ranks", len(targets), total, time.perf_counter() - started)

@@ -14,9 +14,9 @@ import time
 import torch
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.hf import Report, config as hf_config, files, names
+from ckpt_hooks.hf import config as hf_config, files, names
 from ckpt_hooks.lora.adapter import read_adapter
-from ckpt_hooks.output import refuse_non_empty, staged_directory
+from ckpt_hooks.output import Report, refuse_non_empty, staged_directory
 
 ADAPTER = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

@@ -14,14 +14,14 @@ import torch
 
 from ckpt_hooks import names as megatron_names
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.hf import Report, config as hf_config
+from ckpt_hooks.hf import config as hf_config
 from ckpt_hooks.hf import names as hf_names
 from ckpt_hooks.hf.files import open_directory
 from ckpt_hooks.hf.to_hf import external_tensors, max_shard_bytes, read_megatron, write_hf
 from ckpt_hooks.hf.to_megatron import external_to_megatron, megatron_view
 from ckpt_hooks.mindformers import config as mf_config, files, names
 from ckpt_hooks.mindformers.config import Architecture
-from ckpt_hooks.output import refuse_non_empty
+from ckpt_hooks.output import Report, refuse_non_empty
 
 
 def _read(load_dir, config, architecture):

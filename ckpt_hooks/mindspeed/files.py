@@ -23,12 +23,12 @@ import numpy as np
 import torch
 
 from ckpt_hooks import names
-from ckpt_hooks.conversion import Report
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import torch_pickle
 from ckpt_hooks.formats.mindspore_ckpt import raw_bytes
 from ckpt_hooks.formats.torch_pickle import TorchFile, iter_lazy_tensors
 from ckpt_hooks.mindspore.files import open_checkpoint
+from ckpt_hooks.output import Report
 from ckpt_hooks.param_map import BufferMap, mindspeed_json
 from ckpt_hooks.plan import TensorMeta
 

@@ -199,5 +199,5 @@ def mindspore_to_megatron(ms_path, megatron_path, *, param_map_path=None, tp: in
                                                                      f"{target.describe()}")
         legacy.write_tracker(root, iteration)
         write_manifest(root)
-    return files.MindSpeedReport(spec, source, target, len(md5), total, time.perf_counter() - started,
+    return files.MindSpeedReport(source.describe(), target.describe(), len(md5), total, time.perf_counter() - started,
                            dict(sorted(md5.items())))

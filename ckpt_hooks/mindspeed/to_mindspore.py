@@ -108,5 +108,5 @@ def megatron_to_mindspore(load_dir, ms_path, *, tp: int | None = None, pp: int |
         run(p.weights, write, total, workers=workers, quiet=quiet,
             label=f"{p.source.describe()} -> MindSpore {target.describe()}")
         legacy.write_tracker(root, ckpt.iteration)
-    return files.MindSpeedReport(p.spec, p.source, target, len(md5), total, time.perf_counter() - started,
+    return files.MindSpeedReport(p.source.describe(), target.describe(), len(md5), total, time.perf_counter() - started,
                            dict(sorted(md5.items())))

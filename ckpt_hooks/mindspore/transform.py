@@ -24,7 +24,7 @@ from ckpt_hooks.layout import Box, LayoutError
 from ckpt_hooks.mindspore.files import READERS, RANK_DIR, latest_checkpoint, open_checkpoint, rank_dirs
 from ckpt_hooks.mindspore.strategy import ParamLayout, Strategy, box, check_shape, global_shape, rank_boxes, \
     read_strategy
-from ckpt_hooks.output import refuse_non_empty, run, staged_directory
+from ckpt_hooks.output import Report, refuse_non_empty, run, staged_directory
 
 DEFAULT_PREFIX = "checkpoint_"  # MindFormers' (transform_checkpoints requires one)
 
@@ -63,19 +63,6 @@ class _SourceTensor:
     shape: tuple[int, ...]
     held: dict[Box, int]  # each distinct box -> the lowest rank holding it
     sharded: bool         # named by the strategies: MindSpore writes these first
-
-
-@dataclass
-class Report:
-    source_ranks: int
-    target_ranks: int
-    nbytes: int
-    seconds: float
-
-    def __str__(self) -> str:
-        rate = self.nbytes / max(self.seconds, 1e-9) / 1e6
-        return (f"{self.source_ranks} -> {self.target_ranks} ranks: {self.nbytes / 1e6:.1f} MB "
-                f"in {self.seconds:.2f} s ({rate:.0f} MB/s)")
 
 
 # ---- the source checkpoint ------------------------------------------------------------------
@@ -238,7 +225,7 @@ def write_target(files: dict[int, MappedFile], target: TargetFile, path: Path, p
         ms_safetensors.save(path, {name: np.require(array, requirements="C") for name, array in tensors()})
 
 
-def _check_format(targets: list[TargetFile], output_format: str, load_dir) -> None:
+def check_format(targets: list[TargetFile], output_format: str, load_dir) -> None:
     if output_format == "safetensors" and targets and targets[0].strings:
         raise CheckpointError(load_dir, f"{next(iter(targets[0].strings))}: a string entry, which safetensors "
                                         "cannot hold")
@@ -266,7 +253,7 @@ def transform_checkpoints(load_dir, save_dir, src_strategy=None, dst_strategy=No
     if f".{output_format}" not in READERS:
         raise CheckpointError(save_dir, f"output format {output_format!r} is neither ckpt nor safetensors")
     targets = plan(files, src, dst)
-    _check_format(targets, output_format, load_dir)
+    check_format(targets, output_format, load_dir)
     total = sum(t.nbytes for target in targets for t in target.tensors)
     with staged_directory(save_dir) as root:
         def write(target: TargetFile, progress) -> None:
@@ -275,7 +262,7 @@ def transform_checkpoints(load_dir, save_dir, src_strategy=None, dst_strategy=No
             write_target(files, target, directory / f"{prefix}{target.rank}.{output_format}", progress)
 
         run(targets, write, total, workers=process_num, quiet=quiet, label=f"{len(files)} -> {len(targets)} ranks")
-    return Report(len(files), len(targets), total, time.perf_counter() - started)
+    return Report(f"{len(files)} ranks", f"{len(targets)} ranks", len(targets), total, time.perf_counter() - started)
 
 
 def transform_checkpoint_by_rank(rank_id: int, load_dir, save_file, src_strategy=None, dst_strategy=None) -> None:
@@ -288,5 +275,5 @@ def transform_checkpoint_by_rank(rank_id: int, load_dir, save_file, src_strategy
         raise CheckpointError(save_file, "the file name must end in .ckpt or .safetensors")
     files = open_source(load_dir, src.world if src else 1)
     targets = plan(files, src, dst, [rank_id])
-    _check_format(targets, Path(save_file).suffix[1:], load_dir)
+    check_format(targets, Path(save_file).suffix[1:], load_dir)
     write_target(files, targets[0], Path(save_file))
