@@ -89,7 +89,9 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
   {"kind": "save_timing", "model", "layout", "repeat": R, "save_dir": DIR, "result": OUT.json}
       One training step, then R legacy saves each without hooks, with
       ckpt_hooks.patches.megatron_core and through ckpt_hooks.megatron.save (interleaved);
-      OUT.json: {"plain": [s], "hooked": [s], "library": [s], "checkpoint_bytes", "hook_bytes"}.
+      then the hooks' own work timed alone: "param_maps" (the slowest rank's write_param_maps)
+      and "manifest" (rank 0's write_manifest). OUT.json: {"plain": [s], "hooked": [s],
+      "library": [s], "param_maps": [s], "manifest": [s], "checkpoint_bytes", "hook_bytes"}.
       Used by bench/bench_save_hook.py.
   {"kind": "logits", "model", "layout", "load_dir": DIR, "tokens": [[int]], "result": OUT.pt}
       Loads DIR's latest iteration strictly at this layout (as verify) and runs the rows of
