@@ -183,6 +183,9 @@ def guarded(run, args) -> int:
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the save directory's, mostly: not writable, no space left
+        print(f"error: {e.filename or '-'}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -52,9 +52,12 @@ def run(targets: list, write: Callable[[object, tqdm], None], total_bytes: int, 
             for target in targets:
                 write(target, bar)
             return
-        with ThreadPoolExecutor(max_workers=workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=workers)
+        try:
             for result in [pool.submit(write, target, bar) for target in targets]:
                 result.result()
+        finally:  # on a failure (or Ctrl-C) the queued targets are not started
+            pool.shutdown(cancel_futures=True)
 
 
 @dataclass

@@ -41,11 +41,12 @@ def install() -> None:
 
         check_fits(self, filename)
         steps = {param: state.pop("step") for param, state in self.optimizer.state.items() if "step" in state}
-        with torch.no_grad():
-            result = _originals["load"](self, filename, update_legacy_format=update_legacy_format)
-        for param, step in steps.items():
-            self.optimizer.state[param]["step"] = step.clone() if torch.is_tensor(step) else step
-        return result
+        try:
+            with torch.no_grad():
+                return _originals["load"](self, filename, update_legacy_format=update_legacy_format)
+        finally:
+            for param, step in steps.items():
+                self.optimizer.state[param]["step"] = step.clone() if torch.is_tensor(step) else step
 
     DistributedOptimizer.save_parameter_state = save_parameter_state
     DistributedOptimizer.load_parameter_state = load_parameter_state

@@ -74,17 +74,12 @@ def _write_manifest(iteration, kwargs) -> None:
     import torch.distributed as dist
     from megatron.training import get_args
 
-    from ckpt_hooks.conversion import write_manifest
-    from ckpt_hooks.errors import CheckpointError
+    from ckpt_hooks.megatron.save import write_manifest_or_warn
 
     args = get_args()
     if args.ckpt_format != "torch" or args.async_save or kwargs.get("non_persistent_ckpt") or dist.get_rank() != 0:
         return
-    iter_dir = Path(args.save) / iteration_dir_name(None if kwargs.get("release") else iteration)
-    try:
-        write_manifest(iter_dir)
-    except CheckpointError as e:  # training goes on: the checkpoint itself is Megatron-LM's
-        print(f"ckpt_hooks: warning: no manifest for {iter_dir}: {e}", file=sys.stderr, flush=True)
+    write_manifest_or_warn(Path(args.save) / iteration_dir_name(None if kwargs.get("release") else iteration))
 
 
 def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg="load", strict=True, **kwargs):

@@ -10,7 +10,8 @@ optimizer straight from the saved files, each rank reading only what it needs. E
 (no ``auto_trans_ckpt``, ``only_save_strategy``, and networks ``load`` cannot fill yet:
 semi-/auto-parallel ones) goes to MindFormers' own path. Resume bookkeeping (epoch, step,
 loss scale) stays MindFormers' (``load_resume_context_from_checkpoint``), which reads only
-those scalars. Written against MindFormers 1.9.0 and 2.0.0 (the releases for MindSpore 2.9/2.10).
+those scalars. Tested against MindFormers 1.9.0; 2.0.0's source has the same function and
+call sites.
 
 ``uninstall()`` restores the original everywhere.
 """

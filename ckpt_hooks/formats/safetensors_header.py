@@ -43,6 +43,8 @@ def _entry(path, name: str, fields: dict, base: int, size: int, itemsizes: dict[
     if fields["dtype"] not in itemsizes:
         raise CheckpointError(path, f"{name}: unsupported dtype {fields['dtype']}")
     shape = tuple(int(d) for d in fields["shape"])
+    if any(d < 0 for d in shape):
+        raise CheckpointError(path, f"{name}: negative dimension in shape {list(shape)}")
     start, stop = (int(o) for o in fields["data_offsets"])
     if stop - start != math.prod(shape) * itemsizes[fields["dtype"]] or start < 0:
         raise CheckpointError(path, f"{name}: data_offsets {[start, stop]} do not fit shape {list(shape)}")

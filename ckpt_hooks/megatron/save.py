@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -73,9 +74,12 @@ def args_from_model(model_chunks) -> argparse.Namespace:
         num_attention_heads=config.num_attention_heads, group_query_attention=groups != config.num_attention_heads,
         num_query_groups=groups, kv_channels=config.kv_channels, padded_vocab_size=model.vocab_size,
         swiglu=config.gated_linear_unit, add_bias_linear=config.add_bias_linear, add_qkv_bias=config.add_qkv_bias,
-        normalization=config.normalization, position_embedding_type=model.position_embedding_type,
+        normalization=config.normalization, norm_epsilon=config.layernorm_epsilon,
+        apply_layernorm_1p=config.layernorm_zero_centered_gamma, qk_layernorm=config.qk_layernorm,
+        position_embedding_type=model.position_embedding_type,
         add_position_embedding=model.position_embedding_type == "learned_absolute",
-        max_position_embeddings=model.max_sequence_length,
+        rotary_base=getattr(model, "rotary_base", 10000), rotary_percent=getattr(model, "rotary_percent", 1.0),
+        rotary_interleaved=config.rotary_interleaved, max_position_embeddings=model.max_sequence_length,
         untie_embeddings_and_output_weights=not model.share_embeddings_and_output_weights,
         tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp if layout.vpp > 1 else None,
@@ -128,9 +132,18 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
         partial.replace(rank_dir / legacy.MODEL_FILE)
     dist.barrier()
     if dist.get_rank() == 0:
-        from ckpt_hooks.conversion import write_manifest
-
-        write_manifest(iter_dir)              # before the tracker names the iteration
+        write_manifest_or_warn(iter_dir)      # before the tracker names the iteration
         legacy.write_tracker(root, iteration)
     dist.barrier()
     return iter_dir
+
+
+def write_manifest_or_warn(iter_dir) -> None:
+    """The iteration's manifest. Failing to write it is a warning, not an error: the checkpoint
+    itself is complete, and the other ranks must not be left waiting in the next collective."""
+    from ckpt_hooks.conversion import write_manifest
+
+    try:
+        write_manifest(iter_dir)
+    except Exception as e:  # noqa: BLE001 — a hook must not end a training run
+        print(f"ckpt_hooks: warning: no manifest for {iter_dir}: {e}", file=sys.stderr, flush=True)

@@ -82,6 +82,8 @@ def read_shard_info(path) -> ShardInfo:
         params = {}
         for name, info in data["param_info"].items():
             buffer, _, start, end = (int(x) for x in info["range_map"])
+            if start < 0:
+                raise ValueError(f"{name}: negative start {start}")
             params[name] = ParamRange(buffer, start, end, tuple(int(d) for d in info["shape"]))
         info = ShardInfo(str(path), [int(r) for r in data["dp_rank_list"]], params,
                          list(data.get("zero3_params", [])), buckets)
@@ -101,11 +103,11 @@ def read_shard_info(path) -> ShardInfo:
     return info
 
 
-def combined_tensors(info: ShardInfo, shards: list, states=STATES):
+def combined_tensors(info: ShardInfo, shards: list, states=STATES, carry_training_state: bool = True):
     """Yield (name, array) of the combined checkpoint, one tensor in flight: every parameter's
     fp32 value and moments (``states``), the zero3 parameters, then the other entries of DP
-    rank 0's file (step, learning rate, ...). ``shards``: the DP ranks' opened files, in
-    ``dp_rank_list`` order (CkptFile / SafetensorsFile)."""
+    rank 0's file (step, learning rate, ..., unless ``carry_training_state`` is False).
+    ``shards``: the DP ranks' opened files, in ``dp_rank_list`` order (CkptFile / SafetensorsFile)."""
     if len(shards) != len(info.dp_ranks):
         raise CheckpointError(info.path, f"{len(shards)} shard files for DP group {info.dp_ranks}")
     for shard in shards:
@@ -125,7 +127,7 @@ def combined_tensors(info: ShardInfo, shards: list, states=STATES):
     for name in info.zero3:
         yield name, np.concatenate([_read(shard, name) for shard in shards])
     for name in shards[0].names:  # buckets are all consumed (or unknown to the shard info)
-        if name not in info.zero3 and not _BUCKET.fullmatch(name):
+        if name not in info.zero3 and not _BUCKET.fullmatch(name) and (carry_training_state or not _training_state(name)):
             yield name, shards[0].read(name)
     yield from getattr(shards[0], "strings", {}).items()
 
@@ -184,10 +186,7 @@ def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str
             target = root / first / f"{files[0].stem}_dp_merged.{dst_format}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shards = [open_checkpoint(f) for f in files]
-            items = combined_tensors(info, shards, states)
-            if no_save_optim:
-                items = ((n, v) for n, v in items if not _training_state(n))
-            write_checkpoint(target, items)
+            write_checkpoint(target, combined_tensors(info, shards, states, carry_training_state=not no_save_optim))
             progress.update(sum(f.stat().st_size for f in files))
             written.append(target)
             for rank in info.dp_ranks[1:] if copy_to_all_dp_ranks else ():
