@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.output import atomic_write
 from ckpt_hooks.plan import SourceFile, source_placements
 from ckpt_hooks.spec import ModelSpec, ParallelConfig
 
@@ -76,9 +76,8 @@ def build(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConf
 def write(iter_dir, manifest: dict) -> Path:
     """Atomically: a reader never sees half a manifest."""
     path = Path(iter_dir) / MANIFEST
-    partial = path.with_name(f".{MANIFEST}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(manifest, indent=1))
-    partial.replace(path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(manifest, indent=1).encode())
     return path
 
 

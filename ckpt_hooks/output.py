@@ -8,6 +8,7 @@ import contextlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -16,6 +17,22 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ckpt_hooks.errors import CheckpointError
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """A binary file object on a hidden temporary name beside ``path``, renamed to ``path`` only
+    when the block completes: a reader never sees half a file, and a failed write leaves none."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def refuse_non_empty(save_dir: str | os.PathLike) -> None:

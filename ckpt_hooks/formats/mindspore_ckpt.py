@@ -20,11 +20,9 @@ headers, and a tensor held in one record is read as a zero-copy view of the map.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import mmap
 import os
-import uuid
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -32,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.output import atomic_write
 from ckpt_hooks.formats.protobuf_wire import field, message, text
 
 # NumPy has no bfloat16 without ml_dtypes. Our bfloat16 arrays have this 2-byte structured dtype
@@ -67,22 +66,6 @@ def dtype_index(dtype: np.dtype, path, name: str) -> int:
 def raw_bytes(array: np.ndarray) -> np.ndarray:
     """An array's bytes in row-major order, as flat uint8 (a view when it is contiguous)."""
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-
-
-@contextlib.contextmanager
-def atomic_write(path):
-    """A binary file object on a temporary name beside ``path``, renamed to ``path`` only when
-    the block completes: a failed write leaves no output, half-written or not."""
-    path = str(path)
-    tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "xb") as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass(frozen=True)

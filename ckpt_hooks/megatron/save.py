@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.megatron.load import distributed_optimizers, running_layout, unwrap
+from ckpt_hooks.output import atomic_write
 from ckpt_hooks.param_map import BufferMap, mindspeed_file_name, mindspeed_json, record
 
 
@@ -40,10 +40,8 @@ def record_param_maps(optimizer) -> list[BufferMap]:
 
 
 def _write_json(path: Path, data) -> None:
-    """Atomically: a reader never sees half a file."""
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(data))
-    partial.replace(path)
+    with atomic_write(path) as f:
+        f.write(json.dumps(data).encode())
 
 
 def write_param_maps(optimizer, rank_dir, *, tp_rank: int, pp_rank: int, dp_rank: int) -> None:
@@ -127,9 +125,8 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
             state["opt_param_scheduler"] = scheduler.state_dict()
         state["rng_state"] = rng_state()
         state["num_floating_point_operations_so_far"] = num_floating_point_operations_so_far
-        partial = rank_dir / f".{legacy.MODEL_FILE}.partial"
-        torch.save(state, partial)
-        partial.replace(rank_dir / legacy.MODEL_FILE)
+        with atomic_write(rank_dir / legacy.MODEL_FILE) as f:
+            torch.save(state, f)
     dist.barrier()
     if dist.get_rank() == 0:
         write_manifest_or_warn(iter_dir)      # before the tracker names the iteration

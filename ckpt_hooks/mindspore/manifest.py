@@ -24,7 +24,8 @@ import json
 from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.mindspore_ckpt import DTYPES, MappedFile, atomic_write, dtype_index
+from ckpt_hooks.output import atomic_write
+from ckpt_hooks.formats.mindspore_ckpt import DTYPES, MappedFile, dtype_index
 
 SUFFIX = ".manifest.json"
 VERSION = 1
