@@ -9,7 +9,7 @@ from pathlib import Path
 from ckpt_hooks import layout, manifest
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.executor import pending_file
-from ckpt_hooks.formats import megatron_legacy as legacy
+from ckpt_hooks.formats import legacy_names, megatron_legacy as legacy
 from ckpt_hooks.formats.torch_pickle import LazyTensor, iter_lazy_tensors
 from ckpt_hooks.output import Report, refuse_non_empty, run, staged_directory
 from ckpt_hooks.optimizer import STATES, SourceOptimizer, target_state
@@ -144,11 +144,14 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
     ckpt, spec, target, optim = p.ckpt, p.spec, p.target, p.optimizer
     args = updated_args(ckpt.args, spec, target)
     carried = p.carried()
+    form = legacy_names.source_form(ckpt.first.obj)   # a legacy model is written as one
 
     with staged_directory(save_dir) as root:
         def write(target_file: TargetFile, progress) -> None:
             rank = target_file.tp_rank, target_file.pp_rank
-            state = {"args": args, **carried, **pending_file(ckpt.lookup, target_file, progress)}
+            model = legacy_names.nest_like(form, pending_file(ckpt.lookup, target_file, progress),
+                                           spec.tied_embeddings)
+            state = {"args": args, **carried, **model}
             legacy.save_rank_file(root, ckpt.iteration, *rank, target.pp, state)
             if optim is not None:
                 optim_state = target_state(target_file, {s: p.optimizer_plans[s][rank] for s in STATES}, optim,

@@ -74,3 +74,29 @@ def logical_name(name: Name, global_layer: int | None, tied: bool) -> str:
     if name.suffix == OUTPUT and tied:
         return EMBEDDING
     return name.suffix
+
+
+# Megatron-LM's legacy model (--use-legacy-models: megatron.legacy.model.GPTModel, local layers).
+# A chunk nests dicts, written here with "/" between the levels; the transformer's entries are
+# the dotted keys of one dict (its plain state_dict). The tensors have megatron-core's layouts
+# (grouped QKV rows, [gate; up] halves per TP rank), so only the names differ.
+# Rows: (megatron-core key, legacy path, the path before Megatron-LM renamed the norms
+# ``*_layernorm`` -> ``*_norm``, or None where it is the same). {L}: layer, {P}: weight or bias.
+LEGACY_TIED_HEAD = "word_embeddings_for_head/weight"   # a tied output layer: the last stage's copy (PP > 1)
+_ENCODER = "language_model/encoder/"
+LEGACY_NAMES: list[tuple[str, str, str | None]] = [
+    (EMBEDDING, "language_model/embedding/word_embeddings/weight", None),
+    ("embedding.position_embeddings.weight", "language_model/embedding/position_embeddings/weight", None),
+    ("decoder.layers.{L}.input_layernorm.{P}", _ENCODER + "layers.{L}.input_norm.{P}",
+     _ENCODER + "layers.{L}.input_layernorm.{P}"),
+    ("decoder.layers.{L}.self_attention.linear_qkv.{P}", _ENCODER + "layers.{L}.self_attention.query_key_value.{P}",
+     None),
+    ("decoder.layers.{L}.self_attention.linear_proj.{P}", _ENCODER + "layers.{L}.self_attention.dense.{P}", None),
+    ("decoder.layers.{L}.pre_mlp_layernorm.{P}", _ENCODER + "layers.{L}.post_attention_norm.{P}",
+     _ENCODER + "layers.{L}.post_attention_layernorm.{P}"),
+    ("decoder.layers.{L}.mlp.linear_fc1.{P}", _ENCODER + "layers.{L}.mlp.dense_h_to_4h.{P}", None),
+    ("decoder.layers.{L}.mlp.linear_fc2.{P}", _ENCODER + "layers.{L}.mlp.dense_4h_to_h.{P}", None),
+    ("decoder.final_layernorm.{P}", _ENCODER + "final_norm.{P}", _ENCODER + "final_layernorm.{P}"),
+    (OUTPUT, "language_model/output_layer/weight", None),   # untied
+    (OUTPUT, LEGACY_TIED_HEAD, None),                        # tied
+]

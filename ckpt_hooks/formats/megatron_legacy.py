@@ -5,7 +5,9 @@
                                           distrib_optim.pt  (distributed optimizer)
 
 ``model_optim_rng.pt`` holds ``args``, ``iteration``, ``checkpoint_version`` and the
-model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages.
+model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages. A legacy
+model's (``--use-legacy-models``) nested chunks are read under megatron-core's names
+(ckpt_hooks.formats.legacy_names).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats import torch_pickle
+from ckpt_hooks.formats import legacy_names, torch_pickle
 from ckpt_hooks.formats.torch_pickle import TorchFile
 from ckpt_hooks.param_map import BufferMap
 
@@ -122,6 +124,8 @@ def open_checkpoint(load_dir: str | os.PathLike | LegacyCheckpoint) -> LegacyChe
     files = {(0, 0): first}
     for key in sorted(expected - {(0, 0)}):
         files[key] = TorchFile(ranks[key] / MODEL_FILE)
+    if len({legacy_names.flatten_file(f) for f in files.values()}) > 1:
+        raise CheckpointError(iter_dir, "some rank files hold a Megatron-LM legacy model, others megatron-core's")
     return LegacyCheckpoint(iter_dir, iteration, files, tp, pp)
 
 
