@@ -9,6 +9,7 @@ optimizer, the fp32 params and Adam moments packed into ``distrib_optim.pt`` by 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,15 @@ class _Reader:
 
     @staticmethod
     def read_runs(stored: Stored, starts, run_numel: int, out: torch.Tensor) -> None:
-        flat, target = stored.file.read(stored.name).reshape(-1), out.view(-1)
+        # Only the rows the runs span: a tensor split over several 512 MiB records is copied
+        # (not mapped) when read, so reading it whole for every copy would cost its size each time.
+        shape = stored.file.tensors[stored.name].shape
+        row = math.prod(shape[1:])
+        first = min(starts) // row if shape else 0
+        rows = slice(first, -(-(max(starts) + run_numel) // row)) if shape else None
+        flat, target = stored.file.read(stored.name, rows).reshape(-1), out.view(-1)
         for i, start in enumerate(starts):
-            run = flat[start:start + run_numel].copy()  # off the read-only map, for torch
+            run = flat[start - first * row:start - first * row + run_numel].copy()  # off the read-only map, for torch
             source = torch.from_numpy(run.view(np.int16)).view(torch.bfloat16) if run.dtype == BF16 \
                 else torch.from_numpy(run)
             target[i * run_numel:(i + 1) * run_numel].copy_(source)
