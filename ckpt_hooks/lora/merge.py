@@ -3,12 +3,13 @@ TP/PP/VPP (ckpt_hooks.conversion) or as Hugging Face (ckpt_hooks.hf).
 
 The converters read the base through a checkpoint whose adapted weights come out merged: each
 base shard is read whole and its update, (alpha / r) B A over the shard's box of the logical
-weight, is added in fp32 and the sum cast to the base dtype. The planner and the executor then
+weight, is added in fp32 and the sum cast to the base dtype (once per shard and worker). The planner and the executor then
 cut and write the merged shards as they do any weights, whatever the three layouts.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,23 +31,18 @@ MEGATRON, HF = "megatron", "hf"
 class _Merged:
     """A base weight's shard with its update: the executor's source tensor (contiguous)."""
 
-    file: TorchFile
-    tensor: LazyTensor
-    update: partial   # () -> the fp32 update of the shard's box
+    values: partial   # () -> the merged shard, flat
 
     def is_contiguous(self) -> bool:
         return True
 
 
 class _Reader:
-    """The executor's source file for _Merged shards: each read merges the whole shard (one rank's
-    tensor), and the runs asked for are cut from it."""
+    """The executor's source file for _Merged shards: the runs asked for, cut from the merged shard."""
 
     @staticmethod
     def read_runs(merged: _Merged, starts, run_numel: int, out: torch.Tensor) -> None:
-        base = merged.file.read(merged.tensor)
-        values = (base.float() + merged.update().reshape(base.shape)).to(base.dtype).view(-1)
-        flat = out.view(-1)
+        values, flat = merged.values(), out.view(-1)
         for i, start in enumerate(starts):
             flat[i * run_numel:(i + 1) * run_numel] = values[start:start + run_numel]
 
@@ -58,13 +54,23 @@ class MergedCheckpoint(legacy.LegacyCheckpoint):
         super().__init__(base.iter_dir, base.iteration, base.files, base.tp, base.pp)
         self.adapter = adapter
         self.places = places  # (file, chunk, key) -> (adapted weight, the shard's box)
+        self._last = threading.local()  # each worker's last merged shard
 
     def lookup(self, file, chunk, key):
         torch_file, tensor = super().lookup(file, chunk, key)
-        place = self.places.get((file, chunk, key))
-        if place is None:
+        if (file, chunk, key) not in self.places:
             return torch_file, tensor
-        return _Reader, _Merged(torch_file, tensor, partial(self.adapter.update, *place))
+        return _Reader, _Merged(partial(self._merged, (file, chunk, key), torch_file, tensor))
+
+    def _merged(self, where, torch_file: TorchFile, tensor: LazyTensor) -> torch.Tensor:
+        """The whole shard, merged once however many pieces of it the converters copy out (the
+        HF q/k/v split reads a qkv shard once per part and group)."""
+        last = getattr(self._last, "shard", None)
+        if last is None or last[0] != where:
+            base = torch_file.read(tensor)
+            update = self.adapter.update(*self.places[where]).reshape(base.shape)
+            last = self._last.shard = (where, (base.float() + update).to(base.dtype).view(-1))
+        return last[1]
 
 
 def merged_checkpoint(load_dir, lora_dir, *, lora_r: int | None = None, lora_alpha: float | None = None,
