@@ -15,7 +15,7 @@ from ckpt_hooks.hf.cli import COMMANDS
 from ckpt_hooks.hf.to_hf import megatron_to_hf
 from ckpt_hooks.hf.to_megatron import hf_to_megatron
 from tests.harness import logits_job, run_jobs, true_vocab
-from tests.util import tree_digest
+from tests.util import random_hf_model, tree_digest
 
 transformers = pytest.importorskip("transformers")
 
@@ -37,12 +37,7 @@ def hf_model(family: str, seed: int):
     config = getattr(transformers, config_class)(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, **overrides)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(torch.rand_like(param) + 0.5 if "norm" in name else torch.randn_like(param) * 0.1)
-    return model
+    return random_hf_model(config, seed)
 
 
 def logits_of(model) -> torch.Tensor:

@@ -23,7 +23,7 @@ from ckpt_hooks.mindformers.config import Architecture  # noqa: E402
 from ckpt_hooks.mindformers.convert import (hf_to_mindformers, megatron_to_mindformers,  # noqa: E402
                                             mindformers_to_hf, mindformers_to_megatron)
 from tests.harness import VOCAB_KEYS, logits_job, run_jobs, train_job, true_vocab  # noqa: E402
-from tests.util import tree_digest  # noqa: E402
+from tests.util import random_hf_model, tree_digest  # noqa: E402
 
 VOCAB, HIDDEN, HEADS, GROUPS, FFN, LAYERS = 250, 64, 4, 2, 128, 4
 D = HIDDEN // HEADS
@@ -319,12 +319,7 @@ def hf_model(family: str, seed: int):
     config = getattr(transformers, config_class)(
         vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
         num_attention_heads=HEADS, num_key_value_heads=GROUPS, rope_theta=123456.0)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(torch.rand_like(param) + 0.5 if "norm" in name else torch.randn_like(param) * 0.1)
-    return model
+    return random_hf_model(config, seed)
 
 
 def mindformers_name(hf: str) -> str:

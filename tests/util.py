@@ -55,3 +55,16 @@ def assert_same(a, b, where="") -> None:
         assert_same(vars(a), vars(b), where)
     else:
         assert a == b, where
+
+
+def random_hf_model(config, seed: int):
+    """A transformers causal LM from ``config`` (no download) whose every weight is non-trivial:
+    norms around 1, the rest small random values, biases included."""
+    import transformers
+
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.copy_(torch.rand_like(param) + 0.5 if "norm" in name else torch.randn_like(param) * 0.1)
+    return model
