@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.output import atomic_write
+from ckpt_hooks.param_map import dtype_name
 from ckpt_hooks.plan import SourceFile, source_placements
 from ckpt_hooks.spec import ModelSpec, ParallelConfig
 
@@ -35,10 +36,6 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
 def _file_tensors(source_file: SourceFile, placements) -> dict:
     chunks = {}
     for chunk, entries in source_file.chunks.items():
@@ -46,7 +43,7 @@ def _file_tensors(source_file: SourceFile, placements) -> dict:
         for key, meta in entries.items():
             entry = None
             if meta is not None:
-                entry = {"shape": list(meta.shape), "dtype": _dtype_name(meta.dtype)}
+                entry = {"shape": list(meta.shape), "dtype": dtype_name(meta.dtype)}
                 if (source_file.path, chunk, key) in placements:
                     logical, where = placements[(source_file.path, chunk, key)]
                     entry.update(logical=logical, offsets=list(where.box.offsets),

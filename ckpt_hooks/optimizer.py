@@ -19,15 +19,11 @@ from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.executor import build_tensor
 from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE, read_recorded_maps
 from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile, contiguous_strides
-from ckpt_hooks.param_map import BufferMap, ParamInfo, rebuild
+from ckpt_hooks.param_map import BufferMap, ParamInfo, dtype_name, rebuild
 from ckpt_hooks.plan import SourceFile, TargetFile, TensorMeta, plan_conversion
 from ckpt_hooks.spec import ModelSpec, ParallelConfig
 
 STATES = ("param", "exp_avg", "exp_avg_sq")
-
-
-def _dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def bucket_size(args, chunk: int, pp_rank: int, dp: int) -> int | None:
@@ -64,7 +60,7 @@ def rebuild_maps(spec, config, args, pp_rank: int, chunks: dict, grad_dtypes: di
     for vp, tensors in enumerate(chunks.values()):
         by_dtype: OrderedDict[str, list[ParamInfo]] = OrderedDict()
         for info, dtype in chunk_params(spec, config, pp_rank, vp, tensors):
-            by_dtype.setdefault(_dtype_name(dtype), []).append(info)
+            by_dtype.setdefault(dtype_name(dtype), []).append(info)
         for param_dtype, params in by_dtype.items():
             maps.append(rebuild(params, chunk=vp, param_dtype=param_dtype, grad_dtype=grad_dtypes[param_dtype],
                                 dp_size=config.dp, bucket_size=bucket_size(args, vp, pp_rank, config.dp)))
@@ -104,8 +100,8 @@ class SourceOptimizer:
         flat = []
         for index, buffer in enumerate(buffers):
             for (param_dtype, grad_dtype), states in buffer.items():
-                self.grad_dtypes[_dtype_name(param_dtype)] = _dtype_name(grad_dtype)
-                flat.append((index, _dtype_name(param_dtype), states))
+                self.grad_dtypes[dtype_name(param_dtype)] = dtype_name(grad_dtype)
+                flat.append((index, dtype_name(param_dtype), states))
         maps = read_recorded_maps(Path(torch_file.path).parent) or \
             rebuild_maps(spec, source, args, f.pp_rank, f.chunks, self.grad_dtypes)
         self.maps[(f.tp_rank, f.pp_rank)] = maps

@@ -121,13 +121,14 @@ def record(buffer, names: dict, *, chunk: int) -> BufferMap:
     """The map of a live megatron-core ``_ParamAndGradBuffer``; ``names`` maps param -> name."""
     slots = sorted((ParamSlot(names[p], tuple(p.shape), start, end, bucket)
                     for p, (start, end, bucket) in buffer.param_index_map.items()), key=lambda s: s.start)
-    return BufferMap(chunk=chunk, param_dtype=_dtype_name(buffer.param_dtype), grad_dtype=_dtype_name(buffer.grad_dtype),
+    return BufferMap(chunk=chunk, param_dtype=dtype_name(buffer.param_dtype), grad_dtype=dtype_name(buffer.grad_dtype),
                      dp_size=buffer.data_parallel_world_size, params=tuple(slots),
                      bucket_indices=tuple(tuple(b) for b in buffer.bucket_indices),
                      per_bucket_numel_unpadded=tuple(b.numel_unpadded for b in buffer.buckets))
 
 
-def _dtype_name(dtype) -> str:
+def dtype_name(dtype) -> str:
+    """A torch dtype as the param_map and manifest files name it: "float32", "bfloat16"."""
     return str(dtype).replace("torch.", "")
 
 

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from ckpt_hooks.formats.megatron_legacy import TRACKER, iteration_dir_name
+from ckpt_hooks.patches import rebind
 
 _originals: dict = {}
 
@@ -42,7 +43,7 @@ def install() -> None:
     megatron_core.install()
     _originals["save_checkpoint"] = checkpointing.save_checkpoint
     _originals["load_checkpoint"] = checkpointing.load_checkpoint
-    _rebind({_originals["save_checkpoint"]: save_checkpoint, _originals["load_checkpoint"]: load_checkpoint})
+    rebind("megatron", {_originals["save_checkpoint"]: save_checkpoint, _originals["load_checkpoint"]: load_checkpoint})
 
 
 def uninstall() -> None:
@@ -50,18 +51,8 @@ def uninstall() -> None:
 
     if not _originals:
         return
-    _rebind({save_checkpoint: _originals.pop("save_checkpoint"), load_checkpoint: _originals.pop("load_checkpoint")})
+    rebind("megatron", {save_checkpoint: _originals.pop("save_checkpoint"), load_checkpoint: _originals.pop("load_checkpoint")})
     megatron_core.uninstall()
-
-
-def _rebind(replacements: dict) -> None:
-    """Replace the functions wherever a loaded ``megatron`` module holds them by name
-    (``training.py`` does ``from .checkpointing import save_checkpoint``)."""
-    for name, module in list(sys.modules.items()):
-        if name == "megatron" or name.startswith("megatron."):
-            for attr in ("save_checkpoint", "load_checkpoint"):
-                if getattr(module, attr, None) in replacements:
-                    setattr(module, attr, replacements[getattr(module, attr)])
 
 
 def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):

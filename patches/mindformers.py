@@ -18,7 +18,7 @@ call sites.
 
 from __future__ import annotations
 
-import sys
+from ckpt_hooks.patches import rebind
 
 _originals: dict = {}
 _NAME = "transform_and_load_checkpoint"
@@ -31,18 +31,12 @@ def install() -> None:
     if _originals:
         return
     _originals[_NAME] = getattr(utils, _NAME)
-    _rebind(_originals[_NAME], transform_and_load_checkpoint)
+    rebind("mindformers", {_originals[_NAME]: transform_and_load_checkpoint})
 
 
 def uninstall() -> None:
     if _originals:
-        _rebind(transform_and_load_checkpoint, _originals.pop(_NAME))
-
-
-def _rebind(old, new) -> None:
-    for name, module in list(sys.modules.items()):
-        if (name == "mindformers" or name.startswith("mindformers.")) and getattr(module, _NAME, None) is old:
-            setattr(module, _NAME, new)
+        rebind("mindformers", {transform_and_load_checkpoint: _originals.pop(_NAME)})
 
 
 def transform_and_load_checkpoint(config, model, network, dataset, optimizer=None, do_eval=False, do_predict=False):
