@@ -121,7 +121,7 @@ def main() -> None:
         child([sys.executable, __file__, "--make-source", str(source),
                "--layers", str(options.layers), "--hidden", str(options.hidden)])
         size = du(source)
-        baseline = child([sys.executable, "-c", "import ckpt_hooks.conversion"])[1]
+        baseline = child([sys.executable, "-c", "import ckpt_hooks.megatron.conversion"])[1]
         print(f"source: TP2·PP2, {size / 1e9:.2f} GB in {len(list(source.rglob('*.pt')))} files; "
               f"median of {options.repeat} runs, warm page cache, sync before each")
         for tp, pp in ((4, 1), (1, 1)):
@@ -148,7 +148,7 @@ def main() -> None:
 
 
 def make_source(source: Path, layers: int, hidden: int) -> None:
-    from ckpt_hooks.conversion import convert
+    from ckpt_hooks.megatron.conversion import convert
 
     tp1 = source.with_name(source.name + "-tp1")
     write_tp1_checkpoint(tp1, make_source_args(layers, hidden))

@@ -9,9 +9,9 @@ __all__ = ["CheckpointError", "convert", "describe"]
 def __getattr__(name):
     # Keep `import ckpt_hooks` light: torch is imported only when a function is used.
     if name == "convert":
-        from ckpt_hooks.conversion import convert
+        from ckpt_hooks.megatron.conversion import convert
         return convert
     if name == "describe":
-        from ckpt_hooks.inspection import describe
+        from ckpt_hooks.megatron.inspection import describe
         return describe
     raise AttributeError(name)

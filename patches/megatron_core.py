@@ -73,7 +73,7 @@ def _save_param_maps(optimizer, filename: str) -> None:
 def check_fits(optimizer, filename: str) -> None:
     """Raise CheckpointError (naming the file) unless its buffers fit ``optimizer``'s."""
     from ckpt_hooks.errors import CheckpointError
-    from ckpt_hooks.formats.megatron_legacy import read_recorded_maps
+    from ckpt_hooks.engine.optimizer import read_recorded_maps
     from ckpt_hooks.formats.torch_pickle import TorchFile
     from ckpt_hooks.megatron.save import record_param_maps
 

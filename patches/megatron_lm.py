@@ -99,7 +99,7 @@ def _layouts(ddp_model, load_dir):
     """(saved, running) layouts as (TP, PP, VPP, layer split): DP is Megatron-LM's business."""
     from ckpt_hooks.formats.megatron_legacy import open_checkpoint
     from ckpt_hooks.megatron.load import running_layout
-    from ckpt_hooks.spec import parallel_config_from_args
+    from ckpt_hooks.algebra.spec import parallel_config_from_args
 
     saved = parallel_config_from_args(open_checkpoint(load_dir).args)
     running, _, _ = running_layout(ddp_model)

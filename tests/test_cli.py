@@ -2,7 +2,7 @@
 
 import torch
 
-from ckpt_hooks.formats.megatron_legacy import open_checkpoint
+from ckpt_hooks.megatron.checkpoint import open_checkpoint
 from tests.util import cli
 
 

@@ -10,10 +10,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ckpt_hooks.cli import guarded
-from ckpt_hooks.formats.megatron_legacy import open_checkpoint
-from ckpt_hooks.hf.cli import COMMANDS
-from ckpt_hooks.hf.to_hf import megatron_to_hf
-from ckpt_hooks.hf.to_megatron import hf_to_megatron
+from ckpt_hooks.megatron.checkpoint import open_checkpoint
+from ckpt_hooks.cli.hf import COMMANDS
+from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
+from ckpt_hooks.converters.hf.to_megatron import hf_to_megatron
 from tests.harness import logits_job, run_jobs, true_vocab
 from tests.util import random_hf_model, tree_digest
 

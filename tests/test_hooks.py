@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 
-from ckpt_hooks.param_map import BufferMap
+from ckpt_hooks.algebra.param_map import BufferMap
 from tests.harness import resume_job, run_jobs
 from tests.util import assert_same
 

@@ -11,9 +11,9 @@ import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from ckpt_hooks.layout import (Box, LayoutError, Rule, SPLIT, VOCAB, check_divisible, chunk_layers, placement)
-from ckpt_hooks.plan import element_range_boxes
-from ckpt_hooks.spec import ModelSpec, ParallelConfig, first_last_layers, uneven_layers
+from ckpt_hooks.algebra.layout import (Box, LayoutError, Rule, SPLIT, VOCAB, check_divisible, chunk_layers, placement)
+from ckpt_hooks.engine.plan import element_range_boxes
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, first_last_layers, uneven_layers
 
 SPEC = ModelSpec(num_layers=8, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8, num_query_groups=4,
                  kv_channels=8, padded_vocab_size=128, true_vocab_size=100, make_vocab_size_divisible_by=16,

@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_hooks.conversion import convert, read_source
+from ckpt_hooks.megatron.conversion import convert, read_source
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.hf.to_hf import megatron_to_hf
-from ckpt_hooks.lora.merge import merge_lora
-from ckpt_hooks.optimizer import STATES, SourceOptimizer, rebuild_maps
+from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
+from ckpt_hooks.converters.lora.merge import merge_lora
+from ckpt_hooks.engine.optimizer import STATES, SourceOptimizer, rebuild_maps
 from tests.test_lora import LEGACY_TARGETS, random_lora, save_lora
 from tests.util import assert_same, tree_digest
 

@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_hooks.cli import guarded
-from ckpt_hooks.hf.to_hf import megatron_to_hf
-from ckpt_hooks.lora.cli import COMMANDS
-from ckpt_hooks.lora.merge import merge_lora
-from ckpt_hooks.lora.to_peft import lora_to_peft
+from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
+from ckpt_hooks.cli.lora import COMMANDS
+from ckpt_hooks.converters.lora.merge import merge_lora
+from ckpt_hooks.converters.lora.to_peft import lora_to_peft
 from tests.harness import padded_vocab
 from tests.util import tree_digest
 

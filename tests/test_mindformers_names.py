@@ -18,9 +18,9 @@ from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
 from ckpt_hooks.cli import guarded  # noqa: E402
 from ckpt_hooks.formats import ms_safetensors  # noqa: E402
 from ckpt_hooks.formats.megatron_legacy import open_checkpoint  # noqa: E402
-from ckpt_hooks.mindformers.cli import COMMANDS  # noqa: E402
-from ckpt_hooks.mindformers.config import Architecture  # noqa: E402
-from ckpt_hooks.mindformers.convert import (hf_to_mindformers, megatron_to_mindformers,  # noqa: E402
+from ckpt_hooks.cli.mindformers import COMMANDS  # noqa: E402
+from ckpt_hooks.converters.mindformers.config import Architecture  # noqa: E402
+from ckpt_hooks.converters.mindformers.convert import (hf_to_mindformers, megatron_to_mindformers, # noqa: E402
                                             mindformers_to_hf, mindformers_to_megatron)
 from tests.harness import VOCAB_KEYS, logits_job, run_jobs, train_job, true_vocab  # noqa: E402
 from tests.util import random_hf_model, tree_digest  # noqa: E402

@@ -13,10 +13,10 @@ import torch
 ms = pytest.importorskip("mindspore")
 
 from ckpt_hooks.cli import guarded  # noqa: E402
-from ckpt_hooks.export import export_param_maps  # noqa: E402
+from ckpt_hooks.megatron.export import export_param_maps  # noqa: E402
 from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors  # noqa: E402
-from ckpt_hooks.mindspeed import megatron_to_mindspore, mindspore_to_megatron, tensor_md5  # noqa: E402
-from ckpt_hooks.mindspeed.cli import COMMANDS  # noqa: E402
+from ckpt_hooks.converters.mindspeed import megatron_to_mindspore, mindspore_to_megatron, tensor_md5  # noqa: E402
+from ckpt_hooks.cli.mindspeed import COMMANDS  # noqa: E402
 from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
 from tests.util import assert_same, tree_digest  # noqa: E402
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from ckpt_hooks import convert
-from ckpt_hooks.conversion import read_source
-from ckpt_hooks.optimizer import SourceOptimizer
-from ckpt_hooks.param_map import BufferMap
+from ckpt_hooks.megatron.conversion import read_source
+from ckpt_hooks.engine.optimizer import SourceOptimizer
+from ckpt_hooks.algebra.param_map import BufferMap
 from tests.conftest import SOURCES
 from tests.harness import resume_job, run_jobs
 from tests.test_reshard import PAIRS, pair_id, target_stages

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ckpt_hooks import convert
-from ckpt_hooks.spec import uneven_layers
+from ckpt_hooks.algebra.spec import uneven_layers
 from tests.harness import padded_vocab, run_jobs, verify_job
 
 # (source name, target layout). Together: TP 1<->2<->4, PP 1<->2<->4, VPP on and off,

@@ -5,23 +5,19 @@
                                           distrib_optim.pt  (distributed optimizer)
 
 ``model_optim_rng.pt`` holds ``args``, ``iteration``, ``checkpoint_version`` and the
-model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages. A legacy
-model's (``--use-legacy-models``) nested chunks are read under megatron-core's names
-(ckpt_hooks.formats.legacy_names).
+model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats import legacy_names, torch_pickle
+from ckpt_hooks.formats import torch_pickle
 from ckpt_hooks.formats.torch_pickle import TorchFile
-from ckpt_hooks.param_map import BufferMap
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -90,11 +86,8 @@ class LegacyCheckpoint:
         return self.files[file], self.files[file].obj[chunk][key]
 
 
-def open_checkpoint(load_dir: str | os.PathLike | LegacyCheckpoint) -> LegacyCheckpoint:
-    """Open a checkpoint; one already open is used as it is (ckpt_hooks.lora hands the
-    converters a checkpoint whose lookup merges adapters into the weights)."""
-    if isinstance(load_dir, LegacyCheckpoint):
-        return load_dir
+def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
+    """Open a checkpoint: every rank file's pickle parsed, no tensor data read."""
     iter_dir, iteration = find_iteration_dir(load_dir)
     ranks = {}
     for entry in sorted(iter_dir.iterdir()):
@@ -124,8 +117,6 @@ def open_checkpoint(load_dir: str | os.PathLike | LegacyCheckpoint) -> LegacyChe
     files = {(0, 0): first}
     for key in sorted(expected - {(0, 0)}):
         files[key] = TorchFile(ranks[key] / MODEL_FILE)
-    if len({legacy_names.flatten_file(f) for f in files.values()}) > 1:
-        raise CheckpointError(iter_dir, "some rank files hold a Megatron-LM legacy model, others megatron-core's")
     return LegacyCheckpoint(iter_dir, iteration, files, tp, pp)
 
 
@@ -140,14 +131,3 @@ def save_rank_file(root: Path, iteration: int | None, tp_rank: int, pp_rank: int
     path = directory / name
     torch_pickle.save(state, path)
     return path
-
-
-def read_recorded_maps(rank_dir) -> list[BufferMap] | None:
-    """The param_maps the save hook recorded for a rank directory, if it did."""
-    path = Path(rank_dir) / RECORDED_MAP
-    if not path.is_file():
-        return None
-    try:
-        return [BufferMap.from_json(entry) for entry in json.loads(path.read_text())]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(path, f"unreadable recorded param_map ({type(e).__name__}: {e})") from None

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.output import atomic_write
+from ckpt_hooks.formats.atomic import atomic_write
 from ckpt_hooks.formats.protobuf_wire import field, message, text
 
 # NumPy has no bfloat16 without ml_dtypes. Our bfloat16 arrays have this 2-byte structured dtype

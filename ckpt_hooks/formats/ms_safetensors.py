@@ -18,7 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.output import atomic_write
+from ckpt_hooks.formats.atomic import atomic_write
 from ckpt_hooks.formats.mindspore_ckpt import DTYPES, MappedFile, StoredTensor, dtype_index, raw_bytes
 from ckpt_hooks.formats.safetensors_header import read_header
 

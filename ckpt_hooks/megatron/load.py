@@ -11,13 +11,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ckpt_hooks.conversion import read_source
+from ckpt_hooks.megatron.conversion import read_source
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.executor import build_tensor
+from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.formats.megatron_legacy import chunk_keys
-from ckpt_hooks.optimizer import STATES, SourceOptimizer
-from ckpt_hooks.plan import TargetFile, element_range_boxes, plan_conversion, restrict
-from ckpt_hooks.spec import ModelSpec, ParallelConfig, uneven_layers
+from ckpt_hooks.engine.optimizer import STATES, SourceOptimizer
+from ckpt_hooks.engine.plan import TargetFile, element_range_boxes, plan_conversion, restrict
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, uneven_layers
 
 
 @dataclass

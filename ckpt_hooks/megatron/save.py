@@ -3,7 +3,7 @@ trainers built directly on megatron-core.
 
 Beside the trainer's own files, which stay byte for byte as they were:
 
-    iter_XXXXXXX/ckpt_hooks_manifest.json      what every file holds (ckpt_hooks.manifest), global rank 0
+    iter_XXXXXXX/ckpt_hooks_manifest.json      what every file holds (ckpt_hooks.engine.manifest), global rank 0
     mp_rank_TT_PPP/param_map.json              recorded BufferMaps of this (tp, pp) rank (DP rank 0)
     mp_rank_TT_PPP/param_map/param_map_buffer{b}_dp{d}tp{t}pp{p}vpp{v}.json   MindSpeed-Core-MS,
                                                one per DP rank, written by that rank
@@ -25,8 +25,8 @@ import torch
 
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.megatron.load import distributed_optimizers, running_layout, unwrap
-from ckpt_hooks.output import atomic_write
-from ckpt_hooks.param_map import BufferMap, mindspeed_file_name, mindspeed_json, record
+from ckpt_hooks.formats.atomic import atomic_write
+from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json, record
 
 
 def record_param_maps(optimizer) -> list[BufferMap]:
@@ -138,7 +138,7 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
 def write_manifest_or_warn(iter_dir) -> None:
     """The iteration's manifest. Failing to write it is a warning, not an error: the checkpoint
     itself is complete, and the other ranks must not be left waiting in the next collective."""
-    from ckpt_hooks.conversion import write_manifest
+    from ckpt_hooks.megatron.conversion import write_manifest
 
     try:
         write_manifest(iter_dir)

@@ -168,7 +168,8 @@ def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str
     import shutil
 
     from ckpt_hooks.mindspore.files import latest_checkpoint, open_checkpoint
-    from ckpt_hooks.output import run, staged_directory
+    from ckpt_hooks.engine.run import run
+    from ckpt_hooks.formats.atomic import staged_directory
 
     infos = [read_shard_info(p) for p in sorted(Path(strategy_dir).rglob("dist_opt_shard_info*.json"))]
     if not infos:

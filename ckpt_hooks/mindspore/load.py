@@ -21,7 +21,7 @@ import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.mindspore_ckpt import BF16, MappedFile
-from ckpt_hooks.layout import Box
+from ckpt_hooks.algebra.layout import Box
 from ckpt_hooks.mindspore import manifest
 from ckpt_hooks.mindspore.files import latest_checkpoint, open_checkpoint, rank_dirs
 

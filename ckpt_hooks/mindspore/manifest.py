@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.output import atomic_write
+from ckpt_hooks.formats.atomic import atomic_write
 from ckpt_hooks.formats.mindspore_ckpt import DTYPES, MappedFile, dtype_index
 
 SUFFIX = ".manifest.json"

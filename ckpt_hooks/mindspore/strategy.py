@@ -31,7 +31,7 @@ from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.protobuf_wire import field, integers, message, text
-from ckpt_hooks.layout import Box, LayoutError
+from ckpt_hooks.algebra.layout import Box, LayoutError
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,12 @@ import numpy as np
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors
 from ckpt_hooks.formats.mindspore_ckpt import MappedFile
-from ckpt_hooks.layout import Box, LayoutError
+from ckpt_hooks.algebra.layout import Box, LayoutError
 from ckpt_hooks.mindspore.files import READERS, RANK_DIR, latest_checkpoint, open_checkpoint, rank_dirs
 from ckpt_hooks.mindspore.strategy import ParamLayout, Strategy, box, check_shape, global_shape, rank_boxes, \
     read_strategy
-from ckpt_hooks.output import Report, refuse_non_empty, run, staged_directory
+from ckpt_hooks.engine.run import Report, run
+from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
 
 DEFAULT_PREFIX = "checkpoint_"  # MindFormers' (transform_checkpoints requires one)
 
@@ -212,7 +213,7 @@ def build(files: dict[int, MappedFile], tensor: TargetTensor) -> np.ndarray:
 def write_target(files: dict[int, MappedFile], target: TargetFile, path: Path, progress=None,
                  build_tensor=build) -> None:
     """One target file, in the format its suffix names, written atomically; each tensor made by
-    ``build_tensor(files, tensor)`` (ckpt_hooks.lora's merges adapters in)."""
+    ``build_tensor(files, tensor)`` (ckpt_hooks.converters.lora's merges adapters in)."""
     def tensors():
         for tensor in target.tensors:
             yield tensor.name, build_tensor(files, tensor)

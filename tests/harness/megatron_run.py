@@ -1081,7 +1081,7 @@ def save_timing_job(job: dict) -> None:
                 patch.uninstall()
             times[kind].append(time.perf_counter() - started)
     # The hooks' own work, timed alone (the end-to-end saves above vary by more than it costs).
-    from ckpt_hooks.conversion import write_manifest
+    from ckpt_hooks.megatron.conversion import write_manifest
     from ckpt_hooks.megatron.save import write_param_maps
 
     saved = os.path.join(job["save_dir"], "library0")

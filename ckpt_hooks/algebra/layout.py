@@ -1,0 +1,162 @@
+"""The layout algebra: where each rank's piece of a tensor sits in the logical tensor.
+
+Every tensor has a *logical* global form, chosen so that a tensor-parallel shard is a
+plain box (offsets + lengths) of it:
+
+* GQA ``linear_qkv`` rows are ``[q_g | k_g | v_g]`` per query group g, and TP splits the
+  rows evenly: whole groups per rank, or, when TP exceeds the groups (megatron-core allows a
+  multiple), part of one group per rank. The logical shape is ``(groups x rows_per_group,
+  hidden)`` split on rows;
+* ``linear_fc1`` holds ``[gate_r; up_r]`` on each TP rank with SwiGLU: logical
+  ``(2, ffn, hidden)`` (``(1, ffn, hidden)`` without), TP splits axis 1;
+* column-parallel weights split rows, row-parallel weights split columns, norms are replicated;
+* the vocabulary is split by rows; its padded size depends on TP (see ModelSpec.padded_vocab_for).
+
+Pipeline stages and virtual chunks map local layer numbers to global ones.
+Pure: no I/O, no framework imports.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig
+
+
+class LayoutError(ValueError):
+    """A layout that cannot hold the model (e.g. a TP size that does not divide the heads)."""
+
+
+@dataclass(frozen=True)
+class Box:
+    offsets: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.lengths)
+
+    def intersect(self, other: "Box") -> "Box | None":
+        starts = tuple(max(a, b) for a, b in zip(self.offsets, other.offsets))
+        stops = tuple(min(a + la, b + lb) for a, la, b, lb in
+                      zip(self.offsets, self.lengths, other.offsets, other.lengths))
+        if any(stop <= start for start, stop in zip(starts, stops)):
+            return None
+        return Box(starts, tuple(stop - start for start, stop in zip(starts, stops)))
+
+    def slices_within(self, outer: "Box") -> tuple[slice, ...]:
+        """This box as slices of a tensor that holds ``outer``."""
+        return tuple(slice(o - oo, o - oo + n) for o, oo, n in zip(self.offsets, outer.offsets, self.lengths))
+
+
+# How a tensor is split across tensor-parallel ranks.
+REPLICATED = "replicated"
+SPLIT = "split"       # split along Rule.axis of the logical shape
+VOCAB = "vocab"       # split along rows; the padded row count depends on TP
+EXTRA = "extra"       # Transformer Engine ``_extra_state``: not a weight, written as None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one kind of tensor is laid out: a split kind and a symbolic logical shape.
+
+    Shape symbols: H hidden, F ffn, S fc1 parts (2 with SwiGLU, else 1), Q rows of
+    linear_qkv (query groups x rows per group), A attention heads x kv channels,
+    K kv channels, V vocab rows.
+    ``fused``: the stored tensor merges the first two logical axes (fc1's gate and up).
+    """
+
+    kind: str
+    shape: tuple[str, ...] | None = None   # None: take the shape from the file
+    axis: int | None = None
+    fused: bool = False
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One rank's tensor inside its logical tensor."""
+
+    logical_shape: tuple[int, ...]
+    box: Box
+    stored_shape: tuple[int, ...]
+
+    @property
+    def view_shape(self) -> tuple[int, ...]:
+        return self.box.lengths
+
+
+def _symbol_sizes(spec: ModelSpec, vocab_rows: int) -> dict[str, int]:
+    return {"H": spec.hidden_size, "F": spec.ffn_hidden_size, "S": 2 if spec.swiglu else 1,
+            "Q": spec.num_query_groups * spec.rows_per_query_group,
+            "A": spec.num_attention_heads * spec.kv_channels, "K": spec.kv_channels, "V": vocab_rows}
+
+
+def placement(rule: Rule, spec: ModelSpec, tp: int, tp_rank: int, vocab_rows: int,
+              file_shape: tuple[int, ...] | None = None) -> Placement:
+    """Where rank ``tp_rank`` of ``tp`` holds a tensor following ``rule``.
+
+    ``vocab_rows`` is the padded vocabulary of this layout; ``file_shape`` is used for
+    tensors whose shape the spec does not determine (e.g. learned position embeddings).
+    """
+    if rule.shape is None:
+        logical = tuple(file_shape)
+    else:
+        sizes = _symbol_sizes(spec, vocab_rows)
+        logical = tuple(sizes[s] for s in rule.shape)
+    axis = 0 if rule.kind == VOCAB else rule.axis
+    if rule.kind in (REPLICATED, EXTRA) or axis is None:
+        return Placement(logical, Box((0,) * len(logical), logical), logical)
+    if logical[axis] % tp:
+        raise LayoutError(f"tensor parallel size {tp} does not divide {_AXIS_NAMES.get(rule.shape[axis], 'size')} "
+                          f"{logical[axis]}")
+    view = list(logical)
+    view[axis] //= tp
+    offsets = [0] * len(logical)
+    offsets[axis] = tp_rank * view[axis]
+    stored = (view[0] * view[1], *view[2:]) if rule.fused else tuple(view)
+    return Placement(logical, Box(tuple(offsets), tuple(view)), stored)
+
+
+_AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "Q": "linear_qkv rows",
+               "A": "attention heads x kv channels", "V": "padded vocabulary"}
+
+
+def check_divisible(spec: ModelSpec, config: ParallelConfig) -> None:
+    """Fail early, with the reason, when a layout cannot hold the model."""
+    tp = config.tp
+    for what, value in (("attention heads", spec.num_attention_heads), ("ffn hidden size", spec.ffn_hidden_size)):
+        if value % tp:
+            raise LayoutError(f"tensor parallel size {tp} does not divide {what} ({value})")
+    groups = spec.num_query_groups
+    if groups % tp and tp % groups:
+        raise LayoutError(f"tensor parallel size {tp} neither divides nor is a multiple of query groups ({groups})")
+    if config.layers_per_stage is not None:
+        if len(config.layers_per_stage) != config.pp:
+            raise LayoutError(f"layer list {list(config.layers_per_stage)} has {len(config.layers_per_stage)} "
+                              f"stages, pipeline parallel size is {config.pp}")
+        if sum(config.layers_per_stage) != spec.num_layers or min(config.layers_per_stage) < 1:
+            raise LayoutError(f"layer list {list(config.layers_per_stage)} does not split {spec.num_layers} layers")
+        if config.vpp > 1:
+            raise LayoutError("uneven pipeline stages with virtual pipeline stages are not supported")
+    elif spec.num_layers % (config.pp * config.vpp):
+        raise LayoutError(f"{spec.num_layers} layers do not split evenly into pipeline {config.pp} "
+                          f"x virtual {config.vpp} chunks (use --num-layer-list)")
+
+
+def chunk_layers(spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp_rank: int) -> range:
+    """Global layer indices held by virtual chunk ``vp_rank`` of pipeline stage ``pp_rank``."""
+    if config.layers_per_stage is not None:
+        start = sum(config.layers_per_stage[:pp_rank])
+        return range(start, start + config.layers_per_stage[pp_rank])
+    per_chunk = spec.num_layers // (config.pp * config.vpp)
+    start = vp_rank * (spec.num_layers // config.vpp) + pp_rank * per_chunk
+    return range(start, start + per_chunk)
+
+
+def is_first_chunk(config: ParallelConfig, pp_rank: int, vp_rank: int) -> bool:
+    return pp_rank == 0 and vp_rank == 0
+
+
+def is_last_chunk(config: ParallelConfig, pp_rank: int, vp_rank: int) -> bool:
+    return pp_rank == config.pp - 1 and vp_rank == config.vpp - 1

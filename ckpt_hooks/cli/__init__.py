@@ -1,0 +1,203 @@
+"""``ckpt-hooks``: convert and inspect checkpoints from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import os
+import sys
+
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.cli.hf import COMMANDS as HF_COMMANDS
+from ckpt_hooks.cli.lora import COMMANDS as LORA_COMMANDS
+from ckpt_hooks.cli.mindformers import COMMANDS as MINDFORMERS_COMMANDS
+from ckpt_hooks.cli.mindspeed import COMMANDS as MINDSPEED_COMMANDS
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts, got {text!r}") from None
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load-dir", required=True,
+                        help="source checkpoint: Megatron (root with the tracker file, or an iter_* dir) or "
+                             "MindSpore (a rank_N/ tree, or one .ckpt/.safetensors file)")
+    parser.add_argument("--save-dir", required=True, help="where to write the converted checkpoint (must not exist or be empty)")
+    parser.add_argument("--target-tensor-parallel-size", type=int, help="default: the source's")
+    parser.add_argument("--target-pipeline-parallel-size", type=int, help="default: the source's")
+    parser.add_argument("--target-virtual-pipeline-parallel-size", type=int,
+                        help="virtual pipeline chunks per stage (default: the source's if PP is unchanged, else 1)")
+    parser.add_argument("--target-data-parallel-size", type=int,
+                        help="only shapes the optimizer's buckets when there are several (default: fill the source's world)")
+    parser.add_argument("--num-layer-list", type=_layer_list,
+                        help="layers per pipeline stage for uneven splits, e.g. 1,3")
+    parser.add_argument("--convert-param-only", action="store_true",
+                        help="convert the model weights only, not the distributed optimizer's state")
+    parser.add_argument("--true-vocab-size", type=int,
+                        help="real vocabulary rows, when the saved args do not tell (needed to re-pad the vocab for a new TP)")
+    parser.add_argument("--workers", "--process-num", type=int, default=min(4, os.cpu_count() or 1),
+                        help="target files built in parallel")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    mindspore = parser.add_argument_group("MindSpore checkpoints (mindspore.transform_checkpoints' arguments)")
+    mindspore.add_argument("--src-strategy-path-or-dir",
+                           help="the source's strategy file, or the directory of its pipeline stages' files "
+                                "(default: the source is one complete checkpoint)")
+    mindspore.add_argument("--dst-strategy", help="the target's strategy file or directory (default: one complete "
+                                                  "checkpoint)")
+    mindspore.add_argument("--prefix", help="target file names: rank_{r}/{prefix}{r}.{format} (default: checkpoint_)")
+    mindspore.add_argument("--format", choices=("ckpt", "safetensors"), help="target format (default: the source's)")
+
+
+# The flags of one framework's conversion, refused for the other's checkpoints.
+_MEGATRON_ONLY = ("target_tensor_parallel_size", "target_pipeline_parallel_size",
+                  "target_virtual_pipeline_parallel_size", "target_data_parallel_size", "num_layer_list",
+                  "convert_param_only", "true_vocab_size")
+_MINDSPORE_ONLY = ("prefix", "format")
+
+
+def _refuse_flags(args, names: tuple[str, ...], framework: str) -> None:
+    given = [name for name in names if getattr(args, name) not in (None, False)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise CheckpointError(args.load_dir, f"{flag} does not apply to a {framework} checkpoint")
+
+
+def run_convert(args) -> None:
+    from ckpt_hooks.mindspore.transform import is_mindspore_source
+
+    if args.src_strategy_path_or_dir or args.dst_strategy or is_mindspore_source(args.load_dir):
+        _refuse_flags(args, _MEGATRON_ONLY, "MindSpore")
+        run_mindspore_convert(args)
+        return
+    _refuse_flags(args, _MINDSPORE_ONLY, "Megatron")
+    from ckpt_hooks.megatron.conversion import convert
+
+    report = convert(args.load_dir, args.save_dir,
+                     target_tp=args.target_tensor_parallel_size, target_pp=args.target_pipeline_parallel_size,
+                     target_vpp=args.target_virtual_pipeline_parallel_size, target_dp=args.target_data_parallel_size,
+                     num_layer_list=args.num_layer_list,
+                     convert_param_only=args.convert_param_only, true_vocab_size=args.true_vocab_size,
+                     workers=args.workers, quiet=args.quiet)
+    if not args.quiet:
+        print(f"wrote {args.save_dir}: {report}")
+
+
+def run_mindspore_convert(args) -> None:
+    from ckpt_hooks.mindspore.transform import DEFAULT_PREFIX, transform_checkpoints
+
+    report = transform_checkpoints(args.load_dir, args.save_dir, args.src_strategy_path_or_dir, args.dst_strategy,
+                                   prefix=args.prefix or DEFAULT_PREFIX, output_format=args.format,
+                                   process_num=args.workers, quiet=args.quiet)
+    if not args.quiet:
+        print(f"wrote {args.save_dir}: {report}")
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("load_dir", help="checkpoint root or iter_* directory")
+    parser.add_argument("--tensors", action="store_true", help="list every tensor of every file")
+
+
+def run_inspect(args) -> None:
+    from ckpt_hooks.megatron.inspection import describe
+
+    print(describe(args.load_dir, tensors=args.tensors))
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load-dir", required=True, help="checkpoint root or iter_* directory")
+    parser.add_argument("--save-dir", required=True, help="directory for the JSON files (must not exist or be empty)")
+    parser.add_argument("--data-parallel-size", type=int, help="default: the checkpoint's")
+
+
+def run_export(args) -> None:
+    from ckpt_hooks.megatron.export import export_param_maps
+
+    written = export_param_maps(args.load_dir, args.save_dir, dp=args.data_parallel_size)
+    print(f"wrote {len(written)} param_map files to {args.save_dir}")
+
+
+def add_combine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategy-dir", required=True,
+                        help="the opt_shard_info directory (dist_opt_shard_info*.json of every DP group)")
+    parser.add_argument("--checkpoint-dir", required=True, help="the rank_N/ directories of the sharded checkpoint")
+    parser.add_argument("--output-dir", required=True, help="where to write (must not exist or be empty)")
+    parser.add_argument("--src-format", choices=("ckpt", "safetensors"), default="ckpt")
+    parser.add_argument("--dst-format", choices=("ckpt", "safetensors"), default="ckpt")
+    parser.add_argument("--copy-to-all-dp-ranks", action="store_true",
+                        help="write the merged file for every rank of a DP group, not only its first")
+    parser.add_argument("--rank-section", type=int, nargs=2, metavar=("START", "END"), default=(None, None),
+                        help="only the DP groups whose first rank is in [START, END)")
+    parser.add_argument("--no-save-optim", action="store_true",
+                        help="the fp32 parameters only: no Adam moments, step or learning rate")
+    parser.add_argument("--max-process-limit", "--max-proccess-limit", dest="workers", type=int,
+                        default=min(4, os.cpu_count() or 1), help="DP groups merged in parallel")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_combine(args) -> None:
+    from ckpt_hooks.mindspore.dp_zero import combine_dp_zero
+
+    written = combine_dp_zero(args.strategy_dir, args.checkpoint_dir, args.output_dir, src_format=args.src_format,
+                              dst_format=args.dst_format, copy_to_all_dp_ranks=args.copy_to_all_dp_ranks,
+                              rank_section=tuple(args.rank_section), no_save_optim=args.no_save_optim,
+                              workers=args.workers, quiet=args.quiet)
+    if not args.quiet:
+        print(f"wrote {len(written)} merged files to {args.output_dir}")
+
+
+COMMANDS = {
+    "convert": ("reshard a Megatron checkpoint to another TP/PP/VPP layout, or a MindSpore one to another strategy",
+                add_convert_arguments, run_convert),
+    "inspect": ("describe a checkpoint: format, layout, model, files", add_inspect_arguments, run_inspect),
+    "export-param-map": ("write the distributed optimizer's param_map of every rank (MindSpeed-Core-MS JSON)",
+                         add_export_arguments, run_export),
+    "combine-dp-zero": ("merge MindSpeed-Core-MS distributed-optimizer buckets into per-parameter tensors",
+                        add_combine_arguments, run_combine),
+    **HF_COMMANDS,
+    **MINDSPEED_COMMANDS,
+    **MINDFORMERS_COMMANDS,
+    **LORA_COMMANDS,
+}
+
+
+def return_freed_memory() -> None:
+    """Serve tensors of 32 MiB and more from mmap, so that freeing them returns the memory.
+    glibc's adaptive threshold would otherwise grow the heap towards the size of a whole file;
+    smaller tensors stay on the heap, where the repeated layer shapes reuse it (measured in
+    bench/: 4 MiB halves the speed, 128 MiB keeps more memory and is slower too)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: 32 MiB
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def guarded(run, args) -> int:
+    """Run a command; report a checkpoint problem as one line on stderr and a non-zero exit."""
+    try:
+        run(args)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the save directory's, mostly: not writable, no space left
+        print(f"error: {e.filename or '-'}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="ckpt-hooks", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+    args = parser.parse_args(argv)
+    return_freed_memory()
+    return guarded(COMMANDS[args.command][2], args)
+

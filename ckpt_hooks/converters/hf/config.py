@@ -1,0 +1,165 @@
+"""Hugging Face ``config.json`` <-> ModelSpec and Megatron-LM ``args``, for the families in names.LAYERS.
+
+What a family's config cannot say in megatron-core (or the reverse) is refused with the reason,
+never dropped: RoPE scaling other than Llama 3's, biases other than Qwen2's q/k/v ones, ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.converters.hf.names import LAYERS
+from ckpt_hooks.algebra.spec import ModelSpec
+
+CONFIG = "config.json"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# megatron-core's Llama 3 RoPE scaling fixes all but the factor.
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def read(directory) -> tuple[Path, dict, str]:
+    """(path, config, family) of a Hugging Face model directory (or of its config file)."""
+    path = Path(directory) if Path(directory).is_file() else Path(directory) / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(path, "missing: not a Hugging Face model directory") from None
+    except ValueError as e:
+        raise CheckpointError(path, f"not valid JSON ({e})") from None
+    family = config.get("model_type") if isinstance(config, dict) else None
+    if family not in LAYERS:
+        raise CheckpointError(path, f"unsupported model_type {family!r} (supported: {', '.join(sorted(LAYERS))})")
+    return path, config, family
+
+
+def _rope(config: dict, path) -> tuple[float, float | None]:
+    """(rotary base, Llama 3 scaling factor or None), from transformers 5's rope_parameters or 4's keys."""
+    params = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    base = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return base, None
+    if kind == "llama3" and all(float(params.get(k, -1)) == v for k, v in _LLAMA3_FIXED.items()):
+        return base, float(params["factor"])
+    raise CheckpointError(path, f"RoPE scaling {params} has no megatron-core equivalent")
+
+
+def model_spec(config: dict, path, family: str, true_vocab_size: int | None = None,
+               make_vocab_size_divisible_by: int = 128) -> ModelSpec:
+    """The model a config describes; its vocabulary unpadded (padded_vocab_size = true vocabulary)."""
+    def need(key):
+        if not isinstance(config.get(key), int):
+            raise CheckpointError(path, f"'{key}' missing or not an integer")
+        return config[key]
+
+    refusals = [("hidden_act", config.get("hidden_act", "silu") != "silu", "only SwiGLU (silu) MLPs are supported"),
+                ("attention_bias", config.get("attention_bias"), "q/k/v/o biases have no megatron-core form"),
+                ("mlp_bias", config.get("mlp_bias"), "MLP biases alone have no megatron-core form"),
+                ("use_sliding_window", config.get("use_sliding_window"), "Qwen2's sliding window is not supported")]
+    for key, refused, why in refusals:
+        if refused:
+            raise CheckpointError(path, f"{key} {config[key]!r}: {why}")
+    _rope(config, path)
+    heads, hidden, vocab = need("num_attention_heads"), need("hidden_size"), need("vocab_size")
+    groups = config.get("num_key_value_heads") or heads
+    if heads % groups:
+        raise CheckpointError(path, f"num_key_value_heads {groups} does not divide num_attention_heads {heads}")
+    true_vocab = true_vocab_size or vocab
+    if true_vocab > vocab:
+        raise CheckpointError(path, f"true vocabulary {true_vocab} is larger than vocab_size {vocab}")
+    return ModelSpec(num_layers=need("num_hidden_layers"), hidden_size=hidden,
+                     ffn_hidden_size=need("intermediate_size"),
+                     num_attention_heads=heads, num_query_groups=groups,
+                     kv_channels=config.get("head_dim") or hidden // heads, padded_vocab_size=true_vocab,
+                     true_vocab_size=true_vocab, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+                     swiglu=True, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
+                     add_bias_linear=False, add_qkv_bias=family == "qwen2", position_embedding_type="rope",
+                     normalization="RMSNorm")
+
+
+def megatron_args(config: dict, path, spec: ModelSpec, params_dtype: torch.dtype, layer_spec: str,
+                  tokenizer: str | None, iteration: int) -> argparse.Namespace:
+    """Megatron-LM's ``args`` for the model (the layout is set by spec.updated_args)."""
+    base, factor = _rope(config, path)
+    window = config.get("sliding_window") if config["model_type"] == "mistral" else None
+    max_positions = config.get("max_position_embeddings") or 4096
+    return argparse.Namespace(
+        num_layers=spec.num_layers, encoder_num_layers=spec.num_layers, hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.ffn_hidden_size, num_attention_heads=spec.num_attention_heads,
+        group_query_attention=spec.num_query_groups != spec.num_attention_heads,
+        num_query_groups=spec.num_query_groups, kv_channels=spec.kv_channels,
+        max_position_embeddings=max_positions, seq_length=max_positions,
+        vocab_size=spec.true_vocab_size, padded_vocab_size=spec.padded_vocab_size,
+        make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
+        tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer and str(tokenizer),
+        swiglu=True, normalization="RMSNorm", norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+        apply_layernorm_1p=False, position_embedding_type="rope", add_position_embedding=False,
+        use_rotary_position_embeddings=True, rotary_base=base, rotary_percent=1.0, rotary_interleaved=False,
+        use_rope_scaling=factor is not None, rope_scaling_factor=factor or 8.0,
+        # HF's sliding_window w attends to the w - 1 previous tokens: flash attention's (w - 1, 0).
+        window_size=(window - 1, 0) if window else None,
+        add_bias_linear=False, add_qkv_bias=spec.add_qkv_bias,
+        untie_embeddings_and_output_weights=not spec.tied_embeddings, qk_layernorm=False, num_experts=None,
+        multi_latent_attention=False, hidden_dropout=0.0, attention_dropout=float(config.get("attention_dropout", 0.0)),
+        init_method_std=float(config.get("initializer_range", 0.02)),
+        params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
+        transformer_impl=layer_spec, ckpt_format="torch", use_dist_ckpt=False, context_parallel_size=1,
+        expert_model_parallel_size=1, sequence_parallel=False,
+        iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0)
+
+
+def family_of(args, spec: ModelSpec) -> str:
+    """The HF family a Megatron model reads as by default: Qwen2 has q/k/v biases, Mistral a window."""
+    if spec.add_qkv_bias:
+        return "qwen2"
+    return "mistral" if getattr(args, "window_size", None) else "llama"
+
+
+def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) -> dict:
+    """The ``config.json`` of a Megatron model as HF ``family``; refused where it does not fit."""
+    window = getattr(args, "window_size", None)
+    checks = [(spec.normalization == "RMSNorm", f"normalization {spec.normalization}"),
+              (spec.swiglu, "a non-SwiGLU MLP"), (spec.position_embedding_type == "rope",
+                                                  f"{spec.position_embedding_type} position embeddings"),
+              (not spec.add_bias_linear, "linear biases"),
+              (spec.add_qkv_bias == (family == "qwen2"), "q/k/v biases" if spec.add_qkv_bias else "no q/k/v biases"),
+              (not getattr(args, "qk_layernorm", False), "QK layer norms"),
+              (not getattr(args, "num_experts", None), "experts"),
+              (not getattr(args, "apply_layernorm_1p", False), "layernorm_1p"),
+              (not getattr(args, "rotary_interleaved", False), "interleaved RoPE"),
+              (getattr(args, "rotary_percent", 1.0) == 1.0, "partial RoPE"),
+              (not window or (family == "mistral" and window[1] == 0), f"attention window {window}")]
+    for fits, what in checks:
+        if not fits:
+            raise CheckpointError(path, f"a model with {what} cannot be written as Hugging Face {family}")
+    base = float(getattr(args, "rotary_base", 10000))
+    rope = {"rope_type": "default", "rope_theta": base}
+    if getattr(args, "use_rope_scaling", False):
+        rope = {"rope_type": "llama3", "rope_theta": base, "factor": float(args.rope_scaling_factor), **_LLAMA3_FIXED}
+    config = {
+        "architectures": [ARCHITECTURES[family]], "model_type": family,
+        "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_hidden_size,
+        "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_attention_heads,
+        "num_key_value_heads": spec.num_query_groups, "head_dim": spec.kv_channels, "hidden_act": "silu",
+        "max_position_embeddings": getattr(args, "max_position_embeddings", None) or args.seq_length,
+        "rms_norm_eps": float(getattr(args, "norm_epsilon", 1e-5)), "rope_parameters": rope,
+        "tie_word_embeddings": spec.tied_embeddings, "vocab_size": spec.true_vocab_size,
+        "attention_dropout": float(getattr(args, "attention_dropout", 0.0)),
+        "initializer_range": float(getattr(args, "init_method_std", 0.02)),
+        "dtype": DTYPE_NAMES[dtype], "use_cache": True,
+        # What transformers 4.x reads instead of rope_parameters and dtype.
+        "rope_theta": base,
+        "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if len(rope) > 2 else None,
+        "torch_dtype": DTYPE_NAMES[dtype],
+    }
+    if family == "mistral":
+        config["sliding_window"] = window[0] + 1 if window else None
+    if family == "qwen2":
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.num_layers)
+    return config

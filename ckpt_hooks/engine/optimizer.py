@@ -1,0 +1,189 @@
+"""The distributed optimizer's state in Megatron-LM legacy checkpoints (``distrib_optim.pt``).
+
+The file holds, per grad buffer, flat fp32 ``param``, ``exp_avg`` and ``exp_avg_sq``. With a
+param_map, each parameter's slice of those is an ordinary tensor of the parameter's shape:
+this module turns the flat buffers into such per-parameter tensors (lazily, as views of the
+file) so that the weights' planner reshards them, and packs them back into flat buffers for
+the target layout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ckpt_hooks.algebra import layout, names
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.engine.execute import build_tensor
+from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE, RECORDED_MAP
+from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile, contiguous_strides
+from ckpt_hooks.algebra.param_map import BufferMap, ParamInfo, dtype_name, rebuild
+from ckpt_hooks.engine.plan import SourceFile, TargetFile, TensorMeta, plan_conversion
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig
+
+STATES = ("param", "exp_avg", "exp_avg_sq")
+
+
+def bucket_size(args, chunk: int, pp_rank: int, dp: int) -> int | None:
+    """The bucket size megatron-core's DDP uses for a chunk (None: one bucket)."""
+    if not getattr(args, "overlap_grad_reduce", False) or chunk > 0 or pp_rank > 0:
+        return None
+    return getattr(args, "ddp_bucket_size", None) or max(40_000_000, 1_000_000 * dp)
+
+
+def chunk_params(spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp: int,
+                 tensors: dict) -> list[tuple[ParamInfo, object]]:
+    """(ParamInfo, dtype) of a chunk's parameters in ``named_parameters()`` order.
+
+    ``tensors`` maps the chunk's state-dict keys to objects with ``shape`` and ``dtype``
+    (None for non-tensor entries). A tied embedding is a *shared embedding*, with a bucket of
+    its own, on the first stage and on the last when PP > 1."""
+    first = layout.is_first_chunk(config, pp_rank, vp)
+    last = layout.is_last_chunk(config, pp_rank, vp)
+    shared = spec.tied_embeddings and config.pp > 1
+    out = []
+    for key, meta in tensors.items():
+        name = names.classify(key)
+        if meta is None or (name is not None and name.rule.kind == layout.EXTRA):
+            continue  # not a parameter
+        is_shared = shared and ((key == names.EMBEDDING and first and not last) or
+                                (key == names.OUTPUT and last and not first))
+        out.append((ParamInfo(key, tuple(meta.shape), is_shared), meta.dtype))
+    return out
+
+
+def rebuild_maps(spec, config, args, pp_rank: int, chunks: dict, grad_dtypes: dict) -> list[BufferMap]:
+    """The buffers of every chunk of one (tp, pp) rank, in the optimizer's order."""
+    maps = []
+    for vp, tensors in enumerate(chunks.values()):
+        by_dtype: OrderedDict[str, list[ParamInfo]] = OrderedDict()
+        for info, dtype in chunk_params(spec, config, pp_rank, vp, tensors):
+            by_dtype.setdefault(dtype_name(dtype), []).append(info)
+        for param_dtype, params in by_dtype.items():
+            maps.append(rebuild(params, chunk=vp, param_dtype=param_dtype, grad_dtype=grad_dtypes[param_dtype],
+                                dp_size=config.dp, bucket_size=bucket_size(args, vp, pp_rank, config.dp)))
+    return maps
+
+
+def _contiguous_view(flat: LazyTensor, offset: int, shape) -> LazyTensor:
+    return LazyTensor(flat.storage, flat.offset + offset, tuple(shape), contiguous_strides(shape))
+
+
+class SourceOptimizer:
+    """The optimizer states of every source rank, as lazy per-parameter tensors."""
+
+    def __init__(self, ckpt, spec: ModelSpec, source: ParallelConfig, model_files: list[SourceFile]):
+        self.files: dict[tuple[int, int], TorchFile] = {}
+        self.tensors: dict[tuple, LazyTensor] = {}          # (state, file, chunk, key) -> view
+        self.grad_dtypes: dict[str, str] = {}
+        self.maps: dict[tuple[int, int], list[BufferMap]] = {}  # checked against the files
+        for f in model_files:
+            path = Path(f.path).parent / OPTIMIZER_FILE
+            if not path.is_file():
+                raise CheckpointError(path, "missing: no distributed-optimizer state to convert "
+                                            "(pass --convert-param-only for the weights alone)")
+            torch_file = TorchFile(path)
+            self.files[(f.tp_rank, f.pp_rank)] = torch_file
+            self._index(torch_file, spec, source, f, ckpt.args)
+        self.param_groups = ckpt.first.obj.get("optimizer")
+
+    def _index(self, torch_file: TorchFile, spec, source, f: SourceFile, args) -> None:
+        obj = torch_file.obj
+        if isinstance(obj, list):
+            raise CheckpointError(torch_file.path, "several chained optimizers (MoE) are not supported yet")
+        if not isinstance(obj, dict) or not obj.get("buckets_coalesced"):
+            raise CheckpointError(torch_file.path, "not a legacy distributed-optimizer file "
+                                                   "(expected 'buckets_coalesced' flat buffers)")
+        buffers = [obj[i] for i in sorted(k for k in obj if isinstance(k, int))]
+        flat = []
+        for index, buffer in enumerate(buffers):
+            for (param_dtype, grad_dtype), states in buffer.items():
+                self.grad_dtypes[dtype_name(param_dtype)] = dtype_name(grad_dtype)
+                flat.append((index, dtype_name(param_dtype), states))
+        maps = read_recorded_maps(Path(torch_file.path).parent) or \
+            rebuild_maps(spec, source, args, f.pp_rank, f.chunks, self.grad_dtypes)
+        self.maps[(f.tp_rank, f.pp_rank)] = maps
+        if len(maps) != len(flat):
+            raise CheckpointError(torch_file.path, f"holds {len(flat)} grad buffers; the model file "
+                                                   f"{f.path} implies {len(maps)}")
+        chunk_keys = list(f.chunks)
+        for buffer_map, (index, param_dtype, states) in zip(maps, flat):
+            stored = states.get("numel_unpadded")
+            if buffer_map.param_dtype != param_dtype or stored != buffer_map.numel_unpadded:
+                raise CheckpointError(torch_file.path, f"buffer {index} holds {stored} {param_dtype} elements; the "
+                                                       f"param_map of the model ({buffer_map.param_dtype}) "
+                                                       f"needs {buffer_map.numel_unpadded}")
+            for state in STATES:
+                tensor = states.get(state)
+                if not isinstance(tensor, LazyTensor) or tensor.shape != (stored,):
+                    raise CheckpointError(torch_file.path, f"buffer {index} '{state}' is not a flat tensor of {stored}")
+                torch_file.check_complete([tensor])
+                for slot in buffer_map.params:
+                    key = (state, (f.tp_rank, f.pp_rank), chunk_keys[buffer_map.chunk], slot.name)
+                    self.tensors[key] = _contiguous_view(tensor, buffer_map.legacy_offset(slot), slot.shape)
+
+    def source_files(self, state: str, model_files: list[SourceFile]) -> list[SourceFile]:
+        """The model files' layout, holding ``state`` (fp32) in place of the weights."""
+        out = []
+        for f in model_files:
+            chunks = {c: {k: (TensorMeta(m.shape, torch.float32) if m is not None else None)
+                          for k, m in keys.items()} for c, keys in f.chunks.items()}
+            out.append(SourceFile(str(self.files[(f.tp_rank, f.pp_rank)].path), f.tp_rank, f.pp_rank, chunks))
+        return out
+
+    def plans(self, spec, source, model_files: list[SourceFile], target, chunk_keys) -> dict[str, list[TargetFile]]:
+        """For each state, the plan that reshards it like the weights: {state: target files}."""
+        return {state: plan_conversion(spec, source, self.source_files(state, model_files), target, *chunk_keys)
+                for state in STATES}
+
+    def lookup(self, state: str):
+        def find(file, chunk, key):
+            return self.files[file], self.tensors[(state, file, chunk, key)]
+        return find
+
+
+def target_state(target_file: TargetFile, plans: dict, source: SourceOptimizer, spec, config, args,
+                 progress=None) -> dict:
+    """``distrib_optim.pt``'s content for one target rank, given the rank's plan of each state:
+    each flat buffer is produced when it is written."""
+    by_chunk: OrderedDict[str, OrderedDict] = OrderedDict()
+    for tensor in target_file.tensors:
+        by_chunk.setdefault(tensor.chunk, OrderedDict())[tensor.key] = \
+            None if tensor.placement is None else TensorMeta(tensor.placement.stored_shape, tensor.dtype)
+    maps = rebuild_maps(spec, config, args, target_file.pp_rank, by_chunk, source.grad_dtypes)
+    chunk_keys = list(by_chunk)
+    indexed = {name: {(t.chunk, t.key): t for t in plans[name].tensors} for name in STATES}
+    state = {"buckets_coalesced": True}
+    for index, buffer_map in enumerate(maps):
+        flats = {}
+        for name in STATES:
+            plan = indexed[name]
+
+            def produce(buffer_map=buffer_map, plan=plan, name=name):
+                flat = torch.zeros(buffer_map.numel_unpadded, dtype=torch.float32)
+                for slot in buffer_map.params:
+                    tensor = plan[(chunk_keys[buffer_map.chunk], slot.name)]
+                    offset = buffer_map.legacy_offset(slot)
+                    flat[offset:offset + tensor.placement.box.numel] = build_tensor(source.lookup(name), tensor).reshape(-1)
+                    if progress is not None:
+                        progress.update(tensor.nbytes)
+                return flat
+            flats[name] = PendingTensor((buffer_map.numel_unpadded,), torch.float32, produce)
+        flats["numel_unpadded"] = buffer_map.numel_unpadded
+        key = (getattr(torch, buffer_map.param_dtype), getattr(torch, buffer_map.grad_dtype))
+        state[index] = {key: flats}
+    return state
+
+
+def read_recorded_maps(rank_dir) -> list[BufferMap] | None:
+    """The param_maps the save hook recorded for a rank directory, if it did."""
+    path = Path(rank_dir) / RECORDED_MAP
+    if not path.is_file():
+        return None
+    try:
+        return [BufferMap.from_json(entry) for entry in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(path, f"unreadable recorded param_map ({type(e).__name__}: {e})") from None

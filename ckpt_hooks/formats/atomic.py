@@ -1,0 +1,55 @@
+"""Atomic file output: a file, or a whole directory, appears under its final name only when
+complete; a failed write leaves nothing behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from ckpt_hooks.errors import CheckpointError
+
+
+@contextlib.contextmanager
+def atomic_write(path):
+    """A binary file object on a hidden temporary name beside ``path``, renamed to ``path`` only
+    when the block completes: a reader never sees half a file, and a failed write leaves none."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def refuse_non_empty(save_dir: str | os.PathLike) -> None:
+    path = Path(save_dir)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise CheckpointError(path, "save directory exists and is not empty; refusing to overwrite")
+
+
+@contextlib.contextmanager
+def staged_directory(save_dir: str | os.PathLike):
+    """Yield a temporary sibling of ``save_dir``; it becomes ``save_dir`` only on success."""
+    target = Path(save_dir).absolute()
+    refuse_non_empty(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield staging
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,38 @@
+"""``ckpt-hooks export-param-map``: the distributed optimizer's param_map of every rank, as
+MindSpeed-Core-MS reads it (one JSON per rank and buffer)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+from ckpt_hooks.megatron.conversion import read_source
+from ckpt_hooks.formats.atomic import staged_directory
+from ckpt_hooks.engine.optimizer import SourceOptimizer
+from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json
+
+
+def write_mindspeed_maps(directory: Path, maps: dict[tuple[int, int], list[BufferMap]], dp: int) -> list[Path]:
+    """Write each (tp, pp) rank's buffers as MindSpeed-Core-MS's JSON files, one per DP rank."""
+    written = []
+    for (tp_rank, pp_rank), rank_maps in sorted(maps.items()):
+        for vp in sorted({m.chunk for m in rank_maps}):
+            for index, buffer in enumerate(m for m in rank_maps if m.chunk == vp):
+                text = json.dumps(mindspeed_json(buffer), indent=1)
+                for dp_rank in range(dp):
+                    path = directory / mindspeed_file_name(index, dp_rank, tp_rank, pp_rank, vp)
+                    path.write_text(text)
+                    written.append(path)
+    return written
+
+
+def export_param_maps(load_dir, save_dir, dp: int | None = None) -> list[Path]:
+    """Rebuild each rank's param_map, check it against ``distrib_optim.pt``, write the JSON files."""
+    ckpt, spec, source, files = read_source(load_dir)
+    if dp:
+        source = replace(source, dp=dp)
+    optimizer = SourceOptimizer(ckpt, spec, source, files)
+    with staged_directory(save_dir) as root:
+        written = write_mindspeed_maps(root, optimizer.maps, source.dp)
+    return [Path(save_dir) / p.relative_to(root) for p in written]
