@@ -64,16 +64,17 @@ def uninstall() -> None:
 def _save_param_maps(optimizer, filename: str) -> None:
     from megatron.core import parallel_state as ps
 
+    from ckpt_hooks.algebra.spec import Rank
     from ckpt_hooks.megatron.save import write_param_maps
 
-    write_param_maps(optimizer, Path(filename).parent, tp_rank=ps.get_tensor_model_parallel_rank(),
-                     pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=optimizer.data_parallel_group.rank())
+    rank = Rank(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    write_param_maps(optimizer, Path(filename).parent, rank, optimizer.data_parallel_group.rank())
 
 
 def check_fits(optimizer, filename: str) -> None:
     """Raise CheckpointError (naming the file) unless its buffers fit ``optimizer``'s."""
     from ckpt_hooks.errors import CheckpointError
-    from ckpt_hooks.engine.optimizer import read_recorded_maps
+    from ckpt_hooks.megatron.optimizer import read_recorded_maps
     from ckpt_hooks.formats.torch_pickle import TorchFile
     from ckpt_hooks.megatron.save import record_param_maps
 

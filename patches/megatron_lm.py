@@ -102,7 +102,7 @@ def _layouts(ddp_model, load_dir):
     from ckpt_hooks.algebra.spec import parallel_config_from_args
 
     saved = parallel_config_from_args(open_checkpoint(load_dir).args)
-    running, _, _ = running_layout(ddp_model)
+    running, _ = running_layout(ddp_model)
     return [(c.tp, c.pp, c.vpp, c.layers_per_stage) for c in (saved, running)]
 
 

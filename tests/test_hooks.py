@@ -97,7 +97,8 @@ def test_library_save_writes_what_megatron_lm_writes_plus_manifest_and_maps(sour
                     {k: v for k, v in theirs.items() if k != "args"}, "model_optim_rng.pt")
         assert (twin / "param_map.json").is_file() and any((twin / "param_map").iterdir())
     manifest = json.loads((saved_iter / "ckpt_hooks_manifest.json").read_text())
-    assert manifest["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": 1, "layers_per_stage": None}
+    assert manifest["layout"] == {"tp": 2, "pp": 2, "vpp": 1, "dp": 1, "layers_per_stage": None, "cp": 1, "ep": 1,
+                                  "etp": None}
     listed = {p for p in manifest["files"] if p.endswith(".pt")}
     assert listed == {str(p.relative_to(saved_iter)) for p in saved_iter.rglob("*.pt")}
     entry = manifest["files"]["mp_rank_01_000/model_optim_rng.pt"]["tensors"]["model"]

@@ -12,8 +12,8 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from ckpt_hooks.algebra.layout import (Box, LayoutError, Rule, SPLIT, VOCAB, check_divisible, chunk_layers, placement)
-from ckpt_hooks.engine.plan import element_range_boxes
-from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, first_last_layers, uneven_layers
+from ckpt_hooks.algebra.layout import element_range_boxes
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank, first_last_layers, uneven_layers
 
 SPEC = ModelSpec(num_layers=8, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8, num_query_groups=4,
                  kv_channels=8, padded_vocab_size=128, true_vocab_size=100, make_vocab_size_divisible_by=16,
@@ -52,14 +52,15 @@ def test_layer_offsets_match_megatron(config):
 def test_gqa_qkv_rows_split_evenly_even_beyond_the_groups(tp, rank, rows):
     """4 groups of (2 query + key + value heads) x 8 channels = 128 rows, split evenly over TP:
     at TP 8 each rank holds half a group, as megatron-core does when TP exceeds the groups."""
-    where = placement(Rule(SPLIT, ("Q", "H"), axis=0), SPEC, tp=tp, tp_rank=rank, vocab_rows=128)
+    where = placement(Rule(SPLIT, ("Q", "H"), axis=0), SPEC, ParallelConfig(tp=tp), Rank(tp=rank), vocab_rows=128)
     assert where.logical_shape == (128, 64)
     assert where.box == Box((rows[0], 0), (rows[1], 64))
     assert where.stored_shape == (rows[1], 64)
 
 
 def test_swiglu_fc1_box_takes_gate_and_up_rows_of_the_rank():
-    where = placement(Rule(SPLIT, ("S", "F", "H"), axis=1, fused=True), SPEC, tp=4, tp_rank=3, vocab_rows=128)
+    where = placement(Rule(SPLIT, ("S", "F", "H"), axis=1, fused=True), SPEC, ParallelConfig(tp=4), Rank(tp=3),
+                      vocab_rows=128)
     assert where.logical_shape == (2, 128, 64)
     assert where.box == Box((0, 96, 0), (2, 32, 64))
     assert where.stored_shape == (64, 64)
@@ -67,7 +68,8 @@ def test_swiglu_fc1_box_takes_gate_and_up_rows_of_the_rank():
 
 def test_vocab_padding_follows_tp():
     assert [SPEC.padded_vocab_for(tp) for tp in (1, 2, 4, 8)] == [112, 128, 128, 128]
-    where = placement(Rule(VOCAB, ("V", "H")), SPEC, tp=4, tp_rank=2, vocab_rows=SPEC.padded_vocab_for(4))
+    where = placement(Rule(VOCAB, ("V", "H")), SPEC, ParallelConfig(tp=4), Rank(tp=2),
+                      vocab_rows=SPEC.padded_vocab_for(4))
     assert where.box == Box((64, 0), (32, 64))
 
 

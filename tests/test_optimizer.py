@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ckpt_hooks import convert
-from ckpt_hooks.megatron.conversion import read_source
-from ckpt_hooks.engine.optimizer import SourceOptimizer
+from ckpt_hooks.megatron.checkpoint import read_source
+from ckpt_hooks.algebra.spec import Rank
+from ckpt_hooks.megatron.optimizer import SourceOptimizer
 from ckpt_hooks.algebra.param_map import BufferMap
 from tests.conftest import SOURCES
 from tests.harness import resume_job, run_jobs
@@ -31,12 +32,13 @@ RESUMED_STEPS = 2
 def test_rebuilt_param_map_equals_recorded(sources, name):
     """The param_map rebuilt from the checkpoint alone is the one the live optimizer used."""
     source = sources[name]
-    ckpt, spec, config, files = read_source(source.dir)
-    rebuilt = SourceOptimizer(ckpt, spec, config, files).maps
+    src = read_source(source.dir)
+    config = src.layout
+    rebuilt = SourceOptimizer(src).maps
     recorded = torch.load(source.truth, weights_only=False)["param_map"]
     assert len(recorded) == len(rebuilt) == config.tp * config.pp
     for rank in recorded:
-        maps = rebuilt[(rank["tp_rank"], rank["pp_rank"])]
+        maps = rebuilt[Rank(rank["tp_rank"], rank["pp_rank"])]
         assert [m.to_json() for m in maps] == [BufferMap.from_json(b).to_json() for b in rank["buffers"]]
 
 

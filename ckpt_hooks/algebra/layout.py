@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank
 
 
 class LayoutError(ValueError):
@@ -65,12 +65,14 @@ class Rule:
     linear_qkv (query groups x rows per group), A attention heads x kv channels,
     K kv channels, V vocab rows.
     ``fused``: the stored tensor merges the first two logical axes (fc1's gate and up).
+    ``dim``: which named dimension of the layout splits ``axis`` (``tp``; experts' ``ep``/``etp``).
     """
 
     kind: str
     shape: tuple[str, ...] | None = None   # None: take the shape from the file
     axis: int | None = None
     fused: bool = False
+    dim: str = "tp"                        # the parallel dimension that splits ``axis``
 
 
 @dataclass(frozen=True)
@@ -92,9 +94,9 @@ def _symbol_sizes(spec: ModelSpec, vocab_rows: int) -> dict[str, int]:
             "A": spec.num_attention_heads * spec.kv_channels, "K": spec.kv_channels, "V": vocab_rows}
 
 
-def placement(rule: Rule, spec: ModelSpec, tp: int, tp_rank: int, vocab_rows: int,
+def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, vocab_rows: int,
               file_shape: tuple[int, ...] | None = None) -> Placement:
-    """Where rank ``tp_rank`` of ``tp`` holds a tensor following ``rule``.
+    """Where ``rank`` of layout ``config`` holds a tensor following ``rule``.
 
     ``vocab_rows`` is the padded vocabulary of this layout; ``file_shape`` is used for
     tensors whose shape the spec does not determine (e.g. learned position embeddings).
@@ -107,17 +109,19 @@ def placement(rule: Rule, spec: ModelSpec, tp: int, tp_rank: int, vocab_rows: in
     axis = 0 if rule.kind == VOCAB else rule.axis
     if rule.kind in (REPLICATED, EXTRA) or axis is None:
         return Placement(logical, Box((0,) * len(logical), logical), logical)
-    if logical[axis] % tp:
-        raise LayoutError(f"tensor parallel size {tp} does not divide {_AXIS_NAMES.get(rule.shape[axis], 'size')} "
+    ways, index = config.size(rule.dim), rank.coordinate(rule.dim)
+    if logical[axis] % ways:
+        raise LayoutError(f"{_DIM_NAMES[rule.dim]} size {ways} does not divide {_AXIS_NAMES.get(rule.shape[axis], 'size')} "
                           f"{logical[axis]}")
     view = list(logical)
-    view[axis] //= tp
+    view[axis] //= ways
     offsets = [0] * len(logical)
-    offsets[axis] = tp_rank * view[axis]
+    offsets[axis] = index * view[axis]
     stored = (view[0] * view[1], *view[2:]) if rule.fused else tuple(view)
     return Placement(logical, Box(tuple(offsets), tuple(view)), stored)
 
 
+_DIM_NAMES = {"tp": "tensor parallel", "ep": "expert parallel", "etp": "expert tensor parallel"}
 _AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "Q": "linear_qkv rows",
                "A": "attention heads x kv channels", "V": "padded vocabulary"}
 
@@ -160,3 +164,25 @@ def is_first_chunk(config: ParallelConfig, pp_rank: int, vp_rank: int) -> bool:
 
 def is_last_chunk(config: ParallelConfig, pp_rank: int, vp_rank: int) -> bool:
     return pp_rank == config.pp - 1 and vp_rank == config.vpp - 1
+
+
+def element_range_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Boxes ``(offsets, lengths)`` of a row-major ``shape`` holding exactly its flat elements
+    [start, stop), in order: a partial head row, whole rows, a partial tail row, recursively."""
+    if start >= stop:
+        return []
+    if len(shape) == 1:
+        return [((start,), (stop - start,))]
+    inner = math.prod(shape[1:])
+    first, last = start // inner, (stop - 1) // inner
+    if first == last:
+        return [((first,) + o, (1,) + n) for o, n in
+                element_range_boxes(shape[1:], start - first * inner, stop - first * inner)]
+    boxes = []
+    if start % inner:
+        boxes += element_range_boxes(shape, start, (first + 1) * inner)
+        first += 1
+    whole_end = stop // inner
+    if whole_end > first:
+        boxes.append(((first,) + (0,) * (len(shape) - 1), (whole_end - first,) + tuple(shape[1:])))
+    return boxes + element_range_boxes(shape, whole_end * inner, stop)

@@ -54,17 +54,58 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    """Sizes of the named parallel dimensions, as megatron-core derives its groups from them:
+    ``tp`` tensor, ``pp`` pipeline, ``vpp`` model chunks per stage, ``dp`` data, ``cp`` context,
+    ``ep`` expert, ``etp`` expert tensor (None: the same as ``tp``). The dense distributed
+    optimizer shards over DP x CP; the expert one over the expert-data-parallel group."""
+
     tp: int = 1
     pp: int = 1
     vpp: int = 1
     dp: int = 1
     layers_per_stage: tuple[int, ...] | None = field(default=None)  # uneven PP; None = even split
+    cp: int = 1
+    ep: int = 1
+    etp: int | None = None
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp * self.cp
+
+    @property
+    def dense_dp(self) -> int:
+        """Ranks the dense distributed optimizer shards over."""
+        return self.dp * self.cp
+
+    @property
+    def expert_dp(self) -> int:
+        """Ranks the expert distributed optimizer shards over."""
+        return self.world // (self.pp * self.ep * (self.etp or self.tp))
+
+    def size(self, dim: str) -> int:
+        """The size of a named dimension ("tp", "pp", "ep", "etp", ...)."""
+        return (self.etp or self.tp) if dim == "etp" else getattr(self, dim)
 
     def describe(self) -> str:
         text = f"TP{self.tp}·PP{self.pp}" + (f"·VPP{self.vpp}" if self.vpp > 1 else "") + f"·DP{self.dp}"
+        text += (f"·CP{self.cp}" if self.cp > 1 else "") + (f"·EP{self.ep}" if self.ep > 1 else "")
+        text += f"·ETP{self.etp}" if self.etp not in (None, self.tp) else ""
         if self.layers_per_stage:
             text += f" layers per stage {list(self.layers_per_stage)}"
         return text
+
+
+@dataclass(frozen=True, order=True)
+class Rank:
+    """A point of a layout: one coordinate per dimension that tells files apart (tensor,
+    pipeline, expert); the data-parallel dimensions hold replicas or optimizer shards."""
+
+    tp: int = 0
+    pp: int = 0
+    ep: int = 0
+
+    def coordinate(self, dim: str) -> int:
+        return self.tp if dim == "etp" else getattr(self, dim)
 
 
 def _true_vocab_size(args) -> int | None:

@@ -1,81 +1,39 @@
-"""Runs a plan: builds each target file from slices of source tensors, with bounded memory.
+"""The executor: a target tensor built from its copies, with bounded memory.
 
-Each worker writes one target file, one tensor at a time; source bytes are read with
-``pread`` only for the rows a copy needs. Peak memory is about ``workers x (largest target
-tensor + the source rows it needs)``, whatever the size of the files.
+Each copy asks its piece's handle for exactly the elements it needs, written straight into
+the copy's place in the output (``read_into``); a tensor that is one whole source piece is the
+source's own view where the handle offers one (MindSpore's mmapped arrays). Peak memory is
+about ``workers x largest target tensor``, whatever the size of the files. Works on torch and
+NumPy outputs alike (the dtype says which); imports no torch itself.
 """
 
 from __future__ import annotations
 
-import itertools
-from collections import OrderedDict
-from typing import Callable
+import numpy as np
 
-import torch
-
-from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile, contiguous_strides
-from ckpt_hooks.engine.plan import Copy, TargetFile, TargetTensor
-
-# (file, chunk, key) -> the lazy tensor holding it
-SourceLookup = Callable[[tuple[int, int], str, str], tuple[TorchFile, LazyTensor]]
+from ckpt_hooks.engine.plan import TargetTensor
 
 
-def copy_piece(lookup: SourceLookup, copy: Copy, target: torch.Tensor, exact: bool = False) -> None:
-    """Copy the part of a source tensor a copy needs into ``target`` (the copy's target slice).
-
-    The part is one run of elements per index of the axes before its innermost partial axis.
-    ``exact`` reads just those runs (a rank reading its share); otherwise one read covers them
-    all, gaps included, which is much faster when the runs are many and short."""
-    src = copy.source
-    torch_file, lazy = lookup(src.file, src.chunk, src.key)
-    view, slices = src.placement.view_shape, copy.source_slices
-    if not lazy.is_contiguous():
-        target.copy_(torch_file.read(lazy).view(view)[slices])
-        return
-    partial = [a for a, (s, n) in enumerate(zip(slices, view)) if (s.start, s.stop) != (0, n)]
-    inner = partial[-1] if partial else 0
-    strides = contiguous_strides(view)
-    run_numel = (slices[inner].stop - slices[inner].start) * strides[inner]
-    starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
-              for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
-    if exact or len(starts) == 1:
-        buffer = target if target.is_contiguous() else torch.empty(target.shape, dtype=target.dtype)
-        torch_file.read_runs(lazy, starts, run_numel, buffer)
-    else:
-        covering = torch.empty(starts[-1] + run_numel - starts[0], dtype=target.dtype)
-        torch_file.read_runs(lazy, [starts[0]], covering.numel(), covering)
-        shape = [s.stop - s.start for s in slices[:inner + 1]] + list(view[inner + 1:])
-        buffer = covering.as_strided(shape, strides, 0)
-    if buffer is not target:
-        target.copy_(buffer.reshape(target.shape))
+def _allocate(dtype, shape, zero: bool):
+    if isinstance(dtype, np.dtype):
+        return (np.zeros if zero else np.empty)(shape, dtype)
+    import torch
+    return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
 
 
-def build_tensor(lookup: SourceLookup, tensor: TargetTensor, exact: bool = False) -> torch.Tensor | None:
-    """A target tensor, built from its copies (``exact``: read no byte it does not need)."""
-    if tensor.placement is None:
+def build_tensor(tensor: TargetTensor, exact: bool = False):
+    """A target tensor (None for a non-tensor entry). ``exact``: read no byte it does not need
+    (a rank reading its share); otherwise a handle may read a covering range in one go."""
+    placement = tensor.placement
+    if placement is None:
         return None
-    alloc = torch.empty if tensor.complete else torch.zeros
-    out = alloc(tensor.placement.stored_shape, dtype=tensor.dtype)
-    view = out.view(tensor.placement.view_shape)
+    if len(tensor.copies) == 1 and tensor.complete and placement.stored_shape == placement.view_shape:
+        copy = tensor.copies[0]
+        view = getattr(copy.piece.handle, "view", None)
+        if view is not None:
+            return view(copy.source_slices)
+    out = _allocate(tensor.dtype, placement.stored_shape, zero=not tensor.complete)
+    target = out.reshape(placement.view_shape)
     for copy in tensor.copies:
-        copy_piece(lookup, copy, view[copy.target_slices], exact)
+        copy.piece.handle.read_into(copy.source_slices, target[tensor.target_slices(copy)], exact)
     return out
-
-
-def pending_file(lookup: SourceLookup, target: TargetFile, progress=None) -> "OrderedDict[str, OrderedDict]":
-    """{chunk: {key: PendingTensor}} for one target file: each tensor is built only when the
-    writer asks for it, so one tensor of the file is in memory at a time."""
-    def produce(tensor: TargetTensor):
-        def build():
-            out = build_tensor(lookup, tensor)
-            if progress is not None:
-                progress.update(tensor.nbytes)
-            return out
-        return build
-
-    chunks: OrderedDict[str, OrderedDict] = OrderedDict()
-    for tensor in target.tensors:
-        entry = None if tensor.placement is None else \
-            PendingTensor(tensor.placement.stored_shape, tensor.dtype, produce(tensor))
-        chunks.setdefault(tensor.chunk, OrderedDict())[tensor.key] = entry
-    return chunks

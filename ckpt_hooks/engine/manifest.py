@@ -20,11 +20,10 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ckpt_hooks.algebra.param_map import dtype_name
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.atomic import atomic_write
-from ckpt_hooks.algebra.param_map import dtype_name
-from ckpt_hooks.engine.plan import SourceFile, source_placements
-from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig
 
 MANIFEST = "ckpt_hooks_manifest.json"
 VERSION = 1
@@ -36,7 +35,7 @@ def _plain(value):
     return json.loads(json.dumps(value))
 
 
-def _file_tensors(source_file: SourceFile, placements) -> dict:
+def _file_tensors(source_file, placements) -> dict:
     chunks = {}
     for chunk, entries in source_file.chunks.items():
         chunks[chunk] = {}
@@ -44,19 +43,20 @@ def _file_tensors(source_file: SourceFile, placements) -> dict:
             entry = None
             if meta is not None:
                 entry = {"shape": list(meta.shape), "dtype": dtype_name(meta.dtype)}
-                if (source_file.path, chunk, key) in placements:
-                    logical, where = placements[(source_file.path, chunk, key)]
+                if (source_file.rank, chunk, key) in placements:
+                    logical, where = placements[(source_file.rank, chunk, key)]
                     entry.update(logical=logical, offsets=list(where.box.offsets),
                                  logical_shape=list(where.logical_shape))
             chunks[chunk][key] = entry
     return chunks
 
 
-def build(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConfig,
-          files: list[SourceFile], chunk_keys: list[str]) -> dict:
-    """The manifest of a complete iteration directory whose model files are ``files``."""
+def build(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConfig, files: list,
+          placements: dict) -> dict:
+    """The manifest of a complete iteration directory whose model files are ``files`` (each with
+    ``path``, ``rank`` and ``chunks``), their tensors placed as ``placements`` says
+    ((rank, chunk, key) -> (logical name, Placement))."""
     iter_dir = Path(iter_dir)
-    placements = source_placements(spec, layout, files, chunk_keys)
     tensors = {str(Path(f.path).relative_to(iter_dir)): _file_tensors(f, placements) for f in files}
     listed = {}
     for path in sorted(iter_dir.rglob("*")):
@@ -93,14 +93,13 @@ def read(iter_dir) -> dict | None:
     return manifest
 
 
-def check(manifest: dict, iter_dir, spec: ModelSpec, layout: ParallelConfig, files: list[SourceFile]) -> None:
+def check(manifest: dict, iter_dir, spec: ModelSpec, layout: ParallelConfig, files: list) -> None:
     """Raise CheckpointError unless the files are the ones the manifest describes."""
     iter_dir = Path(iter_dir)
     where = iter_dir / MANIFEST
     disagree = "the manifest disagrees with the files: "
-    for what, saved, found in (("model", manifest.get("model"), dataclasses.asdict(spec)),
-                               ("layout", manifest.get("layout"), dataclasses.asdict(layout))):
-        found = _plain(found)
+    for what, saved, found in (("model", manifest.get("model"), spec), ("layout", manifest.get("layout"), layout)):
+        found = _described(found, saved)
         if saved != found:
             diff = ", ".join(f"{k} {saved.get(k) if isinstance(saved, dict) else None!r} vs {v!r}"
                              for k, v in found.items() if not isinstance(saved, dict) or saved.get(k) != v)
@@ -124,6 +123,17 @@ def check(manifest: dict, iter_dir, spec: ModelSpec, layout: ParallelConfig, fil
             chunk, key = next((c, k) for c, k in keys if saved.get(c, {}).get(k, "absent") != found.get(c, {}).get(k, "absent"))
             raise CheckpointError(source_file.path, f"{disagree}{chunk}.{key} is {found.get(chunk, {}).get(key, 'absent')}, "
                                                     f"{MANIFEST} says {saved.get(chunk, {}).get(key, 'absent')}")
+
+
+def _described(value, saved) -> dict:
+    """A spec or layout as JSON, less the fields a manifest written before they existed lacks
+    while they hold their defaults (e.g. a layout's ``ep``)."""
+    fields = {f.name: f.default for f in dataclasses.fields(value)}
+    found = _plain(dataclasses.asdict(value))
+    if isinstance(saved, dict):
+        found = {k: v for k, v in found.items()
+                 if k in saved or fields[k] is dataclasses.MISSING or v != _plain(fields[k])}
+    return found
 
 
 def _shapes(tensors: dict) -> dict:

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import enum
 import importlib
 import io
+import itertools
 import math
 import os
 import pickle
@@ -355,3 +356,38 @@ def iter_lazy_tensors(obj, prefix=""):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from iter_lazy_tensors(v, f"{prefix}.{i}" if prefix else str(i))
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """A stored tensor seen in ``shape`` (its own, or a fused form with as many elements): reads
+    any slices of that shape straight into an output tensor (the engine's piece handle)."""
+
+    file: TorchFile
+    tensor: LazyTensor
+    shape: tuple
+
+    def read_into(self, slices: tuple[slice, ...], out: torch.Tensor, exact: bool = False) -> None:
+        """The elements ``slices`` into ``out``: one run of elements per index of the axes before
+        the innermost partial axis. ``exact`` reads just those runs (a rank reading its share);
+        otherwise one read covers them all, gaps included: much faster for many short runs."""
+        if not self.tensor.is_contiguous():
+            out.copy_(self.file.read(self.tensor).view(self.shape)[slices])
+            return
+        partial = [a for a, (s, n) in enumerate(zip(slices, self.shape)) if (s.start, s.stop) != (0, n)]
+        inner = partial[-1] if partial else 0
+        strides = contiguous_strides(self.shape)
+        run_numel = (slices[inner].stop - slices[inner].start) * strides[inner]
+        starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
+                  for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
+        if exact or len(starts) == 1:
+            buffer = out if out.is_contiguous() and out.dtype == self.tensor.dtype else \
+                torch.empty(out.shape, dtype=self.tensor.dtype)
+            self.file.read_runs(self.tensor, starts, run_numel, buffer)
+        else:
+            covering = torch.empty(starts[-1] + run_numel - starts[0], dtype=self.tensor.dtype)
+            self.file.read_runs(self.tensor, [starts[0]], covering.numel(), covering)
+            shape = [s.stop - s.start for s in slices[:inner + 1]] + list(self.shape[inner + 1:])
+            buffer = covering.as_strided(shape, strides, 0)
+        if buffer is not out:
+            out.copy_(buffer.reshape(out.shape))

@@ -1,22 +1,309 @@
-"""A Megatron legacy checkpoint as the engine sees it: rank files opened by the codec
-(``formats.megatron_legacy``), a legacy model's (``--use-legacy-models``) nested chunks read under
-megatron-core's names (``legacy_names``)."""
+"""Megatron legacy checkpoints (``--ckpt-format torch``) as the engine's Source and Sink.
+
+    source  rank file (Rank(tp, pp)) -> chunk (``model`` / ``model{v}``) -> key -> tensor
+            each tensor = a box of the logical tensor named by its global layer (``algebra.names``)
+    sink    a target layout -> rank files, each chunk's keys in megatron-core's state-dict order,
+            every tensor planned from the source's pieces (``engine.plan``)
+
+The files are opened by the codec (``formats.megatron_legacy``); a Megatron-LM legacy model's
+(``--use-legacy-models``) nested chunks are read under megatron-core's names (``legacy_names``)
+and written back in the form they came in. The writer sequence (staged directory -> rank files
+-> optimizer files -> tracker -> manifest) is ``write_checkpoint``, shared by every converter
+that writes Megatron.
+"""
 
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
 
+from ckpt_hooks.algebra import layout, names
+from ckpt_hooks.algebra.layout import EXTRA, VOCAB, LayoutError, Placement
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank, model_spec_from_args, parallel_config_from_args
+from ckpt_hooks.engine import manifest
+from ckpt_hooks.engine.execute import build_tensor
+from ckpt_hooks.engine.plan import TargetFile, TargetTensor, plan_tensor
+from ckpt_hooks.engine.run import run
+from ckpt_hooks.engine.source import Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
+from ckpt_hooks.formats.atomic import staged_directory
+from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, iter_lazy_tensors
 from ckpt_hooks.megatron import legacy_names
 
 
-def open_checkpoint(load_dir: str | os.PathLike | legacy.LegacyCheckpoint) -> legacy.LegacyCheckpoint:
-    """Open a checkpoint with every model chunk under megatron-core's flat names; one already
-    open is used as it is (ckpt_hooks.converters.lora hands the converters a merged checkpoint)."""
-    if isinstance(load_dir, legacy.LegacyCheckpoint):
-        return load_dir
+@dataclass
+class SourceFile:
+    """What one rank file holds: per model chunk, key -> TensorMeta (None for non-tensors)."""
+
+    path: str
+    rank: Rank
+    chunks: dict[str, dict[str, TensorMeta | None]]
+
+
+# (rank, chunk, key) -> (logical name, Placement) of every stored tensor
+Placed = dict[tuple[Rank, str, str], tuple[str, Placement]]
+
+
+@dataclass
+class MegatronSource:
+    """A Megatron legacy checkpoint read: the model, its layout, what each file holds, and the
+    weights as logical tensors."""
+
+    ckpt: legacy.LegacyCheckpoint
+    spec: ModelSpec
+    layout: ParallelConfig
+    files: list[SourceFile]
+    weights: Source
+    placed: Placed
+
+    @property
+    def chunk_keys(self) -> list[str]:
+        return legacy.chunk_keys(self.layout.vpp)
+
+
+def open_checkpoint(load_dir: str | os.PathLike) -> legacy.LegacyCheckpoint:
+    """Open a checkpoint with every model chunk under megatron-core's flat names."""
     ckpt = legacy.open_checkpoint(load_dir)
     if len({legacy_names.flatten_file(f) for f in ckpt.files.values()}) > 1:
         raise CheckpointError(ckpt.iter_dir, "some rank files hold a Megatron-LM legacy model, others megatron-core's")
     return ckpt
+
+
+def read_source(load_dir, true_vocab_size: int | None = None, check_manifest: bool = True) -> MegatronSource:
+    """Open a checkpoint and describe it; nothing is read but its pickles. Where a manifest lies
+    beside the files, they are checked against it first. A source already read is used as it is
+    (ckpt_hooks.converters.lora hands the converters a merged one)."""
+    if isinstance(load_dir, MegatronSource):
+        return load_dir
+    ckpt, spec, config, files = read_files(load_dir, true_vocab_size, check_manifest)
+    placed = place(spec, config, files)
+    def handle(f: SourceFile, chunk: str, key: str, where: Placement) -> TensorView:
+        torch_file = ckpt.files[(f.rank.tp, f.rank.pp)]
+        return TensorView(torch_file, torch_file.obj[chunk][key], where.view_shape)
+    return MegatronSource(ckpt, spec, config, files, source_tensors(files, placed, handle), placed)
+
+
+def read_files(load_dir, true_vocab_size: int | None = None, check_manifest: bool = True) \
+        -> tuple[legacy.LegacyCheckpoint, ModelSpec, ParallelConfig, list[SourceFile]]:
+    """``read_source`` short of placing the tensors: the checkpoint, its model, its layout and
+    what each file holds (a LoRA checkpoint's adapters have no place of their own)."""
+    ckpt = open_checkpoint(load_dir)
+    args = ckpt.args
+    try:
+        spec = model_spec_from_args(args)
+        config = parallel_config_from_args(args)
+    except AttributeError as e:
+        raise CheckpointError(ckpt.first.path, f"saved args lack a model setting ({e})") from None
+    files = _source_files(ckpt, config)
+    saved_manifest = manifest.read(ckpt.iter_dir) if check_manifest else None
+    if true_vocab_size is not None:
+        spec = replace(spec, true_vocab_size=true_vocab_size)
+    if spec.true_vocab_size is not None and spec.padded_vocab_for(config.tp) != spec.padded_vocab_size:
+        raise CheckpointError(ckpt.first.path, f"padded vocabulary {spec.padded_vocab_size} does not follow from "
+                                               f"vocabulary {spec.true_vocab_size} at TP{config.tp}; "
+                                               "pass --true-vocab-size")
+    try:
+        layout.check_divisible(spec, config)
+    except LayoutError as e:
+        raise CheckpointError(ckpt.first.path, f"saved args: {e}") from None
+    if saved_manifest is not None:
+        manifest.check(saved_manifest, ckpt.iter_dir, spec, config, files)
+    return ckpt, spec, config, files
+
+
+def _source_files(ckpt: legacy.LegacyCheckpoint, config: ParallelConfig) -> list[SourceFile]:
+    files = []
+    for (tp_rank, pp_rank), torch_file in ckpt.files.items():
+        chunks = {}
+        for chunk in legacy.chunk_keys(config.vpp):
+            state = torch_file.obj.get(chunk)
+            if not isinstance(state, dict):
+                raise CheckpointError(torch_file.path, f"no model chunk '{chunk}' (args say VPP{config.vpp})")
+            chunks[chunk] = {key: TensorMeta(v.shape, v.dtype) if isinstance(v, LazyTensor) else None
+                             for key, v in state.items()}
+            torch_file.check_complete(t for _, t in iter_lazy_tensors(state))
+        files.append(SourceFile(torch_file.path, Rank(tp_rank, pp_rank), chunks))
+    return files
+
+
+def place(spec: ModelSpec, config: ParallelConfig, files: list[SourceFile]) -> Placed:
+    """Where every stored tensor lies in its logical tensor, checked against the spec."""
+    chunk_keys = legacy.chunk_keys(config.vpp)
+    placed: Placed = {}
+    for f in files:
+        if sorted(f.chunks) != sorted(chunk_keys):
+            raise CheckpointError(f.path, f"holds model chunks {sorted(f.chunks)}, args imply {chunk_keys}")
+        for vp, chunk in enumerate(chunk_keys):
+            layers = layout.chunk_layers(spec, config, f.rank.pp, vp)
+            for key, meta in f.chunks[chunk].items():
+                name = names.classify(key)
+                if name is None:
+                    raise CheckpointError(f.path, f"{chunk}: unsupported tensor '{key}'")
+                if name.local_layer is not None and name.local_layer >= len(layers):
+                    raise CheckpointError(f.path, f"{chunk}: '{key}' but args give this stage {len(layers)} "
+                                                  "layers; the args disagree with the tensors")
+                global_layer = layers[name.local_layer] if name.local_layer is not None else None
+                logical = names.logical_name(name, global_layer, spec.tied_embeddings)
+                if name.rule.kind == EXTRA:
+                    placed[(f.rank, chunk, key)] = logical, None
+                    continue
+                if meta is None:
+                    raise CheckpointError(f.path, f"{chunk}: '{key}' is not a tensor")
+                try:
+                    where = layout.placement(name.rule, spec, config, f.rank, spec.padded_vocab_size, meta.shape)
+                except LayoutError as e:
+                    raise CheckpointError(f.path, f"{chunk}: '{key}': {e}; the args disagree with the tensors") from None
+                if tuple(meta.shape) != where.stored_shape:
+                    raise CheckpointError(
+                        f.path, f"{chunk}: '{key}' has shape {tuple(meta.shape)} but the args "
+                                f"({config.describe()}, {spec.describe()}) imply {where.stored_shape}")
+                placed[(f.rank, chunk, key)] = logical, where
+    return placed
+
+
+def source_tensors(files: list[SourceFile], placed: Placed, handle: Callable, dtype=None) -> Source:
+    """The logical tensors the files hold, each stored tensor a piece read through
+    ``handle(file, chunk, key, placement)`` (weights, an optimizer state's views, or the
+    MindSpore arrays that stand for them)."""
+    tensors: Source = OrderedDict()
+    for f in files:
+        for chunk, keys in f.chunks.items():
+            for key, meta in keys.items():
+                logical, where = placed[(f.rank, chunk, key)]
+                if where is None:   # _extra_state: no tensor, but the target writes the entry
+                    tensors.setdefault(logical, Tensor((), None))
+                    continue
+                tensor = tensors.setdefault(logical, Tensor(where.logical_shape, dtype or meta.dtype))
+                tensor.add(where.box, handle(f, chunk, key, where))
+    return tensors
+
+
+# ---- the sink: a target layout's rank files --------------------------------------------------
+
+def target_config(source: ParallelConfig, tp=None, pp=None, vpp=None, num_layer_list=None, dp=None) -> ParallelConfig:
+    """The target layout: given sizes, the rest kept from the source where they still apply
+    (by default DP fills the source's world size)."""
+    from ckpt_hooks.algebra.spec import even_or_none
+
+    new_pp = pp or source.pp
+    new_vpp = vpp or (source.vpp if new_pp == source.pp else 1)
+    new_tp = tp or source.tp
+    stages = even_or_none(num_layer_list) if num_layer_list else \
+        (source.layers_per_stage if new_pp == source.pp else None)
+    world = source.tp * source.pp * source.dp
+    return ParallelConfig(tp=new_tp, pp=new_pp, vpp=new_vpp, dp=dp or max(world // (new_tp * new_pp), 1),
+                          layers_per_stage=stages)
+
+
+def _target_keys(tensors: Source, spec: ModelSpec, config: ParallelConfig, pp_rank: int,
+                 vp: int) -> list[tuple[str, str]]:
+    """(key, logical name) of each entry a target chunk holds, in megatron-core's state-dict order."""
+    first = layout.is_first_chunk(config, pp_rank, vp)
+    last = layout.is_last_chunk(config, pp_rank, vp)
+    outer, suffixes = [], []
+    for logical in tensors:
+        name = names.classify(logical)
+        if name.local_layer is None:
+            outer.append(logical)
+        elif name.suffix not in suffixes:
+            suffixes.append(name.suffix)
+    outer = [(k, k) for k in outer]
+    if spec.tied_embeddings:   # the output layer is the embedding: before its other entries, else last
+        at = next((i for i, (k, _) in enumerate(outer) if k.startswith("output_layer.")), len(outer))
+        outer.insert(at, (names.OUTPUT, names.EMBEDDING))
+    keys = [(k, logical) for k, logical in outer if first and k.startswith("embedding.")]
+    for local, global_layer in enumerate(layout.chunk_layers(spec, config, pp_rank, vp)):
+        keys += [(names.layer_key(local, s), names.layer_key(global_layer, s)) for s in suffixes]
+    # A tied output layer exists only on a last stage that does not also hold the embedding.
+    keys += [(k, logical) for k, logical in outer if last and k.startswith(("decoder.", "output_layer."))
+             and not (k == names.OUTPUT and spec.tied_embeddings and first)]
+    return keys
+
+
+def plan_files(tensors: Source, spec: ModelSpec, target: ParallelConfig, *, ranks=None, dtype=None,
+               where=None) -> list[TargetFile]:
+    """The rank files of ``target`` (those of ``ranks`` only, if given), each tensor planned from
+    ``tensors``. ``where`` names the source in errors."""
+    target_vocab = spec.padded_vocab_for(target.tp)
+    chunk_keys = legacy.chunk_keys(target.vpp)
+    plan = []
+    for pp_rank in range(target.pp):
+        for tp_rank in range(target.tp):
+            rank = Rank(tp_rank, pp_rank)
+            if ranks is not None and rank not in ranks:
+                continue
+            planned = []
+            for vp, chunk in enumerate(chunk_keys):
+                for key, logical in _target_keys(tensors, spec, target, pp_rank, vp):
+                    tensor = tensors.get(logical)
+                    if tensor is None:
+                        raise CheckpointError(where, f"no source file holds '{logical}'")
+                    rule = names.classify(key).rule
+                    if rule.kind == EXTRA:
+                        planned.append(TargetTensor(key, None, chunk=chunk))
+                        continue
+                    if not tensor.replicas:
+                        raise CheckpointError(where, f"no source tensor for '{logical}'")
+                    placement = layout.placement(rule, spec, target, rank, target_vocab, tensor.shape)
+                    out = plan_tensor(tensor, key, placement, chunk=chunk, dtype=dtype)
+                    if not out.complete and rule.kind != VOCAB:
+                        covered = sum(c.box.numel for c in out.copies)
+                        raise CheckpointError(where, f"source tensors cover {covered} of {placement.box.numel} "
+                                                     f"elements of target '{key}' (a rank file is missing tensors)")
+                    planned.append(out)
+            plan.append(TargetFile(rank, planned))
+    return plan
+
+
+def pending_file(target: TargetFile, progress=None) -> "OrderedDict[str, OrderedDict]":
+    """{chunk: {key: PendingTensor}} for one target file: each tensor is built only when the
+    writer asks for it, so one tensor of the file is in memory at a time."""
+    def produce(tensor):
+        def build():
+            out = build_tensor(tensor)
+            if progress is not None:
+                progress.update(tensor.nbytes)
+            return out
+        return build
+
+    chunks: OrderedDict[str, OrderedDict] = OrderedDict()
+    for tensor in target.tensors:
+        entry = None if tensor.placement is None else \
+            PendingTensor(tensor.placement.stored_shape, tensor.dtype, produce(tensor))
+        chunks.setdefault(tensor.chunk, OrderedDict())[tensor.key] = entry
+    return chunks
+
+
+def write_manifest(load_dir) -> Path:
+    """Describe a complete checkpoint iteration in its manifest (see engine.manifest)."""
+    src = read_source(load_dir, check_manifest=False)
+    built = manifest.build(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout, src.files, src.placed)
+    return manifest.write(src.ckpt.iter_dir, built)
+
+
+def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp: int,
+                     rank_state: Callable[[TargetFile, object], dict],
+                     optimizer_state: Callable[[TargetFile, object], dict | None] | None, total: int, *,
+                     workers: int, quiet: bool, label: str, written: Callable | None = None) -> None:
+    """Megatron's writer sequence, atomically: a staged directory, every rank's
+    ``model_optim_rng.pt`` (``rank_state(file, progress)``) and ``distrib_optim.pt``
+    (``optimizer_state``), then the tracker and the manifest, then the rename into place.
+    ``written(root, paths)`` is told of each rank's files (MindSpeed's md5 list)."""
+    with staged_directory(save_dir) as root:
+        def write(target: TargetFile, progress) -> None:
+            rank = target.rank
+            paths = [legacy.save_rank_file(root, iteration, rank.tp, rank.pp, pp, rank_state(target, progress))]
+            state = optimizer_state(target, progress) if optimizer_state is not None else None
+            if state is not None:
+                paths.append(legacy.save_rank_file(root, iteration, rank.tp, rank.pp, pp, state,
+                                                   legacy.OPTIMIZER_FILE))
+            if written is not None:
+                written(root, paths)
+
+        run(plan, write, total, workers=workers, quiet=quiet, label=label)
+        legacy.write_tracker(root, iteration)
+        write_manifest(root)

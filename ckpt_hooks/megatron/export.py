@@ -7,21 +7,21 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
-from ckpt_hooks.megatron.conversion import read_source
+from ckpt_hooks.megatron.checkpoint import read_source
 from ckpt_hooks.formats.atomic import staged_directory
-from ckpt_hooks.engine.optimizer import SourceOptimizer
+from ckpt_hooks.megatron.optimizer import SourceOptimizer
 from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json
 
 
 def write_mindspeed_maps(directory: Path, maps: dict[tuple[int, int], list[BufferMap]], dp: int) -> list[Path]:
     """Write each (tp, pp) rank's buffers as MindSpeed-Core-MS's JSON files, one per DP rank."""
     written = []
-    for (tp_rank, pp_rank), rank_maps in sorted(maps.items()):
+    for rank, rank_maps in sorted(maps.items()):
         for vp in sorted({m.chunk for m in rank_maps}):
             for index, buffer in enumerate(m for m in rank_maps if m.chunk == vp):
                 text = json.dumps(mindspeed_json(buffer), indent=1)
                 for dp_rank in range(dp):
-                    path = directory / mindspeed_file_name(index, dp_rank, tp_rank, pp_rank, vp)
+                    path = directory / mindspeed_file_name(index, dp_rank, rank.tp, rank.pp, vp)
                     path.write_text(text)
                     written.append(path)
     return written
@@ -29,10 +29,10 @@ def write_mindspeed_maps(directory: Path, maps: dict[tuple[int, int], list[Buffe
 
 def export_param_maps(load_dir, save_dir, dp: int | None = None) -> list[Path]:
     """Rebuild each rank's param_map, check it against ``distrib_optim.pt``, write the JSON files."""
-    ckpt, spec, source, files = read_source(load_dir)
+    src = read_source(load_dir)
     if dp:
-        source = replace(source, dp=dp)
-    optimizer = SourceOptimizer(ckpt, spec, source, files)
+        src.layout = replace(src.layout, dp=dp)
+    optimizer = SourceOptimizer(src)
     with staged_directory(save_dir) as root:
-        written = write_mindspeed_maps(root, optimizer.maps, source.dp)
+        written = write_mindspeed_maps(root, optimizer.maps, src.layout.dp)
     return [Path(save_dir) / p.relative_to(root) for p in written]

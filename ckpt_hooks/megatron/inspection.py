@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ckpt_hooks.megatron.conversion import read_source
+from ckpt_hooks.megatron.checkpoint import read_source
 from ckpt_hooks.formats import megatron_legacy as legacy
 
 
 def describe(load_dir, tensors: bool = False) -> str:
-    ckpt, spec, source, files = read_source(load_dir)
+    src = read_source(load_dir)
+    ckpt, spec, source, files = src.ckpt, src.spec, src.layout, src.files
     iteration = "release" if ckpt.iteration is None else ckpt.iteration
     lines = [
         f"format     Megatron legacy (torch), iteration {iteration}, {ckpt.iter_dir}",
@@ -23,7 +24,7 @@ def describe(load_dir, tensors: bool = False) -> str:
         metas = [m for chunk in f.chunks.values() for m in chunk.values() if m is not None]
         nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in metas)
         dtypes = sorted({str(m.dtype).replace("torch.", "") for m in metas})
-        lines.append(f"  {legacy.rank_dir_name(f.tp_rank, f.pp_rank, source.pp)}  tp {f.tp_rank} pp {f.pp_rank}  "
+        lines.append(f"  {legacy.rank_dir_name(f.rank.tp, f.rank.pp, source.pp)}  tp {f.rank.tp} pp {f.rank.pp}  "
                      f"{len(metas)} tensors, {nbytes / 1e6:.2f} MB, {'/'.join(dtypes)}, chunks {list(f.chunks)}")
         if tensors:
             for chunk, entries in f.chunks.items():

@@ -1,6 +1,6 @@
 """Load a Megatron legacy checkpoint into a running megatron-core job at *its* layout.
 
-Each rank plans the target layout, keeps only its own (tp, pp) file of the plan, and reads
+Each rank plans only its own rank file of the target layout, and reads
 only the source slices its model chunks and its DP shard of the optimizer need: no converted
 copy on disk. Works the same when the layout did not change.
 """
@@ -11,13 +11,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ckpt_hooks.megatron.conversion import read_source
-from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.algebra.layout import element_range_boxes
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank, uneven_layers
 from ckpt_hooks.engine.execute import build_tensor
+from ckpt_hooks.engine.plan import restrict
+from ckpt_hooks.engine.source import STATES
+from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.megatron_legacy import chunk_keys
-from ckpt_hooks.engine.optimizer import STATES, SourceOptimizer
-from ckpt_hooks.engine.plan import TargetFile, element_range_boxes, plan_conversion, restrict
-from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, uneven_layers
+from ckpt_hooks.megatron.checkpoint import MegatronSource, plan_files, read_source
+from ckpt_hooks.megatron.optimizer import SourceOptimizer
 
 
 @dataclass
@@ -39,8 +41,8 @@ class Loaded:
             (self.target.tp, self.target.pp, self.target.vpp, self.target.layers_per_stage)
 
 
-def running_layout(model_chunks) -> tuple[ParallelConfig, int, int]:
-    """(layout, tp_rank, pp_rank) of the calling rank, from megatron-core's parallel state."""
+def running_layout(model_chunks) -> tuple[ParallelConfig, Rank]:
+    """(layout, rank) of the calling rank, from megatron-core's parallel state."""
     from megatron.core import parallel_state as ps
 
     config = unwrap(model_chunks[0]).config
@@ -49,7 +51,7 @@ def running_layout(model_chunks) -> tuple[ParallelConfig, int, int]:
                            config.num_layers_in_last_pipeline_stage) if pp > 1 else None
     layout = ParallelConfig(tp=ps.get_tensor_model_parallel_world_size(), pp=pp, vpp=len(model_chunks),
                             dp=ps.get_data_parallel_world_size(with_context_parallel=True), layers_per_stage=stages)
-    return layout, ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
+    return layout, Rank(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
 
 
 def unwrap(module):
@@ -74,21 +76,20 @@ def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Load
     """Fill ``model_chunks`` (and megatron-core's distributed ``optimizer``, if given) from the
     checkpoint in ``load_dir``, resharding from whatever layout it was saved at. At an unchanged
     layout the saved RNG state of this rank is restored too (unless ``restore_rng`` is False)."""
-    ckpt, spec, source, files = read_source(load_dir)
-    target, tp_rank, pp_rank = running_layout(model_chunks)
-    check_same_model(spec, unwrap(model_chunks[0]), ckpt.first.path)
-    keys = chunk_keys(source.vpp), chunk_keys(target.vpp)
-    mine = _own_file(plan_conversion(spec, source, files, target, *keys), tp_rank, pp_rank)
-
-    for chunk, module in zip(keys[1], model_chunks):
-        state = {t.key: build_tensor(ckpt.lookup, t, exact=True) for t in mine.tensors if t.chunk == chunk}
+    src = read_source(load_dir)
+    ckpt = src.ckpt
+    target, rank = running_layout(model_chunks)
+    check_same_model(src.spec, unwrap(model_chunks[0]), ckpt.first.path)
+    [mine] = plan_files(src.weights, src.spec, target, ranks={rank}, where=ckpt.first.path)
+    for chunk, module in zip(chunk_keys(target.vpp), model_chunks):
+        state = {t.key: build_tensor(t, exact=True) for t in mine.tensors if t.chunk == chunk}
         unwrap(module).load_state_dict(state, strict=True)
     opened = list(ckpt.files.values())
     if optimizer is not None:
-        opened += _load_optimizer(optimizer, model_chunks, ckpt, spec, source, files, target, keys, tp_rank, pp_rank)
-    loaded = Loaded(ckpt.iteration, ckpt.first.obj.get("opt_param_scheduler"), source, target, 0, ckpt.args,
+        opened += _load_optimizer(optimizer, model_chunks, src, target, rank)
+    loaded = Loaded(ckpt.iteration, ckpt.first.obj.get("opt_param_scheduler"), src.layout, target, 0, ckpt.args,
                     ckpt.first.obj.get("num_floating_point_operations_so_far", 0))
-    own = ckpt.files.get((tp_rank, pp_rank))
+    own = ckpt.files.get((rank.tp, rank.pp))
     if restore_rng and not loaded.resharded and own is not None and own.obj.get("rng_state"):
         _restore_rng(own.materialize(own.obj["rng_state"][0]))
         loaded.rng_restored = True
@@ -111,20 +112,17 @@ def _restore_rng(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
 
 
-def _own_file(plan: list[TargetFile], tp_rank: int, pp_rank: int) -> TargetFile:
-    return next(f for f in plan if (f.tp_rank, f.pp_rank) == (tp_rank, pp_rank))
-
-
 def distributed_optimizers(optimizer) -> list:
     """The DistributedOptimizers of a (possibly chained) megatron-core optimizer."""
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def _load_optimizer(optimizer, model_chunks, ckpt, spec, source, files, target, keys, tp_rank, pp_rank) -> list:
+def _load_optimizer(optimizer, model_chunks, src: MegatronSource, target: ParallelConfig, rank: Rank) -> list:
     """Each model param's fp32 main param and Adam moments, reading only this DP rank's range."""
-    source_optimizer = SourceOptimizer(ckpt, spec, source, files)
-    plans = {state: {(t.chunk, t.key): t for t in _own_file(targets, tp_rank, pp_rank).tensors}
-             for state, targets in source_optimizer.plans(spec, source, files, target, keys).items()}
+    ckpt = src.ckpt
+    source_optimizer = SourceOptimizer(src)
+    plans = {state: {(t.chunk, t.key): t for t in files[rank].tensors}
+             for state, files in source_optimizer.plans(src.spec, target, ranks={rank}).items()}
     groups = source_optimizer.param_groups
     if groups is None:
         raise CheckpointError(ckpt.first.path, "no 'optimizer' entry (param groups, step) to resume from")
@@ -139,16 +137,16 @@ def _load_optimizer(optimizer, model_chunks, ckpt, spec, source, files, target, 
     for main_state in dopt.optimizer.state.values():
         main_state.pop("step", None)  # not a tensor of the file: set per parameter below
     with torch.no_grad():
-        for chunk, module in zip(keys[1], model_chunks):
+        for chunk, module in zip(chunk_keys(target.vpp), model_chunks):
             for name, model_param in unwrap(module).named_parameters():
                 if model_param not in dopt.model_param_gbuf_map:
                     continue  # no element of it in this DP rank's shard
                 piece = dopt._get_model_param_range_map(model_param)["param"]
                 tensors = {}
                 for state in STATES:
-                    tensor, lookup = plans[state][(chunk, name)], source_optimizer.lookup(state)
+                    tensor = plans[state][(chunk, name)]
                     boxes = element_range_boxes(tensor.placement.view_shape, piece.start, piece.end)
-                    tensors[state] = torch.cat([build_tensor(lookup, restrict(tensor, *box), exact=True).view(-1)
+                    tensors[state] = torch.cat([build_tensor(restrict(tensor, *box), exact=True).view(-1)
                                                 for box in boxes])
                 dopt._set_main_param_and_optimizer_states(model_param, tensors)
         # One step tensor per parameter: load_state_dict leaves one shared tensor, which AdamW

@@ -27,6 +27,7 @@ from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.megatron.load import distributed_optimizers, running_layout, unwrap
 from ckpt_hooks.formats.atomic import atomic_write
 from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json, record
+from ckpt_hooks.algebra.spec import Rank
 
 
 def record_param_maps(optimizer) -> list[BufferMap]:
@@ -44,7 +45,7 @@ def _write_json(path: Path, data) -> None:
         f.write(json.dumps(data).encode())
 
 
-def write_param_maps(optimizer, rank_dir, *, tp_rank: int, pp_rank: int, dp_rank: int) -> None:
+def write_param_maps(optimizer, rank_dir, rank: Rank, dp_rank: int) -> None:
     """This rank's share of the param_map files of one checkpoint rank directory."""
     rank_dir = Path(rank_dir)
     maps = record_param_maps(optimizer)
@@ -55,7 +56,7 @@ def write_param_maps(optimizer, rank_dir, *, tp_rank: int, pp_rank: int, dp_rank
     for buffer in maps:
         index = per_chunk.get(buffer.chunk, 0)
         per_chunk[buffer.chunk] = index + 1
-        name = mindspeed_file_name(index, dp_rank, tp_rank, pp_rank, buffer.chunk)
+        name = mindspeed_file_name(index, dp_rank, rank.tp, rank.pp, buffer.chunk)
         _write_json(rank_dir / legacy.MINDSPEED_DIR / name, mindspeed_json(buffer))
 
 
@@ -64,7 +65,7 @@ def args_from_model(model_chunks) -> argparse.Namespace:
     has none: read from the running model's TransformerConfig and megatron-core's parallel state."""
     model = unwrap(model_chunks[0])
     config = model.config
-    layout, _, _ = running_layout(model_chunks)
+    layout, _ = running_layout(model_chunks)
     groups = config.num_query_groups or config.num_attention_heads
     first, last = config.num_layers_in_first_pipeline_stage, config.num_layers_in_last_pipeline_stage
     return argparse.Namespace(
@@ -108,14 +109,14 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
     from megatron.core import parallel_state as ps
 
     args = args if args is not None else args_from_model(model_chunks)
-    layout, tp_rank, pp_rank = running_layout(model_chunks)
+    layout, rank = running_layout(model_chunks)
     root = Path(save_dir)
     iter_dir = root / legacy.iteration_dir_name(iteration)
-    rank_dir = iter_dir / legacy.rank_dir_name(tp_rank, pp_rank, layout.pp)
+    rank_dir = iter_dir / legacy.rank_dir_name(rank.tp, rank.pp, layout.pp)
     rank_dir.mkdir(parents=True, exist_ok=True)
     optimizer.save_parameter_state(str(rank_dir / legacy.OPTIMIZER_FILE))  # collective over DP
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-    write_param_maps(optimizer, rank_dir, tp_rank=tp_rank, pp_rank=pp_rank, dp_rank=dp_rank)
+    write_param_maps(optimizer, rank_dir, rank, dp_rank)
     if dp_rank == 0:
         state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration}
         for key, chunk in zip(legacy.chunk_keys(layout.vpp), model_chunks):
@@ -138,7 +139,7 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
 def write_manifest_or_warn(iter_dir) -> None:
     """The iteration's manifest. Failing to write it is a warning, not an error: the checkpoint
     itself is complete, and the other ranks must not be left waiting in the next collective."""
-    from ckpt_hooks.megatron.conversion import write_manifest
+    from ckpt_hooks.megatron.checkpoint import write_manifest
 
     try:
         write_manifest(iter_dir)

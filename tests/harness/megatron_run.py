@@ -27,6 +27,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tests.harness import cpu_shim  # noqa: E402
+from ckpt_hooks.algebra.spec import Rank  # noqa: E402
 from tests.harness.spec import VOCAB_KEYS, layout_spec, model_spec, padded_vocab, true_vocab  # noqa: E402
 
 # Patch before megatron-core modules are imported and look anything up in torch.cuda.
@@ -1081,7 +1082,7 @@ def save_timing_job(job: dict) -> None:
                 patch.uninstall()
             times[kind].append(time.perf_counter() - started)
     # The hooks' own work, timed alone (the end-to-end saves above vary by more than it costs).
-    from ckpt_hooks.megatron.conversion import write_manifest
+    from ckpt_hooks.megatron.checkpoint import write_manifest
     from ckpt_hooks.megatron.save import write_param_maps
 
     saved = os.path.join(job["save_dir"], "library0")
@@ -1090,8 +1091,8 @@ def save_timing_job(job: dict) -> None:
     maps, manifest = [], []
     for _ in range(job["repeat"]):
         started = time.perf_counter()
-        write_param_maps(optimizer, scratch, tp_rank=ps.get_tensor_model_parallel_rank(),
-                         pp_rank=ps.get_pipeline_model_parallel_rank(), dp_rank=ps.get_data_parallel_rank())
+        write_param_maps(optimizer, scratch, Rank(ps.get_tensor_model_parallel_rank(),
+                                                  ps.get_pipeline_model_parallel_rank()), ps.get_data_parallel_rank())
         maps.append(time.perf_counter() - started)
         if dist.get_rank() == 0:
             started = time.perf_counter()

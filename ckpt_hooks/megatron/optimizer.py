@@ -1,10 +1,14 @@
-"""The distributed optimizer's state in Megatron-LM legacy checkpoints (``distrib_optim.pt``).
+"""Distributed-optimizer buffers as a Source and a Sink (Megatron legacy ``distrib_optim.pt``).
 
-The file holds, per grad buffer, flat fp32 ``param``, ``exp_avg`` and ``exp_avg_sq``. With a
-param_map, each parameter's slice of those is an ordinary tensor of the parameter's shape:
-this module turns the flat buffers into such per-parameter tensors (lazily, as views of the
-file) so that the weights' planner reshards them, and packs them back into flat buffers for
-the target layout.
+    distrib_optim.pt = {"buckets_coalesced": True,
+                        buffer index: {(param dtype, grad dtype): {"param", "exp_avg", "exp_avg_sq":
+                                                                   flat fp32, "numel_unpadded": N}}}
+
+Through a param_map (``algebra.param_map``: recorded by the save hook, or rebuilt from the model
+and megatron-core's rules and checked against the stored sizes) each parameter's slice of a flat
+buffer is a piece of the parameter's logical tensor, read in place from the file: every state is
+a Source like the weights, resharded by the same planner. On the way out each flat buffer of a
+target rank is packed from its parameters' planned tensors when it is written.
 """
 
 from __future__ import annotations
@@ -16,15 +20,15 @@ from pathlib import Path
 import torch
 
 from ckpt_hooks.algebra import layout, names
-from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.engine.execute import build_tensor
-from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE, RECORDED_MAP
-from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TorchFile, contiguous_strides
 from ckpt_hooks.algebra.param_map import BufferMap, ParamInfo, dtype_name, rebuild
-from ckpt_hooks.engine.plan import SourceFile, TargetFile, TensorMeta, plan_conversion
-from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig
-
-STATES = ("param", "exp_avg", "exp_avg_sq")
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank
+from ckpt_hooks.engine.execute import build_tensor
+from ckpt_hooks.engine.plan import TargetFile
+from ckpt_hooks.engine.source import STATES, Source, TensorMeta
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE, RECORDED_MAP
+from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, TorchFile, contiguous_strides
+from ckpt_hooks.megatron.checkpoint import plan_files, source_tensors
 
 
 def bucket_size(args, chunk: int, pp_rank: int, dp: int) -> int | None:
@@ -68,29 +72,46 @@ def rebuild_maps(spec, config, args, pp_rank: int, chunks: dict, grad_dtypes: di
     return maps
 
 
+def read_recorded_maps(rank_dir) -> list[BufferMap] | None:
+    """The param_maps the save hook recorded for a rank directory, if it did."""
+    path = Path(rank_dir) / RECORDED_MAP
+    if not path.is_file():
+        return None
+    try:
+        return [BufferMap.from_json(entry) for entry in json.loads(path.read_text())]
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(path, f"unreadable recorded param_map ({type(e).__name__}: {e})") from None
+
+
 def _contiguous_view(flat: LazyTensor, offset: int, shape) -> LazyTensor:
     return LazyTensor(flat.storage, flat.offset + offset, tuple(shape), contiguous_strides(shape))
 
 
 class SourceOptimizer:
-    """The optimizer states of every source rank, as lazy per-parameter tensors."""
+    """The optimizer states of every source rank of a Megatron checkpoint (``MegatronSource``),
+    each a Source of lazy per-parameter pieces (``sources[state]``)."""
 
-    def __init__(self, ckpt, spec: ModelSpec, source: ParallelConfig, model_files: list[SourceFile]):
-        self.files: dict[tuple[int, int], TorchFile] = {}
-        self.tensors: dict[tuple, LazyTensor] = {}          # (state, file, chunk, key) -> view
+    def __init__(self, src):
+        self.files: dict[Rank, TorchFile] = {}
+        self.views: dict[tuple, LazyTensor] = {}            # (state, rank, chunk, key) -> view
         self.grad_dtypes: dict[str, str] = {}
-        self.maps: dict[tuple[int, int], list[BufferMap]] = {}  # checked against the files
-        for f in model_files:
+        self.maps: dict[Rank, list[BufferMap]] = {}         # checked against the files
+        for f in src.files:
             path = Path(f.path).parent / OPTIMIZER_FILE
             if not path.is_file():
                 raise CheckpointError(path, "missing: no distributed-optimizer state to convert "
                                             "(pass --convert-param-only for the weights alone)")
-            torch_file = TorchFile(path)
-            self.files[(f.tp_rank, f.pp_rank)] = torch_file
-            self._index(torch_file, spec, source, f, ckpt.args)
-        self.param_groups = ckpt.first.obj.get("optimizer")
+            self.files[f.rank] = TorchFile(path)
+            self._index(self.files[f.rank], src.spec, src.layout, f, src.ckpt.args)
+        self.param_groups = src.ckpt.first.obj.get("optimizer")
+        self.sources: dict[str, Source] = {
+            state: source_tensors(src.files, src.placed,
+                                  lambda f, chunk, key, where, state=state: TensorView(
+                                      self.files[f.rank], self.views[(state, f.rank, chunk, key)], where.view_shape),
+                                  dtype=torch.float32)
+            for state in STATES}
 
-    def _index(self, torch_file: TorchFile, spec, source, f: SourceFile, args) -> None:
+    def _index(self, torch_file: TorchFile, spec, source, f, args) -> None:
         obj = torch_file.obj
         if isinstance(obj, list):
             raise CheckpointError(torch_file.path, "several chained optimizers (MoE) are not supported yet")
@@ -104,8 +125,8 @@ class SourceOptimizer:
                 self.grad_dtypes[dtype_name(param_dtype)] = dtype_name(grad_dtype)
                 flat.append((index, dtype_name(param_dtype), states))
         maps = read_recorded_maps(Path(torch_file.path).parent) or \
-            rebuild_maps(spec, source, args, f.pp_rank, f.chunks, self.grad_dtypes)
-        self.maps[(f.tp_rank, f.pp_rank)] = maps
+            rebuild_maps(spec, source, args, f.rank.pp, f.chunks, self.grad_dtypes)
+        self.maps[f.rank] = maps
         if len(maps) != len(flat):
             raise CheckpointError(torch_file.path, f"holds {len(flat)} grad buffers; the model file "
                                                    f"{f.path} implies {len(maps)}")
@@ -122,52 +143,36 @@ class SourceOptimizer:
                     raise CheckpointError(torch_file.path, f"buffer {index} '{state}' is not a flat tensor of {stored}")
                 torch_file.check_complete([tensor])
                 for slot in buffer_map.params:
-                    key = (state, (f.tp_rank, f.pp_rank), chunk_keys[buffer_map.chunk], slot.name)
-                    self.tensors[key] = _contiguous_view(tensor, buffer_map.legacy_offset(slot), slot.shape)
+                    key = (state, f.rank, chunk_keys[buffer_map.chunk], slot.name)
+                    self.views[key] = _contiguous_view(tensor, buffer_map.legacy_offset(slot), slot.shape)
 
-    def source_files(self, state: str, model_files: list[SourceFile]) -> list[SourceFile]:
-        """The model files' layout, holding ``state`` (fp32) in place of the weights."""
-        out = []
-        for f in model_files:
-            chunks = {c: {k: (TensorMeta(m.shape, torch.float32) if m is not None else None)
-                          for k, m in keys.items()} for c, keys in f.chunks.items()}
-            out.append(SourceFile(str(self.files[(f.tp_rank, f.pp_rank)].path), f.tp_rank, f.pp_rank, chunks))
-        return out
-
-    def plans(self, spec, source, model_files: list[SourceFile], target, chunk_keys) -> dict[str, list[TargetFile]]:
-        """For each state, the plan that reshards it like the weights: {state: target files}."""
-        return {state: plan_conversion(spec, source, self.source_files(state, model_files), target, *chunk_keys)
+    def plans(self, spec, target, ranks=None) -> dict[str, dict[Rank, TargetFile]]:
+        """For each state, its target files resharded like the weights: {state: {rank: file}}."""
+        return {state: {t.rank: t for t in plan_files(self.sources[state], spec, target, ranks=ranks)}
                 for state in STATES}
 
-    def lookup(self, state: str):
-        def find(file, chunk, key):
-            return self.files[file], self.tensors[(state, file, chunk, key)]
-        return find
 
-
-def target_state(target_file: TargetFile, plans: dict, source: SourceOptimizer, spec, config, args,
+def target_state(target_file: TargetFile, plans: dict[str, TargetFile], grad_dtypes: dict, spec, config, args,
                  progress=None) -> dict:
-    """``distrib_optim.pt``'s content for one target rank, given the rank's plan of each state:
-    each flat buffer is produced when it is written."""
+    """``distrib_optim.pt``'s content for one target rank, given the rank's planned file of each
+    state: each flat buffer is produced when it is written."""
     by_chunk: OrderedDict[str, OrderedDict] = OrderedDict()
     for tensor in target_file.tensors:
         by_chunk.setdefault(tensor.chunk, OrderedDict())[tensor.key] = \
             None if tensor.placement is None else TensorMeta(tensor.placement.stored_shape, tensor.dtype)
-    maps = rebuild_maps(spec, config, args, target_file.pp_rank, by_chunk, source.grad_dtypes)
+    maps = rebuild_maps(spec, config, args, target_file.rank.pp, by_chunk, grad_dtypes)
     chunk_keys = list(by_chunk)
     indexed = {name: {(t.chunk, t.key): t for t in plans[name].tensors} for name in STATES}
     state = {"buckets_coalesced": True}
     for index, buffer_map in enumerate(maps):
         flats = {}
         for name in STATES:
-            plan = indexed[name]
-
-            def produce(buffer_map=buffer_map, plan=plan, name=name):
+            def produce(buffer_map=buffer_map, plan=indexed[name]):
                 flat = torch.zeros(buffer_map.numel_unpadded, dtype=torch.float32)
                 for slot in buffer_map.params:
                     tensor = plan[(chunk_keys[buffer_map.chunk], slot.name)]
                     offset = buffer_map.legacy_offset(slot)
-                    flat[offset:offset + tensor.placement.box.numel] = build_tensor(source.lookup(name), tensor).reshape(-1)
+                    flat[offset:offset + tensor.placement.box.numel] = build_tensor(tensor).reshape(-1)
                     if progress is not None:
                         progress.update(tensor.nbytes)
                 return flat
@@ -176,14 +181,3 @@ def target_state(target_file: TargetFile, plans: dict, source: SourceOptimizer, 
         key = (getattr(torch, buffer_map.param_dtype), getattr(torch, buffer_map.grad_dtype))
         state[index] = {key: flats}
     return state
-
-
-def read_recorded_maps(rank_dir) -> list[BufferMap] | None:
-    """The param_maps the save hook recorded for a rank directory, if it did."""
-    path = Path(rank_dir) / RECORDED_MAP
-    if not path.is_file():
-        return None
-    try:
-        return [BufferMap.from_json(entry) for entry in json.loads(path.read_text())]
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(path, f"unreadable recorded param_map ({type(e).__name__}: {e})") from None
