@@ -148,11 +148,12 @@ def main() -> None:
 
 
 def make_source(source: Path, layers: int, hidden: int) -> None:
+    from ckpt_hooks.algebra.target import Target
     from ckpt_hooks.megatron.conversion import convert
 
     tp1 = source.with_name(source.name + "-tp1")
     write_tp1_checkpoint(tp1, make_source_args(layers, hidden))
-    convert(tp1, source, target_tp=2, target_pp=2, convert_param_only=True, quiet=True)
+    convert(tp1, source, Target(tp=2, pp=2), convert_param_only=True, quiet=True)
     shutil.rmtree(tp1)
 
 

@@ -1,9 +1,10 @@
 """ckpt_hooks: make large-model training checkpoints portable across parallel layouts and frameworks."""
 
+from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.errors import CheckpointError
 
 __version__ = "0.1.0"
-__all__ = ["CheckpointError", "convert", "describe"]
+__all__ = ["CheckpointError", "Target", "convert", "describe"]
 
 
 def __getattr__(name):

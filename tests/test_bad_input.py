@@ -33,8 +33,30 @@ def test_missing_rank_directory(ckpt, tmp_path):
 
 @pytest.mark.parametrize("tp", [3, 8])
 def test_target_tp_that_does_not_divide(ckpt, tmp_path, tp):
+    """The flag is blamed, not the source file."""
     assert_refused(ckpt, tmp_path / "out", "--target-tensor-parallel-size", tp,
-                   names=rank_file(ckpt, "mp_rank_00_000"), says="does not divide attention heads (4)")
+                   names=f"--target-tensor-parallel-size {tp}", says="does not divide attention heads (4)")
+
+
+@pytest.mark.parametrize("flags, names, says", [
+    (("--target-tensor-parallel-size", "0"), "", "--target-tensor-parallel-size/--tp-size: must be a positive number"),
+    (("--target-pipeline-parallel-size", "-2"), "", "--target-pipeline-parallel-size/--pp-size: must be a positive"),
+    (("--target-data-parallel-size", "0"), "", "--target-data-parallel-size/--dp-size: must be a positive number"),
+    (("--target-pipeline-parallel-size", "1", "--target-virtual-pipeline-parallel-size", "2"),
+     "--target-virtual-pipeline-parallel-size 2", "need a pipeline parallel size above 1"),
+    (("--num-layer-list", "1,2"), "--num-layer-list 1,2", "does not split 4 layers"),
+    (("--target-pipeline-parallel-size", "4", "--num-layer-list", "1,3"), "--num-layer-list 1,3",
+     "lists 2 stages, the pipeline has 4"),
+])
+def test_target_sizes_are_validated(ckpt, tmp_path, flags, names, says):
+    """Sizes the target framework would refuse are refused before anything is read, naming the flag
+    (argparse's own usage error for a size that is not positive)."""
+    before = tree_digest(ckpt)
+    result = cli("convert", "--load-dir", ckpt, "--save-dir", tmp_path / "out", "--quiet", *flags)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert (last.startswith(f"error: {names}: ") if names else "error: argument" in last) and says in last, last
+    assert not (tmp_path / "out").exists() and tree_digest(ckpt) == before
 
 
 def test_truncated_file(ckpt, tmp_path):
@@ -104,3 +126,39 @@ def test_manifest_that_disagrees_with_the_files(sources, tmp_path):
     assert_refused(converted, tmp_path / "out", "--target-tensor-parallel-size", "2",
                    names=rank_file(converted, "mp_rank_00_001"),
                    says="the manifest disagrees with the files: model.decoder.layers.0.mlp.linear_fc2.weight")
+
+
+def refused_untouched(ckpt: Path, load_dir: Path, save_dir: Path, *, names: Path, says: str) -> None:
+    """`convert` fails with one line naming ``names`` and leaves ``ckpt`` (which may hold or be the
+    save directory) exactly as it was: assert_refused for save directories that already exist."""
+    before = tree_digest(ckpt)
+    result = cli("convert", "--load-dir", load_dir, "--save-dir", save_dir, "--convert-param-only", "--quiet",
+                 "--target-tensor-parallel-size", "1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {names}: ") and says in lines[0], result.stderr
+    assert tree_digest(ckpt) == before
+    assert not any(".partial-" in p.name for p in ckpt.rglob("*")) and not any(
+        ".partial-" in p.name for p in save_dir.parent.iterdir())
+
+
+def test_a_file_as_save_dir_is_named_as_such(ckpt, tmp_path):
+    target = tmp_path / "out.pt"
+    target.write_text("not a directory")
+    refused_untouched(ckpt, ckpt, target, names=target, says="is a file; the save directory must be a directory")
+    assert target.read_text() == "not a directory"
+
+
+def test_a_file_as_load_dir_is_named_as_such(ckpt, tmp_path):
+    victim = rank_file(ckpt, "mp_rank_00_000")
+    refused_untouched(ckpt, victim, tmp_path / "out", names=victim, says="is a file; give the checkpoint's directory")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["inside", "same", "symlink"])
+def test_save_dir_inside_or_equal_to_the_source_is_refused(ckpt, tmp_path, where):
+    save_dir = {"inside": ckpt / "converted", "same": ckpt, "symlink": tmp_path / "link"}[where]
+    if where == "symlink":
+        save_dir.symlink_to(ckpt)
+    refused_untouched(ckpt, ckpt, save_dir, names=save_dir, says="lies inside the checkpoint being read")
+    assert not (ckpt / "converted").exists()

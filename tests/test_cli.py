@@ -1,5 +1,9 @@
 """The command line on real checkpoints: inspect, convert with progress, and a lossless round trip."""
 
+import json
+import subprocess
+import sys
+
 import torch
 
 from ckpt_hooks.megatron.checkpoint import open_checkpoint
@@ -59,3 +63,21 @@ def test_quiet_prints_nothing(sources, tmp_path):
                  "--convert-param-only", "--target-tensor-parallel-size", "1", "--quiet")
     assert result.returncode == 0, result.stderr
     assert result.stdout == "" and result.stderr == ""
+
+
+def test_inspect_json_for_scripts(sources):
+    result = cli("inspect", sources["tp1pp2vpp2"].dir, "--json", "--tensors")
+    assert result.returncode == 0, result.stderr
+    about = json.loads(result.stdout)
+    assert about["layout"]["pp"] == 2 and about["layout"]["vpp"] == 2 and about["model"]["num_layers"] == 4
+    assert [f["rank"] for f in about["files"]] == [{"tp": 0, "pp": 0, "ep": 0}, {"tp": 0, "pp": 1, "ep": 0}]
+    entries = about["files"][0]["entries"]
+    assert set(entries) == {"model0", "model1"} and entries["model0"]["embedding.word_embeddings.weight"][1] == "float32"
+    assert about["files"][0]["tensors"] == sum(e is not None for c in entries.values() for e in c.values())
+
+
+def test_version_and_a_closed_pipe():
+    assert cli("--version").stdout.strip() == "ckpt-hooks 0.1.0"
+    shell = subprocess.run(f"{sys.executable} -m ckpt_hooks.cli --help | head -1", shell=True, capture_output=True,
+                           text=True, timeout=60)
+    assert shell.returncode == 0 and "Broken pipe" not in shell.stderr, shell.stderr

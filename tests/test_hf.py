@@ -9,13 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.cli import guarded
 from ckpt_hooks.megatron.checkpoint import open_checkpoint
 from ckpt_hooks.cli.hf import COMMANDS
 from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
 from ckpt_hooks.converters.hf.to_megatron import hf_to_megatron
 from tests.harness import logits_job, run_jobs, true_vocab
-from tests.util import random_hf_model, tree_digest
+from tests.util import cli, random_hf_model, tree_digest
 
 transformers = pytest.importorskip("transformers")
 
@@ -73,8 +74,8 @@ def hf(tmp_path_factory, sources):
         directory = root / family
         model.save_pretrained(directory, max_shard_size="100KB" if family == "llama" else "1GB")
         megatron = root / f"{family}-megatron"
-        hf_to_megatron(directory, megatron, target_tp=layout["tp"], target_pp=layout["pp"],
-                       target_vpp=layout.get("vpp"), layer_spec="local", quiet=True)
+        hf_to_megatron(directory, megatron, Target(tp=layout["tp"], pp=layout["pp"], vpp=layout.get("vpp"),
+                                                   layer_spec="local"), quiet=True)
         result = root / f"{family}.logits.pt"
         jobs.append(logits_job(layout, megatron, TOKENS, result, harness_model(family)))
         out[family] = {"dir": directory, "megatron": megatron, "logits": logits_of(model), "result": result}
@@ -154,8 +155,8 @@ def test_transformer_engine_names_bf16_uneven_release(hf, tmp_path):
     """The Transformer Engine spec's names, bf16 weights, an uneven pipeline and a release
     checkpoint; back to HF: the original tensors cast to bf16, bit for bit."""
     megatron, back = tmp_path / "megatron", tmp_path / "back"
-    hf_to_megatron(hf["qwen2"]["dir"], megatron, target_tp=2, target_pp=2, num_layer_list=(1, 3),
-                   params_dtype=torch.bfloat16, release=True, quiet=True)
+    hf_to_megatron(hf["qwen2"]["dir"], megatron, Target(tp=2, pp=2, num_layer_list=(1, 3), params_dtype="bf16"),
+                   release=True, quiet=True)
     assert (megatron / "latest_checkpointed_iteration.txt").read_text() == "release"
     state = megatron_state(megatron)
     assert state["args"].transformer_impl == "transformer_engine" and state["args"].bf16
@@ -182,8 +183,8 @@ def test_vocab_padding_flags(hf, tmp_path):
     """--padded-vocab-size pads to exactly that many rows (zeros); --true-vocab-size drops HF rows
     past it, and the way back keeps that many."""
     megatron, back = tmp_path / "megatron", tmp_path / "back"
-    hf_to_megatron(hf["llama"]["dir"], megatron, target_tp=2, padded_vocab_size=300, true_vocab_size=240,
-                   layer_spec="local", quiet=True)
+    hf_to_megatron(hf["llama"]["dir"], megatron, Target(tp=2, padded_vocab_size=300, true_vocab_size=240,
+                                                        layer_spec="local"), quiet=True)
     state = megatron_state(megatron, "mp_rank_01")
     assert state["args"].padded_vocab_size == 300 and state["args"].vocab_size == 240
     original = hf_tensors(hf["llama"]["dir"])
@@ -273,10 +274,35 @@ def test_unsupported_config_and_layout(llama_copy, tmp_path, capsys):
                    says="has no megatron-core equivalent")
     edit_config(llama_copy, rope_parameters={"rope_type": "default", "rope_theta": 1e4})
     assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", "--target-tensor-parallel-size", 3,
-                   names=llama_copy / "config.json", says="tensor parallel size 3 does not divide attention heads (4)")
+                   names="--target-tensor-parallel-size 3", says="tensor parallel size 3 does not divide attention heads (4)")
 
 
 def test_megatron_that_does_not_fit_the_family(hf, tmp_path, capsys):
     source = hf["llama"]["megatron"]
     assert_refused(capsys, "megatron-to-hf", source, tmp_path / "out", "--model-type", "qwen2",
                    names=source, says="a model with no q/k/v biases cannot be written as Hugging Face qwen2")
+
+
+def test_library_saved_checkpoint_to_hf_and_back(sources, tmp_path):
+    """The demo's kind of checkpoint (ckpt_hooks.megatron.save without Megatron-LM args: no true
+    vocabulary, no make_vocab_size_divisible_by) goes to HF straight from TP2·PP2 and back: the
+    divisor is inferred and said, and every model tensor comes back bit for bit."""
+    source = sources["saved_tp2pp2"]
+    hf_dir, back = tmp_path / "hf", tmp_path / "back"
+    refused = cli("megatron-to-hf", "--load-dir", source.dir, "--save-dir", hf_dir, "--quiet")
+    assert refused.returncode == 2 and "pass --true-vocab-size (at most 128)" in refused.stderr, refused.stderr
+    there = cli("megatron-to-hf", "--load-dir", source.dir, "--save-dir", hf_dir, "--true-vocab-size",
+                true_vocab(source.model))
+    assert there.returncode == 0, there.stderr
+    assert "note: the saved args lack make_vocab_size_divisible_by: assumed 64" in there.stdout, there.stdout
+    again = cli("hf-to-megatron", "--load-dir", hf_dir, "--save-dir", back, "--target-tensor-parallel-size", 2,
+                "--target-pipeline-parallel-size", 2, "--transformer-impl", "local",
+                "--make-vocab-size-divisible-by", 16, "--params-dtype", "fp32", "--quiet")
+    assert again.returncode == 0, again.stderr
+    for rank_dir in ("mp_rank_00_000", "mp_rank_01_000", "mp_rank_00_001", "mp_rank_01_001"):
+        want = torch.load(next(source.dir.glob(f"iter_*/{rank_dir}/model_optim_rng.pt")), weights_only=False)["model"]
+        got = megatron_state(back, rank_dir)["model"]
+        tensors = {k for k, v in want.items() if isinstance(v, torch.Tensor)}
+        assert tensors == {k for k, v in got.items() if isinstance(v, torch.Tensor)}
+        for key in tensors:
+            assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (rank_dir, key)

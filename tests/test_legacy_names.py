@@ -21,11 +21,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_hooks.megatron.conversion import convert, read_source
+from ckpt_hooks.algebra.target import Target
+from ckpt_hooks.megatron.checkpoint import read_source
+from ckpt_hooks.megatron.conversion import convert
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
 from ckpt_hooks.converters.lora.merge import merge_lora
-from ckpt_hooks.engine.optimizer import STATES, SourceOptimizer, rebuild_maps
+from ckpt_hooks.megatron.optimizer import STATES, SourceOptimizer, rebuild_maps
 from tests.test_lora import LEGACY_TARGETS, random_lora, save_lora
 from tests.util import assert_same, tree_digest
 
@@ -79,11 +81,12 @@ def legacy_model(core: dict, tied: bool, older: bool = False) -> tuple[OrderedDi
 def make_legacy(core_dir, out_dir, older: bool = False):
     """A megatron-core checkpoint directory rewritten as the legacy model's, distrib_optim.pt
     (where there is one) repacked in the legacy parameter order."""
-    ckpt, spec, source, files = read_source(core_dir, check_manifest=False)
+    src = read_source(core_dir, check_manifest=False)
+    ckpt, spec, source, files = src.ckpt, src.spec, src.layout, src.files
     has_optimizer = any(p.name == "distrib_optim.pt" for p in ckpt.iter_dir.rglob("*.pt"))
-    optim = SourceOptimizer(ckpt, spec, source, files) if has_optimizer else None
+    optim = SourceOptimizer(src) if has_optimizer else None
     for f in files:
-        rank = f.tp_rank, f.pp_rank
+        rank = f.rank
         state = torch.load(f.path, weights_only=False)
         orders = {}
         for chunk in f.chunks:
@@ -95,7 +98,7 @@ def make_legacy(core_dir, out_dir, older: bool = False):
             continue
         original = torch.load(optim.files[rank].path, weights_only=False)
         chunks = {chunk: OrderedDict((k, f.chunks[chunk][k]) for k in order) for chunk, order in orders.items()}
-        maps = rebuild_maps(spec, source, ckpt.args, f.pp_rank, chunks, optim.grad_dtypes)
+        maps = rebuild_maps(spec, source, ckpt.args, f.rank.pp, chunks, optim.grad_dtypes)
         assert len(maps) == sum(isinstance(k, int) for k in original)
         packed = {k: v for k, v in original.items() if not isinstance(k, int)}
         for index, buffer_map in enumerate(maps):
@@ -103,7 +106,7 @@ def make_legacy(core_dir, out_dir, older: bool = False):
             for state_name in STATES:
                 flat = torch.zeros(buffer_map.numel_unpadded, dtype=torch.float32)
                 for slot in buffer_map.params:
-                    lazy = optim.tensors[(state_name, rank, list(chunks)[buffer_map.chunk], slot.name)]
+                    lazy = optim.views[(state_name, rank, list(chunks)[buffer_map.chunk], slot.name)]
                     offset = buffer_map.legacy_offset(slot)
                     flat[offset:offset + lazy.numel] = optim.files[rank].read(lazy).reshape(-1)
                 flats[state_name] = flat
@@ -144,10 +147,10 @@ def legacy(sources, tmp_path_factory):
 
 
 # (source, target layout); the first keeps its padded vocabulary at both TPs
-CASES = [("cont_tp2pp2", {"target_tp": 1, "target_pp": 4}),
-         ("tied_bf16_tp2pp2", {"target_tp": 1, "target_pp": 4}),
-         ("tied_bf16_tp2pp2", {"target_tp": 1, "target_pp": 1}),
-         ("tp1pp2vpp2", {"target_tp": 2, "target_pp": 1})]
+CASES = [("cont_tp2pp2", {"tp": 1, "pp": 4}),
+         ("tied_bf16_tp2pp2", {"tp": 1, "pp": 4}),
+         ("tied_bf16_tp2pp2", {"tp": 1, "pp": 1}),
+         ("tp1pp2vpp2", {"tp": 2, "pp": 1})]
 
 
 @pytest.mark.parametrize("name,target", CASES)
@@ -157,10 +160,10 @@ def test_convert_keeps_the_legacy_model(sources, legacy, name, target, tmp_path)
     back to the source layout too; where the padded vocabulary is the same at both TPs (else the
     padding rows are re-made), the model and optimizer entries come back as the source's, bit for bit."""
     layout = sources[name].layout
-    back = {"target_tp": layout["tp"], "target_pp": layout["pp"], "target_vpp": layout.get("vpp")}
+    back = Target(tp=layout["tp"], pp=layout["pp"], vpp=layout.get("vpp"))
     for kind, source in (("legacy", legacy(name)), ("core", sources[name].dir)):
-        convert(source, tmp_path / kind, quiet=True, **target)
-        convert(tmp_path / kind, tmp_path / f"{kind}-back", quiet=True, **back)
+        convert(source, tmp_path / kind, Target(**target), quiet=True)
+        convert(tmp_path / kind, tmp_path / f"{kind}-back", back, quiet=True)
     for out in ("", "-back"):
         assert_same_files(tmp_path / f"legacy{out}", make_legacy(tmp_path / f"core{out}", tmp_path / f"as-legacy{out}"))
     first = next(p for p in rank_files(tmp_path / "legacy").values() if p.name == "model_optim_rng.pt")
@@ -174,8 +177,8 @@ def test_older_norm_names_are_kept(sources, tmp_path):
     """A checkpoint of Megatron-LM before the norms' rename (input_layernorm, post_attention_layernorm,
     final_layernorm) is read, and written back with those names."""
     older = make_legacy(sources["tp2pp2"].dir, tmp_path / "older", older=True)
-    convert(older, tmp_path / "out", target_tp=1, target_pp=4, convert_param_only=True, quiet=True)
-    convert(sources["tp2pp2"].dir, tmp_path / "core", target_tp=1, target_pp=4, convert_param_only=True, quiet=True)
+    convert(older, tmp_path / "out", Target(tp=1, pp=4), convert_param_only=True, quiet=True)
+    convert(sources["tp2pp2"].dir, tmp_path / "core", Target(tp=1, pp=4), convert_param_only=True, quiet=True)
     assert_same_files(tmp_path / "out", make_legacy(tmp_path / "core", tmp_path / "core-as-older", older=True))
     last = torch.load(rank_files(tmp_path / "out")[next(k for k in rank_files(tmp_path / "out")
                                                         if "mp_rank_00_003" in str(k))], weights_only=False)
@@ -198,7 +201,7 @@ def test_lora_merge_into_a_legacy_base(sources, legacy, tmp_path):
     lora = save_lora(tmp_path / "lora", random_lora(torch.load(base.truth, weights_only=False), 0), base, 1, 4,
                      legacy=True)
     for out, load in (("legacy", legacy("tp2pp2")), ("core", base.dir)):
-        merge_lora(load, lora, tmp_path / out, target_modules=LEGACY_TARGETS, target_tp=1, target_pp=2, quiet=True)
+        merge_lora(load, lora, tmp_path / out, target_modules=LEGACY_TARGETS, target=Target(tp=1, pp=2), quiet=True)
         merge_lora(load, lora, tmp_path / f"{out}-hf", target_modules=LEGACY_TARGETS, save_format="hf", quiet=True)
     assert_same_files(tmp_path / "legacy", make_legacy(tmp_path / "core", tmp_path / "core-as-legacy"))
     assert tree_digest(tmp_path / "legacy-hf") == tree_digest(tmp_path / "core-hf")

@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.cli import guarded
 from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
 from ckpt_hooks.cli.lora import COMMANDS
@@ -190,7 +191,7 @@ def test_merge_bf16_tied_with_saved_flags(work, tmp_path):
     """bf16 weights and adapters, r / alpha / target modules from the LoRA run's args, LoRA at
     TP1·PP4 into the TP2·PP2 base, written at TP2·PP4: the update is added in fp32 and the sum cast
     to bf16, as computed here; the tied output layer is the embedding."""
-    merge_lora(work["tied"].dir, work["tied_tp1pp4"], tmp_path / "out", target_pp=4, quiet=True)
+    merge_lora(work["tied"].dir, work["tied_tp1pp4"], tmp_path / "out", target=Target(pp=4), quiet=True)
     check_megatron(tmp_path / "out", work["tied_expected"], 2, 4, padded_vocab(work["tied"].model, 2))
 
 

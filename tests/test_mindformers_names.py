@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from mindspore import Parameter, Tensor, nn, ops  # noqa: E402
 
+from ckpt_hooks.algebra.target import Target  # noqa: E402
 from ckpt_hooks.cli import guarded  # noqa: E402
 from ckpt_hooks.formats import ms_safetensors  # noqa: E402
 from ckpt_hooks.formats.megatron_legacy import open_checkpoint  # noqa: E402
@@ -201,8 +202,8 @@ def runs(tmp_path_factory):
         if v["concat"]:
             (root / "qwen2.json").write_text(json.dumps(qwen2_config(v)))
             model = {"config": root / "qwen2.json"}
-        mindformers_to_megatron(mf / "model.safetensors", megatron, **model, target_tp=LAYOUT["tp"],
-                                target_pp=LAYOUT["pp"], layer_spec="local", quiet=True)
+        mindformers_to_megatron(mf / "model.safetensors", megatron, Target(tp=LAYOUT["tp"], pp=LAYOUT["pp"],
+                                                                         layer_spec="local"), **model, quiet=True)
         result = root / f"{name}.logits.pt"
         jobs.append(logits_job(LAYOUT, megatron, TOKENS, result, harness_model(v)))
         out[name] = {"net": net, "mf": mf, "model": model, "logits": logits, "loss": loss, "megatron": megatron,
@@ -278,8 +279,8 @@ def test_megatron_round_trip_is_bitwise(runs, tmp_path, qkv_concat):
     to the same layout: every weight bit for bit, in megatron-core's entries and order."""
     mf, back = tmp_path / "mf", tmp_path / "back"
     megatron_to_mindformers(runs["trained"], mf, qkv_concat=qkv_concat, quiet=True)
-    mindformers_to_megatron(mf, back, target_tp=1, target_pp=2, target_vpp=2, make_vocab_size_divisible_by=16,
-                            layer_spec="local", quiet=True)
+    mindformers_to_megatron(mf, back, Target(tp=1, pp=2, vpp=2, make_vocab_size_divisible_by=16, layer_spec="local"),
+                            quiet=True)
     assert_same_weights(runs["trained"], back, true_vocab({}))
 
 
@@ -289,7 +290,7 @@ def test_megatron_to_mindformers_bf16_sharded_and_back(runs, tmp_path):
     fused ones of the MindSpore network unfused); back to Megatron TP2·PP2: the bf16 weights."""
     source = runs["qwen2_concat"]["megatron"]
     mf = tmp_path / "mf"
-    megatron_to_mindformers(source, mf, params_dtype=torch.bfloat16, max_shard_size="100kB", quiet=True)
+    megatron_to_mindformers(source, mf, Target(params_dtype="bf16"), max_shard_size="100kB", quiet=True)
     name_map = json.loads((mf / "param_name_map.json").read_text())
     assert len(set(name_map.values())) > 1
     original = ms.load_checkpoint(str(runs["qwen2_concat"]["mf"] / "model.safetensors"), format="safetensors")
@@ -307,7 +308,7 @@ def test_megatron_to_mindformers_bf16_sharded_and_back(runs, tmp_path):
     assert torch.equal(torch.from_numpy(loaded["model.layers.3.feed_forward.w1.weight"].float().asnumpy()),
                        torch.from_numpy(gate).to(torch.bfloat16).float())
     back = tmp_path / "back"
-    mindformers_to_megatron(mf, back, target_tp=2, target_pp=2, layer_spec="local", quiet=True)
+    mindformers_to_megatron(mf, back, Target(tp=2, pp=2, layer_spec="local"), quiet=True)
     assert_same_weights(source, back, VOCAB, torch.bfloat16)
 
 

@@ -12,6 +12,7 @@ import torch
 
 ms = pytest.importorskip("mindspore")
 
+from ckpt_hooks.algebra.target import Target  # noqa: E402
 from ckpt_hooks.cli import guarded  # noqa: E402
 from ckpt_hooks.megatron.export import export_param_maps  # noqa: E402
 from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors  # noqa: E402
@@ -39,9 +40,9 @@ def trips(sources, tmp_path_factory):
     root = tmp_path_factory.mktemp("mindspeed")
     out = {}
     for name, ms_layout, back, fmt in ROUND_TRIPS:
-        there = megatron_to_mindspore(sources[name].dir, root / f"{name}-ms", file_format=fmt, quiet=True,
-                                      **ms_layout)
-        again = mindspore_to_megatron(root / f"{name}-ms", root / f"{name}-back", quiet=True, **back)
+        there = megatron_to_mindspore(sources[name].dir, root / f"{name}-ms", Target(**ms_layout), file_format=fmt,
+                                      quiet=True)
+        again = mindspore_to_megatron(root / f"{name}-ms", root / f"{name}-back", Target(**back), quiet=True)
         out[name] = root / f"{name}-ms", root / f"{name}-back", there, again
     return out
 
@@ -122,7 +123,7 @@ def test_bf16_weights_only(sources, tmp_path):
     """bf16 weights go to MindSpore in fp32 (MindSpeed-Core-MS's converter does the same, exactly),
     and come back bf16, bit for bit."""
     source = sources["tied_bf16_tp2pp2"]
-    megatron_to_mindspore(source.dir, tmp_path / "ms1", tp=1, pp=1, convert_param_only=True, quiet=True)
+    megatron_to_mindspore(source.dir, tmp_path / "ms1", Target(tp=1, pp=1), convert_param_only=True, quiet=True)
     truth = torch.load(source.truth, weights_only=False)
     (path,) = mindspore_files(tmp_path / "ms1")
     loaded = ms.load_checkpoint(str(path))
@@ -190,7 +191,7 @@ def test_noop_layers_are_skipped(trips, tmp_path):
         moved = [(".".join(parts[:at] + [str(layer + (layer >= 2))] + parts[at + 1:]), array)]
         return moved + ([(".".join(parts[:at] + ["2"] + parts[at + 1:]), array * 0)] if layer == 1 else [])
     rewrite(next(ms_dir.rglob("*.ckpt")), shift)
-    report = mindspore_to_megatron(ms_dir, tmp_path / "back", tp=2, pp=2, noop=[2], num_layers=5, quiet=True)
+    report = mindspore_to_megatron(ms_dir, tmp_path / "back", Target(tp=2, pp=2), noop=[2], num_layers=5, quiet=True)
     assert report.md5 == trips["cont_tp2pp2"][3].md5
 
 

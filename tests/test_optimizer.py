@@ -7,6 +7,7 @@ import shutil
 import pytest
 import torch
 
+from ckpt_hooks.algebra.target import Target
 from ckpt_hooks import convert
 from ckpt_hooks.megatron.checkpoint import read_source
 from ckpt_hooks.algebra.spec import Rank
@@ -52,8 +53,8 @@ def resumed(sources, tmp_path_factory):
             [(f"continuity-{s}-to-tp{t['tp']}pp{t['pp']}", sources[s], t, RESUMED_STEPS) for s, _, t in CONTINUITY]
     for key, source, target, steps in cases:
         out = root / key
-        convert(source.dir, out, target_tp=target["tp"], target_pp=target["pp"], target_vpp=target.get("vpp"),
-                num_layer_list=target_stages(target), quiet=True)
+        convert(source.dir, out, Target(tp=target["tp"], pp=target["pp"], vpp=target.get("vpp"),
+                                        num_layer_list=target_stages(target)), quiet=True)
         results[key] = root / f"{key}.json"
         jobs.append(resume_job(target, out, source.truth, results[key], model=source.model, steps=steps))
     run_jobs(jobs, root / "logs")

@@ -13,6 +13,7 @@ import shutil
 import pytest
 import torch
 
+from ckpt_hooks.algebra.target import Target
 from ckpt_hooks import convert
 from ckpt_hooks.algebra.spec import uneven_layers
 from tests.harness import padded_vocab, run_jobs, verify_job
@@ -60,8 +61,8 @@ def verified(sources, tmp_path_factory):
         name, target = pair
         source = sources[name]
         out = root / pair_id(pair)
-        convert(source.dir, out, target_tp=target["tp"], target_pp=target["pp"], target_vpp=target.get("vpp"),
-                num_layer_list=target_stages(target), convert_param_only=True, quiet=True)
+        convert(source.dir, out, Target(tp=target["tp"], pp=target["pp"], vpp=target.get("vpp"),
+                                        num_layer_list=target_stages(target)), convert_param_only=True, quiet=True)
         results[pair_id(pair)] = root / f"{pair_id(pair)}.json"
         jobs.append(verify_job(target, out, source.truth, results[pair_id(pair)], model=source.model))
     jobs.append(corrupted_control(root, sources[PAIRS[0][0]], results))

@@ -11,11 +11,15 @@
 3. the run resumes at TP1·PP2·DP2 and TP4·PP1·DP1 straight from the TP2·PP2 checkpoint with
    `ckpt_hooks.megatron.load`, and its losses are printed beside the uninterrupted run's.
 
-    python tools/demo.py [--workdir DIR]
+    python tools/demo.py [--workdir DIR]     (./run.sh demo)
+
+It runs from a checkout of the repository (it drives the test harness in tests/harness). The
+checkpoints go to a temporary directory, removed at the end, or to --workdir, kept.
 """
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.harness
 
+from ckpt_hooks.algebra.target import Target  # noqa: E402
 from ckpt_hooks.megatron.conversion import convert  # noqa: E402
 from tests.harness import resume_job, run_jobs, train_job  # noqa: E402
 
@@ -41,9 +46,18 @@ def name(layout: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", help="where to keep the checkpoints (default: a temporary directory)")
+    parser.add_argument("--workdir", help="where to write and keep the checkpoints (default: a temporary "
+                                          "directory, removed at the end)")
     options = parser.parse_args()
     work = Path(options.workdir or tempfile.mkdtemp(prefix="ckpt-hooks-demo-"))
+    try:
+        return demo(work)
+    finally:
+        if not options.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def demo(work: Path) -> int:
     source, truth = work / "tp2pp2", work / "tp2pp2.truth.pt"
     reference = work / "uninterrupted.truth.pt"
 
@@ -59,7 +73,7 @@ def main() -> int:
     jobs, results = [], {}
     for target in CONVERTED:
         out = work / f"tp{target['tp']}pp{target['pp']}"
-        print(f"      {convert(source, out, target_tp=target['tp'], target_pp=target['pp'], quiet=True)}")
+        print(f"      {convert(source, out, Target(tp=target['tp'], pp=target['pp']), quiet=True)}")
         results[f"convert {name(target)}"] = work / f"{out.name}.json"
         jobs.append(resume_job(target, out, truth, results[f"convert {name(target)}"], model=MODEL, steps=0))
     for target in RESUMED:
@@ -87,7 +101,6 @@ def main() -> int:
                  if outcome[k]["losses"]), default=float("inf"))
     failed += not drift <= 1e-5
     print(f"\n      max |loss difference| after resuming at a new layout: {drift:.2e}")
-    print(f"checkpoints in {work}")
     return 1 if failed else 0
 
 

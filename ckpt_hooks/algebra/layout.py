@@ -128,13 +128,22 @@ _AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "Q": "linear_qkv rows
 
 def check_divisible(spec: ModelSpec, config: ParallelConfig) -> None:
     """Fail early, with the reason, when a layout cannot hold the model."""
-    tp = config.tp
+    check_tensor_parallel(spec, config.tp)
+    check_layers(spec, config)
+
+
+def check_tensor_parallel(spec: ModelSpec, tp: int) -> None:
+    """Fail unless tensor-parallel size ``tp`` splits the heads, the ffn and the query groups."""
     for what, value in (("attention heads", spec.num_attention_heads), ("ffn hidden size", spec.ffn_hidden_size)):
         if value % tp:
             raise LayoutError(f"tensor parallel size {tp} does not divide {what} ({value})")
     groups = spec.num_query_groups
     if groups % tp and tp % groups:
         raise LayoutError(f"tensor parallel size {tp} neither divides nor is a multiple of query groups ({groups})")
+
+
+def check_layers(spec: ModelSpec, config: ParallelConfig) -> None:
+    """Fail unless the pipeline stages and virtual chunks split the layers."""
     if config.layers_per_stage is not None:
         if len(config.layers_per_stage) != config.pp:
             raise LayoutError(f"layer list {list(config.layers_per_stage)} has {len(config.layers_per_stage)} "

@@ -129,7 +129,7 @@ def model_spec_from_args(args) -> ModelSpec:
         kv_channels=kv_channels,
         padded_vocab_size=args.padded_vocab_size,
         true_vocab_size=_true_vocab_size(args),
-        make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", 128),
+        make_vocab_size_divisible_by=getattr(args, "make_vocab_size_divisible_by", None) or 128,
         swiglu=bool(getattr(args, "swiglu", False)),
         tied_embeddings=not getattr(args, "untie_embeddings_and_output_weights", False),
         add_bias_linear=bool(getattr(args, "add_bias_linear", True)),
@@ -137,6 +137,14 @@ def model_spec_from_args(args) -> ModelSpec:
         position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
         normalization=getattr(args, "normalization", "LayerNorm"),
     )
+
+
+def vocab_divisor(true_vocab: int, padded: int, tp: int) -> int | None:
+    """A ``make_vocab_size_divisible_by`` under which Megatron pads ``true_vocab`` rows to
+    ``padded`` at TP ``tp``: its default 128 where that fits, else the nearest power of two
+    that does (larger ones first); None when none does."""
+    candidates = [128] + [1 << k for k in range(8, padded.bit_length())] + [64, 32, 16, 8, 4, 2, 1]
+    return next((d for d in candidates if round_up(true_vocab, d * tp) == padded), None)
 
 
 def uneven_layers(num_layers: int, pp: int, first: int | None, last: int | None) -> tuple[int, ...] | None:

@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
+import json
 import os
+import signal
 import sys
 
+from ckpt_hooks import __version__
+from ckpt_hooks.algebra.target import FLAGS
+from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, positive, target_from
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.cli.hf import COMMANDS as HF_COMMANDS
 from ckpt_hooks.cli.lora import COMMANDS as LORA_COMMANDS
@@ -15,30 +20,17 @@ from ckpt_hooks.cli.mindformers import COMMANDS as MINDFORMERS_COMMANDS
 from ckpt_hooks.cli.mindspeed import COMMANDS as MINDSPEED_COMMANDS
 
 
-def _layer_list(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts, got {text!r}") from None
-
-
 def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-dir", required=True,
                         help="source checkpoint: Megatron (root with the tracker file, or an iter_* dir) or "
                              "MindSpore (a rank_N/ tree, or one .ckpt/.safetensors file)")
     parser.add_argument("--save-dir", required=True, help="where to write the converted checkpoint (must not exist or be empty)")
-    parser.add_argument("--target-tensor-parallel-size", type=int, help="default: the source's")
-    parser.add_argument("--target-pipeline-parallel-size", type=int, help="default: the source's")
-    parser.add_argument("--target-virtual-pipeline-parallel-size", type=int,
-                        help="virtual pipeline chunks per stage (default: the source's if PP is unchanged, else 1)")
-    parser.add_argument("--target-data-parallel-size", type=int,
-                        help="only shapes the optimizer's buckets when there are several (default: fill the source's world)")
-    parser.add_argument("--num-layer-list", type=_layer_list,
-                        help="layers per pipeline stage for uneven splits, e.g. 1,3")
+    add_layout_arguments(parser)
     parser.add_argument("--convert-param-only", action="store_true",
                         help="convert the model weights only, not the distributed optimizer's state")
-    parser.add_argument("--true-vocab-size", type=int,
-                        help="real vocabulary rows, when the saved args do not tell (needed to re-pad the vocab for a new TP)")
+    add_vocab_arguments(parser, padding=False)
+    parser.add_argument("--make-vocab-size-divisible-by", type=positive,
+                        help="the source's vocabulary divisor, when its args lack it and the inferred one is wrong")
     parser.add_argument("--workers", "--process-num", type=int, default=min(4, os.cpu_count() or 1),
                         help="target files built in parallel")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -53,16 +45,15 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # The flags of one framework's conversion, refused for the other's checkpoints.
-_MEGATRON_ONLY = ("target_tensor_parallel_size", "target_pipeline_parallel_size",
-                  "target_virtual_pipeline_parallel_size", "target_data_parallel_size", "num_layer_list",
-                  "convert_param_only", "true_vocab_size")
+_MEGATRON_ONLY = ("tp", "pp", "vpp", "dp", "num_layer_list", "convert_param_only", "true_vocab_size",
+                  "make_vocab_size_divisible_by")
 _MINDSPORE_ONLY = ("prefix", "format")
 
 
 def _refuse_flags(args, names: tuple[str, ...], framework: str) -> None:
     given = [name for name in names if getattr(args, name) not in (None, False)]
     if given:
-        flag = "--" + given[0].replace("_", "-")
+        flag = FLAGS.get(given[0], "--" + given[0].replace("_", "-"))
         raise CheckpointError(args.load_dir, f"{flag} does not apply to a {framework} checkpoint")
 
 
@@ -76,11 +67,7 @@ def run_convert(args) -> None:
     _refuse_flags(args, _MINDSPORE_ONLY, "Megatron")
     from ckpt_hooks.megatron.conversion import convert
 
-    report = convert(args.load_dir, args.save_dir,
-                     target_tp=args.target_tensor_parallel_size, target_pp=args.target_pipeline_parallel_size,
-                     target_vpp=args.target_virtual_pipeline_parallel_size, target_dp=args.target_data_parallel_size,
-                     num_layer_list=args.num_layer_list,
-                     convert_param_only=args.convert_param_only, true_vocab_size=args.true_vocab_size,
+    report = convert(args.load_dir, args.save_dir, target_from(args), convert_param_only=args.convert_param_only,
                      workers=args.workers, quiet=args.quiet)
     if not args.quiet:
         print(f"wrote {args.save_dir}: {report}")
@@ -99,12 +86,16 @@ def run_mindspore_convert(args) -> None:
 def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("load_dir", help="checkpoint root or iter_* directory")
     parser.add_argument("--tensors", action="store_true", help="list every tensor of every file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object (layout, model, per-file tensors)")
 
 
 def run_inspect(args) -> None:
-    from ckpt_hooks.megatron.inspection import describe
+    from ckpt_hooks.megatron.inspection import describe, summary
 
-    print(describe(args.load_dir, tensors=args.tensors))
+    if args.json:
+        print(json.dumps(summary(args.load_dir, tensors=args.tensors), indent=1))
+    else:
+        print(describe(args.load_dir, tensors=args.tensors))
 
 
 def add_export_arguments(parser: argparse.ArgumentParser) -> None:
@@ -176,6 +167,42 @@ def return_freed_memory() -> None:
         pass  # not glibc: nothing to tune
 
 
+EXAMPLES = {
+    "convert": "ckpt-hooks convert --load-dir ckpt --save-dir ckpt_tp4 --target-tensor-parallel-size 4 "
+               "--target-pipeline-parallel-size 1",
+    "inspect": "ckpt-hooks inspect ckpt --tensors",
+    "export-param-map": "ckpt-hooks export-param-map --load-dir ckpt --save-dir ckpt_param_maps",
+    "combine-dp-zero": "ckpt-hooks combine-dp-zero --strategy-dir opt_shard_info --checkpoint-dir ckpt "
+                       "--output-dir merged",
+    "hf-to-megatron": "ckpt-hooks hf-to-megatron --load-dir Llama-3-8B --save-dir llama_tp2pp2 "
+                      "--target-tensor-parallel-size 2 --target-pipeline-parallel-size 2",
+    "megatron-to-hf": "ckpt-hooks megatron-to-hf --load-dir ckpt --save-dir ckpt_hf",
+}
+
+
+class _HelpWithDefaults(argparse.HelpFormatter):
+    """--help shows each flag's default, where it has one its help does not already state."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP (timeout, Slurm's scancel, a closed terminal): unwinds like Ctrl-C, so
+    that staged output is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum, frame):
+    raise Interrupted(signum)
+
+
 def guarded(run, args) -> int:
     """Run a command; report a checkpoint problem as one line on stderr and a non-zero exit."""
     try:
@@ -187,17 +214,27 @@ def guarded(run, args) -> int:
         print(f"error: {e.filename or '-'}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print("error: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except Interrupted as e:
+        print(f"error: interrupted by {e}; nothing was written", file=sys.stderr)
+        return 128 + e.signum
     return 0
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="ckpt-hooks", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"ckpt-hooks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
+        example = EXAMPLES.get(name)
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text,
+                                     epilog=f"example: {example}" if example else None,
+                                     formatter_class=_HelpWithDefaults))
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `ckpt-hooks inspect ... | head` ends quietly
     args = parser.parse_args(argv)
     return_freed_memory()
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupt)
     return guarded(COMMANDS[args.command][2], args)
 

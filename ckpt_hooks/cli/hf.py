@@ -6,57 +6,45 @@ from __future__ import annotations
 import argparse
 import os
 
+from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, positive, target_from
 from ckpt_hooks.converters.hf.names import LAYERS, LOCAL, TRANSFORMER_ENGINE
-from ckpt_hooks.algebra.spec import parse_layer_list
 
 DTYPES = ("bf16", "fp16", "fp32")
 
 
-def torch_dtype(name: str | None):
-    import torch
-
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}.get(name)
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, load_help: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, load_help: str, padding: bool = False) -> None:
+    """--load-dir, --save-dir, --params-dtype, the vocabulary (``padding``: how to pad it too), --workers, --quiet."""
     parser.add_argument("--load-dir", required=True, help=load_help)
     parser.add_argument("--save-dir", required=True, help="where to write (must not exist or be empty)")
     parser.add_argument("--params-dtype", choices=DTYPES, help="cast the weights (default: keep their dtype)")
-    parser.add_argument("--true-vocab-size", type=int, help="real vocabulary rows; rows past it are dropped")
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="files written in parallel")
+    add_vocab_arguments(parser, padding)
+    parser.add_argument("--workers", type=positive, default=min(4, os.cpu_count() or 1),
+                        help="files written in parallel")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def target(args):
+    """The Target the flags give (layout, vocabulary, dtype, layer spec)."""
+    return target_from(args, params_dtype=args.params_dtype, layer_spec=getattr(args, "transformer_impl", None))
 
 
 def add_hf_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "Hugging Face model directory (config.json, model.safetensors or an index "
-                                 "and shards)")
+                                 "and shards)", padding=True)
     add_megatron_target_arguments(parser)
 
 
 def add_megatron_target_arguments(parser: argparse.ArgumentParser) -> None:
-    """The Megatron checkpoint to write: layout, layer spec, vocabulary padding."""
-    parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--target-pipeline-parallel-size", type=int, default=1)
-    parser.add_argument("--target-virtual-pipeline-parallel-size", type=int, help="virtual pipeline chunks per stage")
-    parser.add_argument("--num-layer-list", type=parse_layer_list,
-                        help="layers per pipeline stage for uneven splits, e.g. 1,3")
+    """The Megatron checkpoint to write: layout, layer spec, release."""
+    add_layout_arguments(parser, default="1")
     parser.add_argument("--transformer-impl", choices=(TRANSFORMER_ENGINE, LOCAL), default=TRANSFORMER_ENGINE,
                         help="the layer spec whose names to write (as Megatron-LM's --transformer-impl)")
-    vocab = parser.add_mutually_exclusive_group()
-    vocab.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
-                       help="pad the vocabulary to a multiple of this x TP (Megatron-LM's rule)")
-    vocab.add_argument("--padded-vocab-size", type=int, help="pad the vocabulary to exactly this many rows")
     parser.add_argument("--release", action="store_true", help="write release/ instead of iter_0000001/")
 
 
 def to_megatron_options(args) -> dict:
-    """The keyword arguments of hf_to_megatron (and external_to_megatron) that the flags give."""
-    return dict(target_tp=args.target_tensor_parallel_size, target_pp=args.target_pipeline_parallel_size,
-                target_vpp=args.target_virtual_pipeline_parallel_size, num_layer_list=args.num_layer_list,
-                layer_spec=args.transformer_impl, params_dtype=torch_dtype(args.params_dtype),
-                make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                padded_vocab_size=args.padded_vocab_size, true_vocab_size=args.true_vocab_size,
-                release=args.release, workers=args.workers, quiet=args.quiet)
+    """The arguments of hf_to_megatron (and the other *_to_megatron) that the flags give."""
+    return dict(target=target(args), release=args.release, workers=args.workers, quiet=args.quiet)
 
 
 def run_hf_to_megatron(args) -> None:
@@ -70,6 +58,8 @@ def run_hf_to_megatron(args) -> None:
 def add_megatron_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
     add_common_arguments(parser, "Megatron legacy checkpoint (root with the tracker file, or an iter_* dir), "
                                  "any TP/PP/VPP")
+    parser.add_argument("--make-vocab-size-divisible-by", type=positive,
+                        help="the checkpoint's vocabulary divisor, when its args lack it and the inferred one is wrong")
     parser.add_argument("--model-type", choices=sorted(LAYERS),
                         help="Hugging Face family (default: qwen2 with q/k/v biases, mistral with an attention "
                              "window, else llama)")
@@ -79,9 +69,8 @@ def add_megatron_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
 def run_megatron_to_hf(args) -> None:
     from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
 
-    report = megatron_to_hf(args.load_dir, args.save_dir, model_type=args.model_type,
-                            params_dtype=torch_dtype(args.params_dtype), max_shard_size=args.max_shard_size,
-                            true_vocab_size=args.true_vocab_size, workers=args.workers, quiet=args.quiet)
+    report = megatron_to_hf(args.load_dir, args.save_dir, target(args), model_type=args.model_type,
+                            max_shard_size=args.max_shard_size, workers=args.workers, quiet=args.quiet)
     if not args.quiet:
         print(f"wrote {args.save_dir}: {report}")
 

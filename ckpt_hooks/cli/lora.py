@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import os
 
-from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.algebra.target import FLAGS
+from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, target_from
 from ckpt_hooks.converters.hf.names import LAYERS
-from ckpt_hooks.algebra.spec import parse_layer_list
+from ckpt_hooks.errors import CheckpointError
 
-_MEGATRON_FLAGS = ("target_tensor_parallel_size", "target_pipeline_parallel_size",
-                   "target_virtual_pipeline_parallel_size", "num_layer_list")
+_MEGATRON_FLAGS = ("tp", "pp", "vpp", "dp", "num_layer_list")
 _HF_FLAGS = ("model_type", "max_shard_size")
 
 
@@ -36,16 +36,12 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--save-dir", required=True, help="where to write (must not exist or be empty)")
     parser.add_argument("--save-format", choices=("megatron", "hf"), default="megatron",
                         help="a Megatron checkpoint (weights only: resume with --finetune) or a Hugging Face model")
-    megatron = parser.add_argument_group("--save-format megatron (default: the base's layout)")
-    megatron.add_argument("--target-tensor-parallel-size", type=int)
-    megatron.add_argument("--target-pipeline-parallel-size", type=int)
-    megatron.add_argument("--target-virtual-pipeline-parallel-size", type=int)
-    megatron.add_argument("--num-layer-list", type=parse_layer_list, help="layers per pipeline stage, e.g. 1,3")
+    add_layout_arguments(parser, default="the base's (--save-format megatron)")
     hf = parser.add_argument_group("--save-format hf")
     hf.add_argument("--model-type", choices=sorted(LAYERS),
                     help="default: qwen2 with q/k/v biases, mistral with an attention window, else llama")
     hf.add_argument("--max-shard-size", help="largest safetensors file (default 5GB)")
-    parser.add_argument("--true-vocab-size", type=int, help="real vocabulary rows, when the saved args do not tell")
+    add_vocab_arguments(parser, padding=False)
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="files written in parallel")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -56,14 +52,12 @@ def run_merge(args) -> None:
     refused = _HF_FLAGS if args.save_format != HF else _MEGATRON_FLAGS
     given = [name for name in refused if getattr(args, name) is not None]
     if given:
-        raise CheckpointError(args.load_dir, f"--{given[0].replace('_', '-')} does not apply to "
-                                             f"--save-format {args.save_format}")
+        flag = FLAGS.get(given[0], f"--{given[0].replace('_', '-')}")
+        raise CheckpointError(args.load_dir, f"{flag} does not apply to --save-format {args.save_format}")
     report = merge_lora(args.load_dir, args.lora_load, args.save_dir, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                         target_modules=args.lora_target_modules, save_format=args.save_format,
-                        target_tp=args.target_tensor_parallel_size, target_pp=args.target_pipeline_parallel_size,
-                        target_vpp=args.target_virtual_pipeline_parallel_size, num_layer_list=args.num_layer_list,
-                        model_type=args.model_type, max_shard_size=args.max_shard_size or "5GB",
-                        true_vocab_size=args.true_vocab_size, workers=args.workers, quiet=args.quiet)
+                        target=target_from(args), model_type=args.model_type,
+                        max_shard_size=args.max_shard_size or "5GB", workers=args.workers, quiet=args.quiet)
     if not args.quiet:
         print(f"wrote {args.save_dir}: {report}")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.cli.hf import (add_common_arguments, add_megatron_target_arguments, to_megatron_options, torch_dtype)
+from ckpt_hooks.cli.hf import add_common_arguments, add_megatron_target_arguments, target, to_megatron_options
 
 _MINDFORMERS = "MindFormers safetensors: one file, or a directory of them (with param_name_map.json)"
 _ARCHITECTURE = ("num_query_groups", "rope_theta", "norm_eps", "max_position_embeddings")
@@ -52,7 +52,7 @@ def _report(args, report) -> None:
 
 
 def add_mindformers_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
-    add_common_arguments(parser, _MINDFORMERS + ", qkv_concat or not")
+    add_common_arguments(parser, _MINDFORMERS + ", qkv_concat or not", padding=True)
     _add_model_arguments(parser)
     add_megatron_target_arguments(parser)
 
@@ -71,10 +71,8 @@ def add_megatron_to_mindformers_arguments(parser: argparse.ArgumentParser) -> No
 def run_megatron_to_mindformers(args) -> None:
     from ckpt_hooks.converters.mindformers.convert import megatron_to_mindformers
 
-    _report(args, megatron_to_mindformers(args.load_dir, args.save_dir, qkv_concat=args.qkv_concat,
-                                          params_dtype=torch_dtype(args.params_dtype),
-                                          max_shard_size=args.max_shard_size, true_vocab_size=args.true_vocab_size,
-                                          workers=args.workers, quiet=args.quiet))
+    _report(args, megatron_to_mindformers(args.load_dir, args.save_dir, target(args), qkv_concat=args.qkv_concat,
+                                          max_shard_size=args.max_shard_size, workers=args.workers, quiet=args.quiet))
 
 
 def add_hf_to_mindformers_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,9 +82,8 @@ def add_hf_to_mindformers_arguments(parser: argparse.ArgumentParser) -> None:
 def run_hf_to_mindformers(args) -> None:
     from ckpt_hooks.converters.mindformers.convert import hf_to_mindformers
 
-    _report(args, hf_to_mindformers(args.load_dir, args.save_dir, qkv_concat=args.qkv_concat,
-                                    params_dtype=torch_dtype(args.params_dtype), max_shard_size=args.max_shard_size,
-                                    true_vocab_size=args.true_vocab_size, workers=args.workers, quiet=args.quiet))
+    _report(args, hf_to_mindformers(args.load_dir, args.save_dir, target(args), qkv_concat=args.qkv_concat,
+                                    max_shard_size=args.max_shard_size, workers=args.workers, quiet=args.quiet))
 
 
 def add_mindformers_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,9 +94,8 @@ def add_mindformers_to_hf_arguments(parser: argparse.ArgumentParser) -> None:
 def run_mindformers_to_hf(args) -> None:
     from ckpt_hooks.converters.mindformers.convert import mindformers_to_hf
 
-    _report(args, mindformers_to_hf(args.load_dir, args.save_dir, **_model(args),
-                                    params_dtype=torch_dtype(args.params_dtype), max_shard_size=args.max_shard_size,
-                                    true_vocab_size=args.true_vocab_size, workers=args.workers, quiet=args.quiet))
+    _report(args, mindformers_to_hf(args.load_dir, args.save_dir, target(args), **_model(args),
+                                    max_shard_size=args.max_shard_size, workers=args.workers, quiet=args.quiet))
 
 
 # name -> (help, add_arguments, run), as ckpt_hooks.cli.COMMANDS.

@@ -7,17 +7,16 @@ from __future__ import annotations
 import argparse
 import os
 
+from ckpt_hooks.cli.target import add_layout_arguments, positive, target_from
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tp-size", type=int, help="tensor parallel size to write (default: the source's)")
-    parser.add_argument("--pp-size", type=int, help="pipeline parallel size to write (default: the source's)")
-    parser.add_argument("--vpp-size", type=int,
-                        help="virtual pipeline chunks per stage (default: the source's if PP is unchanged, else 1)")
-    parser.add_argument("--dp-size", type=int, help="data parallel size (default: fill the source's world)")
-    parser.add_argument("--cp-size", type=int, default=1,
+    add_layout_arguments(parser)
+    parser.add_argument("--cp-size", type=positive, default=1,
                         help="context parallel size: counts the DP x CP copies and param_map files (Megatron's files "
                              "do not depend on it)")
-    parser.add_argument("--stage-list", type=int, nargs="+", help="layers per pipeline stage, for uneven splits")
+    parser.add_argument("--stage-list", type=positive, nargs="+",
+                        help="layers per pipeline stage, for uneven splits (MindSpeed's spelling of --num-layer-list)")
     parser.add_argument("--num-layers", type=int, help="checked against the model's (no-op layers included)")
     parser.add_argument("--convert-param-only", action="store_true",
                         help="the weights only, not the distributed optimizer's fp32 params and Adam moments")
@@ -52,9 +51,9 @@ def add_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _layout(args) -> dict:
-    return {"tp": args.tp_size, "pp": args.pp_size, "vpp": args.vpp_size, "dp": args.dp_size,
-            "stage_list": args.stage_list, "num_layers": args.num_layers,
-            "convert_param_only": args.convert_param_only,
+    if args.stage_list:
+        args.num_layer_list = tuple(args.stage_list)
+    return {"target": target_from(args), "num_layers": args.num_layers, "convert_param_only": args.convert_param_only,
             "workers": 1 if args.multiprocess_off else args.process_limit, "quiet": args.quiet}
 
 

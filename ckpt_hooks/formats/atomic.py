@@ -29,10 +29,26 @@ def atomic_write(path):
         raise
 
 
-def refuse_non_empty(save_dir: str | os.PathLike) -> None:
+def refuse_non_empty(save_dir: str | os.PathLike, sources=()) -> None:
+    """Fail, naming the save directory and why, unless the output can go there: a file, a
+    directory with something in it, the checkpoint being read (``sources``), a place inside one
+    or holding one, or a parent that cannot be written are refused before anything is read."""
     path = Path(save_dir)
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(path, "is a file; the save directory must be a directory that does not exist or is empty")
+    where = path.resolve()
+    for source in map(Path, sources):
+        source = source.resolve()
+        if where == source or source in where.parents:
+            raise CheckpointError(path, f"lies inside the checkpoint being read ({source}); "
+                                        "choose a save directory outside it")
+        if where in source.parents:
+            raise CheckpointError(path, f"holds the checkpoint being read ({source}); choose another save directory")
+    if path.is_dir() and any(path.iterdir()):
         raise CheckpointError(path, "save directory exists and is not empty; refusing to overwrite")
+    parent = next(p for p in where.parents if p.exists())
+    if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(path, f"cannot be created: {parent} is not writable")
 
 
 @contextlib.contextmanager

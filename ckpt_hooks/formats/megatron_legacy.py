@@ -42,6 +42,9 @@ def chunk_keys(vpp: int) -> list[str]:
 def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
     """The iteration directory to read, from the tracker file or given directly."""
     root = Path(load_dir)
+    if root.is_file():
+        raise CheckpointError(root, "is a file; give the checkpoint's directory (the one holding "
+                                    f"{TRACKER}, or an iter_* directory)")
     if not root.is_dir():
         raise CheckpointError(root, "checkpoint directory not found")
     if any(_RANK_DIR.fullmatch(p.name) for p in root.iterdir()):

@@ -1,11 +1,11 @@
 """MindSpore-style safetensors files, as ``mindspore.save_checkpoint(..., format="safetensors")``.
 
-Plain safetensors with ``{"format": "ms"}`` metadata (none when there are no tensors); with
-``crc_check=True`` MindSpore adds ``"crc_num"``, the CRC32 of each name and its bytes in name
-order. The header is parsed here and the file mapped, because safetensors' NumPy reader has no
-bfloat16 (BF16 arrays come back as mindspore_ckpt.BF16). The writer lays the file out as the
-safetensors library does (tensors by its dtype order then name, header padded with spaces to
-8 bytes), so its output is byte-identical to MindSpore's.
+Plain safetensors (read by formats.safetensors) with ``{"format": "ms"}`` metadata (none when
+there are no tensors); with ``crc_check=True`` MindSpore adds ``"crc_num"``, the CRC32 of each
+name and its bytes in name order; a dtype safetensors lacks (Int4) is noted in the metadata
+under the tensor's name. BF16 arrays read as mindspore_ckpt.BF16. The writer lays the file out
+as the safetensors library does (tensors by its dtype order then name, header padded with spaces
+to 8 bytes), so its output is byte-identical to MindSpore's.
 """
 
 from __future__ import annotations
@@ -18,32 +18,25 @@ from collections.abc import Mapping
 import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats import safetensors
 from ckpt_hooks.formats.atomic import atomic_write
-from ckpt_hooks.formats.mindspore_ckpt import DTYPES, MappedFile, StoredTensor, dtype_index, raw_bytes
-from ckpt_hooks.formats.safetensors_header import read_header
-
-_ST_DTYPES = {code: np.dtype(dtype) for _, dtype, code in DTYPES}
+from ckpt_hooks.formats.mindspore_ckpt import DTYPES, dtype_index, raw_bytes
 
 
-class SafetensorsFile(MappedFile):
+class SafetensorsFile(safetensors.SafetensorsFile):
     """A MindSpore safetensors file opened lazily: ``tensors`` in name order (MindSpore's),
     ``metadata`` the header's. ``check_crc`` checks ``crc_num`` when present (reads the file)."""
 
     def __init__(self, path, check_crc: bool = False):
         super().__init__(path)
-        buf = self._map
-        entries, self.metadata = read_header(self.path, lambda start, count: bytes(buf[start:start + count]),
-                                             len(buf), {code: dtype.itemsize for code, dtype in _ST_DTYPES.items()})
-        for name in sorted(entries):
-            if name in self.metadata:  # MindSpore notes dtypes safetensors lacks (Int4) here
+        for name in self.tensors:
+            if name in self.metadata:
                 raise CheckpointError(self.path, f"{name}: unsupported MindSpore dtype {self.metadata[name]}")
-            entry = entries[name]
-            self.tensors[name] = StoredTensor(_ST_DTYPES[entry.dtype], entry.shape, ((entry.offset, entry.nbytes),))
         if check_crc and "crc_num" in self.metadata:
             crc = 0
             for name, t in self.tensors.items():
                 crc = zlib.crc32(name.encode(), crc)
-                crc = zlib.crc32(memoryview(buf)[t.pieces[0][0]:sum(t.pieces[0])], crc)
+                crc = zlib.crc32(memoryview(self._map)[t.pieces[0][0]:sum(t.pieces[0])], crc)
             if str(crc) != self.metadata["crc_num"]:
                 raise CheckpointError(self.path, "CRC mismatch: the file is damaged")
 

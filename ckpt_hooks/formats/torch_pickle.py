@@ -21,6 +21,7 @@ import pickle
 import signal
 import struct
 import threading
+import warnings
 import zipfile
 from dataclasses import dataclass
 
@@ -122,7 +123,9 @@ def _allowed_global(module: str, name: str):
         return getattr(importlib.import_module(module), name)
     if module.startswith(_ENUM_MODULE_PREFIXES):
         try:
-            obj = getattr(importlib.import_module(module), name)
+            with warnings.catch_warnings():  # megatron's "Transformer Engine and Apex are not installed" & co.
+                warnings.simplefilter("ignore")
+                obj = getattr(importlib.import_module(module), name)
         except (ImportError, AttributeError):
             obj = None
         if isinstance(obj, type) and issubclass(obj, enum.Enum):

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 from ckpt_hooks.algebra import layout, names
 from ckpt_hooks.algebra.layout import EXTRA, VOCAB, LayoutError, Placement
-from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank, model_spec_from_args, parallel_config_from_args
+from ckpt_hooks.algebra.spec import (ModelSpec, ParallelConfig, Rank, model_spec_from_args, parallel_config_from_args,
+                                     vocab_divisor)
 from ckpt_hooks.engine import manifest
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, TargetTensor, plan_tensor
@@ -59,10 +60,15 @@ class MegatronSource:
     files: list[SourceFile]
     weights: Source
     placed: Placed
+    notes: list[str] = field(default_factory=list)   # what was assumed, for the user
 
     @property
     def chunk_keys(self) -> list[str]:
         return legacy.chunk_keys(self.layout.vpp)
+
+    def __fspath__(self) -> str:
+        """Where it was read from (a converter handed a source names it as it would a path)."""
+        return str(self.ckpt.iter_dir)
 
 
 def open_checkpoint(load_dir: str | os.PathLike) -> legacy.LegacyCheckpoint:
@@ -73,21 +79,28 @@ def open_checkpoint(load_dir: str | os.PathLike) -> legacy.LegacyCheckpoint:
     return ckpt
 
 
-def read_source(load_dir, true_vocab_size: int | None = None, check_manifest: bool = True) -> MegatronSource:
+def read_source(load_dir, true_vocab_size: int | None = None, check_manifest: bool = True,
+                make_vocab_size_divisible_by: int | None = None) -> MegatronSource:
     """Open a checkpoint and describe it; nothing is read but its pickles. Where a manifest lies
-    beside the files, they are checked against it first. A source already read is used as it is
+    beside the files, they are checked against it first. ``true_vocab_size`` and
+    ``make_vocab_size_divisible_by`` override the saved args; a divisor the args lack is inferred
+    from the padded size, and said in ``notes``. A source already read is used as it is
     (ckpt_hooks.converters.lora hands the converters a merged one)."""
     if isinstance(load_dir, MegatronSource):
         return load_dir
-    ckpt, spec, config, files = read_files(load_dir, true_vocab_size, check_manifest)
+    notes = []
+    ckpt, spec, config, files = read_files(load_dir, true_vocab_size, check_manifest, make_vocab_size_divisible_by,
+                                           notes)
     placed = place(spec, config, files)
+
     def handle(f: SourceFile, chunk: str, key: str, where: Placement) -> TensorView:
         torch_file = ckpt.files[(f.rank.tp, f.rank.pp)]
         return TensorView(torch_file, torch_file.obj[chunk][key], where.view_shape)
-    return MegatronSource(ckpt, spec, config, files, source_tensors(files, placed, handle), placed)
+    return MegatronSource(ckpt, spec, config, files, source_tensors(files, placed, handle), placed, notes)
 
 
-def read_files(load_dir, true_vocab_size: int | None = None, check_manifest: bool = True) \
+def read_files(load_dir, true_vocab_size: int | None = None, check_manifest: bool = True,
+               make_vocab_size_divisible_by: int | None = None, notes: list | None = None) \
         -> tuple[legacy.LegacyCheckpoint, ModelSpec, ParallelConfig, list[SourceFile]]:
     """``read_source`` short of placing the tensors: the checkpoint, its model, its layout and
     what each file holds (a LoRA checkpoint's adapters have no place of their own)."""
@@ -100,19 +113,36 @@ def read_files(load_dir, true_vocab_size: int | None = None, check_manifest: boo
         raise CheckpointError(ckpt.first.path, f"saved args lack a model setting ({e})") from None
     files = _source_files(ckpt, config)
     saved_manifest = manifest.read(ckpt.iter_dir) if check_manifest else None
+    if saved_manifest is not None:
+        manifest.check(saved_manifest, ckpt.iter_dir, spec, config, files)
     if true_vocab_size is not None:
         spec = replace(spec, true_vocab_size=true_vocab_size)
-    if spec.true_vocab_size is not None and spec.padded_vocab_for(config.tp) != spec.padded_vocab_size:
-        raise CheckpointError(ckpt.first.path, f"padded vocabulary {spec.padded_vocab_size} does not follow from "
-                                               f"vocabulary {spec.true_vocab_size} at TP{config.tp}; "
-                                               "pass --true-vocab-size")
+    if spec.true_vocab_size is not None:
+        spec = _vocab_padding(spec, config, make_vocab_size_divisible_by or
+                              getattr(args, "make_vocab_size_divisible_by", None), ckpt.first.path, notes)
     try:
         layout.check_divisible(spec, config)
     except LayoutError as e:
         raise CheckpointError(ckpt.first.path, f"saved args: {e}") from None
-    if saved_manifest is not None:
-        manifest.check(saved_manifest, ckpt.iter_dir, spec, config, files)
     return ckpt, spec, config, files
+
+
+def _vocab_padding(spec: ModelSpec, config: ParallelConfig, divisor: int | None, path, notes) -> ModelSpec:
+    """The spec with the ``make_vocab_size_divisible_by`` that pads its vocabulary as saved: the
+    one given (flag or args), else inferred (and noted), checked against the padded size."""
+    if divisor is None:
+        divisor = vocab_divisor(spec.true_vocab_size, spec.padded_vocab_size, config.tp)
+        if divisor is not None and divisor != spec.make_vocab_size_divisible_by and notes is not None:
+            notes.append(f"the saved args lack make_vocab_size_divisible_by: assumed {divisor} (vocabulary "
+                         f"{spec.true_vocab_size} pads to {spec.padded_vocab_size} at TP{config.tp})")
+    spec = replace(spec, make_vocab_size_divisible_by=divisor or spec.make_vocab_size_divisible_by)
+    if divisor is None or spec.padded_vocab_for(config.tp) != spec.padded_vocab_size:
+        raise CheckpointError(path, f"padded vocabulary {spec.padded_vocab_size} does not follow from vocabulary "
+                                    f"{spec.true_vocab_size} at TP{config.tp} with "
+                                    + (f"make_vocab_size_divisible_by {divisor}" if divisor else
+                                       "any make_vocab_size_divisible_by")
+                                    + "; check --true-vocab-size and --make-vocab-size-divisible-by")
+    return spec
 
 
 def _source_files(ckpt: legacy.LegacyCheckpoint, config: ParallelConfig) -> list[SourceFile]:
@@ -183,21 +213,6 @@ def source_tensors(files: list[SourceFile], placed: Placed, handle: Callable, dt
 
 
 # ---- the sink: a target layout's rank files --------------------------------------------------
-
-def target_config(source: ParallelConfig, tp=None, pp=None, vpp=None, num_layer_list=None, dp=None) -> ParallelConfig:
-    """The target layout: given sizes, the rest kept from the source where they still apply
-    (by default DP fills the source's world size)."""
-    from ckpt_hooks.algebra.spec import even_or_none
-
-    new_pp = pp or source.pp
-    new_vpp = vpp or (source.vpp if new_pp == source.pp else 1)
-    new_tp = tp or source.tp
-    stages = even_or_none(num_layer_list) if num_layer_list else \
-        (source.layers_per_stage if new_pp == source.pp else None)
-    world = source.tp * source.pp * source.dp
-    return ParallelConfig(tp=new_tp, pp=new_pp, vpp=new_vpp, dp=dp or max(world // (new_tp * new_pp), 1),
-                          layers_per_stage=stages)
-
 
 def _target_keys(tensors: Source, spec: ModelSpec, config: ParallelConfig, pp_rank: int,
                  vp: int) -> list[tuple[str, str]]:
@@ -288,11 +303,12 @@ def write_manifest(load_dir) -> Path:
 def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp: int,
                      rank_state: Callable[[TargetFile, object], dict],
                      optimizer_state: Callable[[TargetFile, object], dict | None] | None, total: int, *,
-                     workers: int, quiet: bool, label: str, written: Callable | None = None) -> None:
+                     workers: int, quiet: bool, label: str, written: Callable | None = None) -> float:
     """Megatron's writer sequence, atomically: a staged directory, every rank's
     ``model_optim_rng.pt`` (``rank_state(file, progress)``) and ``distrib_optim.pt``
     (``optimizer_state``), then the tracker and the manifest, then the rename into place.
-    ``written(root, paths)`` is told of each rank's files (MindSpeed's md5 list)."""
+    ``written(root, paths)`` is told of each rank's files (MindSpeed's md5 list). Returns the
+    data phase's seconds."""
     with staged_directory(save_dir) as root:
         def write(target: TargetFile, progress) -> None:
             rank = target.rank
@@ -304,6 +320,7 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp
             if written is not None:
                 written(root, paths)
 
-        run(plan, write, total, workers=workers, quiet=quiet, label=label)
+        seconds = run(plan, write, total, workers=workers, quiet=quiet, label=label)
         legacy.write_tracker(root, iteration)
         write_manifest(root)
+    return seconds

@@ -7,16 +7,14 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from ckpt_hooks.algebra import layout
-from ckpt_hooks.algebra.spec import ParallelConfig, Rank, updated_args
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank, updated_args
+from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.engine.plan import TargetFile
 from ckpt_hooks.engine.run import Report
 from ckpt_hooks.engine.source import STATES
-from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron import legacy_names
-from ckpt_hooks.megatron.checkpoint import (MegatronSource, pending_file, plan_files, read_source, target_config,
-                                            write_checkpoint)
+from ckpt_hooks.megatron.checkpoint import MegatronSource, pending_file, plan_files, read_source, write_checkpoint
 from ckpt_hooks.megatron.optimizer import SourceOptimizer, target_state
 
 # Entries of model_optim_rng.pt that do not depend on the layout and are carried over.
@@ -48,36 +46,37 @@ class Planned:
         return carried
 
 
-def plan_megatron(load_dir, *, target_tp: int | None = None, target_pp: int | None = None,
-                  target_vpp: int | None = None, target_dp: int | None = None, num_layer_list=None,
-                  convert_param_only: bool = False, true_vocab_size: int | None = None) -> Planned:
-    """Read a Megatron legacy checkpoint and plan its conversion to the target layout (sizes
-    not given are kept as ``target_config`` says)."""
-    src = read_source(load_dir, true_vocab_size)
-    target = target_config(src.layout, target_tp, target_pp, target_vpp, num_layer_list, target_dp)
-    try:
-        layout.check_divisible(src.spec, target)
-    except layout.LayoutError as e:
-        raise CheckpointError(src.ckpt.first.path, f"target {target.describe()}: {e}") from None
-    weights = plan_files(src.weights, src.spec, target, where=src.ckpt.first.path)
+def plan_megatron(load_dir, target: Target = Target(), *, convert_param_only: bool = False) -> Planned:
+    """Read a Megatron legacy checkpoint and plan its conversion to ``target`` (sizes not given
+    are kept as ``Target.layout`` says)."""
+    src = read_source(load_dir, target.true_vocab_size,
+                      make_vocab_size_divisible_by=target.make_vocab_size_divisible_by)
+    layout = target.layout(src.layout, src.spec, src.notes)
+    weights = plan_files(src.weights, src.spec, layout, where=src.ckpt.first.path)
     optim = None if convert_param_only else SourceOptimizer(src)
-    optim_plans = {} if optim is None else optim.plans(src.spec, target)
-    return Planned(src, target, weights, optim, optim_plans)
+    optim_plans = {} if optim is None else optim.plans(src.spec, layout)
+    return Planned(src, layout, weights, optim, optim_plans)
 
 
-def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int | None = None,
-            target_vpp: int | None = None, target_dp: int | None = None, num_layer_list=None,
-            convert_param_only: bool = False, true_vocab_size: int | None = None, workers: int = 2,
+def resume_hint(save_dir, spec: ModelSpec, layout: ParallelConfig, optimizer: bool) -> str:
+    """How to go on training from a converted checkpoint with Megatron-LM."""
+    flags = f"--load {save_dir} --tensor-model-parallel-size {layout.tp} --pipeline-model-parallel-size {layout.pp}"
+    if layout.vpp > 1:
+        flags += f" --num-layers-per-virtual-pipeline-stage {spec.num_layers // (layout.pp * layout.vpp)}"
+    return (f"resume with Megatron-LM: {flags} --no-load-rng (RNG states are per rank)"
+            + ("" if optimizer else " --finetune --no-load-optim (weights only)"))
+
+
+def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only: bool = False, workers: int = 2,
             quiet: bool = False) -> Report:
     """Reshard a Megatron legacy checkpoint — weights, and unless ``convert_param_only`` the
-    distributed optimizer's fp32 params and Adam moments — and write it to ``save_dir`` atomically."""
-    refuse_non_empty(save_dir)
+    distributed optimizer's fp32 params and Adam moments — to ``target`` and write it to
+    ``save_dir`` atomically."""
+    refuse_non_empty(save_dir, sources=[load_dir])
     started = time.perf_counter()
-    p = plan_megatron(load_dir, target_tp=target_tp, target_pp=target_pp, target_vpp=target_vpp, target_dp=target_dp,
-                      num_layer_list=num_layer_list, convert_param_only=convert_param_only,
-                      true_vocab_size=true_vocab_size)
-    src, target, optim = p.src, p.target, p.optimizer
-    args = updated_args(src.ckpt.args, src.spec, target)
+    p = plan_megatron(load_dir, target, convert_param_only=convert_param_only)
+    src, layout, optim = p.src, p.target, p.optimizer
+    args = updated_args(src.ckpt.args, src.spec, layout)
     carried = p.carried()
     form = legacy_names.source_form(src.ckpt.first.obj)   # a legacy model is written as one
 
@@ -87,10 +86,11 @@ def convert(load_dir, save_dir, *, target_tp: int | None = None, target_pp: int 
 
     def optimizer_state(target_file: TargetFile, progress) -> dict:
         plans = {s: p.optimizer_plans[s][target_file.rank] for s in STATES}
-        return target_state(target_file, plans, optim.grad_dtypes, src.spec, target, args, progress)
+        return target_state(target_file, plans, optim.grad_dtypes, src.spec, layout, args, progress)
 
-    write_checkpoint(save_dir, src.ckpt.iteration, p.weights, target.pp, rank_state,
-                     optimizer_state if optim is not None else None, p.nbytes, workers=workers, quiet=quiet,
-                     label=f"{src.layout.describe()} -> {target.describe()}")
-    return Report(src.layout.describe(), target.describe(), len(p.weights) * (1 if optim is None else 2), p.nbytes,
-                  time.perf_counter() - started)
+    data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout.pp, rank_state,
+                                    optimizer_state if optim is not None else None, p.nbytes, workers=workers,
+                                    quiet=quiet, label=f"{src.layout.describe()} -> {layout.describe()}")
+    return Report(src.layout.describe(), layout.describe(), len(p.weights) * (1 if optim is None else 2), p.nbytes,
+                  time.perf_counter() - started, data_seconds,
+                  [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None)])

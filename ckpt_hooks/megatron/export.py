@@ -11,10 +11,11 @@ from ckpt_hooks.megatron.checkpoint import read_source
 from ckpt_hooks.formats.atomic import staged_directory
 from ckpt_hooks.megatron.optimizer import SourceOptimizer
 from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json
+from ckpt_hooks.algebra.spec import Rank
 
 
-def write_mindspeed_maps(directory: Path, maps: dict[tuple[int, int], list[BufferMap]], dp: int) -> list[Path]:
-    """Write each (tp, pp) rank's buffers as MindSpeed-Core-MS's JSON files, one per DP rank."""
+def write_mindspeed_maps(directory: Path, maps: dict[Rank, list[BufferMap]], dp: int) -> list[Path]:
+    """Write each rank's buffers as MindSpeed-Core-MS's JSON files, one per DP rank."""
     written = []
     for rank, rank_maps in sorted(maps.items()):
         for vp in sorted({m.chunk for m in rank_maps}):

@@ -1,36 +1,58 @@
-"""``ckpt-hooks inspect``: what a checkpoint is, how it is split, and what each file holds."""
+"""``ckpt-hooks inspect``: what a checkpoint is, how it is split, and what each file holds, as
+text for people (``describe``) or as one JSON-able dict for scripts (``summary``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
-from ckpt_hooks.megatron.checkpoint import read_source
+from ckpt_hooks.algebra.param_map import dtype_name
 from ckpt_hooks.formats import megatron_legacy as legacy
+from ckpt_hooks.megatron.checkpoint import MegatronSource, read_source
+
+
+def summary(load_dir, tensors: bool = False) -> dict:
+    """{format, iteration, iteration_dir, layout, model, optimizer, files: [{path, rank, tensors,
+    bytes, dtypes, chunks[, entries: {chunk: {key: [shape, dtype] or None}}]}]}"""
+    return _summary(read_source(load_dir), tensors)
+
+
+def _summary(src: MegatronSource, tensors: bool) -> dict:
+    ckpt = src.ckpt
+    files = []
+    for f in src.files:
+        metas = [m for chunk in f.chunks.values() for m in chunk.values() if m is not None]
+        entry = {"path": str(Path(f.path).relative_to(ckpt.iter_dir)), "rank": dataclasses.asdict(f.rank),
+                 "tensors": len(metas), "bytes": sum(math.prod(m.shape) * m.dtype.itemsize for m in metas),
+                 "dtypes": sorted({dtype_name(m.dtype) for m in metas}), "chunks": list(f.chunks)}
+        if tensors:
+            entry["entries"] = {chunk: {key: None if m is None else [list(m.shape), dtype_name(m.dtype)]
+                                        for key, m in keys.items()} for chunk, keys in f.chunks.items()}
+        files.append(entry)
+    return {"format": "megatron-legacy", "iteration": ckpt.iteration, "iteration_dir": str(ckpt.iter_dir),
+            "layout": dataclasses.asdict(src.layout), "model": dataclasses.asdict(src.spec),
+            "optimizer": _has_optimizer(ckpt), "files": files}
 
 
 def describe(load_dir, tensors: bool = False) -> str:
     src = read_source(load_dir)
-    ckpt, spec, source, files = src.ckpt, src.spec, src.layout, src.files
-    iteration = "release" if ckpt.iteration is None else ckpt.iteration
+    about = _summary(src, tensors)
+    iteration = "release" if about["iteration"] is None else about["iteration"]
     lines = [
-        f"format     Megatron legacy (torch), iteration {iteration}, {ckpt.iter_dir}",
-        f"layout     {source.describe()}",
-        f"model      {spec.describe()}",
-        f"optimizer  {'distrib_optim.pt present' if _has_optimizer(ckpt) else 'no distrib_optim.pt'}",
+        f"format     Megatron legacy (torch), iteration {iteration}, {about['iteration_dir']}",
+        f"layout     {src.layout.describe()}",
+        f"model      {src.spec.describe()}",
+        f"optimizer  {'distrib_optim.pt present' if about['optimizer'] else 'no distrib_optim.pt'}",
         "files:",
     ]
-    for f in files:
-        metas = [m for chunk in f.chunks.values() for m in chunk.values() if m is not None]
-        nbytes = sum(math.prod(m.shape) * m.dtype.itemsize for m in metas)
-        dtypes = sorted({str(m.dtype).replace("torch.", "") for m in metas})
-        lines.append(f"  {legacy.rank_dir_name(f.rank.tp, f.rank.pp, source.pp)}  tp {f.rank.tp} pp {f.rank.pp}  "
-                     f"{len(metas)} tensors, {nbytes / 1e6:.2f} MB, {'/'.join(dtypes)}, chunks {list(f.chunks)}")
-        if tensors:
-            for chunk, entries in f.chunks.items():
-                for key, meta in entries.items():
-                    shape = "—" if meta is None else f"{list(meta.shape)} {str(meta.dtype).replace('torch.', '')}"
-                    lines.append(f"      {chunk}.{key}  {shape}")
+    for f in about["files"]:
+        rank = f["rank"]
+        lines.append(f"  {Path(f['path']).parent}  tp {rank['tp']} pp {rank['pp']}  {f['tensors']} tensors, "
+                     f"{f['bytes'] / 1e6:.2f} MB, {'/'.join(f['dtypes'])}, chunks {f['chunks']}")
+        for chunk, entries in f.get("entries", {}).items():
+            for key, meta in entries.items():
+                lines.append(f"      {chunk}.{key}  {'—' if meta is None else f'{meta[0]} {meta[1]}'}")
     return "\n".join(lines)
 
 

@@ -1,57 +1,47 @@
 """Fill a running MindSpore network, and its optimizer's state, from a checkpoint saved at another
 layout: MindSpore's ``auto_trans_ckpt`` without writing a transformed copy.
 
-A checkpoint is one file, a directory of files, or a directory of ``rank_N/`` directories (as
-``ModelCheckpoint(directory=f".../rank_{rank}")`` leaves them); in a directory the last file by
-the epoch and step in its name is taken, the same name in every rank directory.
-Each file's manifest (``callback.CheckpointManifest``) says which box of every global tensor it
-holds; a file without one is taken to be complete, the files of ``rank_N/`` to be
-data-parallel replicas. This rank works out the box of every parameter it needs at its running
-layout, reads only those bytes from the files (the replica ``rank % replicas``, to spread the
-reads) and assigns them with ``Parameter.set_data``. Everything is checked before the first
-parameter changes.
+    source  one file, a directory of files, or a directory of ``rank_N/`` directories (as
+            ``ModelCheckpoint(directory=f".../rank_{rank}")`` leaves them) -> {name: Tensor}:
+            each file's manifest (``callback.CheckpointManifest``) says which box of every global
+            tensor it holds; a file without one is complete, the files of ``rank_N/`` replicas
+    target  each parameter of the running network -> the box of it this rank holds: all of it
+            (stand-alone, data-parallel), or what the running strategy gives it (semi-/auto-parallel)
+
+In a directory the last file by the epoch and step in its name is taken, the same name in every
+rank directory. Each parameter's box is planned (``engine.plan``) from the replica ``rank %
+replicas`` of each piece (to spread the reads), read from the files, only those bytes, and
+built (``engine.execute``), then assigned with ``Parameter.set_data``. Everything is checked
+before the first parameter changes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from ckpt_hooks.algebra.layout import Box, LayoutError, Placement
+from ckpt_hooks.algebra.mindspore_layout import Strategy, whole
+from ckpt_hooks.engine.execute import build_tensor
+from ckpt_hooks.engine.plan import TargetTensor, plan_tensor
+from ckpt_hooks.engine.source import WEIGHT, Source, Tensor
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.mindspore_ckpt import BF16, MappedFile
-from ckpt_hooks.algebra.layout import Box
+from ckpt_hooks.formats.mindspore_strategy import read_strategy
 from ckpt_hooks.mindspore import manifest
-from ckpt_hooks.mindspore.files import latest_checkpoint, open_checkpoint, rank_dirs
+from ckpt_hooks.mindspore.files import MappedTensor, latest_checkpoint, open_checkpoint, rank_dirs
 
 _WHOLE_TENSOR_MODES = ("stand_alone", "data_parallel")
 
 
 @dataclass(frozen=True)
-class Source:
+class SavedFile:
     """One file of the checkpoint and its manifest (None: saved without one)."""
 
     file: MappedFile
     manifest: dict | None
-
-
-@dataclass(frozen=True)
-class Piece:
-    """A box of a global tensor held by one source file."""
-
-    source: Source
-    box: Box
-
-
-@dataclass
-class SavedTensor:
-    """A global tensor of the checkpoint and the pieces of it the files hold."""
-
-    shape: tuple[int, ...]
-    dtype: str
-    role: str | None  # "model" or "optimizer" as the manifest says; None without one
-    pieces: list[Piece] = field(default_factory=list)
 
 
 @dataclass
@@ -68,38 +58,48 @@ class Loaded:
     skipped: list[str]       # checkpoint tensors the network and optimizer do not have
 
 
-def load(network, ckpt_path_or_dir, *, optimizer=None, rank: int | None = None) -> Loaded:
+def load(network, ckpt_path_or_dir, *, optimizer=None, rank: int | None = None, strategy=None) -> Loaded:
     """Fill ``network``'s parameters (and ``optimizer``'s: moments, step counters, learning rate)
-    from the checkpoint at ``ckpt_path_or_dir``, whatever layout it was saved at. ``rank``
-    overrides this process's rank, which chooses the replica read. Bad input raises a one-line
-    CheckpointError naming the file, before any parameter is modified."""
+    from the checkpoint at ``ckpt_path_or_dir``, whatever layout it was saved at. ``strategy``:
+    the running layout of a semi-/auto-parallel network (a Strategy, or the strategy file or
+    directory its ``strategy_ckpt_save_file`` wrote), which gives each parameter this rank's box;
+    its parameters may hold the whole tensor yet (not compiled) or their slice. A parameter on
+    another pipeline stage is left as it is. ``rank`` overrides this process's rank, which
+    chooses the box and the replica read. Bad input raises a one-line CheckpointError naming the
+    file, before any parameter is modified."""
     target = manifest.running_layout()
     if rank is not None:
         target["rank"] = rank
-    if target["parallel_mode"] not in _WHOLE_TENSOR_MODES:
-        raise NotImplementedError(f"loading into a {target['parallel_mode']} network: per-rank boxes from its "
-                                  "strategy are not implemented yet (stand_alone and data_parallel are)")
-    sources = _sources(Path(ckpt_path_or_dir))
-    saved = _saved_tensors(sources)
+    if strategy is None and target["parallel_mode"] not in _WHOLE_TENSOR_MODES:
+        raise NotImplementedError(f"loading into a {target['parallel_mode']} network needs its strategy "
+                                  "(strategy=the file strategy_ckpt_save_file names)")
+    if strategy is not None and not isinstance(strategy, Strategy):
+        strategy = read_strategy(strategy)
+    if strategy is not None and not 0 <= target["rank"] < strategy.world:
+        raise CheckpointError(strategy.path, f"rank {target['rank']} is not among its {strategy.world} ranks")
+    files = _files(Path(ckpt_path_or_dir))
+    saved = _saved_tensors(files)
     params = {p.name: p for cell in (network, optimizer) if cell is not None for p in cell.get_parameters()}
-    skipped = _check_same_network(params, saved, sources[0].file.path)
-    boxes = {name: _target_box(param) for name, param in params.items()}
-    plans = {name: _copies(name, box, saved[name].pieces, target["rank"]) for name, box in boxes.items()}
+    boxes = _running_boxes(params, saved, strategy, target["rank"])
+    skipped = _check_same_network(params, saved, boxes, files[0].file.path)
+    plans = {name: _plan(name, saved[name], box, target["rank"]) for name, box in boxes.items() if box is not None}
 
     bytes_read = 0
-    for name, param in params.items():
-        array, nbytes = _assemble(name, plans[name], boxes[name])
-        param.set_data(_tensor(array))
-        bytes_read += nbytes
-    described = sources[0].manifest or {}
+    for name, plan in plans.items():
+        param = params[name]
+        # a slice stays marked as one: MindSpore's compile would cut it again
+        param.set_data(_tensor(build_tensor(plan, exact=True)),
+                       param.sliced or plan.placement.box.lengths != saved[name].shape)
+        bytes_read += sum(copy.piece.handle.nbytes_read(copy.source_slices) for copy in plan.copies)
+    described = files[0].manifest or {}
     layout = described.get("layout", {})
-    source_layout = {"world_size": layout.get("world_size", len(sources)), "parallel_mode": layout.get("parallel_mode")}
-    resharded = [name for name, copies in plans.items() if any(box != piece.box for piece, box in copies)]
+    source_layout = {"world_size": layout.get("world_size", len(files)), "parallel_mode": layout.get("parallel_mode")}
+    resharded = [name for name, plan in plans.items() if any(c.box != c.piece.box for c in plan.copies)]
     return Loaded(described.get("step"), described.get("epoch"), source_layout, target, resharded, bytes_read,
-                  len(params), skipped)
+                  len(plans), skipped)
 
 
-def _sources(path: Path) -> list[Source]:
+def _files(path: Path) -> list[SavedFile]:
     """The files of the checkpoint at ``path``, in rank order, with their manifests checked."""
     if path.is_file():
         return [_open(path)]
@@ -115,112 +115,113 @@ def _sources(path: Path) -> list[Source]:
         world, why = first.manifest["layout"]["world_size"], f"the manifest of {first.file.path} says world size"
     else:
         world, why = max(ranks) + 1, f"{path} has ranks up to {max(ranks)}, a world size"
-    sources = [first]
+    files = [first]
     for rank in range(1, world):
         if rank not in ranks:
             raise CheckpointError(path / f"rank_{rank}", f"missing, but {why} {world}")
-        sources.append(_open(ranks[rank] / Path(first.file.path).name))
-    for rank, source in enumerate(sources):
-        _check_place(source, rank, world, first)
-    return sources
+        files.append(_open(ranks[rank] / Path(first.file.path).name))
+    for rank, saved in enumerate(files):
+        _check_place(saved, rank, world, first)
+    return files
 
 
-def _open(path: Path) -> Source:
+def _open(path: Path) -> SavedFile:
     if not path.is_file():
         raise CheckpointError(path, "missing (a partially written checkpoint?)")
-    source = Source(open_checkpoint(path), manifest.read(path))
-    if source.manifest is not None:
-        manifest.check(source.manifest, source.file)
-    return source
-
-
-def _check_place(source: Source, rank: int, world: int, first: Source) -> None:
-    """A rank directory's file is that rank's, of the same job and step as rank 0's."""
-    if (source.manifest is None) != (first.manifest is None):
-        raise CheckpointError(source.file.path, f"{'no' if source.manifest is None else 'a'} manifest beside it, "
-                                                f"unlike {first.file.path}")
-    if source.manifest is None:
-        return
-    layout, step = source.manifest["layout"], source.manifest.get("step")
-    if (layout["rank"], layout["world_size"], step) != (rank, world, first.manifest.get("step")):
-        raise CheckpointError(source.file.path, f"its manifest says rank {layout['rank']} of {layout['world_size']} "
-                                                f"at step {step}, but it is in rank_{rank} of a world of {world} at "
-                                                f"step {first.manifest.get('step')}")
-
-
-def _saved_tensors(sources: list[Source]) -> dict[str, SavedTensor]:
-    """Every global tensor of the checkpoint with the pieces the files hold of it."""
-    saved: dict[str, SavedTensor] = {}
-    for source in sources:
-        path = source.file.path
-        for name, stored in source.file.tensors.items():
-            entry = source.manifest["tensors"][name] if source.manifest else {}
-            if source.manifest and entry["offsets"] is None:
-                raise CheckpointError(path, f"{name} is this rank's slice of a parallel layout (parallel_layout in "
-                                            "its manifest): not supported yet")
-            shape = tuple(entry.get("global_shape", stored.shape))
-            dtype = manifest.dtype_name(stored.dtype, path, name)
-            tensor = saved.setdefault(name, SavedTensor(shape, dtype, entry.get("role")))
-            if (tensor.shape, tensor.dtype) != (shape, dtype):
-                raise CheckpointError(path, f"{name} is part of a {dtype}{list(shape)} tensor, but in the first file of "
-                                            f"a {tensor.dtype}{list(tensor.shape)} one (files of different checkpoints?)")
-            tensor.pieces.append(Piece(source, Box(tuple(entry.get("offsets", (0,) * len(shape))), stored.shape)))
+    saved = SavedFile(open_checkpoint(path), manifest.read(path))
+    if saved.manifest is not None:
+        manifest.check(saved.manifest, saved.file)
     return saved
 
 
-def _check_same_network(params: dict, saved: dict[str, SavedTensor], where) -> list[str]:
+def _check_place(saved: SavedFile, rank: int, world: int, first: SavedFile) -> None:
+    """A rank directory's file is that rank's, of the same job and step as rank 0's."""
+    if (saved.manifest is None) != (first.manifest is None):
+        raise CheckpointError(saved.file.path, f"{'no' if saved.manifest is None else 'a'} manifest beside it, "
+                                               f"unlike {first.file.path}")
+    if saved.manifest is None:
+        return
+    layout, step = saved.manifest["layout"], saved.manifest.get("step")
+    if (layout["rank"], layout["world_size"], step) != (rank, world, first.manifest.get("step")):
+        raise CheckpointError(saved.file.path, f"its manifest says rank {layout['rank']} of {layout['world_size']} "
+                                               f"at step {step}, but it is in rank_{rank} of a world of {world} at "
+                                               f"step {first.manifest.get('step')}")
+
+
+def _saved_tensors(files: list[SavedFile]) -> Source:
+    """Every global tensor of the checkpoint with the pieces the files hold of it, in rank order."""
+    saved: Source = {}
+    for f in files:
+        path = f.file.path
+        for name, stored in f.file.tensors.items():
+            entry = f.manifest["tensors"][name] if f.manifest else {}
+            if f.manifest and entry["offsets"] is None:
+                raise CheckpointError(path, f"{name} is this rank's slice of a parallel layout (parallel_layout in "
+                                            "its manifest): not supported yet")
+            shape = tuple(entry.get("global_shape", stored.shape))
+            role = WEIGHT if entry.get("role") == "model" else entry.get("role")  # None without a manifest
+            tensor = saved.setdefault(name, Tensor(shape, stored.dtype, role))
+            if (tensor.shape, tensor.dtype) != (shape, stored.dtype):
+                raise CheckpointError(path, f"{name} is part of a {_describe(stored.dtype, shape, path, name)} tensor, "
+                                            f"but in the first file of a "
+                                            f"{_describe(tensor.dtype, tensor.shape, path, name)} one (files of "
+                                            "different checkpoints?)")
+            tensor.add(Box(tuple(entry.get("offsets", (0,) * len(shape))), stored.shape), MappedTensor(f.file, name))
+    return saved
+
+
+def _describe(dtype, shape, path, name: str) -> str:
+    return f"{manifest.dtype_name(dtype, path, name)}{list(shape)}"
+
+
+def _running_boxes(params: dict, saved: Source, strategy: Strategy | None, rank: int) -> dict[str, Box | None]:
+    """The box of each parameter's global tensor this rank holds: all of it without a strategy;
+    None where its pipeline stage holds none."""
+    boxes = {}
+    for name in (name for name in params if name in saved):
+        shape = saved[name].shape
+        try:
+            boxes[name] = strategy.box_of(name, shape, rank) if strategy else whole(shape)
+        except LayoutError as e:
+            raise CheckpointError(strategy.path, f"{name}: {e}") from None
+    return boxes
+
+
+def _check_same_network(params: dict, saved: Source, boxes: dict[str, Box | None], where) -> list[str]:
     """The names of the checkpoint's tensors to skip (optimizer state without an optimizer, or
-    any extra tensor of a checkpoint without manifest); a mismatch is an error."""
+    any extra tensor of a checkpoint without manifest); a mismatch is an error. A parameter holds
+    the global tensor, or its box of it (a sliced semi-/auto-parallel one)."""
     extra = [name for name in saved if name not in params]
     problems = [f"{name} is not in the checkpoint" for name in params if name not in saved]
-    problems += [f"{name} is not in the network" for name in extra if saved[name].role == "model"]
-    for name, param in params.items():
-        tensor = saved.get(name)
-        if tensor is not None and (tensor.shape, tensor.dtype) != (tuple(param.shape), str(param.dtype)):
-            problems.append(f"{name} is {tensor.dtype}{list(tensor.shape)} (running {param.dtype}{list(param.shape)})")
+    problems += [f"{name} is not in the network" for name in extra if saved[name].role == WEIGHT]
+    for name, box in boxes.items():
+        tensor, param = saved[name], params[name]
+        shapes = (tensor.shape,) if box is None else (tensor.shape, box.lengths)
+        if manifest.dtype_name(tensor.dtype, where, name) != str(param.dtype) or tuple(param.shape) not in shapes:
+            problems.append(f"{name} is {_describe(tensor.dtype, tensor.shape, where, name)} "
+                            f"(running {param.dtype}{list(param.shape)})")
     if problems:
         raise CheckpointError(where, "a checkpoint of a different network: " + manifest.listing(problems))
     return extra
 
 
-def _target_box(param) -> Box:
-    """The box of ``param``'s global tensor this rank holds: all of it in the stand-alone and
-    data-parallel runs supported so far (a semi/auto-parallel strategy would give a slice)."""
-    return Box((0,) * len(param.shape), tuple(param.shape))
-
-
-def _copies(name: str, target: Box, pieces: list[Piece], rank: int) -> list[tuple[Piece, Box]]:
-    """(piece, overlap) pairs that fill ``target``: one replica of each distinct box."""
-    replicas: dict[Box, list[Piece]] = {}
-    for piece in pieces:
-        replicas.setdefault(piece.box, []).append(piece)
-    copies = [(same[rank % len(same)], overlap) for box, same in replicas.items()
-              if (overlap := box.intersect(target)) is not None]
+def _plan(name: str, tensor: Tensor, box: Box, rank: int) -> TargetTensor:
+    """The copies that fill ``box`` of ``tensor``: one replica of each distinct box, the ``rank``-th."""
+    plan = plan_tensor(tensor, name, Placement(tensor.shape, box, box.lengths), reader=rank)
     # A layout's distinct boxes do not overlap, so they fill the target when their sizes add up.
-    if sum(overlap.numel for _, overlap in copies) != target.numel:
-        boxes = ", ".join(f"{list(box.offsets)}+{list(box.lengths)}" for box in replicas)
-        raise CheckpointError(pieces[0].source.file.path, f"{name}: the files' pieces ({boxes}) do not make up "
-                                                          "the tensor")
-    return copies
-
-
-def _assemble(name: str, copies: list[tuple[Piece, Box]], target: Box) -> tuple[np.ndarray, int]:
-    """The target box of tensor ``name`` and the bytes read for it: for each copy, the rows of
-    the piece it needs (a view of the file where they lie in one record), then the box in them."""
-    out = np.empty(target.lengths, copies[0][0].source.file.tensors[name].dtype)
-    nbytes = 0
-    for piece, overlap in copies:
-        within = overlap.slices_within(piece.box)
-        rows = piece.source.file.read(name, within[0] if within else None)
-        out[overlap.slices_within(target)] = rows[(slice(None),) + within[1:]] if within else rows
-        nbytes += rows.nbytes
-    return out, nbytes
+    if not plan.complete:
+        boxes = ", ".join(f"{list(b.offsets)}+{list(b.lengths)}" for b in tensor.replicas)
+        path = next(iter(tensor.replicas.values()))[0].file.path
+        raise CheckpointError(path, f"{name}: the files' pieces ({boxes}) do not make up the tensor")
+    return plan
 
 
 def _tensor(array: np.ndarray):
-    """A MindSpore Tensor owning ``array`` (bfloat16 made from its bits, exactly)."""
+    """A MindSpore Tensor owning ``array``'s values (bfloat16 made from its bits, exactly); never
+    a view of a file: the network writes its parameters."""
     import mindspore as ms
 
+    array = np.require(array, requirements=["C", "O"])
     if array.dtype == BF16:
         return ms.Tensor((array.view(np.uint16).astype(np.uint32) << 16).view(np.float32), ms.bfloat16)
     return ms.Tensor.from_numpy(array)

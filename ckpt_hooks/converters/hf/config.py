@@ -163,3 +163,11 @@ def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) 
     if family == "qwen2":
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.num_layers)
     return config
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    """The torch dtype of a ``Target.params_dtype`` name (None: keep the source's)."""
+    return DTYPES.get(name)

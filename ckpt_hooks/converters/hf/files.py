@@ -4,81 +4,57 @@
     <dir>/model-00001-of-00003.safetensors ...       shards, with
     <dir>/model.safetensors.index.json               {"metadata": {"total_size"}, "weight_map": {name: file}}
 
-A safetensors file is an 8-byte little-endian header length, a JSON header (name -> dtype,
-shape, data_offsets), then the raw bytes. The header is parsed here so that a tensor's bytes
-can be read with ``pread`` only for the rows asked for, and written one tensor at a time.
+Files are read through formats.safetensors (mapped: a tensor's rows are read only when asked
+for, straight into their torch output) and written here one tensor at a time, in the layout
+the safetensors library writes.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.safetensors_header import read_header
+from ckpt_hooks.formats.safetensors import ArrayPiece, SafetensorsFile
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool}
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U64": torch.uint64,
+          "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool}
 CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 
 @dataclass(frozen=True)
 class StoredTensor:
-    file: "SafetensorsFile"
+    """A tensor of a safetensors file, unread."""
+
+    file: SafetensorsFile
     name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int        # of the first byte, in the file
 
-    def read(self, start: int, numel: int) -> torch.Tensor:
-        """Flat elements [start, start + numel) of the tensor, reading just their bytes."""
-        out = torch.empty(numel, dtype=self.dtype)
-        self.file.pread_into(out, self.offset + start * self.dtype.itemsize)
-        return out
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.file.tensors[self.name].shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.file.codes[self.name]]
+
+    def piece(self, rows: slice, shape: tuple[int, ...]) -> ArrayPiece:
+        """The engine's handle on rows ``rows`` (any step) of the tensor, seen in ``shape``."""
+        return ArrayPiece(self.file.read(self.name)[rows].reshape(shape), self.dtype)
 
 
-class SafetensorsFile:
-    def __init__(self, path):
-        self.path = str(path)
-        self._fd, self._lock = None, threading.Lock()
-        try:
-            size = os.path.getsize(self.path)
-            with open(self.path, "rb") as f:
-                def read(start: int, count: int) -> bytes:
-                    f.seek(start)
-                    return f.read(count)
-                entries, _ = read_header(self.path, read, size, {code: dtype.itemsize for code, dtype in DTYPES.items()})
-        except FileNotFoundError:
-            raise CheckpointError(self.path, "file not found") from None
-        self.tensors = {name: StoredTensor(self, name, DTYPES[e.dtype], e.shape, e.offset) for name, e in entries.items()}
-
-    def pread_into(self, out: torch.Tensor, position: int) -> None:
-        view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
-        if self._fd is None:
-            with self._lock:
-                if self._fd is None:
-                    self._fd = os.open(self.path, os.O_RDONLY)
-        done = 0
-        while done < len(view):
-            n = os.preadv(self._fd, [view[done:]], position + done)
-            if n <= 0:
-                raise CheckpointError(self.path, "unexpected end of file (truncated)")
-            done += n
-
-    def __del__(self):
-        if self._fd is not None:
-            os.close(self._fd)
+def open_file(path) -> dict[str, StoredTensor]:
+    """Every tensor of one safetensors file, unread."""
+    file = SafetensorsFile(path)
+    return {name: StoredTensor(file, name) for name in file.tensors}
 
 
 def open_directory(directory) -> dict[str, StoredTensor]:
@@ -91,15 +67,15 @@ def open_directory(directory) -> dict[str, StoredTensor]:
             files = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(index, f"unreadable index ({type(e).__name__}: {e})") from None
-        opened = {name: SafetensorsFile(root / name) for name in files}
+        opened = {name: open_file(root / name) for name in files}
         tensors = {}
         for name, file in weight_map.items():
-            if name not in opened[file].tensors:
-                raise CheckpointError(opened[file].path, f"holds no '{name}', but {INDEX} says it does")
-            tensors[name] = opened[file].tensors[name]
+            if name not in opened[file]:
+                raise CheckpointError(root / file, f"holds no '{name}', but {INDEX} says it does")
+            tensors[name] = opened[file][name]
         return tensors
     if (root / SINGLE).is_file():
-        return SafetensorsFile(root / SINGLE).tensors
+        return open_file(root / SINGLE)
     raise CheckpointError(root, f"no {SINGLE} or {INDEX} (only safetensors checkpoints are read)")
 
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 
 from ckpt_hooks.algebra import layout, names
-from ckpt_hooks.algebra.spec import ModelSpec
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank
 
 # The part of linear_fc1 that is gate and up interleaved row by row: g0, u0, g1, u1, ...
 GATE_UP_INTERLEAVED = "gate/up interleaved"
@@ -81,18 +81,20 @@ class Entry:
     rows: tuple[tuple[int, int], ...]       # [start, stop) rows of it, in this tensor's order
     interleaved: bool = False               # the ranges' rows alternate, one of each in turn
 
-    def runs(self) -> list[tuple[int, int, int]]:
-        """(first Megatron row, first row of this tensor, rows) of each run of rows the two share."""
-        if self.interleaved:
+    def runs(self) -> list[tuple[int, slice, int]]:
+        """(first Megatron row, the rows of this tensor that hold them, rows) of each range."""
+        if self.interleaved:  # range i is every n-th row from row i
             n = len(self.rows)
-            return [(start + j, j * n + i, 1) for i, (start, stop) in enumerate(self.rows) for j in range(stop - start)]
+            return [(start, slice(i, None, n), stop - start) for i, (start, stop) in enumerate(self.rows)]
         firsts = [0, *itertools.accumulate(stop - start for start, stop in self.rows)]
-        return [(start, first, stop - start) for (start, stop), first in zip(self.rows, firsts)]
+        return [(start, slice(first, first + stop - start), stop - start)
+                for (start, stop), first in zip(self.rows, firsts)]
 
 
-def megatron_shape(key: str, spec: ModelSpec) -> tuple[int, ...]:
-    """The shape of a Megatron tensor in a TP1·PP1 model with the vocabulary unpadded."""
-    return layout.placement(names.classify(key).rule, spec, 1, 0, spec.true_vocab_size).stored_shape
+def tp1(key: str, spec: ModelSpec) -> layout.Placement:
+    """A Megatron tensor in a TP1·PP1 model with the vocabulary unpadded: its logical shape, and
+    its stored shape (whose rows the entries count)."""
+    return layout.placement(names.classify(key).rule, spec, ParallelConfig(), Rank(), spec.true_vocab_size)
 
 
 def part_rows(part: str | None, spec: ModelSpec, key: str) -> tuple[tuple[int, int], ...]:
@@ -109,7 +111,7 @@ def part_rows(part: str | None, spec: ModelSpec, key: str) -> tuple[tuple[int, i
         start, length = {"q": (0, per_group * kv), "k": (per_group * kv, kv), "v": ((per_group + 1) * kv, kv)}[part]
         return tuple((g * spec.rows_per_query_group + start, g * spec.rows_per_query_group + start + length)
                      for g in range(spec.num_query_groups))
-    return ((0, megatron_shape(key, spec)[0]),)
+    return ((0, tp1(key, spec).stored_shape[0]),)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """A Megatron legacy checkpoint at any TP/PP/VPP -> a Hugging Face safetensors directory.
 
-The planner maps the sharded source onto one TP1·PP1 model; each HF tensor is then a few row
-ranges of one of its tensors (plan.restrict), built from just the source rows they need, and
-written into its shard as soon as it is built: one HF tensor in memory per worker.
-``read_megatron``, ``external_tensors`` and ``write_hf`` serve the MindFormers conversions too.
+The planner maps the Megatron Source onto one TP1·PP1 model (``tp1_model``); each HF tensor is
+then a few row ranges of one of its tensors (plan.restrict), built from just the source rows
+they need, and written into its shard as soon as it is built: one HF tensor in memory per
+worker. ``read_megatron``, ``tp1_model``, ``external_tensors`` and ``write_hf`` serve the
+MindFormers conversions too.
 """
 
 from __future__ import annotations
@@ -15,15 +16,16 @@ from dataclasses import dataclass
 import torch
 
 from ckpt_hooks.algebra import names as megatron_names
-from ckpt_hooks.megatron.conversion import read_source
-from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.engine.execute import build_tensor
-from ckpt_hooks.formats import megatron_legacy as legacy
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig
+from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.converters.hf import config as hf_config, files, names
+from ckpt_hooks.engine.execute import build_tensor
+from ckpt_hooks.engine.plan import TargetTensor, restrict
 from ckpt_hooks.engine.run import Report, run
+from ckpt_hooks.engine.source import Source
+from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
-from ckpt_hooks.engine.plan import TargetTensor, plan_conversion, restrict
-from ckpt_hooks.algebra.spec import ParallelConfig
+from ckpt_hooks.megatron.checkpoint import plan_files, read_source
 
 
 def _rows(tensor: TargetTensor, start: int, stop: int) -> TargetTensor:
@@ -37,10 +39,9 @@ def _rows(tensor: TargetTensor, start: int, stop: int) -> TargetTensor:
 
 @dataclass(frozen=True)
 class ShardedRows:
-    """A tensor of a TP1·PP1 model that a sharded checkpoint holds: rows built on demand."""
+    """A tensor of a TP1·PP1 model planned from a Source: rows built on demand."""
 
     tensor: TargetTensor
-    lookup: object
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -51,7 +52,13 @@ class ShardedRows:
         return self.tensor.dtype
 
     def rows(self, start: int, stop: int) -> torch.Tensor:
-        return build_tensor(self.lookup, _rows(self.tensor, start, stop)).reshape(-1, *self.shape[1:])
+        return build_tensor(_rows(self.tensor, start, stop)).reshape(-1, *self.shape[1:])
+
+
+def tp1_model(weights: Source, spec: ModelSpec, where) -> dict[str, ShardedRows]:
+    """A Source as one TP1·PP1 Megatron model (key -> ShardedRows); ``where`` names it in errors."""
+    (tp1,) = plan_files(weights, spec, ParallelConfig(), where=where)
+    return {t.key: ShardedRows(t) for t in tp1.tensors if t.placement is not None}
 
 
 @dataclass
@@ -62,17 +69,19 @@ class MegatronModel:
     spec: object
     source: ParallelConfig
     tensors: dict[str, ShardedRows]
+    notes: list[str]
 
 
-def read_megatron(load_dir, true_vocab_size: int | None = None) -> MegatronModel:
-    """Plan a checkpoint's TP1·PP1 form; nothing is read but its args and file headers."""
-    ckpt, spec, source, source_files = read_source(load_dir, true_vocab_size)
-    if spec.true_vocab_size is None:
-        raise CheckpointError(ckpt.first.path, "the saved args do not give the true vocabulary size; "
-                                               "pass --true-vocab-size")
-    plan = plan_conversion(spec, source, source_files, ParallelConfig(), legacy.chunk_keys(source.vpp), ["model"])
-    tensors = {t.key: ShardedRows(t, ckpt.lookup) for t in plan[0].tensors if t.placement is not None}
-    return MegatronModel(ckpt, spec, source, tensors)
+def read_megatron(load_dir, target: Target = Target()) -> MegatronModel:
+    """Plan a checkpoint's TP1·PP1 form; nothing is read but its args and file headers.
+    ``target``'s vocabulary sizes stand in for what the saved args lack."""
+    src = read_source(load_dir, target.true_vocab_size, make_vocab_size_divisible_by=target.make_vocab_size_divisible_by)
+    if src.spec.true_vocab_size is None:
+        raise CheckpointError(src.ckpt.first.path, "the saved args do not give the true vocabulary size (the rows "
+                                                   f"past it are padding); pass --true-vocab-size (at most "
+                                                   f"{src.spec.padded_vocab_size})")
+    return MegatronModel(src.ckpt, src.spec, src.layout, tp1_model(src.weights, src.spec, src.ckpt.first.path),
+                         src.notes)
 
 
 def external_tensors(entries: list[names.Entry], model: dict, params_dtype: torch.dtype | None, what: str,
@@ -98,18 +107,18 @@ def external_tensors(entries: list[names.Entry], model: dict, params_dtype: torc
     return [planned(e) for e in entries]
 
 
-def megatron_to_hf(load_dir, save_dir, *, model_type: str | None = None, params_dtype: torch.dtype | None = None,
-                   max_shard_size: str | int = "5GB", true_vocab_size: int | None = None, workers: int = 2,
-                   quiet: bool = False) -> Report:
+def megatron_to_hf(load_dir, save_dir, target: Target = Target(), *, model_type: str | None = None,
+                   max_shard_size: str | int = "5GB", workers: int = 2, quiet: bool = False) -> Report:
     """Write the Megatron checkpoint in ``load_dir`` as a Hugging Face ``model_type`` model
     (default: Qwen2 with q/k/v biases, Mistral with an attention window, else Llama) in
     ``save_dir``, atomically: safetensors shards of at most ``max_shard_size`` (with
-    ``model.safetensors.index.json`` when more than one) and ``config.json``. The padded
-    vocabulary rows are dropped."""
-    refuse_non_empty(save_dir)
+    ``model.safetensors.index.json`` when more than one) and ``config.json``, in ``target``'s
+    ``params_dtype`` (default: the checkpoint's). The padded vocabulary rows are dropped."""
+    refuse_non_empty(save_dir, sources=[load_dir])
     started = time.perf_counter()
     max_bytes = max_shard_bytes(max_shard_size, save_dir)
-    model = read_megatron(load_dir, true_vocab_size)
+    params_dtype = hf_config.torch_dtype(target.params_dtype)
+    model = read_megatron(load_dir, target)
     args_path = model.ckpt.first.path
     family = model_type or hf_config.family_of(model.ckpt.args, model.spec)
     if family not in names.LAYERS:
@@ -121,7 +130,8 @@ def megatron_to_hf(load_dir, save_dir, *, model_type: str | None = None, params_
     planned = external_tensors(entries, model.tensors, params_dtype, f"Hugging Face {family}", args_path)
     label = f"{model.source.describe()} -> HF {family}"
     count, total = write_hf(save_dir, planned, config, max_bytes, workers=workers, quiet=quiet, label=label)
-    return Report(model.source.describe(), f"HF {family}", count, total, time.perf_counter() - started)
+    return Report(model.source.describe(), f"HF {family}", count, total, time.perf_counter() - started,
+                  notes=model.notes)
 
 
 def max_shard_bytes(max_shard_size: str | int, save_dir) -> int:

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from ckpt_hooks.algebra import layout, names
-from ckpt_hooks.megatron.conversion import read_source
-from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.algebra.layout import Box, Placement
 from ckpt_hooks.algebra.spec import ModelSpec
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats import megatron_legacy as legacy
+from ckpt_hooks.megatron.checkpoint import read_files
 
 # --lora-target-modules name -> the module in a megatron-core layer
 MODULES = {"linear_qkv": "self_attention.linear_qkv", "linear_proj": "self_attention.linear_proj",
@@ -121,16 +121,16 @@ def read_adapter(lora_dir, spec: ModelSpec | None = None, r: int | None = None, 
     checked against the model ``spec`` (default: the one its args describe): names, rank, shapes,
     and every target module of every layer present. ``r``, ``alpha`` and ``targets`` default to
     the LoRA run's saved args."""
-    ckpt, own_spec, config, files = read_source(lora_dir)
+    ckpt, own_spec, config, files = read_files(lora_dir)
     spec = spec or own_spec
     r, alpha, targets = _settings(ckpt, r, alpha, targets)
     context = f"the base model ({spec.describe()}) at the LoRA checkpoint's {config.describe()}"
     gathered: dict[tuple[str, str], torch.Tensor] = {}
     held: dict[tuple[str, str], set[Box]] = {}
     for f in files:
-        torch_file = ckpt.files[(f.tp_rank, f.pp_rank)]
+        torch_file = ckpt.files[(f.rank.tp, f.rank.pp)]
         for vp, chunk in enumerate(legacy.chunk_keys(config.vpp)):
-            layers = layout.chunk_layers(spec, config, f.pp_rank, vp)
+            layers = layout.chunk_layers(spec, config, f.rank.pp, vp)
             for key, meta in f.chunks[chunk].items():
                 where = f"{chunk}: '{key}'"
                 adapted = _adapted(key, layers, targets, torch_file.path, where)
@@ -139,7 +139,7 @@ def read_adapter(lora_dir, spec: ModelSpec | None = None, r: int | None = None, 
                 if meta is None:
                     raise CheckpointError(torch_file.path, f"{where} is not a tensor")
                 rule = names.classify(adapted[0]).rule
-                shape, box = _lora_box(layout.placement(rule, spec, config.tp, f.tp_rank, spec.padded_vocab_size),
+                shape, box = _lora_box(layout.placement(rule, spec, config, f.rank, spec.padded_vocab_size),
                                        adapted[1], r)
                 _check_shape(tuple(meta.shape), box, adapted[1], r, torch_file.path, where, context)
                 if box in held.setdefault(adapted, set()):

@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.mindspore_ckpt import BF16
-from ckpt_hooks.mindspore.files import READERS
-from ckpt_hooks.mindspore.strategy import read_strategy
-from ckpt_hooks.mindspore.transform import (DEFAULT_PREFIX, TargetTensor, build, check_format, open_source, plan, write_target)
+from ckpt_hooks.engine.execute import build_tensor
+from ckpt_hooks.engine.plan import TargetTensor
 from ckpt_hooks.engine.run import Report, run
+from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
+from ckpt_hooks.formats.mindspore_ckpt import BF16
+from ckpt_hooks.formats.mindspore_strategy import read_strategy
+from ckpt_hooks.mindspore.files import READERS
+from ckpt_hooks.mindspore.transform import DEFAULT_PREFIX, MindSporeSource, check_format, plan_files, read_source, \
+    write_target
 
 # (lora_a suffix, lora_b suffix) of MindFormers' adapters: its parallel_core LoRA layers,
 # mindpet's LoRADense (tk_delta before it), its pynative layers. The adapted weight is the name
@@ -52,8 +55,9 @@ def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.view(torch.int16).numpy().view(BF16) if tensor.dtype == torch.bfloat16 else tensor.numpy()
 
 
-def _adapters(files, whole: dict[str, TargetTensor], lora_r: int | None) -> dict[str, tuple[torch.Tensor, ...]]:
+def _adapters(source: MindSporeSource, lora_r: int | None) -> dict[str, tuple[torch.Tensor, ...]]:
     """Adapted weight -> (lora_a, lora_b) in fp32, each assembled from its shards, checked."""
+    whole = {t.key: t for t in plan_files(source, None)[0].tensors}
     pairs: dict[str, dict[str, str]] = {}
     for name in whole:
         found = _adapter_part(name)
@@ -62,13 +66,13 @@ def _adapters(files, whole: dict[str, TargetTensor], lora_r: int | None) -> dict
     out = {}
     for weight, parts in pairs.items():
         first = next(iter(parts.values()))
-        path = files[whole[first].pieces[0].rank].path
+        path = whole[first].copies[0].piece.handle.file.path
         if len(parts) < 2:
             raise CheckpointError(path, f"{first!r} has no lora_{'b' if 'a' in parts else 'a'} beside it")
         if weight not in whole:
             raise CheckpointError(path, f"{first!r} adapts {weight!r}, which the checkpoint does not hold")
-        a, b = (_torch(build(files, whole[parts[p]])).float() for p in "ab")
-        shape = whole[weight].box.lengths
+        a, b = (_torch(build_tensor(whole[parts[p]])).float() for p in "ab")
+        shape = whole[weight].placement.box.lengths
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise CheckpointError(path, f"{parts['a']!r} {list(a.shape)} and {parts['b']!r} {list(b.shape)} are not "
                                         "lora_a [r, in] and lora_b [out, r]")
@@ -97,21 +101,21 @@ def merge_lora_mindspore(load_dir, save_dir, src_strategy=None, dst_strategy=Non
                                             "(MindFormers scales by lora_alpha / lora_rank)")
         lora_scaling = lora_alpha / lora_r
     src, dst = (read_strategy(s) if s else None for s in (src_strategy, dst_strategy))
-    files = open_source(load_dir, src.world if src else 1)
-    output_format = output_format or Path(files[0].path).suffix[1:]
+    source = read_source(load_dir, src)
+    output_format = output_format or Path(source.files[0].path).suffix[1:]
     if f".{output_format}" not in READERS:
         raise CheckpointError(save_dir, f"output format {output_format!r} is neither ckpt nor safetensors")
-    adapters = _adapters(files, {t.name: t for t in plan(files, src, None)[0].tensors}, lora_r)
-    targets = [replace(t, tensors=tuple(x for x in t.tensors if not _adapter_part(x.name)))
-               for t in plan(files, src, dst)]
-    check_format(targets, output_format, load_dir)
+    adapters = _adapters(source, lora_r)
+    targets = [replace(t, tensors=[x for x in t.tensors if not _adapter_part(x.key)]) for t in plan_files(source, dst)]
+    check_format(source, output_format, load_dir)
 
-    def merged(sources, tensor: TargetTensor) -> np.ndarray:
-        array = build(sources, tensor)
-        if tensor.name not in adapters:
+    def merged(tensor: TargetTensor) -> np.ndarray:
+        array = build_tensor(tensor)
+        if tensor.key not in adapters:
             return array
-        a, b = adapters[tensor.name]
-        rows, cols = (slice(o, o + n) for o, n in zip(tensor.box.offsets, tensor.box.lengths))
+        a, b = adapters[tensor.key]
+        box = tensor.placement.box
+        rows, cols = (slice(o, o + n) for o, n in zip(box.offsets, box.lengths))
         base = _torch(array)
         return _numpy((base.float() + (b[rows] @ a[:, cols]) * lora_scaling).to(base.dtype))
 
@@ -120,8 +124,10 @@ def merge_lora_mindspore(load_dir, save_dir, src_strategy=None, dst_strategy=Non
         def write(target, progress) -> None:
             directory = root / f"rank_{target.rank}"
             directory.mkdir()
-            write_target(files, target, directory / f"{prefix}{target.rank}.{output_format}", progress, merged)
+            write_target(target, source.strings, directory / f"{prefix}{target.rank}.{output_format}", progress,
+                         merged)
 
         run(targets, write, total, workers=workers, quiet=quiet,
-            label=f"merge LoRA, {len(files)} -> {len(targets)} ranks")
-    return Report(f"{len(files)} ranks", f"{len(targets)} ranks", len(targets), total, time.perf_counter() - started)
+            label=f"merge LoRA, {len(source.files)} -> {len(targets)} ranks")
+    return Report(f"{len(source.files)} ranks", f"{len(targets)} ranks", len(targets), total,
+                  time.perf_counter() - started)

@@ -14,7 +14,7 @@ from pathlib import Path
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.mindspore_ckpt import DTYPES
 from ckpt_hooks.converters.hf import files
-from ckpt_hooks.converters.hf.files import PlannedTensor, SafetensorsFile, StoredTensor
+from ckpt_hooks.converters.hf.files import PlannedTensor, StoredTensor
 from ckpt_hooks.engine.run import run
 from ckpt_hooks.formats.atomic import staged_directory
 
@@ -27,7 +27,7 @@ def open_checkpoint(path) -> dict[str, StoredTensor]:
     """Every tensor of a MindFormers safetensors file or directory, unread."""
     root = Path(path)
     if root.is_file():
-        return SafetensorsFile(root).tensors
+        return files.open_file(root)
     if not root.is_dir():
         raise CheckpointError(root, "no such file or directory")
     if (root / NAME_MAP).is_file():
@@ -43,7 +43,7 @@ def open_checkpoint(path) -> dict[str, StoredTensor]:
         raise CheckpointError(root, f"no {SUFFIX} files in it")
     tensors = {}
     for p in paths:
-        for name, tensor in SafetensorsFile(p).tensors.items():
+        for name, tensor in files.open_file(p).items():
             if name in tensors:
                 raise CheckpointError(p, f"'{name}' is also in {tensors[name].file.path}")
             tensors[name] = tensor

@@ -23,14 +23,15 @@ import numpy as np
 import torch
 
 from ckpt_hooks.algebra import names
+from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_json
+from ckpt_hooks.algebra.spec import Rank
+from ckpt_hooks.engine.run import Report
+from ckpt_hooks.engine.source import TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import torch_pickle
 from ckpt_hooks.formats.mindspore_ckpt import raw_bytes
 from ckpt_hooks.formats.torch_pickle import TorchFile, iter_lazy_tensors
 from ckpt_hooks.mindspore.files import open_checkpoint
-from ckpt_hooks.engine.run import Report
-from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_json
-from ckpt_hooks.engine.plan import TensorMeta
 
 META_DIR = "pt_meta"
 FILE_PREFIX = "model_optim_rng"
@@ -55,15 +56,15 @@ def check_num_layers(num_layers: int | None, spec, path, noop=()) -> None:
                                     + (f" and {len(noop)} no-op layers" if noop else ""))
 
 
-def rank_dir(iter_dir: Path, tp_rank: int, pp_rank: int) -> Path:
+def rank_dir(iter_dir: Path, rank: Rank) -> Path:
     """A rank's directory; MindSpeed-Core-MS's trainer leaves out the stage when PP is 1."""
-    path = iter_dir / f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
-    short = iter_dir / f"mp_rank_{tp_rank:02d}"
+    path = iter_dir / f"mp_rank_{rank.tp:02d}_{rank.pp:03d}"
+    short = iter_dir / f"mp_rank_{rank.tp:02d}"
     return short if not path.exists() and short.exists() else path
 
 
-def meta_path(meta_dir: Path, tp_rank: int, pp_rank: int) -> Path:
-    return meta_dir / f"args_tp{tp_rank:02}_pp{pp_rank:03}.pt"
+def meta_path(meta_dir: Path, rank: Rank) -> Path:
+    return meta_dir / f"args_tp{rank.tp:02}_pp{rank.pp:03}.pt"
 
 
 def ms_layer(layer: int, noop=()) -> int:
@@ -81,7 +82,7 @@ def ms_name(key: str, layers: range, noop=()) -> str:
     return names.layer_key(ms_layer(layers[name.local_layer], noop), name.suffix)
 
 
-def write_meta(meta_dir: Path, tp_rank: int, pp_rank: int, entries: dict, chunks: dict, grad_dtypes: dict) -> None:
+def write_meta(meta_dir: Path, rank: Rank, entries: dict, chunks: dict, grad_dtypes: dict) -> None:
     """The rank's pt_meta file: MindSpeed-Core-MS's entries (and its ``param_name_list``), plus
     what writing Megatron files back needs: every chunk key with its shape and dtype, in order
     (non-tensor entries such as ``_extra_state`` included), and the grad buffers' dtypes."""
@@ -90,12 +91,12 @@ def write_meta(meta_dir: Path, tp_rank: int, pp_rank: int, entries: dict, chunks
                  for chunk, keys in chunks.items()}
     torch_pickle.save({**entries, "param_name_list": param_names,
                        "ckpt_hooks": {"chunks": described, "grad_dtypes": grad_dtypes}},
-                      meta_path(meta_dir, tp_rank, pp_rank))
+                      meta_path(meta_dir, rank))
 
 
-def read_meta(meta_dir: Path, tp_rank: int, pp_rank: int) -> tuple[TorchFile, dict, dict]:
+def read_meta(meta_dir: Path, rank: Rank) -> tuple[TorchFile, dict, dict]:
     """(the pt_meta file, its chunks as {chunk: {key: TensorMeta or None}}, grad dtypes)."""
-    path = meta_path(meta_dir, tp_rank, pp_rank)
+    path = meta_path(meta_dir, rank)
     if not path.is_file():
         raise CheckpointError(path, "missing: the Megatron metadata megatron-to-mindspore writes (pass "
                                     "--param-map-path if it lies elsewhere)")
@@ -108,7 +109,7 @@ def read_meta(meta_dir: Path, tp_rank: int, pp_rank: int) -> tuple[TorchFile, di
     return meta, chunks, ours.get("grad_dtypes", {})
 
 
-def check_param_maps(directory, maps: dict[tuple[int, int], list[BufferMap]]) -> None:
+def check_param_maps(directory, maps: dict[Rank, list[BufferMap]]) -> None:
     """MindSpeed-Core-MS's param_map files (DP rank 0's) must place every parameter where the
     maps in use (recorded or rebuilt, and checked against distrib_optim.pt) do."""
     found = [(p, _MAP_FILE.fullmatch(p.name)) for p in sorted(Path(directory).glob("param_map_buffer*.json"))]
@@ -118,7 +119,7 @@ def check_param_maps(directory, maps: dict[tuple[int, int], list[BufferMap]]) ->
         if not match:
             continue
         buffer, tp_rank, pp_rank, vp = map(int, match.groups())
-        ours = [m for m in maps.get((tp_rank, pp_rank), []) if m.chunk == vp]
+        ours = [m for m in maps.get(Rank(tp_rank, pp_rank), []) if m.chunk == vp]
         expected = {k: v[1:] for k, v in mindspeed_json(ours[buffer]).items()} if buffer < len(ours) else None
         try:
             theirs = {k.removeprefix("module."): list(v)[1:] for k, v in json.loads(path.read_text()).items()}

@@ -13,17 +13,19 @@ import shutil
 import time
 
 from ckpt_hooks.algebra import layout
-from ckpt_hooks.megatron.conversion import Planned, plan_megatron
-from ckpt_hooks.engine.execute import build_tensor
-from ckpt_hooks.megatron.export import write_mindspeed_maps
-from ckpt_hooks.formats import megatron_legacy as legacy
-from ckpt_hooks.converters.mindspeed import files
-from ckpt_hooks.mindspore.dp_zero import write_checkpoint
-from ckpt_hooks.engine.optimizer import STATES, rebuild_maps
-from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
-from ckpt_hooks.engine.run import run
-from ckpt_hooks.engine.plan import TargetFile, TensorMeta
 from ckpt_hooks.algebra.spec import updated_args
+from ckpt_hooks.algebra.target import Target
+from ckpt_hooks.converters.mindspeed import files
+from ckpt_hooks.engine.execute import build_tensor
+from ckpt_hooks.engine.plan import TargetFile
+from ckpt_hooks.engine.run import run
+from ckpt_hooks.engine.source import STATES, TensorMeta
+from ckpt_hooks.formats import megatron_legacy as legacy
+from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
+from ckpt_hooks.megatron.conversion import Planned, plan_megatron
+from ckpt_hooks.megatron.export import write_mindspeed_maps
+from ckpt_hooks.megatron.optimizer import rebuild_maps
+from ckpt_hooks.mindspore.dp_zero import write_checkpoint
 
 
 def chunk_metas(target_file: TargetFile) -> dict[str, dict[str, TensorMeta | None]]:
@@ -37,44 +39,41 @@ def chunk_metas(target_file: TargetFile) -> dict[str, dict[str, TensorMeta | Non
 
 def _tensors(p: Planned, target_file: TargetFile, progress):
     """(MindSpore name, fp32 array) of a target rank, one tensor built at a time."""
-    rank = target_file.tp_rank, target_file.pp_rank
     chunk_index = {chunk: vp for vp, chunk in enumerate(legacy.chunk_keys(p.target.vpp))}
     # With the optimizer, the states' plans (the weights' own order) replace the weights'.
-    per_state = [(s, p.optimizer_plans[s][rank].tensors) for s in STATES] if p.optimizer else \
+    per_state = [(s, p.optimizer_plans[s][target_file.rank].tensors) for s in STATES] if p.optimizer else \
         [("param", target_file.tensors)]
-    lookups = {s: p.optimizer.lookup(s) if p.optimizer else p.ckpt.lookup for s, _ in per_state}
     for row in zip(*(tensors for _, tensors in per_state)):
         if row[0].placement is None:
             continue
-        layers = layout.chunk_layers(p.spec, p.target, target_file.pp_rank, chunk_index[row[0].chunk])
+        layers = layout.chunk_layers(p.src.spec, p.target, target_file.rank.pp, chunk_index[row[0].chunk])
         name = files.ms_name(row[0].key, layers)
         for (state, _), tensor in zip(per_state, row):
-            yield files.STATE_PREFIXES[state] + name, build_tensor(lookups[state], tensor).float().numpy()
+            yield files.STATE_PREFIXES[state] + name, build_tensor(tensor).float().numpy()
             progress.update(tensor.nbytes)
 
 
-def megatron_to_mindspore(load_dir, ms_path, *, tp: int | None = None, pp: int | None = None,
-                          vpp: int | None = None, dp: int | None = None, cp: int = 1, stage_list=None,
+def megatron_to_mindspore(load_dir, ms_path, target: Target = Target(), *, cp: int = 1,
                           num_layers: int | None = None, convert_param_only: bool = False,
                           file_format: str = "ckpt", file_prefix: str = files.FILE_PREFIX,
                           generate_all_dp_cp: bool = False, param_map_path=None, workers: int = 2,
                           quiet: bool = False) -> files.MindSpeedReport:
     """Write the Megatron checkpoint ``load_dir`` as a MindSpeed-Core-MS checkpoint in ``ms_path``
-    (atomically) at TP ``tp``·PP ``pp``·VPP ``vpp`` (default: the source's), with ``pt_meta``.
+    (atomically) at ``target``'s layout (default: the source's), with ``pt_meta``.
     ``generate_all_dp_cp`` also writes a copy per DP x CP rank (``{prefix}_{rank:03d}``, the
     name MindSpeed-Core-MS's trainer gives each data-parallel rank's file); ``param_map_path``
     names MindSpeed-Core-MS param_map files to check the param_map against."""
     refuse_non_empty(ms_path)
     started = time.perf_counter()
-    p = plan_megatron(load_dir, target_tp=tp, target_pp=pp, target_vpp=vpp, target_dp=dp,
-                      num_layer_list=stage_list, convert_param_only=convert_param_only)
-    files.check_num_layers(num_layers, p.spec, p.ckpt.first.path)
+    p = plan_megatron(load_dir, target, convert_param_only=convert_param_only)
+    src, target = p.src, p.target
+    ckpt, source = src.ckpt, src.layout
+    files.check_num_layers(num_layers, src.spec, ckpt.first.path)
     if param_map_path is not None and p.optimizer is not None:
         files.check_param_maps(param_map_path, p.optimizer.maps)
-    ckpt, target = p.ckpt, p.target
     iteration = ckpt.iteration or 0
-    same_layout = (p.source.tp, p.source.pp, p.source.vpp) == (target.tp, target.pp, target.vpp)
-    first = {**ckpt.first.obj, "args": updated_args(ckpt.args, p.spec, target)}
+    same_layout = (source.tp, source.pp, source.vpp) == (target.tp, target.pp, target.vpp)
+    first = {**ckpt.first.obj, "args": updated_args(ckpt.args, src.spec, target)}
     entries = {k: first.get(k) for k in files.META_ENTRIES}
     scalars = files.training_scalars(iteration, entries["optimizer"], entries["opt_param_scheduler"])
     grad_dtypes = p.optimizer.grad_dtypes if p.optimizer else {}
@@ -86,8 +85,8 @@ def megatron_to_mindspore(load_dir, ms_path, *, tp: int | None = None, pp: int |
         meta_dir.mkdir()
 
         def write(target_file: TargetFile, progress) -> None:
-            rank = target_file.tp_rank, target_file.pp_rank
-            directory = files.rank_dir(iter_dir, *rank)
+            rank = target_file.rank
+            directory = files.rank_dir(iter_dir, rank)
             directory.mkdir(parents=True)
             paths = [directory / f"{file_prefix}.{file_format}"] + \
                 [directory / f"{file_prefix}_{i:03d}.{file_format}" for i in range(dp_cp if generate_all_dp_cp else 0)]
@@ -97,17 +96,20 @@ def megatron_to_mindspore(load_dir, ms_path, *, tp: int | None = None, pp: int |
             digest = files.tensor_md5(paths[0])
             md5.update((str(path.relative_to(root)), digest) for path in paths)
             # The RNG state belongs to a rank: kept only where the ranks stay the same.
-            rng = ckpt.files[rank].materialize(ckpt.files[rank].obj.get("rng_state")) if same_layout else None
+            rng = None
+            if same_layout:
+                rank_file = ckpt.files[(rank.tp, rank.pp)]
+                rng = rank_file.materialize(rank_file.obj.get("rng_state"))
             chunks = chunk_metas(target_file)
-            files.write_meta(meta_dir, *rank, {**entries, "rng_state": rng}, chunks, grad_dtypes)
+            files.write_meta(meta_dir, rank, {**entries, "rng_state": rng}, chunks, grad_dtypes)
             if p.optimizer is not None:
-                maps = rebuild_maps(p.spec, target, entries["args"], target_file.pp_rank, chunks, grad_dtypes)
+                maps = rebuild_maps(src.spec, target, entries["args"], rank.pp, chunks, grad_dtypes)
                 write_mindspeed_maps(meta_dir, {rank: maps}, dp_cp)
 
         total = sum(f.nbytes for plans in p.optimizer_plans.values() for f in plans.values()) if p.optimizer \
             else p.nbytes
-        run(p.weights, write, total, workers=workers, quiet=quiet,
-            label=f"{p.source.describe()} -> MindSpore {target.describe()}")
+        data_seconds = run(p.weights, write, total, workers=workers, quiet=quiet,
+                           label=f"{source.describe()} -> MindSpore {target.describe()}")
         legacy.write_tracker(root, ckpt.iteration)
-    return files.MindSpeedReport(p.source.describe(), target.describe(), len(md5), total, time.perf_counter() - started,
-                           dict(sorted(md5.items())))
+    return files.MindSpeedReport(source.describe(), target.describe(), len(md5), total, time.perf_counter() - started,
+                                 data_seconds, md5=dict(sorted(md5.items())))

@@ -1,0 +1,83 @@
+"""What a conversion writes, as one value: the target's layout, vocabulary padding, dtype and layer spec.
+
+    Target(tp, pp, vpp, dp, num_layer_list,                          the layout; None: as the source
+           make_vocab_size_divisible_by, padded_vocab_size, true_vocab_size,       vocabulary rows
+           params_dtype, layer_spec)                                                 what is written
+
+Sizes left None keep the source's where they still apply (``layout``); every size is checked
+against the model and against what Megatron-LM runs before anything is read, and a problem
+names the flag that set it (``FLAGS``: the CLI's spellings, built by ``cli.target``). Pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ckpt_hooks.algebra import layout
+from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, even_or_none
+from ckpt_hooks.errors import CheckpointError
+
+FLAGS = {"tp": "--target-tensor-parallel-size", "pp": "--target-pipeline-parallel-size",
+         "vpp": "--target-virtual-pipeline-parallel-size", "dp": "--target-data-parallel-size",
+         "num_layer_list": "--num-layer-list", "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
+         "padded_vocab_size": "--padded-vocab-size", "true_vocab_size": "--true-vocab-size"}
+
+
+@dataclass(frozen=True)
+class Target:
+    tp: int | None = None
+    pp: int | None = None
+    vpp: int | None = None
+    dp: int | None = None
+    num_layer_list: tuple[int, ...] | None = None
+    make_vocab_size_divisible_by: int | None = None
+    padded_vocab_size: int | None = None
+    true_vocab_size: int | None = None
+    params_dtype: str | None = None    # "bf16", "fp16", "fp32"; None keeps the source's
+    layer_spec: str | None = None      # "transformer_engine" or "local"; None: the converter's default
+
+    def __post_init__(self):
+        for name in ("tp", "pp", "vpp", "dp", "make_vocab_size_divisible_by", "padded_vocab_size",
+                     "true_vocab_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise self.error(name, "must be a positive number")
+        if self.num_layer_list is not None and min(self.num_layer_list, default=0) < 1:
+            raise self.error("num_layer_list", "every stage needs at least one layer")
+
+    def error(self, name: str, message: str) -> CheckpointError:
+        """A problem with the value of one field, named by its flag."""
+        value = getattr(self, name)
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+        return CheckpointError(f"{FLAGS.get(name, name)} {shown}", message)
+
+    def layout(self, source: ParallelConfig, spec: ModelSpec, notes: list | None = None) -> ParallelConfig:
+        """The target layout: the sizes given, the rest kept from ``source`` where they still apply
+        (VPP and uneven stages only with the same PP; DP by default fills the source's world, as
+        ``notes`` says), checked against ``spec`` and Megatron-LM's own rules."""
+        pp = self.pp or (len(self.num_layer_list) if self.num_layer_list else source.pp)
+        vpp = self.vpp or (source.vpp if pp == source.pp else 1)
+        tp = self.tp or source.tp
+        stages = even_or_none(self.num_layer_list) if self.num_layer_list else \
+            (source.layers_per_stage if pp == source.pp else None)
+        dp = self.dp or max(source.world // (tp * pp), 1)
+        if self.dp is None and notes is not None and dp != source.dp:
+            notes.append(f"data parallel size {dp} fills the source's {source.world} ranks "
+                         f"(pass {FLAGS['dp']} to choose another)")
+        target = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, layers_per_stage=stages)
+        if vpp > 1 and pp == 1:
+            raise self.error("vpp", "virtual pipeline stages need a pipeline parallel size above 1 "
+                                    "(Megatron-LM refuses the layout)")
+        if self.num_layer_list is not None and len(self.num_layer_list) != pp:
+            raise self.error("num_layer_list", f"lists {len(self.num_layer_list)} stages, the pipeline has {pp}")
+        try:
+            layout.check_tensor_parallel(spec, tp)
+        except layout.LayoutError as e:
+            raise self.error("tp", str(e)) from None
+        try:
+            layout.check_layers(spec, target)
+        except layout.LayoutError as e:
+            raise self.error("num_layer_list" if self.num_layer_list else ("vpp" if self.vpp else "pp"),
+                             str(e)) from None
+        return target
+

@@ -1,0 +1,72 @@
+"""The target flags every converting command shares, and the ``Target`` they build.
+
+    --target-tensor-parallel-size (--tp-size)      --target-pipeline-parallel-size (--pp-size)
+    --target-virtual-pipeline-parallel-size (--vpp-size)   --target-data-parallel-size (--dp-size)
+    --num-layer-list 1,3                                     uneven pipeline stages
+    [vocabulary]  --make-vocab-size-divisible-by | --padded-vocab-size, --true-vocab-size
+
+The short spellings are MindSpeed-Core-MS's. Sizes must be positive (argparse says so, naming
+the flag); their fit to the model is checked by ``Target.layout``."""
+
+from __future__ import annotations
+
+import argparse
+
+from ckpt_hooks.algebra.spec import parse_layer_list
+
+
+def positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return value
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    try:
+        stages = parse_layer_list(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer counts, got {text!r}") from None
+    if min(stages) < 1:
+        raise argparse.ArgumentTypeError(f"every stage needs at least one layer, got {text!r}")
+    return stages
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser, default: str = "the source's") -> None:
+    """The target layout's sizes (``default`` says what an unset size means)."""
+    group = parser.add_argument_group("target layout")
+    group.add_argument("--target-tensor-parallel-size", "--tp-size", dest="tp", type=positive,
+                       help=f"default: {default}")
+    group.add_argument("--target-pipeline-parallel-size", "--pp-size", dest="pp", type=positive,
+                       help=f"default: {default}")
+    group.add_argument("--target-virtual-pipeline-parallel-size", "--vpp-size", dest="vpp", type=positive,
+                       help="virtual pipeline chunks per stage (default: the source's if PP is unchanged, else 1)")
+    group.add_argument("--target-data-parallel-size", "--dp-size", dest="dp", type=positive,
+                       help="shapes the optimizer's buckets when there are several (default: fill the source's world)")
+    group.add_argument("--num-layer-list", type=layer_list, help="layers per pipeline stage for uneven splits, e.g. 1,3")
+
+
+def add_vocab_arguments(parser: argparse.ArgumentParser, padding: bool = True) -> None:
+    """The vocabulary: its real rows, and (``padding``) how the target pads it."""
+    group = parser.add_argument_group("vocabulary")
+    group.add_argument("--true-vocab-size", type=positive,
+                       help="real vocabulary rows, when the saved args do not tell (rows past it are padding)")
+    if padding:
+        pad = group.add_mutually_exclusive_group()
+        pad.add_argument("--make-vocab-size-divisible-by", type=positive,
+                         help="pad the vocabulary to a multiple of this x TP, Megatron-LM's rule "
+                              "(default: the source's, inferred from its padded size if its args lack it)")
+        pad.add_argument("--padded-vocab-size", type=positive, help="pad the vocabulary to exactly this many rows")
+
+
+def target_from(args, **more):
+    """The Target the parsed flags give (those a command does not have stay unset)."""
+    from ckpt_hooks.algebra.target import Target
+
+    given = {name: getattr(args, name, None) for name in
+             ("tp", "pp", "vpp", "dp", "num_layer_list", "make_vocab_size_divisible_by", "padded_vocab_size",
+              "true_vocab_size")}
+    return Target(**given, **more)

@@ -1,0 +1,94 @@
+"""Safetensors files, read: the header checked once, the data mapped, any rows of a tensor a
+zero-copy NumPy view of the map.
+
+    file    = N (8 bytes, little-endian) | header (N bytes of JSON) | data
+    header  = {name: {"dtype": code, "shape": [d, ...], "data_offsets": [start, stop]}, ...,
+               "__metadata__": {key: value}}   (optional)
+    tensor  = data[start:stop], row-major, little-endian; no two tensors' bytes overlap
+
+One reader for both sides: MindSpore's (NumPy arrays, bfloat16 as mindspore_ckpt.BF16) and
+Hugging Face's (``ArrayPiece`` fills torch outputs straight from the map). The header is parsed
+here rather than by ``safetensors.safe_open`` because the library tells no byte offsets, copies
+every slice it returns (``get_slice``) and has no NumPy bfloat16: it could give neither views
+nor a one-copy read. The checks are the library's (sizes, bounds, overlaps), raised as
+CheckpointError naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.mindspore_ckpt import DTYPES as _MS_DTYPES, MappedFile, StoredTensor
+
+DTYPES = {code: np.dtype(dtype) for _, dtype, code in _MS_DTYPES}   # code -> NumPy dtype (BF16: 2-byte struct)
+_HEADER = 8
+
+
+class SafetensorsFile(MappedFile):
+    """A safetensors file mapped: ``tensors`` in name order (as the library and MindSpore list
+    them), ``codes`` their dtype codes, ``metadata`` the header's; ``read(name, rows)`` a view."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.codes: dict[str, str] = {}
+        buf, size = self._map, len(self._map)
+        try:
+            (length,) = struct.unpack("<Q", bytes(buf[:_HEADER]))
+            if _HEADER + length > size:
+                raise ValueError(f"header of {length} bytes runs past the end of the file")
+            header = json.loads(bytes(buf[_HEADER:_HEADER + length]))
+            self.metadata = header.pop("__metadata__", None) or {}
+            for name in sorted(header):
+                self._add(name, header[name], _HEADER + length, size)
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(self.path, f"not a safetensors file, or corrupt or truncated "
+                                             f"({type(e).__name__}: {e})") from None
+        spans = sorted((t.pieces[0], name) for name, t in self.tensors.items())
+        for ((start, _), name), ((before, n), other) in zip(spans[1:], spans):
+            if start < before + n:
+                raise CheckpointError(self.path, f"{name}: its data overlaps that of {other}")
+
+    def _add(self, name: str, fields: dict, base: int, size: int) -> None:
+        code = fields["dtype"]
+        if code not in DTYPES:
+            raise CheckpointError(self.path, f"{name}: unsupported dtype {code}")
+        shape = tuple(int(d) for d in fields["shape"])
+        if any(d < 0 for d in shape):
+            raise CheckpointError(self.path, f"{name}: negative dimension in shape {list(shape)}")
+        start, stop = (int(o) for o in fields["data_offsets"])
+        if stop - start != math.prod(shape) * DTYPES[code].itemsize or start < 0:
+            raise CheckpointError(self.path, f"{name}: data_offsets {[start, stop]} do not fit shape {list(shape)}")
+        if base + stop > size:
+            raise CheckpointError(self.path, f"{name}: data runs past the end of the file (truncated)")
+        self.tensors[name] = StoredTensor(DTYPES[code], shape, ((base + start, stop - start),))
+        self.codes[name] = code
+
+
+@dataclass(frozen=True)
+class ArrayPiece:
+    """A stored piece as a NumPy view of the map, in its box's shape: the engine's handle
+    (``engine.source``). ``dtype``: the values' dtype as torch outputs take it."""
+
+    array: np.ndarray
+    dtype: object
+
+    def read_into(self, slices: tuple[slice, ...], out, exact: bool = False) -> None:
+        """The elements ``slices`` into ``out`` (NumPy, or torch: cast to its dtype). ``exact``
+        is moot: the map reads only the pages those elements lie on."""
+        source = self.array[slices]
+        if isinstance(out, np.ndarray):
+            np.copyto(out, source)
+            return
+        import torch
+        buffer = out if out.dtype == self.dtype else torch.empty(out.shape, dtype=self.dtype)
+        # Copied as same-sized integers: NumPy has no bfloat16, and the bits are all that matter.
+        bits = getattr(torch, f"int{8 * source.dtype.itemsize}")
+        np.copyto(buffer.view(bits).numpy(), source.view(f"<i{source.dtype.itemsize}"))
+        if buffer is not out:
+            out.copy_(buffer)
