@@ -6,7 +6,11 @@ process (the command users run). Reports throughput, the ratio to `cp -r` of the
 the same run (both warm: source in the page cache), and each process's peak RSS
 against the largest target file, also net of the interpreter's own (Python + torch).
 
-    python bench/bench_reshard.py [--workdir DIR] [--layers 16] [--hidden 1024]
+    python bench/bench_reshard.py [--workdir DIR] [--layers 16] [--hidden 1024] [--baseline TREE]
+
+``--baseline TREE`` also times another checkout of this project (e.g. the commit before a
+change, from ``git worktree`` or ``git archive``) on the same source, interleaved run by run:
+before/after in one run.
 """
 
 from __future__ import annotations
@@ -75,12 +79,12 @@ def largest_file(path: Path) -> int:
     return max(p.stat().st_size for p in path.rglob("*.pt"))
 
 
-def child(command: list[str]) -> tuple[float, int, str]:
+def child(command: list[str], env: dict | None = None) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes) and stdout of one child process, started after a sync so
     that every run begins with no dirty pages of an earlier one."""
     subprocess.run(["sync"], check=True)
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     out = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
+    parser.add_argument("--baseline", metavar="TREE", help="another checkout of ckpt_hooks to time on the same source")
     parser.add_argument("--make-source", metavar="DIR", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.make_source:  # in a child, so that this process stays small (fork copies its RSS)
@@ -124,24 +129,29 @@ def main() -> None:
         baseline = child([sys.executable, "-c", "import ckpt_hooks.megatron.conversion"])[1]
         print(f"source: TP2·PP2, {size / 1e9:.2f} GB in {len(list(source.rglob('*.pt')))} files; "
               f"median of {options.repeat} runs, warm page cache, sync before each")
+        trees = {"this tree": None}
+        if options.baseline:
+            trees[f"baseline {options.baseline}"] = {**os.environ, "PYTHONPATH": str(Path(options.baseline).resolve())}
         for tp, pp in ((4, 1), (1, 1)):
-            copies, runs = [], []
+            copies, runs = [], {name: [] for name in trees}
             for _ in range(options.repeat):
                 copies.append(child(["cp", "-r", str(source), str(work / "copy")])[0])
                 shutil.rmtree(work / "copy")
-                out = work / f"tp{tp}pp{pp}"
-                wall, rss, printed = child(convert_command(source, out, tp, pp, options.workers))
-                runs.append((reported_seconds(printed), wall, rss, largest_file(out)))
-                shutil.rmtree(out)
+                for name, env in trees.items():
+                    out = work / f"tp{tp}pp{pp}"
+                    wall, rss, printed = child(convert_command(source, out, tp, pp, options.workers), env)
+                    runs[name].append((reported_seconds(printed), wall, rss, largest_file(out)))
+                    shutil.rmtree(out)
             copy = median(copies)
-            work_s = median([r[0] for r in runs])
-            wall = median([r[1] for r in runs])
-            rss, biggest = max(r[2] for r in runs), runs[0][3]
-            print(f"-> TP{tp}·PP{pp}: convert {work_s:5.2f} s = {size / work_s / 1e6:5.0f} MB/s = "
-                  f"{copy / work_s:4.2f}x cp -r ({copy:4.2f} s); whole process {wall:5.2f} s = {copy / wall:4.2f}x cp; "
-                  f"peak RSS {rss / 1e6:5.0f} MB = {rss / biggest:4.2f}x largest target file ({biggest / 1e6:.0f} MB); "
-                  f"{(rss - baseline) / 1e6:5.0f} MB above the interpreter with torch ({baseline / 1e6:.0f} MB) = "
-                  f"{(rss - baseline) / biggest:4.2f}x")
+            for name, measured in runs.items():
+                work_s = median([r[0] for r in measured])
+                wall = median([r[1] for r in measured])
+                rss, biggest = max(r[2] for r in measured), measured[0][3]
+                print(f"-> TP{tp}·PP{pp} ({name}): convert {work_s:5.2f} s = {size / work_s / 1e6:5.0f} MB/s = "
+                      f"{copy / work_s:4.2f}x cp -r ({copy:4.2f} s); whole process {wall:5.2f} s = "
+                      f"{copy / wall:4.2f}x cp; peak RSS {rss / 1e6:5.0f} MB = {rss / biggest:4.2f}x largest target "
+                      f"file ({biggest / 1e6:.0f} MB); {(rss - baseline) / 1e6:5.0f} MB above the interpreter with "
+                      f"torch ({baseline / 1e6:.0f} MB) = {(rss - baseline) / biggest:4.2f}x")
     finally:
         if not options.workdir:
             shutil.rmtree(work, ignore_errors=True)

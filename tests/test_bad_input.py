@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.megatron.checkpoint import read_source, write_manifest
 from tests.util import assert_refused, cli, tree_digest
 
 
@@ -120,12 +122,42 @@ def test_manifest_that_disagrees_with_the_files(sources, tmp_path):
     manifest_path = converted / "iter_0000003" / "ckpt_hooks_manifest.json"
     manifest = json.loads(manifest_path.read_text())
     assert cli("inspect", converted).returncode == 0
-    entry = manifest["files"]["mp_rank_00_001/model_optim_rng.pt"]["tensors"]["model"]
-    entry["decoder.layers.0.mlp.linear_fc2.weight"]["shape"] = [64, 64]
+    tensors = manifest["files"]["mp_rank_00_001/model_optim_rng.pt"]["tensors"]
+    tensors["model.decoder.layers.0.mlp.linear_fc2.weight"]["shape"] = [64, 64]
     manifest_path.write_text(json.dumps(manifest))
     assert_refused(converted, tmp_path / "out", "--target-tensor-parallel-size", "2",
                    names=rank_file(converted, "mp_rank_00_001"),
                    says="the manifest disagrees with the files: model.decoder.layers.0.mlp.linear_fc2.weight")
+
+
+def _as_version_1(described: dict) -> dict:
+    """A manifest as releases before manifest_version 2 wrote it: each file's tensors nested chunk -> key."""
+    files = {}
+    for relative, listed in described["files"].items():
+        files[relative] = {"bytes": listed["bytes"]}
+        for key, t in listed.get("tensors", {}).items():
+            chunk, name = key.split(".", 1)
+            files[relative].setdefault("tensors", {}).setdefault(chunk, {})[name] = t and {
+                "shape": t["shape"], "dtype": t["dtype"], "logical": t["logical"], "offsets": t["offsets"],
+                "logical_shape": t["global_shape"]}
+    return {"manifest_version": 1, "format": "megatron-legacy", "iteration": described["iteration"],
+            "model": described["model"], "layout": described["layout"], "files": files}
+
+
+def test_version_1_manifest_still_vouches_for_the_files(ckpt):
+    """A manifest an earlier release wrote is read, and the files are checked against it."""
+    write_manifest(ckpt)
+    path = ckpt / "iter_0000003" / "ckpt_hooks_manifest.json"
+    old = _as_version_1(json.loads(path.read_text()))
+    path.write_text(json.dumps(old))
+    assert read_source(ckpt).layout.tp == 2
+    tensors = old["files"]["mp_rank_00_001/model_optim_rng.pt"]["tensors"]["model"]
+    tensors["decoder.layers.0.mlp.linear_fc2.weight"]["shape"] = [1, 1]
+    path.write_text(json.dumps(old))
+    with pytest.raises(CheckpointError) as error:
+        read_source(ckpt)
+    assert str(error.value).startswith(f"{rank_file(ckpt, 'mp_rank_00_001')}: the manifest disagrees with the files: "
+                                       "model.decoder.layers.0.mlp.linear_fc2.weight is float32[")
 
 
 def refused_untouched(ckpt: Path, load_dir: Path, save_dir: Path, *, names: Path, says: str) -> None:
@@ -162,3 +194,36 @@ def test_save_dir_inside_or_equal_to_the_source_is_refused(ckpt, tmp_path, where
         save_dir.symlink_to(ckpt)
     refused_untouched(ckpt, ckpt, save_dir, names=save_dir, says="lies inside the checkpoint being read")
     assert not (ckpt / "converted").exists()
+
+
+def test_overwrite_replaces_only_on_success(ckpt, tmp_path):
+    """--overwrite replaces a non-empty save directory once the new output is complete; a run that
+    fails leaves the old contents; the checkpoint being read is never a save directory."""
+    save_dir = tmp_path / "out"
+    save_dir.mkdir()
+    (save_dir / "old.txt").write_text("old")
+    failed = cli("convert", "--load-dir", ckpt, "--save-dir", save_dir, "--overwrite", "--convert-param-only",
+                 "--target-tensor-parallel-size", "3", "--quiet")
+    assert failed.returncode == 2 and [p.name for p in save_dir.iterdir()] == ["old.txt"], failed.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+    done = cli("convert", "--load-dir", ckpt, "--save-dir", save_dir, "--overwrite", "--convert-param-only",
+               "--target-tensor-parallel-size", "1", "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert not (save_dir / "old.txt").exists() and (save_dir / "latest_checkpointed_iteration.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
+    refused_untouched(ckpt, ckpt, ckpt, names=ckpt, says="lies inside the checkpoint being read")
+    again = cli("convert", "--load-dir", ckpt, "--save-dir", ckpt, "--overwrite", "--quiet")
+    assert again.returncode == 2 and "lies inside the checkpoint being read" in again.stderr
+
+
+def test_an_unwritable_parent_is_named_not_a_staging_path(tmp_path, monkeypatch):
+    """Permission bits do not bind root (who runs these tests), so the check's verdict is simulated."""
+    from ckpt_hooks.errors import CheckpointError
+    from ckpt_hooks.formats.atomic import refuse_non_empty
+
+    parent = (tmp_path / "read-only").resolve()
+    parent.mkdir()
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != parent)
+    with pytest.raises(CheckpointError) as refused:
+        refuse_non_empty(parent / "out" / "ckpt")
+    assert str(refused.value) == f"{parent / 'out' / 'ckpt'}: cannot be created: {parent} is not writable"

@@ -1,6 +1,7 @@
 """The command line on real checkpoints: inspect, convert with progress, and a lossless round trip."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from tests.util import cli
 def test_inspect_describes_layout_model_and_files(sources):
     result = cli("inspect", sources["tp1pp2vpp2"].dir, "--tensors")
     assert result.returncode == 0, result.stderr
+    assert result.stderr == "", result.stderr   # no "Transformer Engine and Apex are not installed" noise
     out = result.stdout
     assert "Megatron legacy (torch), iteration 3" in out
     assert "TP1·PP2·VPP2·DP2" in out
@@ -81,3 +83,12 @@ def test_version_and_a_closed_pipe():
     shell = subprocess.run(f"{sys.executable} -m ckpt_hooks.cli --help | head -1", shell=True, capture_output=True,
                            text=True, timeout=60)
     assert shell.returncode == 0 and "Broken pipe" not in shell.stderr, shell.stderr
+
+
+def test_every_command_has_an_example_and_shows_defaults():
+    from ckpt_hooks.cli import COMMANDS, EXAMPLES
+
+    assert set(EXAMPLES) == set(COMMANDS)
+    text = cli("convert", "--help").stdout
+    assert "example: ckpt-hooks convert" in text
+    assert re.search(r"target files built in parallel\s+\(default: \d+\)", text), text

@@ -306,3 +306,25 @@ def test_library_saved_checkpoint_to_hf_and_back(sources, tmp_path):
         assert tensors == {k for k, v in got.items() if isinstance(v, torch.Tensor)}
         for key in tensors:
             assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), (rank_dir, key)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_config_and_tokenizer_files_round_trip(hf, tmp_path, family):
+    """HF -> Megatron -> HF keeps every config.json key as it was (token ids, Qwen2's layer_types
+    and max_window_layers, ...), generation_config.json and the tokenizer files; the Megatron
+    args name the copied tokenizer by its absolute path."""
+    source = tmp_path / "hf"
+    shutil.copytree(hf[family]["dir"], source)
+    edit_config(source, bos_token_id=3, eos_token_id=4, pad_token_id=5, max_window_layers=28)
+    (source / "tokenizer.json").write_text('{"model": {"type": "BPE"}}')
+    (source / "generation_config.json").write_text('{"do_sample": true, "eos_token_id": 4}')
+    megatron, back = tmp_path / "megatron", tmp_path / "back"
+    hf_to_megatron(source, megatron, Target(tp=2, pp=2, layer_spec="local"), quiet=True)
+    args = megatron_state(megatron)["args"]
+    assert args.tokenizer_model == str(megatron.absolute() / "hf_assets")
+    assert (megatron / "hf_assets" / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    megatron_to_hf(megatron, back, quiet=True)
+    original, carried = (json.loads((d / "config.json").read_text()) for d in (source, back))
+    assert {k: carried.get(k, "absent") for k in original} == original
+    for name in ("tokenizer.json", "generation_config.json"):
+        assert (back / name).read_bytes() == (source / name).read_bytes(), name

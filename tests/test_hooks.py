@@ -101,7 +101,7 @@ def test_library_save_writes_what_megatron_lm_writes_plus_manifest_and_maps(sour
                                   "etp": None}
     listed = {p for p in manifest["files"] if p.endswith(".pt")}
     assert listed == {str(p.relative_to(saved_iter)) for p in saved_iter.rglob("*.pt")}
-    entry = manifest["files"]["mp_rank_01_000/model_optim_rng.pt"]["tensors"]["model"]
-    qkv = entry["decoder.layers.0.self_attention.linear_qkv.weight"]
+    tensors = manifest["files"]["mp_rank_01_000/model_optim_rng.pt"]["tensors"]
+    qkv = tensors["model.decoder.layers.0.self_attention.linear_qkv.weight"]
     assert qkv["logical"] == "decoder.layers.0.self_attention.linear_qkv.weight"
-    assert qkv["offsets"][0] == qkv["logical_shape"][0] // 2  # TP rank 1 holds the second half of the groups
+    assert qkv["offsets"][0] == qkv["global_shape"][0] // 2  # TP rank 1 holds the second half of the groups

@@ -11,8 +11,8 @@ import torch
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from ckpt_hooks.algebra.layout import (Box, LayoutError, Rule, SPLIT, VOCAB, check_divisible, chunk_layers, placement)
-from ckpt_hooks.algebra.layout import element_range_boxes
+from ckpt_hooks.algebra.layout import (Box, LayoutError, Rule, SPLIT, VOCAB, check_divisible, chunk_layers,
+                                       element_range_boxes, placement)
 from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank, first_last_layers, uneven_layers
 
 SPEC = ModelSpec(num_layers=8, hidden_size=64, ffn_hidden_size=128, num_attention_heads=8, num_query_groups=4,
@@ -105,3 +105,19 @@ def test_element_range_boxes_hold_exactly_the_range():
             for index in itertools.product(*(range(o, o + n) for o, n in zip(offsets, lengths))):
                 flat.append(sum(i * math.prod(shape[axis + 1:]) for axis, i in enumerate(index)))
         assert flat == list(range(start, stop)), (shape, start, stop)
+
+
+def test_a_rule_over_two_dimensions_places_experts():
+    """Experts are data: whole experts over EP, then ETP inside each expert's rows."""
+    from ckpt_hooks.algebra.layout import expert_range
+
+    rule = Rule(SPLIT, None, axis=0, dim="ep", also=((1, "etp"),))
+    config = ParallelConfig(tp=2, ep=2, etp=2)
+    boxes = {(ep, tp): placement(rule, SPEC, config, Rank(tp=tp, ep=ep), vocab_rows=128, file_shape=(4, 8, 6)).box
+             for ep in range(2) for tp in range(2)}
+    assert boxes[(1, 0)].offsets == (2, 0, 0) and boxes[(1, 1)].offsets == (2, 4, 0)
+    assert all(box.lengths == (2, 4, 6) for box in boxes.values())
+    assert sum(box.numel for box in boxes.values()) == 4 * 8 * 6
+    assert list(expert_range(8, ParallelConfig(ep=4), 3)) == [6, 7]
+    with pytest.raises(LayoutError):
+        placement(rule, SPEC, ParallelConfig(tp=3, ep=2, etp=3), Rank(), vocab_rows=128, file_shape=(4, 8, 6))

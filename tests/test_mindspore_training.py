@@ -124,17 +124,19 @@ def test_manifest_describes_the_checkpoint(runs, saved_dir, rank, world):
     assert sorted(p.name for p in directory.iterdir()) == sorted(["CKP-graph.meta", SAVED, f"{SAVED}.manifest.json"])
     described = json.loads((directory / f"{SAVED}.manifest.json").read_text())
     mode = "stand_alone" if world == 1 else "data_parallel"
-    assert {k: v for k, v in described.items() if k != "tensors"} == {
-        "manifest_version": 1, "framework": "mindspore", "format": "ckpt", "file": SAVED,
-        "bytes": (directory / SAVED).stat().st_size, "step": STEPS, "epoch": 1,
+    assert {k: v for k, v in described.items() if k != "files"} == {
+        "manifest_version": 2, "framework": "mindspore", "format": "ckpt", "step": STEPS, "epoch": 1,
         "layout": {"rank": rank, "world_size": world, "parallel_mode": mode}}
+    assert list(described["files"]) == [SAVED]
+    (listed,) = described["files"].values()
+    assert listed.keys() == {"bytes", "tensors"} and listed["bytes"] == (directory / SAVED).stat().st_size
     saved = ms.load_checkpoint(str(directory / SAVED))
-    assert list(described["tensors"]) == list(saved)
-    for name, entry in described["tensors"].items():
+    assert list(listed["tensors"]) == list(saved)
+    for name, entry in listed["tensors"].items():
         shape, role = list(saved[name].shape), "model" if name in MODEL else "optimizer"
-        assert entry == {"shape": shape, "dtype": str(saved[name].dtype), "role": role,
+        assert entry == {"logical": name, "shape": shape, "dtype": str(saved[name].dtype), "role": role,
                          "global_shape": shape, "offsets": [0] * len(shape)}
-    assert set(described["tensors"]) == MODEL | ADAM_STATE
+    assert set(listed["tensors"]) == MODEL | ADAM_STATE
 
 
 def test_manifest_callback_must_follow_model_checkpoint(tmp_path):
@@ -191,7 +193,7 @@ def test_parallel_layouts_are_recorded_and_saved_slices_refused(runs, tmp_path):
     described = manifest.build(open_checkpoint(path), layout={"rank": 0, "world_size": 2,
                                "parallel_mode": "semi_auto_parallel"}, step=4, epoch=1, roles={},
                                parallel_layouts=layouts)
-    fc1, fc2 = described["tensors"]["fc1.weight"], described["tensors"]["fc2.weight"]
+    fc1, fc2 = (described["files"][SAVED]["tensors"][name] for name in ("fc1.weight", "fc2.weight"))
     assert fc1["parallel_layout"] == {"dev_matrix": [2, 1], "tensor_map": [1, -1], "slice_shape": [16, 8],
                                       "field_size": 0, "uniform_split": True, "opt_shard_group": "",
                                       "before_reshape_full_shape": [], "after_reshape_slice_shape": [], "more": [7]}
@@ -201,6 +203,30 @@ def test_parallel_layouts_are_recorded_and_saved_slices_refused(runs, tmp_path):
     net, opt = network_and_optimizer()
     with pytest.raises(CheckpointError, match=f"^{path}: fc1.weight is this rank's slice of a parallel layout"):
         load(net, path, optimizer=opt)
+
+
+def test_version_1_manifest_still_reads(runs, tmp_path):
+    """A manifest as releases before manifest_version 2 wrote it (its one file in the header) is
+    read, and its file checked against it."""
+    copy = shutil.copytree(runs / "stand_alone_ckpt", tmp_path / "stand_alone_ckpt")
+    path = copy / f"{SAVED}.manifest.json"
+    described = json.loads(path.read_text())
+    (name, listed), = described["files"].items()
+    old = {"manifest_version": 1, "framework": "mindspore", "format": "ckpt", "file": name, "bytes": listed["bytes"],
+           "step": described["step"], "epoch": described["epoch"], "layout": described["layout"],
+           "tensors": {key: {k: v for k, v in t.items() if k != "logical"} for key, t in listed["tensors"].items()}}
+    path.write_text(json.dumps(old))
+    net, opt = network_and_optimizer()
+    loaded = load(net, copy, optimizer=opt)
+    assert (loaded.step, loaded.epoch, loaded.source_layout) == (STEPS, 1, {"world_size": 1,
+                                                                            "parallel_mode": "stand_alone"})
+    assert _parameter_bytes(net, opt) == {n: v.asnumpy().tobytes()
+                                          for n, v in ms.load_checkpoint(str(copy / SAVED)).items()}
+    _tamper(path, lambda m: m.update(bytes=m["bytes"] + 4))
+    with pytest.raises(CheckpointError) as error:
+        load(net, copy, optimizer=opt)
+    assert str(error.value).startswith(f"{copy / SAVED}: ") and f"bytes, its manifest {SAVED}.manifest.json says" \
+        in str(error.value)
 
 
 def _tamper(path: Path, change) -> None:
@@ -215,13 +241,14 @@ def _missing_rank(copy):
 
 
 def _wrong_bytes(copy):
-    _tamper(copy / "stand_alone_ckpt" / f"{SAVED}.manifest.json", lambda m: m.update(bytes=m["bytes"] + 4))
+    _tamper(copy / "stand_alone_ckpt" / f"{SAVED}.manifest.json",
+            lambda m: m["files"][SAVED].update(bytes=m["files"][SAVED]["bytes"] + 4))
     return copy / "stand_alone_ckpt", copy / "stand_alone_ckpt" / SAVED
 
 
 def _wrong_shape(copy):
     _tamper(copy / "dp_ckpt" / "rank_1" / f"{SAVED}.manifest.json",
-            lambda m: m["tensors"]["fc1.weight"].update(shape=[8, 16]))
+            lambda m: m["files"][SAVED]["tensors"]["fc1.weight"].update(shape=[8, 16]))
     return copy / "dp_ckpt", copy / "dp_ckpt" / "rank_1" / SAVED
 
 

@@ -65,7 +65,8 @@ class Rule:
     linear_qkv (query groups x rows per group), A attention heads x kv channels,
     K kv channels, V vocab rows.
     ``fused``: the stored tensor merges the first two logical axes (fc1's gate and up).
-    ``dim``: which named dimension of the layout splits ``axis`` (``tp``; experts' ``ep``/``etp``).
+    ``dim``: which named dimension of the layout splits ``axis`` (``tp``); ``also``: splits inside
+    each piece of the first, e.g. experts: whole experts over ``ep``, then ``etp`` inside one.
     """
 
     kind: str
@@ -73,6 +74,7 @@ class Rule:
     axis: int | None = None
     fused: bool = False
     dim: str = "tp"                        # the parallel dimension that splits ``axis``
+    also: tuple[tuple[int, str], ...] = ()  # further (axis, dimension) splits, inside the first's pieces
 
 
 @dataclass(frozen=True)
@@ -109,14 +111,14 @@ def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, v
     axis = 0 if rule.kind == VOCAB else rule.axis
     if rule.kind in (REPLICATED, EXTRA) or axis is None:
         return Placement(logical, Box((0,) * len(logical), logical), logical)
-    ways, index = config.size(rule.dim), rank.coordinate(rule.dim)
-    if logical[axis] % ways:
-        raise LayoutError(f"{_DIM_NAMES[rule.dim]} size {ways} does not divide {_AXIS_NAMES.get(rule.shape[axis], 'size')} "
-                          f"{logical[axis]}")
-    view = list(logical)
-    view[axis] //= ways
-    offsets = [0] * len(logical)
-    offsets[axis] = index * view[axis]
+    view, offsets = list(logical), [0] * len(logical)
+    for axis, dim in ((axis, rule.dim), *rule.also):
+        ways, index = config.size(dim), rank.coordinate(dim)
+        if view[axis] % ways:
+            what = _AXIS_NAMES.get(rule.shape[axis], "size") if rule.shape else "size"
+            raise LayoutError(f"{_DIM_NAMES[dim]} size {ways} does not divide {what} {view[axis]}")
+        view[axis] //= ways
+        offsets[axis] += index * view[axis]
     stored = (view[0] * view[1], *view[2:]) if rule.fused else tuple(view)
     return Placement(logical, Box(tuple(offsets), tuple(view)), stored)
 
@@ -165,6 +167,15 @@ def chunk_layers(spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp_rank:
     per_chunk = spec.num_layers // (config.pp * config.vpp)
     start = vp_rank * (spec.num_layers // config.vpp) + pp_rank * per_chunk
     return range(start, start + per_chunk)
+
+
+def expert_range(num_experts: int, config: ParallelConfig, ep_rank: int) -> range:
+    """Global indices of the experts expert-parallel rank ``ep_rank`` holds: its local expert i is
+    global expert ``ep_rank * num_experts / ep + i``."""
+    if num_experts % config.ep:
+        raise LayoutError(f"expert parallel size {config.ep} does not divide the {num_experts} experts")
+    local = num_experts // config.ep
+    return range(ep_rank * local, (ep_rank + 1) * local)
 
 
 def is_first_chunk(config: ParallelConfig, pp_rank: int, vp_rank: int) -> bool:

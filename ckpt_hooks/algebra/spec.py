@@ -82,6 +82,10 @@ class ParallelConfig:
         """Ranks the expert distributed optimizer shards over."""
         return self.world // (self.pp * self.ep * (self.etp or self.tp))
 
+    def file_ranks(self) -> list["Rank"]:
+        """The coordinates that name files (tensor x pipeline ranks), pipeline-major as Megatron lists them."""
+        return [Rank(tp, pp) for pp in range(self.pp) for tp in range(self.tp)]
+
     def size(self, dim: str) -> int:
         """The size of a named dimension ("tp", "pp", "ep", "etp", ...)."""
         return (self.etp or self.tp) if dim == "etp" else getattr(self, dim)
@@ -105,6 +109,8 @@ class Rank:
     ep: int = 0
 
     def coordinate(self, dim: str) -> int:
+        """This rank's index along a named dimension. Expert-tensor ranks are numbered as tensor
+        ranks within an expert-parallel group (ETP = TP in the layouts files tell apart)."""
         return self.tp if dim == "etp" else getattr(self, dim)
 
 

@@ -33,6 +33,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the source's vocabulary divisor, when its args lack it and the inferred one is wrong")
     parser.add_argument("--workers", "--process-num", type=int, default=min(4, os.cpu_count() or 1),
                         help="target files built in parallel")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a non-empty save directory (kept until the new output is complete; never "
+                             "the checkpoint being read)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     mindspore = parser.add_argument_group("MindSpore checkpoints (mindspore.transform_checkpoints' arguments)")
     mindspore.add_argument("--src-strategy-path-or-dir",
@@ -58,6 +61,17 @@ def _refuse_flags(args, names: tuple[str, ...], framework: str) -> None:
 
 
 def run_convert(args) -> None:
+    from ckpt_hooks.formats.atomic import refuse_non_empty, replacing
+
+    if args.overwrite:
+        refuse_non_empty(args.save_dir, sources=[args.load_dir], overwrite=True)
+        with replacing(args.save_dir):
+            _convert(args)
+    else:
+        _convert(args)
+
+
+def _convert(args) -> None:
     from ckpt_hooks.mindspore.transform import is_mindspore_source
 
     if args.src_strategy_path_or_dir or args.dst_strategy or is_mindspore_source(args.load_dir):
@@ -177,6 +191,17 @@ EXAMPLES = {
     "hf-to-megatron": "ckpt-hooks hf-to-megatron --load-dir Llama-3-8B --save-dir llama_tp2pp2 "
                       "--target-tensor-parallel-size 2 --target-pipeline-parallel-size 2",
     "megatron-to-hf": "ckpt-hooks megatron-to-hf --load-dir ckpt --save-dir ckpt_hf",
+    "megatron-to-mindspore": "ckpt-hooks megatron-to-mindspore --megatron-path ckpt --ms-path ckpt_ms --tp-size 1",
+    "mindspore-to-megatron": "ckpt-hooks mindspore-to-megatron --ms-path ckpt_ms --megatron-path ckpt_back --tp-size 2",
+    "mindformers-to-megatron": "ckpt-hooks mindformers-to-megatron --load-dir mf --config config.json --save-dir ckpt "
+                               "--target-tensor-parallel-size 2",
+    "megatron-to-mindformers": "ckpt-hooks megatron-to-mindformers --load-dir ckpt --save-dir mf --qkv-concat",
+    "hf-to-mindformers": "ckpt-hooks hf-to-mindformers --load-dir Qwen2-7B --save-dir mf",
+    "mindformers-to-hf": "ckpt-hooks mindformers-to-hf --load-dir mf --config config.json --save-dir hf",
+    "merge-lora": "ckpt-hooks merge-lora --load-dir base --lora-load lora --save-dir merged --save-format hf",
+    "lora-to-peft": "ckpt-hooks lora-to-peft --lora-load lora --save-dir adapter",
+    "merge-lora-mindspore": "ckpt-hooks merge-lora-mindspore --load-dir ms --save-dir merged --lora-alpha 16 "
+                            "--lora-r 8",
 }
 
 

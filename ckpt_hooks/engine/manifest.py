@@ -1,142 +1,164 @@
-"""The manifest: one small JSON in an iteration directory saying what the checkpoint holds.
+"""The manifest: one JSON saying what a checkpoint's files hold, one schema for every framework.
 
-    iter_0000100/ckpt_hooks_manifest.json
-    {"manifest_version": 1, "format": "megatron-legacy", "iteration": 100,
-     "model": {ModelSpec}, "layout": {ParallelConfig},
-     "files": {"mp_rank_00_000/model_optim_rng.pt": {"bytes": 123456,
-                   "tensors": {"model0": {key: {"shape", "dtype", "logical", "offsets", "logical_shape"}}}},
-               "mp_rank_00_000/distrib_optim.pt": {"bytes": 654321}, ...}}
+    manifest = {"manifest_version": 2, "framework": "megatron" | "mindspore",
+                "format": "megatron-legacy" | "ckpt" | "safetensors",
+                "iteration": N | null, "model": {ModelSpec},        (Megatron)
+                "step": N, "epoch": N,                              (MindSpore)
+                "layout": layout, "files": {path: file}}
+    layout   = Megatron: {ParallelConfig: "tp", "pp", "vpp", "dp", ...}
+               MindSpore: {"rank", "world_size", "parallel_mode"}
+    path     = relative to the manifest's directory
+    file     = {"bytes": N[, "tensors": {key: tensor | null}]}      null: an entry holding no tensor
+    key      = the tensor's name in the file: MindSpore's parameter name, Megatron's "<chunk>.<key>"
+               (``model.decoder.layers.0.mlp.linear_fc1.weight``; chunk names hold no dot)
+    tensor   = {"logical": name, "shape": [N, ...], "dtype": name, "role": "model" | "optimizer",
+                "global_shape": [N, ...] | null, "offsets": [N, ...] | null
+                [, "box_shape": [N, ...]][, "parallel_layout": {...}]}
 
-It is written once every rank's files are complete (by the save hooks and the converter), so
-it can vouch for them: a reader checks that every listed file is there with its size, that
-the saved ``args`` describe the same model and layout, and that each model file holds the
-listed tensors, before trusting any of it. A missing, truncated or replaced file, or a
-manifest left from another run, is an error instead of a silently wrong resume.
+    iter_0000100/ckpt_hooks_manifest.json   Megatron: every file of the iteration directory
+    rank_0/CKP-1_4.ckpt.manifest.json       MindSpore: beside each checkpoint file, that file alone
+
+A tensor is the box of the logical tensor ``logical`` that starts at ``offsets`` in
+``global_shape``; its lengths are ``shape``, or ``box_shape`` where the stored tensor merges
+axes (Megatron's SwiGLU fc1: [2F/tp, H] of [2, F, H]). ``offsets`` and ``global_shape`` are null
+where the manifest does not place the tensor (a Megatron ``_extra_state``; a MindSpore rank's
+slice, whose place follows from its ``parallel_layout``). ``role`` is "model" for the network's
+parameters and "optimizer" for the rest of the training state; ``dtype`` is the framework's name
+("bfloat16", "BFloat16").
+
+A manifest is written once its files are complete (save hooks, callbacks, converters), so it can
+vouch for them: a reader checks that every listed file is there with its size and that the
+stored tensors have the listed shapes and dtypes before trusting any of it. Version 1 manifests
+(Megatron's tensors nested chunk -> key, MindSpore's one file in the header) are converted on read.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
-from ckpt_hooks.algebra.param_map import dtype_name
-from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.atomic import atomic_write
 
-MANIFEST = "ckpt_hooks_manifest.json"
-VERSION = 1
-FORMAT = "megatron-legacy"
+VERSION = 2
+MODEL, OPTIMIZER = "model", "optimizer"
+# framework -> the layout entries a reader relies on
+_LAYOUT_KEYS = {"megatron": ("tp", "pp"), "mindspore": ("rank", "world_size")}
+_TENSOR_KEYS = ("logical", "shape", "dtype", "role", "global_shape", "offsets")
 
 
-def _plain(value):
-    """JSON's view of a value (tuples become lists), for comparing with what was read back."""
-    return json.loads(json.dumps(value))
+def tensor_entry(logical: str, shape, dtype: str, role: str, global_shape, offsets, **more) -> dict:
+    """A tensor's entry; ``more``: the optional ``box_shape``, ``parallel_layout``."""
+    return {"logical": logical, "shape": list(shape), "dtype": dtype, "role": role,
+            "global_shape": None if global_shape is None else list(global_shape),
+            "offsets": None if offsets is None else list(offsets), **more}
 
 
-def _file_tensors(source_file, placements) -> dict:
-    chunks = {}
-    for chunk, entries in source_file.chunks.items():
-        chunks[chunk] = {}
-        for key, meta in entries.items():
-            entry = None
-            if meta is not None:
-                entry = {"shape": list(meta.shape), "dtype": dtype_name(meta.dtype)}
-                if (source_file.rank, chunk, key) in placements:
-                    logical, where = placements[(source_file.rank, chunk, key)]
-                    entry.update(logical=logical, offsets=list(where.box.offsets),
-                                 logical_shape=list(where.logical_shape))
-            chunks[chunk][key] = entry
-    return chunks
+def file_entry(path, tensors: dict | None = None) -> dict:
+    """A complete file's entry: its size, and its tensors where they are described."""
+    return {"bytes": Path(path).stat().st_size, **({} if tensors is None else {"tensors": tensors})}
 
 
-def build(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConfig, files: list,
-          placements: dict) -> dict:
-    """The manifest of a complete iteration directory whose model files are ``files`` (each with
-    ``path``, ``rank`` and ``chunks``), their tensors placed as ``placements`` says
-    ((rank, chunk, key) -> (logical name, Placement))."""
-    iter_dir = Path(iter_dir)
-    tensors = {str(Path(f.path).relative_to(iter_dir)): _file_tensors(f, placements) for f in files}
-    listed = {}
-    for path in sorted(iter_dir.rglob("*")):
-        relative = str(path.relative_to(iter_dir))
-        if path.is_file() and path.name != MANIFEST and not path.name.startswith("."):
-            listed[relative] = {"bytes": path.stat().st_size}
-            if relative in tensors:
-                listed[relative]["tensors"] = tensors[relative]
-    return {"manifest_version": VERSION, "format": FORMAT, "iteration": iteration,
-            "model": _plain(dataclasses.asdict(spec)), "layout": _plain(dataclasses.asdict(layout)),
-            "files": listed}
+def build(framework: str, file_format: str, *, layout: dict, files: dict, **header) -> dict:
+    """A manifest; ``header``: the framework's own entries (iteration and model; step and epoch)."""
+    return {"manifest_version": VERSION, "framework": framework, "format": file_format, **header,
+            "layout": layout, "files": files}
 
 
-def write(iter_dir, manifest: dict) -> Path:
+def write(manifest: dict, path) -> Path:
     """Atomically: a reader never sees half a manifest."""
-    path = Path(iter_dir) / MANIFEST
+    path = Path(path)
     with atomic_write(path) as f:
         f.write(json.dumps(manifest, indent=1).encode())
     return path
 
 
-def read(iter_dir) -> dict | None:
-    """The manifest of an iteration directory, None if it was saved without one."""
-    path = Path(iter_dir) / MANIFEST
+def read(path, framework: str) -> dict | None:
+    """The ``framework`` manifest at ``path`` in the version 2 form, None if there is none."""
+    path = Path(path)
     if not path.is_file():
         return None
     try:
         manifest = json.loads(path.read_text())
-        version, files = manifest["manifest_version"], manifest["files"]
-    except (ValueError, KeyError, TypeError) as e:
+        version = manifest["manifest_version"]
+        if version == 1:
+            manifest = _from_version_1(manifest)
+        found = manifest.get("framework")
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(path, f"unreadable manifest ({type(e).__name__}: {e})") from None
-    if version != VERSION or manifest.get("format") != FORMAT or not isinstance(files, dict):
-        raise CheckpointError(path, f"unsupported manifest (version {version!r}, format {manifest.get('format')!r})")
+    if manifest["manifest_version"] != VERSION or found != framework:
+        raise CheckpointError(path, f"unsupported manifest (version {version!r}, framework {found!r})")
+    if not _readable(manifest, _LAYOUT_KEYS[framework]):
+        raise CheckpointError(path, f"unreadable manifest (each file needs bytes, each tensor {list(_TENSOR_KEYS)}, "
+                                    f"the layout {list(_LAYOUT_KEYS[framework])})")
     return manifest
 
 
-def check(manifest: dict, iter_dir, spec: ModelSpec, layout: ParallelConfig, files: list) -> None:
-    """Raise CheckpointError unless the files are the ones the manifest describes."""
-    iter_dir = Path(iter_dir)
-    where = iter_dir / MANIFEST
-    disagree = "the manifest disagrees with the files: "
-    for what, saved, found in (("model", manifest.get("model"), spec), ("layout", manifest.get("layout"), layout)):
-        found = _described(found, saved)
-        if saved != found:
-            diff = ", ".join(f"{k} {saved.get(k) if isinstance(saved, dict) else None!r} vs {v!r}"
-                             for k, v in found.items() if not isinstance(saved, dict) or saved.get(k) != v)
-            raise CheckpointError(where, f"{disagree}{what} (manifest vs saved args): {diff}")
+def _readable(manifest: dict, layout_keys) -> bool:
+    """Whether the manifest has the entries a reader relies on."""
+    layout, files = manifest.get("layout"), manifest.get("files")
+    if not isinstance(layout, dict) or any(k not in layout for k in layout_keys) or not isinstance(files, dict):
+        return False
+    return all(isinstance(f, dict) and isinstance(f.get("bytes"), int) and _readable_tensors(f.get("tensors", {}))
+               for f in files.values())
+
+
+def _readable_tensors(tensors) -> bool:
+    return isinstance(tensors, dict) and all(t is None or isinstance(t, dict) and all(k in t for k in _TENSOR_KEYS)
+                                             for t in tensors.values())
+
+
+def _from_version_1(manifest: dict) -> dict:
+    """A version 1 manifest in the version 2 form (unchanged if it is of no known framework)."""
+    if manifest.get("framework") == "mindspore":
+        header = {k: v for k, v in manifest.items() if k not in ("file", "bytes", "tensors")}
+        tensors = {name: {"logical": name, **t} for name, t in manifest["tensors"].items()}
+        return {**header, "manifest_version": VERSION,
+                "files": {manifest["file"]: {"bytes": manifest["bytes"], "tensors": tensors}}}
+    if manifest.get("format") == "megatron-legacy":
+        files = {relative: dict(entry) for relative, entry in manifest["files"].items()}
+        for entry in files.values():
+            if "tensors" in entry:
+                entry["tensors"] = _megatron_tensors_1(entry["tensors"])
+        return {**manifest, "manifest_version": VERSION, "framework": "megatron", "files": files}
+    return manifest
+
+
+def _megatron_tensors_1(chunks: dict) -> dict:
+    """Version 1's chunk -> key -> {shape, dtype, logical, offsets, logical_shape} | null."""
+    return {f"{chunk}.{key}": None if t is None else tensor_entry(t.get("logical"), t["shape"], t["dtype"], MODEL,
+                                                                  t.get("logical_shape"), t.get("offsets"))
+            for chunk, keys in chunks.items() for key, t in keys.items()}
+
+
+def check_files(manifest: dict, root, its: str) -> None:
+    """Raise CheckpointError, naming the file, unless every file the manifest lists is under
+    ``root`` with its size. ``its`` names the manifest in the message."""
     for relative, entry in manifest["files"].items():
-        path = iter_dir / relative
+        path = Path(root) / relative
         if not path.is_file():
-            raise CheckpointError(path, f"missing, but listed in {MANIFEST} (a partially written iteration?)")
+            raise CheckpointError(path, f"missing, but listed in {its} (a partially written checkpoint?)")
         size = path.stat().st_size
-        if size != entry.get("bytes"):
-            raise CheckpointError(path, f"{size} bytes, {MANIFEST} says {entry.get('bytes')} "
-                                        "(a partially written or replaced file)")
-    for source_file in files:
-        relative = str(Path(source_file.path).relative_to(iter_dir))
-        listed = manifest["files"].get(relative)
-        if listed is None:
-            raise CheckpointError(source_file.path, f"not listed in {MANIFEST}")
-        saved, found = _shapes(listed.get("tensors", {})), _shapes(_file_tensors(source_file, {}))
-        if saved != found:
-            keys = sorted({(c, k) for side in (saved, found) for c, entries in side.items() for k in entries})
-            chunk, key = next((c, k) for c, k in keys if saved.get(c, {}).get(k, "absent") != found.get(c, {}).get(k, "absent"))
-            raise CheckpointError(source_file.path, f"{disagree}{chunk}.{key} is {found.get(chunk, {}).get(key, 'absent')}, "
-                                                    f"{MANIFEST} says {saved.get(chunk, {}).get(key, 'absent')}")
+        if size != entry["bytes"]:
+            raise CheckpointError(path, f"{size} bytes, {its} says {entry['bytes']} "
+                                        "(a partially written or replaced file?)")
 
 
-def _described(value, saved) -> dict:
-    """A spec or layout as JSON, less the fields a manifest written before they existed lacks
-    while they hold their defaults (e.g. a layout's ``ep``)."""
-    fields = {f.name: f.default for f in dataclasses.fields(value)}
-    found = _plain(dataclasses.asdict(value))
-    if isinstance(saved, dict):
-        found = {k: v for k, v in found.items()
-                 if k in saved or fields[k] is dataclasses.MISSING or v != _plain(fields[k])}
-    return found
+def check_tensors(path, listed: dict, found: dict, disagree: str) -> None:
+    """Raise CheckpointError, naming ``path``, at the first tensor whose (shape, dtype) in ``found``
+    (key -> (shape, dtype), None for an entry holding no tensor) differs from the ``listed``
+    entries; the message opens with ``disagree``."""
+    saved = {key: None if t is None else (list(t["shape"]), t["dtype"]) for key, t in listed.items()}
+    found = {key: None if t is None else (list(t[0]), t[1]) for key, t in found.items()}
+    for key in [*found, *(k for k in saved if k not in found)]:
+        stored, listed_as = found.get(key, "absent"), saved.get(key, "absent")
+        if stored != listed_as:
+            raise CheckpointError(path, f"{disagree}{key} is {_describe(stored)}, "
+                                        f"the manifest says {_describe(listed_as)}")
 
 
-def _shapes(tensors: dict) -> dict:
-    """chunk -> key -> (shape, dtype), or None for a non-tensor entry."""
-    return {chunk: {key: None if e is None else (tuple(e["shape"]), e["dtype"]) for key, e in entries.items()}
-            for chunk, entries in tensors.items()}
+def _describe(shape_dtype) -> str:
+    """"Float32[16, 8]"; "absent" stays as it is."""
+    if shape_dtype is None:
+        return "not a tensor"
+    return shape_dtype if isinstance(shape_dtype, str) else f"{shape_dtype[1]}{shape_dtype[0]}"

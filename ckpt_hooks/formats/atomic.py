@@ -29,10 +29,11 @@ def atomic_write(path):
         raise
 
 
-def refuse_non_empty(save_dir: str | os.PathLike, sources=()) -> None:
+def refuse_non_empty(save_dir: str | os.PathLike, sources=(), overwrite: bool = False) -> None:
     """Fail, naming the save directory and why, unless the output can go there: a file, a
-    directory with something in it, the checkpoint being read (``sources``), a place inside one
-    or holding one, or a parent that cannot be written are refused before anything is read."""
+    directory with something in it (unless ``overwrite``), the checkpoint being read
+    (``sources``), a place inside one or holding one, or a parent that cannot be written are
+    refused before anything is read."""
     path = Path(save_dir)
     if path.exists() and not path.is_dir():
         raise CheckpointError(path, "is a file; the save directory must be a directory that does not exist or is empty")
@@ -44,7 +45,7 @@ def refuse_non_empty(save_dir: str | os.PathLike, sources=()) -> None:
                                         "choose a save directory outside it")
         if where in source.parents:
             raise CheckpointError(path, f"holds the checkpoint being read ({source}); choose another save directory")
-    if path.is_dir() and any(path.iterdir()):
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise CheckpointError(path, "save directory exists and is not empty; refusing to overwrite")
     parent = next(p for p in where.parents if p.exists())
     if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
@@ -69,3 +70,25 @@ def staged_directory(save_dir: str | os.PathLike):
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def replacing(save_dir: str | os.PathLike):
+    """Let a conversion replace a non-empty ``save_dir`` (``--overwrite``): the old contents are
+    moved to a hidden sibling for the block, removed when it succeeds and put back when it fails,
+    so that a failed run leaves what was there."""
+    path = Path(save_dir)
+    if not path.is_dir() or not any(path.iterdir()):
+        yield
+        return
+    aside = path.with_name(f".{path.name}.replaced-{uuid.uuid4().hex[:8]}")
+    path.rename(aside)
+    try:
+        yield
+    except BaseException:
+        if path.exists() and not any(path.iterdir()):
+            path.rmdir()
+        if not path.exists():
+            aside.rename(path)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

@@ -24,7 +24,6 @@ from ckpt_hooks.algebra import layout, names
 from ckpt_hooks.algebra.layout import EXTRA, VOCAB, LayoutError, Placement
 from ckpt_hooks.algebra.spec import (ModelSpec, ParallelConfig, Rank, model_spec_from_args, parallel_config_from_args,
                                      vocab_divisor)
-from ckpt_hooks.engine import manifest
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, TargetTensor, plan_tensor
 from ckpt_hooks.engine.run import run
@@ -33,7 +32,7 @@ from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import staged_directory
 from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, iter_lazy_tensors
-from ckpt_hooks.megatron import legacy_names
+from ckpt_hooks.megatron import legacy_names, manifest
 
 
 @dataclass
@@ -246,31 +245,29 @@ def plan_files(tensors: Source, spec: ModelSpec, target: ParallelConfig, *, rank
     target_vocab = spec.padded_vocab_for(target.tp)
     chunk_keys = legacy.chunk_keys(target.vpp)
     plan = []
-    for pp_rank in range(target.pp):
-        for tp_rank in range(target.tp):
-            rank = Rank(tp_rank, pp_rank)
-            if ranks is not None and rank not in ranks:
-                continue
-            planned = []
-            for vp, chunk in enumerate(chunk_keys):
-                for key, logical in _target_keys(tensors, spec, target, pp_rank, vp):
-                    tensor = tensors.get(logical)
-                    if tensor is None:
-                        raise CheckpointError(where, f"no source file holds '{logical}'")
-                    rule = names.classify(key).rule
-                    if rule.kind == EXTRA:
-                        planned.append(TargetTensor(key, None, chunk=chunk))
-                        continue
-                    if not tensor.replicas:
-                        raise CheckpointError(where, f"no source tensor for '{logical}'")
-                    placement = layout.placement(rule, spec, target, rank, target_vocab, tensor.shape)
-                    out = plan_tensor(tensor, key, placement, chunk=chunk, dtype=dtype)
-                    if not out.complete and rule.kind != VOCAB:
-                        covered = sum(c.box.numel for c in out.copies)
-                        raise CheckpointError(where, f"source tensors cover {covered} of {placement.box.numel} "
-                                                     f"elements of target '{key}' (a rank file is missing tensors)")
-                    planned.append(out)
-            plan.append(TargetFile(rank, planned))
+    for rank in target.file_ranks():
+        if ranks is not None and rank not in ranks:
+            continue
+        planned = []
+        for vp, chunk in enumerate(chunk_keys):
+            for key, logical in _target_keys(tensors, spec, target, rank.pp, vp):
+                tensor = tensors.get(logical)
+                if tensor is None:
+                    raise CheckpointError(where, f"no source file holds '{logical}'")
+                rule = names.classify(key).rule
+                if rule.kind == EXTRA:
+                    planned.append(TargetTensor(key, None, chunk=chunk))
+                    continue
+                if not tensor.replicas:
+                    raise CheckpointError(where, f"no source tensor for '{logical}'")
+                placement = layout.placement(rule, spec, target, rank, target_vocab, tensor.shape)
+                out = plan_tensor(tensor, key, placement, chunk=chunk, dtype=dtype)
+                if not out.complete and rule.kind != VOCAB:
+                    covered = sum(c.box.numel for c in out.copies)
+                    raise CheckpointError(where, f"source tensors cover {covered} of {placement.box.numel} "
+                                                 f"elements of target '{key}' (a rank file is missing tensors)")
+                planned.append(out)
+        plan.append(TargetFile(rank, planned))
     return plan
 
 
@@ -294,21 +291,22 @@ def pending_file(target: TargetFile, progress=None) -> "OrderedDict[str, Ordered
 
 
 def write_manifest(load_dir) -> Path:
-    """Describe a complete checkpoint iteration in its manifest (see engine.manifest)."""
+    """Describe a complete checkpoint iteration in its manifest (see megatron.manifest)."""
     src = read_source(load_dir, check_manifest=False)
     built = manifest.build(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout, src.files, src.placed)
-    return manifest.write(src.ckpt.iter_dir, built)
+    return manifest.write(built, src.ckpt.iter_dir)
 
 
 def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp: int,
                      rank_state: Callable[[TargetFile, object], dict],
                      optimizer_state: Callable[[TargetFile, object], dict | None] | None, total: int, *,
-                     workers: int, quiet: bool, label: str, written: Callable | None = None) -> float:
+                     workers: int, quiet: bool, label: str, written: Callable | None = None,
+                     finish: Callable[[Path], None] | None = None) -> float:
     """Megatron's writer sequence, atomically: a staged directory, every rank's
     ``model_optim_rng.pt`` (``rank_state(file, progress)``) and ``distrib_optim.pt``
     (``optimizer_state``), then the tracker and the manifest, then the rename into place.
-    ``written(root, paths)`` is told of each rank's files (MindSpeed's md5 list). Returns the
-    data phase's seconds."""
+    ``written(root, paths)`` is told of each rank's files (MindSpeed's md5 list); ``finish(root)``
+    adds files of its own before the tracker (HF's tokenizer). Returns the data phase's seconds."""
     with staged_directory(save_dir) as root:
         def write(target: TargetFile, progress) -> None:
             rank = target.rank
@@ -321,6 +319,8 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp
                 written(root, paths)
 
         seconds = run(plan, write, total, workers=workers, quiet=quiet, label=label)
+        if finish is not None:
+            finish(root)
         legacy.write_tracker(root, iteration)
         write_manifest(root)
     return seconds

@@ -152,9 +152,9 @@ def _saved_tensors(files: list[SavedFile]) -> Source:
     """Every global tensor of the checkpoint with the pieces the files hold of it, in rank order."""
     saved: Source = {}
     for f in files:
-        path = f.file.path
+        path, entries = f.file.path, manifest.tensors(f.manifest) if f.manifest else {}
         for name, stored in f.file.tensors.items():
-            entry = f.manifest["tensors"][name] if f.manifest else {}
+            entry = entries.get(name, {})
             if f.manifest and entry["offsets"] is None:
                 raise CheckpointError(path, f"{name} is this rank's slice of a parallel layout (parallel_layout in "
                                             "its manifest): not supported yet")
@@ -201,8 +201,13 @@ def _check_same_network(params: dict, saved: Source, boxes: dict[str, Box | None
             problems.append(f"{name} is {_describe(tensor.dtype, tensor.shape, where, name)} "
                             f"(running {param.dtype}{list(param.shape)})")
     if problems:
-        raise CheckpointError(where, "a checkpoint of a different network: " + manifest.listing(problems))
+        raise CheckpointError(where, "a checkpoint of a different network: " + _listing(problems))
     return extra
+
+
+def _listing(items: list[str], limit: int = 8) -> str:
+    """Items for a one-line error, the first ``limit`` of them."""
+    return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
 def _plan(name: str, tensor: Tensor, box: Box, rank: int) -> TargetTensor:

@@ -21,6 +21,17 @@ ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # megatron-core's Llama 3 RoPE scaling fixes all but the factor.
 _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+# What the Megatron model itself says: on the way back to HF these come from the checkpoint;
+# every other key of the original config.json (token ids, Qwen2's layer_types and
+# max_window_layers, ...) is carried through as it was.
+MODEL_KEYS = {"architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
+              "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling", "tie_word_embeddings", "vocab_size",
+              "dtype", "torch_dtype", "attention_dropout", "initializer_range", "sliding_window", "use_sliding_window"}
+# The files beside the weights that travel with a model: tokenizer and generation settings.
+ASSETS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
+          "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+ASSETS_DIR = "hf_assets"   # where a Megatron checkpoint written from HF keeps them
 
 
 def read(directory) -> tuple[Path, dict, str]:
@@ -111,7 +122,8 @@ def megatron_args(config: dict, path, spec: ModelSpec, params_dtype: torch.dtype
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         transformer_impl=layer_spec, ckpt_format="torch", use_dist_ckpt=False, context_parallel_size=1,
         expert_model_parallel_size=1, sequence_parallel=False,
-        iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0)
+        iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
+        hf_config=config)   # carried back by from_megatron; Megatron-LM ignores it
 
 
 def family_of(args, spec: ModelSpec) -> str:
@@ -162,7 +174,15 @@ def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) 
         config["sliding_window"] = window[0] + 1 if window else None
     if family == "qwen2":
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.num_layers)
+    original = getattr(args, "hf_config", None)
+    if isinstance(original, dict) and original.get("model_type") == family:
+        config.update({k: v for k, v in original.items() if k not in MODEL_KEYS})
     return config
+
+
+def assets(directory) -> list[Path]:
+    """The tokenizer and generation files of a model directory."""
+    return [Path(directory) / name for name in ASSETS if (Path(directory) / name).is_file()]
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -10,6 +10,7 @@ MindFormers conversions too.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -129,7 +130,8 @@ def megatron_to_hf(load_dir, save_dir, target: Target = Target(), *, model_type:
     entries = names.entries(family, model.spec, names.layer_spec_of(model.tensors))
     planned = external_tensors(entries, model.tensors, params_dtype, f"Hugging Face {family}", args_path)
     label = f"{model.source.describe()} -> HF {family}"
-    count, total = write_hf(save_dir, planned, config, max_bytes, workers=workers, quiet=quiet, label=label)
+    count, total = write_hf(save_dir, planned, config, max_bytes, workers=workers, quiet=quiet, label=label,
+                            assets=hf_config.assets(model.ckpt.iter_dir.parent / hf_config.ASSETS_DIR))
     return Report(model.source.describe(), f"HF {family}", count, total, time.perf_counter() - started,
                   notes=model.notes)
 
@@ -142,8 +144,9 @@ def max_shard_bytes(max_shard_size: str | int, save_dir) -> int:
 
 
 def write_hf(save_dir, planned: list[files.PlannedTensor], config: dict, max_bytes: int, *, workers: int,
-             quiet: bool, label: str) -> tuple[int, int]:
-    """A Hugging Face model directory, atomically: (files, bytes) written."""
+             quiet: bool, label: str, assets: list = ()) -> tuple[int, int]:
+    """A Hugging Face model directory, atomically, with copies of ``assets`` (tokenizer files):
+    (files, bytes) written."""
     shards = files.shard(planned, max_bytes)
     total = sum(t.nbytes for t in planned)
     with staged_directory(save_dir) as root:
@@ -152,4 +155,6 @@ def write_hf(save_dir, planned: list[files.PlannedTensor], config: dict, max_byt
         if len(shards) > 1:
             files.write_index(root, shards)
         (root / hf_config.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        for path in assets:
+            shutil.copyfile(path, root / path.name)
     return len(shards), total

@@ -12,7 +12,9 @@ target tensor reads just the HF rows it needs. ``external_to_megatron`` serves M
 from __future__ import annotations
 
 import math
+import shutil
 import time
+from pathlib import Path
 from dataclasses import replace
 
 import torch
@@ -107,8 +109,13 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
                          tokenizer=None, release: bool = False, workers: int = 2, quiet: bool = False) -> Report:
     """hf_to_megatron for any framework's ``tensors`` (name -> StoredTensor, from ``load_dir``)
     named as ``table`` says, of the model an HF-style ``config`` (read from ``config_path``)
-    describes."""
+    describes. The tokenizer and generation files of the ``tokenizer`` directory are copied into
+    ``save_dir/hf_assets``, which the args name (absolute) as the tokenizer."""
     started = time.perf_counter()
+    assets = hf_config.assets(tokenizer) if tokenizer else []
+    notes = [] if assets or tokenizer is None else \
+        [f"{tokenizer} holds no tokenizer files: give Megatron-LM --tokenizer-model yourself"]
+    tokenizer_model = str(Path(save_dir).absolute() / hf_config.ASSETS_DIR) if assets else None
     layer_spec = target.layer_spec or names.TRANSFORMER_ENGINE
     params_dtype = hf_config.torch_dtype(target.params_dtype)
     spec = hf_config.model_spec(config, config_path, config["model_type"], target.true_vocab_size,
@@ -125,8 +132,13 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
     plan = plan_files(source, spec, written, where=load_dir)
     iteration = None if release else 1
     dtype = params_dtype or source[megatron_names.EMBEDDING].dtype
-    args = updated_args(hf_config.megatron_args(config, config_path, spec, dtype, layer_spec, tokenizer,
+    args = updated_args(hf_config.megatron_args(config, config_path, spec, dtype, layer_spec, tokenizer_model,
                                                 iteration or 0), spec, written)
+
+    def copy_assets(root: Path) -> None:
+        (root / hf_config.ASSETS_DIR).mkdir()
+        for path in assets:
+            shutil.copyfile(path, root / hf_config.ASSETS_DIR / path.name)
 
     def rank_state(target_file, progress) -> dict:
         return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration or 0,
@@ -134,5 +146,6 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
 
     total = sum(f.nbytes for f in plan)
     seconds = write_checkpoint(save_dir, iteration, plan, written.pp, rank_state, None, total, workers=workers,
-                               quiet=quiet, label=f"{label} -> {written.describe()}")
-    return Report(label, written.describe(), len(plan), total, time.perf_counter() - started, seconds)
+                               quiet=quiet, label=f"{label} -> {written.describe()}",
+                               finish=copy_assets if assets else None)
+    return Report(label, written.describe(), len(plan), total, time.perf_counter() - started, seconds, notes)

@@ -118,8 +118,8 @@ def check_param_maps(directory, maps: dict[Rank, list[BufferMap]]) -> None:
     for path, match in found:
         if not match:
             continue
-        buffer, tp_rank, pp_rank, vp = map(int, match.groups())
-        ours = [m for m in maps.get(Rank(tp_rank, pp_rank), []) if m.chunk == vp]
+        buffer, tp, pp, vp = map(int, match.groups())
+        ours = [m for m in maps.get(Rank(tp, pp), []) if m.chunk == vp]
         expected = {k: v[1:] for k, v in mindspeed_json(ours[buffer]).items()} if buffer < len(ours) else None
         try:
             theirs = {k.removeprefix("module."): list(v)[1:] for k, v in json.loads(path.read_text()).items()}

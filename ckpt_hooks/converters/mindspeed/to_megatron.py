@@ -65,7 +65,7 @@ class ArrayView:
                   else torch.from_numpy(part))
 
 
-class MindSporeSource:
+class MindSpeedSource:
     """A MindSpeed-Core-MS checkpoint read as the Megatron layout its ``pt_meta`` describes: for
     each state it holds ("param": the fp32 main params, which are the weights too, and with the
     optimizer the Adam moments) a Source of the MindSpore arrays (``sources[state]``). A Megatron
@@ -86,20 +86,18 @@ class MindSporeSource:
         self.chunk_keys = legacy.chunk_keys(self.layout.vpp)
         self.by_name: dict[int, dict[str, MappedFile]] = {}   # tp rank -> MindSpore name -> its file
         self.metas, rank_files, opened = {}, [], {}
-        for pp_rank in range(self.layout.pp):
-            for tp_rank in range(self.layout.tp):
-                rank = Rank(tp_rank, pp_rank)
-                self.metas[rank], chunks, _ = files.read_meta(meta_dir, rank)
-                mapped = opened[rank] = open_checkpoint(
-                    latest_checkpoint(files.rank_dir(iter_dir, rank), src_format and f".{src_format}"))
-                self.by_name.setdefault(tp_rank, {}).update(dict.fromkeys(mapped.names, mapped))
-                rank_files.append(SourceFile(mapped.path, rank, chunks))
+        for rank in self.layout.file_ranks():
+            self.metas[rank], chunks, _ = files.read_meta(meta_dir, rank)
+            mapped = opened[rank] = open_checkpoint(
+                latest_checkpoint(files.rank_dir(iter_dir, rank), src_format and f".{src_format}"))
+            self.by_name.setdefault(rank.tp, {}).update(dict.fromkeys(mapped.names, mapped))
+            rank_files.append(SourceFile(mapped.path, rank, chunks))
         for f in rank_files:
             self._check(f, states)
         placed = place(self.spec, self.layout, rank_files)
         self.sources: dict[str, Source] = {
             state: source_tensors(rank_files, placed, lambda f, chunk, key, where, state=state:
-                                  self._handle(state, f, chunk, key, where)) for state in states}
+                              self._handle(state, f, chunk, key, where)) for state in states}
         # MindSpore's own count, as MindSpeed-Core-MS reads it: it moves on if training went on there.
         first = opened[Rank()]
         self.iteration = int(first.read("step_num")) if "step_num" in first.tensors \
@@ -163,7 +161,7 @@ def mindspore_to_megatron(ms_path, megatron_path, target: Target = Target(), *, 
     ``noop``: MindSpore layer ids that are not Megatron layers (dropped; the others renumbered)."""
     refuse_non_empty(megatron_path)
     started = time.perf_counter()
-    src = MindSporeSource(ms_path, param_map_path, src_format, noop, not convert_param_only)
+    src = MindSpeedSource(ms_path, param_map_path, src_format, noop, not convert_param_only)
     spec, source = src.spec, src.layout
     files.check_num_layers(num_layers, spec, src.meta.path, noop)
     target = target.layout(source, spec)
