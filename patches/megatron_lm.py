@@ -23,6 +23,7 @@ Run against Megatron-LM ``core_v0.16.1`` (with megatron-core 0.16.1).
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -155,7 +156,10 @@ def _stop_if_any_failed(error: str | None) -> None:
     failed = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if failed.item():
-        print(f"error: {error or 'another rank could not load the checkpoint'}", file=sys.stderr, flush=True)
+        # One write of the whole line: the ranks share one stderr, and print's separate write of
+        # the newline let two ranks' lines run together.
+        sys.stderr.flush()
+        os.write(sys.stderr.fileno(), f"error: {error or 'another rank could not load the checkpoint'}\n".encode())
         sys.exit(2)
 
 

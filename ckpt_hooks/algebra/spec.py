@@ -193,7 +193,8 @@ def parallel_config_from_args(args) -> ParallelConfig:
         args.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
         getattr(args, "decoder_last_pipeline_num_layers", None))
     return ParallelConfig(tp=getattr(args, "tensor_model_parallel_size", 1) or 1, pp=pp, vpp=vpp,
-                          dp=getattr(args, "data_parallel_size", 1) or 1, layers_per_stage=stages)
+                          dp=getattr(args, "data_parallel_size", 1) or 1, layers_per_stage=stages,
+                          cp=getattr(args, "context_parallel_size", 1) or 1)
 
 
 def updated_args(args, spec: ModelSpec, config: ParallelConfig):
@@ -209,5 +210,6 @@ def updated_args(args, spec: ModelSpec, config: ParallelConfig):
     new.decoder_first_pipeline_num_layers, new.decoder_last_pipeline_num_layers = first, last
     new.num_layer_list = ",".join(map(str, stages)) if stages else None  # MindSpeed's spelling
     new.padded_vocab_size = spec.padded_vocab_for(config.tp)
+    new.make_vocab_size_divisible_by = spec.make_vocab_size_divisible_by   # as assumed, where the args lacked it
     new.data_parallel_size = config.dp
     return new

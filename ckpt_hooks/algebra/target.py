@@ -53,18 +53,19 @@ class Target:
 
     def layout(self, source: ParallelConfig, spec: ModelSpec, notes: list | None = None) -> ParallelConfig:
         """The target layout: the sizes given, the rest kept from ``source`` where they still apply
-        (VPP and uneven stages only with the same PP; DP by default fills the source's world, as
-        ``notes`` says), checked against ``spec`` and Megatron-LM's own rules."""
+        (VPP and uneven stages only with the same PP; context parallelism as the source's; DP by
+        default fills the source's world, as ``notes`` says), checked against ``spec`` and
+        Megatron-LM's own rules."""
         pp = self.pp or (len(self.num_layer_list) if self.num_layer_list else source.pp)
         vpp = self.vpp or (source.vpp if pp == source.pp else 1)
         tp = self.tp or source.tp
         stages = even_or_none(self.num_layer_list) if self.num_layer_list else \
             (source.layers_per_stage if pp == source.pp else None)
-        dp = self.dp or max(source.world // (tp * pp), 1)
+        dp = self.dp or max(source.world // (tp * pp * source.cp), 1)
         if self.dp is None and notes is not None and dp != source.dp:
             notes.append(f"data parallel size {dp} fills the source's {source.world} ranks "
                          f"(pass {FLAGS['dp']} to choose another)")
-        target = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, layers_per_stage=stages)
+        target = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, layers_per_stage=stages, cp=source.cp)
         if vpp > 1 and pp == 1:
             raise self.error("vpp", "virtual pipeline stages need a pipeline parallel size above 1 "
                                     "(Megatron-LM refuses the layout)")
@@ -80,4 +81,3 @@ class Target:
             raise self.error("num_layer_list" if self.num_layer_list else ("vpp" if self.vpp else "pp"),
                              str(e)) from None
         return target
-

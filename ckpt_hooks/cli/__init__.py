@@ -262,4 +262,3 @@ def main(argv=None) -> int:
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)
     return guarded(COMMANDS[args.command][2], args)
-

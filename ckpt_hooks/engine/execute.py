@@ -30,8 +30,8 @@ def build_tensor(tensor: TargetTensor, exact: bool = False):
     if len(tensor.copies) == 1 and tensor.complete and placement.stored_shape == placement.view_shape:
         copy = tensor.copies[0]
         view = getattr(copy.piece.handle, "view", None)
-        if view is not None:
-            return view(copy.source_slices)
+        if view is not None and (viewed := view(copy.source_slices)).dtype == tensor.dtype:
+            return viewed
     out = _allocate(tensor.dtype, placement.stored_shape, zero=not tensor.complete)
     target = out.reshape(placement.view_shape)
     for copy in tensor.copies:

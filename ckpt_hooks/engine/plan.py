@@ -60,14 +60,21 @@ def plan_tensor(tensor: Tensor, key: str, placement: Placement, *, chunk: str = 
     """The copies that build ``placement``'s box of ``tensor``, one replica per source box
     (``reader`` chooses which). Regions no piece covers stay zero (``complete`` False)."""
     out = TargetTensor(key, placement, dtype or tensor.dtype, chunk=chunk)
-    covered = 0
     for box in tensor.replicas:
         overlap = box.intersect(placement.box)
         if overlap is not None:
             out.copies.append(Copy(tensor.piece(box, reader), overlap))
-            covered += overlap.numel
-    out.complete = covered == placement.box.numel
+    out.complete = covered(out.copies) == placement.box.numel
     return out
+
+
+def covered(copies: list[Copy]) -> int:
+    """Elements the copies fill; a malformed source whose boxes overlap counts as filling less
+    than its sizes add up to, so that no gap is taken for covered."""
+    boxes = [c.box for c in copies]
+    if any(a.intersect(b) for i, a in enumerate(boxes) for b in boxes[i + 1:]):
+        return -1
+    return sum(b.numel for b in boxes)
 
 
 def restrict(tensor: TargetTensor, offsets, lengths) -> TargetTensor:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -45,8 +45,11 @@ def run(targets: list, write: Callable[[object, tqdm], None], total_bytes: int, 
         else:
             pool = ThreadPoolExecutor(max_workers=workers)
             try:
-                for result in [pool.submit(write, target, bar) for target in targets]:
-                    result.result()
+                futures = [pool.submit(write, target, bar) for target in targets]
+                done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+                failed = next((f for f in futures if f in done and f.exception() is not None), None)
+                if failed is not None:
+                    raise failed.exception()
             except BaseException:
                 bar.stop.set()   # the running workers stop at their next tensor
                 raise

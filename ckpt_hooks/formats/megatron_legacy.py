@@ -84,10 +84,6 @@ class LegacyCheckpoint:
     def args(self):
         return self.first.obj.get("args")
 
-    def lookup(self, file: tuple[int, int], chunk: str, key: str):
-        """(file, lazy tensor) of a model tensor: the executor's SourceLookup for the weights."""
-        return self.files[file], self.files[file].obj[chunk][key]
-
 
 def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
     """Open a checkpoint: every rank file's pickle parsed, no tensor data read."""

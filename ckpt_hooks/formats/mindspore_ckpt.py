@@ -63,6 +63,23 @@ def dtype_index(dtype: np.dtype, path, name: str) -> int:
     return index
 
 
+def copy_into(out, array: np.ndarray) -> None:
+    """``array`` (BF16 for bfloat16) into ``out``: a NumPy array, or a torch tensor of any dtype
+    (cast after the copy). Copied as same-sized integers: the bits are all that matter, and NumPy
+    has no bfloat16."""
+    if isinstance(out, np.ndarray):
+        np.copyto(out, array)
+        return
+    import torch
+
+    dtype = torch.bfloat16 if array.dtype == BF16 else torch.from_numpy(np.empty(0, array.dtype)).dtype
+    buffer = out if out.dtype == dtype else torch.empty(out.shape, dtype=dtype)
+    bits = getattr(torch, f"int{8 * array.dtype.itemsize}")
+    np.copyto(buffer.view(bits).numpy(), array.view(f"<i{array.dtype.itemsize}"))
+    if buffer is not out:
+        out.copy_(buffer)
+
+
 def raw_bytes(array: np.ndarray) -> np.ndarray:
     """An array's bytes in row-major order, as flat uint8 (a view when it is contiguous)."""
     return np.ascontiguousarray(array).reshape(-1).view(np.uint8)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.mindspore_ckpt import DTYPES as _MS_DTYPES, MappedFile, StoredTensor
+from ckpt_hooks.formats.mindspore_ckpt import DTYPES as _MS_DTYPES, MappedFile, StoredTensor, copy_into
 
 DTYPES = {code: np.dtype(dtype) for _, dtype, code in _MS_DTYPES}   # code -> NumPy dtype (BF16: 2-byte struct)
 _HEADER = 8
@@ -73,22 +73,11 @@ class SafetensorsFile(MappedFile):
 @dataclass(frozen=True)
 class ArrayPiece:
     """A stored piece as a NumPy view of the map, in its box's shape: the engine's handle
-    (``engine.source``). ``dtype``: the values' dtype as torch outputs take it."""
+    (``engine.source``)."""
 
     array: np.ndarray
-    dtype: object
 
     def read_into(self, slices: tuple[slice, ...], out, exact: bool = False) -> None:
         """The elements ``slices`` into ``out`` (NumPy, or torch: cast to its dtype). ``exact``
         is moot: the map reads only the pages those elements lie on."""
-        source = self.array[slices]
-        if isinstance(out, np.ndarray):
-            np.copyto(out, source)
-            return
-        import torch
-        buffer = out if out.dtype == self.dtype else torch.empty(out.shape, dtype=self.dtype)
-        # Copied as same-sized integers: NumPy has no bfloat16, and the bits are all that matter.
-        bits = getattr(torch, f"int{8 * source.dtype.itemsize}")
-        np.copyto(buffer.view(bits).numpy(), source.view(f"<i{source.dtype.itemsize}"))
-        if buffer is not out:
-            out.copy_(buffer)
+        copy_into(out, self.array[slices])

@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from ckpt_hooks.algebra import layout, names
-from ckpt_hooks.algebra.layout import EXTRA, VOCAB, LayoutError, Placement
+from ckpt_hooks.algebra.layout import EXTRA, VOCAB, Box, LayoutError, Placement
 from ckpt_hooks.algebra.spec import (ModelSpec, ParallelConfig, Rank, model_spec_from_args, parallel_config_from_args,
                                      vocab_divisor)
 from ckpt_hooks.engine.execute import build_tensor
-from ckpt_hooks.engine.plan import TargetFile, TargetTensor, plan_tensor
+from ckpt_hooks.engine.plan import TargetFile, TargetTensor, covered, plan_tensor
 from ckpt_hooks.engine.run import run
 from ckpt_hooks.engine.source import Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
@@ -262,10 +262,13 @@ def plan_files(tensors: Source, spec: ModelSpec, target: ParallelConfig, *, rank
                     raise CheckpointError(where, f"no source tensor for '{logical}'")
                 placement = layout.placement(rule, spec, target, rank, target_vocab, tensor.shape)
                 out = plan_tensor(tensor, key, placement, chunk=chunk, dtype=dtype)
-                if not out.complete and rule.kind != VOCAB:
-                    covered = sum(c.box.numel for c in out.copies)
-                    raise CheckpointError(where, f"source tensors cover {covered} of {placement.box.numel} "
-                                                 f"elements of target '{key}' (a rank file is missing tensors)")
+                # Only vocabulary rows past the source's own are left to padding (zeros).
+                held = placement.box.intersect(Box((0,) * len(tensor.shape), tensor.shape)) \
+                    if rule.kind == VOCAB else placement.box
+                if not out.complete and covered(out.copies) != (held.numel if held else 0):
+                    raise CheckpointError(where, f"source tensors cover {max(covered(out.copies), 0)} of "
+                                                 f"{held.numel} elements of target '{key}' (a rank file is "
+                                                 "missing tensors, or holds overlapping ones)")
                 planned.append(out)
         plan.append(TargetFile(rank, planned))
     return plan

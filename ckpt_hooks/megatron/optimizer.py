@@ -67,8 +67,9 @@ def rebuild_maps(spec, config, args, pp_rank: int, chunks: dict, grad_dtypes: di
         for info, dtype in chunk_params(spec, config, pp_rank, vp, tensors):
             by_dtype.setdefault(dtype_name(dtype), []).append(info)
         for param_dtype, params in by_dtype.items():
+            # The dense optimizer shards over DP x CP (megatron-core's data-parallel group with context).
             maps.append(rebuild(params, chunk=vp, param_dtype=param_dtype, grad_dtype=grad_dtypes[param_dtype],
-                                dp_size=config.dp, bucket_size=bucket_size(args, vp, pp_rank, config.dp)))
+                                dp_size=config.dense_dp, bucket_size=bucket_size(args, vp, pp_rank, config.dense_dp)))
     return maps
 
 

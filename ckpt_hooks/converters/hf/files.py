@@ -48,7 +48,7 @@ class StoredTensor:
 
     def piece(self, rows: slice, shape: tuple[int, ...]) -> ArrayPiece:
         """The engine's handle on rows ``rows`` (any step) of the tensor, seen in ``shape``."""
-        return ArrayPiece(self.file.read(self.name)[rows].reshape(shape), self.dtype)
+        return ArrayPiece(self.file.read(self.name)[rows].reshape(shape))
 
 
 def open_file(path) -> dict[str, StoredTensor]:

@@ -29,7 +29,7 @@ from ckpt_hooks.engine.source import STATES, Source
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import refuse_non_empty
-from ckpt_hooks.formats.mindspore_ckpt import BF16, MappedFile
+from ckpt_hooks.formats.mindspore_ckpt import BF16, MappedFile, copy_into
 from ckpt_hooks.formats.torch_pickle import contiguous_strides
 from ckpt_hooks.megatron.checkpoint import (SourceFile, pending_file, place, plan_files, source_tensors,
                                             write_checkpoint)
@@ -59,10 +59,8 @@ class ArrayView:
         start = first // row if stored else 0
         array = self.file.read(self.name, slice(start, -(-last // row)) if stored else None)
         flat = array.reshape(-1)[first - start * row:]
-        part = np.lib.stride_tricks.as_strided(flat, lengths, [st * flat.itemsize for st in strides],
-                                               writeable=False).copy()   # off the read-only map, for torch
-        out.copy_(torch.from_numpy(part.view(np.int16)).view(torch.bfloat16) if part.dtype == BF16
-                  else torch.from_numpy(part))
+        copy_into(out, np.lib.stride_tricks.as_strided(flat, lengths, [st * flat.itemsize for st in strides],
+                                                       writeable=False))
 
 
 class MindSpeedSource:
