@@ -10,7 +10,8 @@ against the largest target file, also net of the interpreter's own (Python + tor
 
 ``--baseline TREE`` also times another checkout of this project (e.g. the commit before a
 change, from ``git worktree`` or ``git archive``) on the same source, interleaved run by run:
-before/after in one run.
+before/after in one run. The source is then written by the baseline (whose manifest this tree
+reads; a newer one the baseline might not).
 """
 
 from __future__ import annotations
@@ -79,12 +80,15 @@ def largest_file(path: Path) -> int:
     return max(p.stat().st_size for p in path.rglob("*.pt"))
 
 
-def child(command: list[str], env: dict | None = None) -> tuple[float, int, str]:
+def child(command: list[str], tree: str | None = None) -> tuple[float, int, str]:
     """Wall seconds, peak RSS (bytes) and stdout of one child process, started after a sync so
     that every run begins with no dirty pages of an earlier one."""
     subprocess.run(["sync"], check=True)
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    # Another tree: first on the path, and the working directory (python -m looks there first).
+    env = None if tree is None else {**os.environ, "PYTHONPATH": tree}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                               cwd=tree)
     out = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
@@ -123,15 +127,16 @@ def main() -> None:
     work = Path(options.workdir or tempfile.mkdtemp(prefix="ckpt-hooks-bench-"))
     try:
         source = work / "tp2pp2"
-        child([sys.executable, __file__, "--make-source", str(source),
-               "--layers", str(options.layers), "--hidden", str(options.hidden)])
+        baseline_tree = str(Path(options.baseline).resolve()) if options.baseline else None
+        child([sys.executable, str(Path(__file__).resolve()), "--make-source", str(source.resolve()),
+               "--layers", str(options.layers), "--hidden", str(options.hidden)], baseline_tree)
         size = du(source)
         baseline = child([sys.executable, "-c", "import ckpt_hooks.megatron.conversion"])[1]
         print(f"source: TP2·PP2, {size / 1e9:.2f} GB in {len(list(source.rglob('*.pt')))} files; "
               f"median of {options.repeat} runs, warm page cache, sync before each")
         trees = {"this tree": None}
         if options.baseline:
-            trees[f"baseline {options.baseline}"] = {**os.environ, "PYTHONPATH": str(Path(options.baseline).resolve())}
+            trees[f"baseline {options.baseline}"] = baseline_tree
         for tp, pp in ((4, 1), (1, 1)):
             copies, runs = [], {name: [] for name in trees}
             for _ in range(options.repeat):
@@ -158,12 +163,12 @@ def main() -> None:
 
 
 def make_source(source: Path, layers: int, hidden: int) -> None:
-    from ckpt_hooks.algebra.target import Target
-    from ckpt_hooks.megatron.conversion import convert
-
     tp1 = source.with_name(source.name + "-tp1")
     write_tp1_checkpoint(tp1, make_source_args(layers, hidden))
-    convert(tp1, source, Target(tp=2, pp=2), convert_param_only=True, quiet=True)
+    # Through the CLI, whose flags do not change between trees (the Python API did).
+    subprocess.run([sys.executable, "-m", "ckpt_hooks.cli", "convert", "--load-dir", str(tp1), "--save-dir", str(source),
+                    "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
+                    "--convert-param-only", "--quiet"], check=True)
     shutil.rmtree(tp1)
 
 
