@@ -31,6 +31,7 @@ from ckpt_hooks.engine.source import Source, Tensor
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron.checkpoint import pending_file, plan_files, write_checkpoint
+from ckpt_hooks.megatron.conversion import resume_hint
 
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current legacy format
 
@@ -148,4 +149,5 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
     seconds = write_checkpoint(save_dir, iteration, plan, written.pp, rank_state, None, total, workers=workers,
                                quiet=quiet, label=f"{label} -> {written.describe()}",
                                finish=copy_assets if assets else None)
-    return Report(label, written.describe(), len(plan), total, time.perf_counter() - started, seconds, notes)
+    return Report(label, written.describe(), len(plan), total, time.perf_counter() - started, seconds,
+                  [*notes, resume_hint(save_dir, spec, written, optimizer=False)])
