@@ -227,3 +227,21 @@ def test_an_unwritable_parent_is_named_not_a_staging_path(tmp_path, monkeypatch)
     with pytest.raises(CheckpointError) as refused:
         refuse_non_empty(parent / "out" / "ckpt")
     assert str(refused.value) == f"{parent / 'out' / 'ckpt'}: cannot be created: {parent} is not writable"
+
+
+def test_args_that_disagree_between_rank_files(ckpt, tmp_path):
+    """One rank file's args describing another model (here: 4 query groups, the others 2)."""
+    victim = rank_file(ckpt, "mp_rank_01_001")
+    state = torch.load(victim, weights_only=False)
+    state["args"].num_query_groups = 4
+    torch.save(state, victim)
+    assert_refused(ckpt, tmp_path / "out", "--target-tensor-parallel-size", "1", names=victim,
+                   says="args disagree with the other rank files: num_query_groups 4 (the first rank file's: 2)")
+
+
+def test_a_symlink_loop_as_load_dir_is_named_as_such(tmp_path):
+    loop = tmp_path / "loop"
+    loop.symlink_to(tmp_path / "loop")
+    result = cli("convert", "--load-dir", loop, "--save-dir", tmp_path / "out", "--quiet")
+    assert result.returncode == 2 and not (tmp_path / "out").exists()
+    assert result.stderr.strip() == f"error: {loop}: a symlink that leads nowhere (a loop, or a missing target)"

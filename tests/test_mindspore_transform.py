@@ -7,6 +7,7 @@ complete checkpoint. Our output must then be byte-identical to MindSpore's for t
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -395,3 +396,27 @@ def test_bad_input_is_refused_in_one_line(work, tmp_path):
     with pytest.raises(CheckpointError, match="rank 4 is not among the 4 target ranks"):
         transform.transform_checkpoint_by_rank(4, sources["col2"], tmp_path / "x.ckpt", strategies["col2"],
                                                strategies["row4"])
+
+
+def test_checkpoints_that_do_not_fit_their_strategy(work, tmp_path):
+    """What a reader must not take silently: a rank directory beyond the strategy's ranks, a
+    tensor the checkpoint splits but the strategy does not name, a .ckpt whose crc_num trailer
+    does not match its bytes."""
+    root, strategies, complete, sources = work
+    src = ["--src-strategy-path-or-dir"]
+    extra = tmp_path / "extra"
+    shutil.copytree(sources["col2"], extra)
+    shutil.copytree(extra / "rank_1", extra / "rank_2")
+    _refused(extra, tmp_path / "a", *src, strategies["col2"], names=extra / "rank_2",
+             says="beyond the 2 ranks the source strategy describes")
+    lacking = write_strategy(tmp_path / "lacking.ckpt", {k: v for k, v in LAYOUTS["col2"].items() if k != "dense.weight"})
+    _refused(sources["col2"], tmp_path / "b", *src, lacking, names=sources["col2"] / "rank_1",
+             says="dense.weight: differs from rank 0's: split, but the source strategy does not say how")
+    crc = tmp_path / "crc"
+    (crc / "rank_0").mkdir(parents=True)
+    ms.save_checkpoint([{"name": n, "data": v} for n, v in _values().items()], str(crc / "rank_0" / "full.ckpt"),
+                       crc_check=True)
+    data = bytearray((crc / "rank_0" / "full.ckpt").read_bytes())
+    data[40] ^= 1   # one bit of a tensor's bytes
+    (crc / "rank_0" / "full.ckpt").write_bytes(bytes(data))
+    _refused(crc, tmp_path / "c", names=crc / "rank_0" / "full.ckpt", says="crc")

@@ -1,5 +1,8 @@
-"""Atomic file output: a file, or a whole directory, appears under its final name only when
-complete; a failed write leaves nothing behind."""
+"""Atomic, durable file output: a file, or a whole directory, appears under its final name only
+when complete and on disk; a failed write leaves nothing behind.
+
+Durable: every file and directory is fsync'ed before the rename that publishes it, and the
+parent after it, so that a power loss after the rename cannot publish empty or partial files."""
 
 from __future__ import annotations
 
@@ -13,6 +16,24 @@ from pathlib import Path
 from ckpt_hooks.errors import CheckpointError
 
 
+def fsync(path) -> None:
+    """A file's or a directory's contents (a directory's: its entries) on disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """Every file under ``root``, then every directory, deepest first, on disk."""
+    for directory, _, names in os.walk(root):
+        for name in names:
+            fsync(Path(directory) / name)
+    for directory, _, _ in os.walk(root, topdown=False):
+        fsync(directory)
+
+
 @contextlib.contextmanager
 def atomic_write(path):
     """A binary file object on a hidden temporary name beside ``path``, renamed to ``path`` only
@@ -22,7 +43,10 @@ def atomic_write(path):
     try:
         with open(tmp, "xb") as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -37,9 +61,8 @@ def refuse_non_empty(save_dir: str | os.PathLike, sources=(), overwrite: bool = 
     path = Path(save_dir)
     if path.exists() and not path.is_dir():
         raise CheckpointError(path, "is a file; the save directory must be a directory that does not exist or is empty")
-    where = path.resolve()
-    for source in map(Path, sources):
-        source = source.resolve()
+    where = _resolved(path)
+    for source in map(_resolved, sources):
         if where == source or source in where.parents:
             raise CheckpointError(path, f"lies inside the checkpoint being read ({source}); "
                                         "choose a save directory outside it")
@@ -50,6 +73,13 @@ def refuse_non_empty(save_dir: str | os.PathLike, sources=(), overwrite: bool = 
     parent = next(p for p in where.parents if p.exists())
     if not path.exists() and not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(path, f"cannot be created: {parent} is not writable")
+
+
+def _resolved(path) -> Path:
+    try:
+        return Path(path).resolve()
+    except RuntimeError:   # Python 3.11 raises it for a symlink loop
+        raise CheckpointError(path, "a symlink that leads nowhere (a loop, or a missing target)") from None
 
 
 @contextlib.contextmanager
@@ -64,9 +94,11 @@ def staged_directory(save_dir: str | os.PathLike):
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
+        fsync_tree(staging)
         if target.exists():
             target.rmdir()
         staging.rename(target)
+        fsync(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import torch_pickle
+from ckpt_hooks.formats.atomic import fsync
 from ckpt_hooks.formats.torch_pickle import TorchFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -45,6 +46,8 @@ def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
     if root.is_file():
         raise CheckpointError(root, "is a file; give the checkpoint's directory (the one holding "
                                     f"{TRACKER}, or an iter_* directory)")
+    if root.is_symlink() and not root.exists():
+        raise CheckpointError(root, "a symlink that leads nowhere (a loop, or a missing target)")
     if not root.is_dir():
         raise CheckpointError(root, "checkpoint directory not found")
     if any(_RANK_DIR.fullmatch(p.name) for p in root.iterdir()):
@@ -129,4 +132,5 @@ def save_rank_file(root: Path, iteration: int | None, tp_rank: int, pp_rank: int
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     torch_pickle.save(state, path)
+    fsync(path)   # now, by this worker, beside the others' writing: the publish then finds it on disk
     return path

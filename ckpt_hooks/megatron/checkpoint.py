@@ -14,6 +14,7 @@ that writes Megatron.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -112,8 +113,9 @@ def read_files(load_dir, true_vocab_size: int | None = None, check_manifest: boo
         raise CheckpointError(ckpt.first.path, f"saved args lack a model setting ({e})") from None
     files = _source_files(ckpt, config)
     saved_manifest = manifest.read(ckpt.iter_dir) if check_manifest else None
-    if saved_manifest is not None:
+    if saved_manifest is not None:   # first: it names a replaced or truncated file as such
         manifest.check(saved_manifest, ckpt.iter_dir, spec, config, files)
+    _check_same_args(ckpt, spec, config)
     if true_vocab_size is not None:
         spec = replace(spec, true_vocab_size=true_vocab_size)
     if spec.true_vocab_size is not None:
@@ -124,6 +126,22 @@ def read_files(load_dir, true_vocab_size: int | None = None, check_manifest: boo
     except LayoutError as e:
         raise CheckpointError(ckpt.first.path, f"saved args: {e}") from None
     return ckpt, spec, config, files
+
+
+def _check_same_args(ckpt: legacy.LegacyCheckpoint, spec: ModelSpec, config: ParallelConfig) -> None:
+    """Every rank file's args describe the model and layout the first one's do (a rank file of
+    another run, or edited, is an error naming it)."""
+    first = {**dataclasses.asdict(spec), **dataclasses.asdict(config)}
+    for torch_file in ckpt.files.values():
+        args = torch_file.obj.get("args") if isinstance(torch_file.obj, dict) else None
+        try:
+            theirs = {**dataclasses.asdict(model_spec_from_args(args)),
+                      **dataclasses.asdict(parallel_config_from_args(args))}
+        except AttributeError as e:
+            raise CheckpointError(torch_file.path, f"saved args lack a model setting ({e})") from None
+        wrong = [f"{k} {v!r} (the first rank file's: {first[k]!r})" for k, v in theirs.items() if v != first[k]]
+        if wrong:
+            raise CheckpointError(torch_file.path, "args disagree with the other rank files: " + ", ".join(wrong))
 
 
 def _vocab_padding(spec: ModelSpec, config: ParallelConfig, divisor: int | None, path, notes) -> ModelSpec:

@@ -20,12 +20,13 @@ READERS = {".ckpt": CkptFile, ".safetensors": SafetensorsFile}
 RANK_DIR = re.compile(r"rank_(\d+)")
 
 
-def open_checkpoint(path) -> MappedFile:
-    """A .ckpt or MindSpore safetensors file, opened lazily."""
+def open_checkpoint(path, check_crc: bool = False) -> MappedFile:
+    """A .ckpt or MindSpore safetensors file, opened lazily; ``check_crc``: its ``crc_num``
+    checked, where it has one (which reads the whole file)."""
     reader = READERS.get(Path(path).suffix)
     if reader is None:
         raise CheckpointError(path, f"not a MindSpore checkpoint (expected {' or '.join(READERS)})")
-    return reader(path)
+    return reader(path, check_crc=check_crc)
 
 
 def rank_dirs(root: Path) -> dict[int, Path]:

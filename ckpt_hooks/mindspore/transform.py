@@ -76,12 +76,17 @@ def open_source(load_dir, world: int) -> dict[int, MappedFile]:
             if missing:
                 raise CheckpointError(root / f"rank_{missing[0]}", f"missing rank directory (the source strategy "
                                                                    f"describes {world} ranks)")
+            extra = sorted(rank for rank in ranks if rank >= world)
+            if extra:
+                raise CheckpointError(ranks[extra[0]], f"a rank directory beyond the {world} ranks the source "
+                                                       "strategy describes (another strategy's checkpoint?)")
             paths = {rank: latest_checkpoint(ranks[rank]) for rank in range(world)}
     else:
         raise CheckpointError(root, "checkpoint not found")
     if len({p.suffix for p in paths.values()}) > 1:
         raise CheckpointError(root, "mixes .ckpt and .safetensors files")
-    return {rank: open_checkpoint(p) for rank, p in paths.items()}
+    # A file read whole anyway: its crc_num trailer, where it has one, is checked too.
+    return {rank: open_checkpoint(p, check_crc=True) for rank, p in paths.items()}
 
 
 def read_source(load_dir, strategy: Strategy | None) -> MindSporeSource:
@@ -102,12 +107,31 @@ def read_source(load_dir, strategy: Strategy | None) -> MindSporeSource:
     return MindSporeSource(files, strategy, tensors, strings)
 
 
+def _check_replicas(files: dict[int, MappedFile], name: str, ranks: list[int]) -> None:
+    """A tensor no strategy names must be a replica on every rank: the same shape and (sampled:
+    its first, middle and last 1 KiB) the same bytes. A split tensor the strategy forgot would
+    otherwise be read as whole from one rank."""
+    first = files[ranks[0]]
+    for r in ranks[1:]:
+        if files[r].tensors[name].shape != first.tensors[name].shape or \
+                any(not np.array_equal(a, b) for a, b in zip(_samples(first, name), _samples(files[r], name))):
+            raise CheckpointError(files[r].path, f"{name}: differs from rank {ranks[0]}'s: split, but the source "
+                                                 "strategy does not say how (a strategy of another run, or none?)")
+
+
+def _samples(file: MappedFile, name: str) -> list[np.ndarray]:
+    flat = file.read(name).reshape(-1).view(np.uint8)
+    n = min(1024, flat.size)
+    return [flat[:n], flat[(flat.size - n) // 2:][:n], flat[flat.size - n:]]
+
+
 def _locate(files: dict[int, MappedFile], name: str, strategy: Strategy | None) -> Tensor | None:
     """A source tensor with the box each rank holds; None when the ranks the strategy places it
     on do not have it (MindSpore skips those too)."""
     layout = strategy.params.get(name) if strategy else None
     if layout is None:  # whole on every rank that has it
         expected = [r for r in files if name in files[r].tensors]
+        _check_replicas(files, name, expected)
     else:
         n = layout.stage_devices
         expected = [s * n + local for s in layout.stages for local in range(n)]
