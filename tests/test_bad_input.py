@@ -245,3 +245,13 @@ def test_a_symlink_loop_as_load_dir_is_named_as_such(tmp_path):
     result = cli("convert", "--load-dir", loop, "--save-dir", tmp_path / "out", "--quiet")
     assert result.returncode == 2 and not (tmp_path / "out").exists()
     assert result.stderr.strip() == f"error: {loop}: a symlink that leads nowhere (a loop, or a missing target)"
+
+
+def test_optimizer_files_of_two_ranks_swapped(ckpt, tmp_path):
+    """Same sizes, so the buffers fit: the fp32 main params must still be the rank's weights."""
+    first, second = (ckpt / "iter_0000003" / d / "distrib_optim.pt" for d in ("mp_rank_00_000", "mp_rank_01_000"))
+    data = first.read_bytes()
+    first.write_bytes(second.read_bytes())
+    second.write_bytes(data)
+    assert_refused(ckpt, tmp_path / "out", "--target-tensor-parallel-size", "1", names=first,
+                   says="its fp32 params are not the weights of", optimizer=True)

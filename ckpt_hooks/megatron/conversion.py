@@ -54,6 +54,8 @@ def plan_megatron(load_dir, target: Target = Target(), *, convert_param_only: bo
     layout = target.layout(src.layout, src.spec, src.notes)
     weights = plan_files(src.weights, src.spec, layout, where=src.ckpt.first.path)
     optim = None if convert_param_only else SourceOptimizer(src)
+    if optim is not None:
+        optim.check_against_weights(src)
     optim_plans = {} if optim is None else optim.plans(src.spec, layout)
     return Planned(src, layout, weights, optim, optim_plans)
 

@@ -147,6 +147,29 @@ class SourceOptimizer:
                     key = (state, f.rank, chunk_keys[buffer_map.chunk], slot.name)
                     self.views[key] = _contiguous_view(tensor, buffer_map.legacy_offset(slot), slot.shape)
 
+    def check_against_weights(self, src, sample: int = 64) -> None:
+        """Each file's fp32 main params are its model file's weights (bitwise for fp32 weights,
+        their rounding for bf16/fp16): checked on the first ``sample`` elements of each buffer's
+        first parameter, which catches the optimizer files of two ranks swapped, or of another
+        run, at the cost of a few hundred bytes per buffer."""
+        for f in src.files:
+            model = src.ckpt.files[(f.rank.tp, f.rank.pp)]
+            chunk_keys = list(f.chunks)
+            for buffer_map in self.maps[f.rank]:
+                slot = buffer_map.params[0]
+                chunk = chunk_keys[buffer_map.chunk]
+                param, weight = self.views[("param", f.rank, chunk, slot.name)], model.obj[chunk][slot.name]
+                if not weight.is_contiguous():
+                    continue
+                n = min(sample, param.numel)
+                main, stored = torch.empty(n, dtype=param.dtype), torch.empty(n, dtype=weight.dtype)
+                self.files[f.rank].read_runs(param, [0], n, main)
+                model.read_runs(weight, [0], n, stored)
+                if not torch.equal(main.to(weight.dtype), stored):
+                    raise CheckpointError(self.files[f.rank].path, f"its fp32 params are not the weights of {model.path} "
+                                                                   f"('{slot.name}'): the optimizer file of another "
+                                                                   "rank or run?")
+
     def plans(self, spec, target, ranks=None) -> dict[str, dict[Rank, TargetFile]]:
         """For each state, its target files resharded like the weights: {state: {rank: file}}."""
         return {state: {t.rank: t for t in plan_files(self.sources[state], spec, target, ranks=ranks)}
