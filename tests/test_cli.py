@@ -92,3 +92,23 @@ def test_every_command_has_an_example_and_shows_defaults():
     text = cli("convert", "--help").stdout
     assert "example: ckpt-hooks convert" in text
     assert re.search(r"target files built in parallel\s+\(default: \d+\)", text), text
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(sources, tmp_path):
+    """The plan's bytes are what the conversion writes; the reads cover every source tensor once
+    (TP2·PP2 -> TP1·PP1 has no replicas to skip); nothing is created."""
+    source = sources["tp2pp2"].dir
+    plan = cli("convert", "--load-dir", source, "--save-dir", tmp_path / "out", "--target-tensor-parallel-size", 1,
+               "--target-pipeline-parallel-size", 1, "--dry-run")
+    assert plan.returncode == 0, plan.stderr
+    assert not (tmp_path / "out").exists()
+    done = cli("convert", "--load-dir", source, "--save-dir", tmp_path / "out", "--target-tensor-parallel-size", 1,
+               "--target-pipeline-parallel-size", 1)
+    assert done.returncode == 0, done.stderr
+    written = re.search(r"([0-9.]+) MB in", done.stdout).group(1)
+    assert f"writes {written} MB; reads:" in plan.stdout, (plan.stdout, done.stdout)
+    reads = re.findall(r"/(mp_rank_\d\d_\d\d\d/\w+\.pt)  ([0-9.]+) MB", plan.stdout)
+    assert sorted({f for f, _ in reads}) == sorted(f"mp_rank_{t:02d}_{p:03d}/{name}" for t in range(2)
+                                                   for p in range(2) for name in ("distrib_optim.pt",
+                                                                                  "model_optim_rng.pt"))
+    assert "largest tensor in flight" in plan.stdout and "peak memory about" in plan.stdout

@@ -33,6 +33,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the source's vocabulary divisor, when its args lack it and the inferred one is wrong")
     parser.add_argument("--workers", "--process-num", type=int, default=min(4, os.cpu_count() or 1),
                         help="target files built in parallel")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (bytes per target file, reads per source file, peak memory) and stop")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty save directory (kept until the new output is complete; never "
                              "the checkpoint being read)")
@@ -63,7 +65,9 @@ def _refuse_flags(args, names: tuple[str, ...], framework: str) -> None:
 def run_convert(args) -> None:
     from ckpt_hooks.formats.atomic import refuse_non_empty, replacing
 
-    if args.overwrite:
+    if args.dry_run:
+        _dry_run(args)
+    elif args.overwrite:
         refuse_non_empty(args.save_dir, sources=[args.load_dir], overwrite=True)
         with replacing(args.save_dir):
             _convert(args)
@@ -85,6 +89,16 @@ def _convert(args) -> None:
                      workers=args.workers, quiet=args.quiet)
     if not args.quiet:
         print(f"wrote {args.save_dir}: {report}")
+
+
+def _dry_run(args) -> None:
+    from ckpt_hooks.megatron.conversion import dry_run, plan_megatron
+    from ckpt_hooks.mindspore.transform import is_mindspore_source
+
+    if args.src_strategy_path_or_dir or args.dst_strategy or is_mindspore_source(args.load_dir):
+        raise CheckpointError(args.load_dir, "--dry-run plans Megatron checkpoints only, for now")
+    print(dry_run(plan_megatron(args.load_dir, target_from(args), convert_param_only=args.convert_param_only),
+                  args.workers))
 
 
 def run_mindspore_convert(args) -> None:

@@ -12,6 +12,7 @@ from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.engine.plan import TargetFile
 from ckpt_hooks.engine.run import Report
 from ckpt_hooks.engine.source import STATES
+from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron import legacy_names
 from ckpt_hooks.megatron.checkpoint import MegatronSource, pending_file, plan_files, read_source, write_checkpoint
@@ -58,6 +59,34 @@ def plan_megatron(load_dir, target: Target = Target(), *, convert_param_only: bo
         optim.check_against_weights(src)
     optim_plans = {} if optim is None else optim.plans(src.spec, layout)
     return Planned(src, layout, weights, optim, optim_plans)
+
+
+def dry_run(p: Planned, workers: int) -> str:
+    """What ``convert`` would do, from the plan alone (no tensor data read): bytes per target
+    file, bytes read per source file, the largest tensor in flight and an estimate of the peak
+    memory (each worker builds a tensor while the previous one is written; an optimizer buffer
+    is built whole)."""
+    iter_name = legacy.iteration_dir_name(p.src.ckpt.iteration)
+    states = [(legacy.MODEL_FILE, p.weights)] + [(f"{legacy.OPTIMIZER_FILE} ({state})", list(files.values()))
+                                                 for state, files in p.optimizer_plans.items()]
+    reads: dict[str, int] = {}
+    largest = 0
+    lines = [f"plan {p.src.layout.describe()} -> {p.target.describe()} (dry run: nothing read or written)"]
+    for what, files in states:
+        for f in files:
+            name = f"{iter_name}/{legacy.rank_dir_name(f.rank.tp, f.rank.pp, p.target.pp)}"
+            lines.append(f"  {name}/{what}  {f.nbytes / 1e6:.1f} MB")
+            # an optimizer state's buffer is built whole
+            largest = max(largest, *(t.nbytes for t in f.tensors), f.nbytes if what != legacy.MODEL_FILE else 0)
+            for tensor in f.tensors:
+                for copy in tensor.copies:
+                    path = copy.piece.handle.file.path
+                    reads[path] = reads.get(path, 0) + copy.box.numel * tensor.dtype.itemsize
+    lines.append(f"writes {p.nbytes / 1e6:.1f} MB; reads:")
+    lines += [f"  {path}  {n / 1e6:.1f} MB" for path, n in sorted(reads.items())]
+    lines.append(f"largest tensor in flight {largest / 1e6:.1f} MB; peak memory about "
+                 f"{workers * 2 * largest / 1e6:.1f} MB above the interpreter ({workers} workers)")
+    return "\n".join(lines)
 
 
 def resume_hint(save_dir, spec: ModelSpec, layout: ParallelConfig, optimizer: bool) -> str:
