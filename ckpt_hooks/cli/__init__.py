@@ -11,8 +11,7 @@ import signal
 import sys
 
 from ckpt_hooks import __version__
-from ckpt_hooks.algebra.target import FLAGS
-from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, positive, target_from
+from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, positive, refuse_flags, target_from
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.cli.hf import COMMANDS as HF_COMMANDS
 from ckpt_hooks.cli.lora import COMMANDS as LORA_COMMANDS
@@ -55,13 +54,6 @@ _MEGATRON_ONLY = ("tp", "pp", "vpp", "dp", "num_layer_list", "convert_param_only
 _MINDSPORE_ONLY = ("prefix", "format")
 
 
-def _refuse_flags(args, names: tuple[str, ...], framework: str) -> None:
-    given = [name for name in names if getattr(args, name) not in (None, False)]
-    if given:
-        flag = FLAGS.get(given[0], "--" + given[0].replace("_", "-"))
-        raise CheckpointError(args.load_dir, f"{flag} does not apply to a {framework} checkpoint")
-
-
 def run_convert(args) -> None:
     from ckpt_hooks.formats.atomic import refuse_non_empty, replacing
 
@@ -79,10 +71,10 @@ def _convert(args) -> None:
     from ckpt_hooks.mindspore.transform import is_mindspore_source
 
     if args.src_strategy_path_or_dir or args.dst_strategy or is_mindspore_source(args.load_dir):
-        _refuse_flags(args, _MEGATRON_ONLY, "MindSpore")
+        refuse_flags(args, _MEGATRON_ONLY, "a MindSpore checkpoint")
         run_mindspore_convert(args)
         return
-    _refuse_flags(args, _MINDSPORE_ONLY, "Megatron")
+    refuse_flags(args, _MINDSPORE_ONLY, "a Megatron checkpoint")
     from ckpt_hooks.megatron.conversion import convert
 
     report = convert(args.load_dir, args.save_dir, target_from(args), convert_param_only=args.convert_param_only,

@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ckpt_hooks.algebra.target import FLAGS
-from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, target_from
+from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, refuse_flags, target_from
 from ckpt_hooks.converters.hf.names import LAYERS
-from ckpt_hooks.errors import CheckpointError
 
 _MEGATRON_FLAGS = ("tp", "pp", "vpp", "dp", "num_layer_list")
 _HF_FLAGS = ("model_type", "max_shard_size")
@@ -49,11 +47,7 @@ def add_merge_arguments(parser: argparse.ArgumentParser) -> None:
 def run_merge(args) -> None:
     from ckpt_hooks.converters.lora.merge import HF, merge_lora
 
-    refused = _HF_FLAGS if args.save_format != HF else _MEGATRON_FLAGS
-    given = [name for name in refused if getattr(args, name) is not None]
-    if given:
-        flag = FLAGS.get(given[0], f"--{given[0].replace('_', '-')}")
-        raise CheckpointError(args.load_dir, f"{flag} does not apply to --save-format {args.save_format}")
+    refuse_flags(args, _HF_FLAGS if args.save_format != HF else _MEGATRON_FLAGS, f"--save-format {args.save_format}")
     report = merge_lora(args.load_dir, args.lora_load, args.save_dir, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                         target_modules=args.lora_target_modules, save_format=args.save_format,
                         target=target_from(args), model_type=args.model_type,

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 
 from ckpt_hooks.algebra.spec import parse_layer_list
+from ckpt_hooks.algebra.target import FLAGS, Target
+from ckpt_hooks.errors import CheckpointError
 
 
 def positive(text: str) -> int:
@@ -64,9 +66,15 @@ def add_vocab_arguments(parser: argparse.ArgumentParser, padding: bool = True) -
 
 def target_from(args, **more):
     """The Target the parsed flags give (those a command does not have stay unset)."""
-    from ckpt_hooks.algebra.target import Target
-
     given = {name: getattr(args, name, None) for name in
              ("tp", "pp", "vpp", "dp", "num_layer_list", "make_vocab_size_divisible_by", "padded_vocab_size",
               "true_vocab_size")}
     return Target(**given, **more)
+
+
+def refuse_flags(args, names, where: str) -> None:
+    """Fail, naming the first of ``names`` given, for a flag that does not apply ``where`` says."""
+    given = [name for name in names if getattr(args, name) not in (None, False)]
+    if given:
+        flag = FLAGS.get(given[0], "--" + given[0].replace("_", "-"))
+        raise CheckpointError(args.load_dir, f"{flag} does not apply to {where}")

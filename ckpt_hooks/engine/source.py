@@ -52,11 +52,6 @@ class Tensor:
     def add(self, box: Box, handle) -> None:
         self.replicas.setdefault(box, []).append(handle)
 
-    @property
-    def stored(self) -> bool:
-        """False for entries that hold no tensor (Transformer Engine ``_extra_state``)."""
-        return self.dtype is not None
-
     def piece(self, box: Box, reader: int = 0) -> Piece:
         """The replica of ``box`` that reading rank ``reader`` reads (spreads reads over replicas)."""
         handles = self.replicas[box]

@@ -62,10 +62,6 @@ class MegatronSource:
     placed: Placed
     notes: list[str] = field(default_factory=list)   # what was assumed, for the user
 
-    @property
-    def chunk_keys(self) -> list[str]:
-        return legacy.chunk_keys(self.layout.vpp)
-
     def __fspath__(self) -> str:
         """Where it was read from (a converter handed a source names it as it would a path)."""
         return str(self.ckpt.iter_dir)
@@ -106,11 +102,7 @@ def read_files(load_dir, true_vocab_size: int | None = None, check_manifest: boo
     what each file holds (a LoRA checkpoint's adapters have no place of their own)."""
     ckpt = open_checkpoint(load_dir)
     args = ckpt.args
-    try:
-        spec = model_spec_from_args(args)
-        config = parallel_config_from_args(args)
-    except AttributeError as e:
-        raise CheckpointError(ckpt.first.path, f"saved args lack a model setting ({e})") from None
+    spec, config = _described(args, ckpt.first.path)
     files = _source_files(ckpt, config)
     saved_manifest = manifest.read(ckpt.iter_dir) if check_manifest else None
     if saved_manifest is not None:   # first: it names a replaced or truncated file as such
@@ -128,17 +120,21 @@ def read_files(load_dir, true_vocab_size: int | None = None, check_manifest: boo
     return ckpt, spec, config, files
 
 
+def _described(args, path) -> tuple[ModelSpec, ParallelConfig]:
+    """The model and layout a rank file's ``args`` describe."""
+    try:
+        return model_spec_from_args(args), parallel_config_from_args(args)
+    except AttributeError as e:
+        raise CheckpointError(path, f"saved args lack a model setting ({e})") from None
+
+
 def _check_same_args(ckpt: legacy.LegacyCheckpoint, spec: ModelSpec, config: ParallelConfig) -> None:
     """Every rank file's args describe the model and layout the first one's do (a rank file of
     another run, or edited, is an error naming it)."""
     first = {**dataclasses.asdict(spec), **dataclasses.asdict(config)}
     for torch_file in ckpt.files.values():
         args = torch_file.obj.get("args") if isinstance(torch_file.obj, dict) else None
-        try:
-            theirs = {**dataclasses.asdict(model_spec_from_args(args)),
-                      **dataclasses.asdict(parallel_config_from_args(args))}
-        except AttributeError as e:
-            raise CheckpointError(torch_file.path, f"saved args lack a model setting ({e})") from None
+        theirs = {k: v for part in _described(args, torch_file.path) for k, v in dataclasses.asdict(part).items()}
         wrong = [f"{k} {v!r} (the first rank file's: {first[k]!r})" for k, v in theirs.items() if v != first[k]]
         if wrong:
             raise CheckpointError(torch_file.path, "args disagree with the other rank files: " + ", ".join(wrong))
@@ -231,22 +227,27 @@ def source_tensors(files: list[SourceFile], placed: Placed, handle: Callable, dt
 
 # ---- the sink: a target layout's rank files --------------------------------------------------
 
-def _target_keys(tensors: Source, spec: ModelSpec, config: ParallelConfig, pp_rank: int,
-                 vp: int) -> list[tuple[str, str]]:
-    """(key, logical name) of each entry a target chunk holds, in megatron-core's state-dict order."""
-    first = layout.is_first_chunk(config, pp_rank, vp)
-    last = layout.is_last_chunk(config, pp_rank, vp)
+def _key_order(tensors: Source, spec: ModelSpec) -> tuple[list[tuple[str, str]], list[str]]:
+    """The source's entries outside the layers as (key, logical name), and the per-layer key
+    suffixes, each in the order the source holds them."""
     outer, suffixes = [], []
     for logical in tensors:
         name = names.classify(logical)
         if name.local_layer is None:
-            outer.append(logical)
+            outer.append((logical, logical))
         elif name.suffix not in suffixes:
             suffixes.append(name.suffix)
-    outer = [(k, k) for k in outer]
     if spec.tied_embeddings:   # the output layer is the embedding: before its other entries, else last
         at = next((i for i, (k, _) in enumerate(outer) if k.startswith("output_layer.")), len(outer))
         outer.insert(at, (names.OUTPUT, names.EMBEDDING))
+    return outer, suffixes
+
+
+def _target_keys(order, spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp: int) -> list[tuple[str, str]]:
+    """(key, logical name) of each entry a target chunk holds, in megatron-core's state-dict order."""
+    outer, suffixes = order
+    first = layout.is_first_chunk(config, pp_rank, vp)
+    last = layout.is_last_chunk(config, pp_rank, vp)
     keys = [(k, logical) for k, logical in outer if first and k.startswith("embedding.")]
     for local, global_layer in enumerate(layout.chunk_layers(spec, config, pp_rank, vp)):
         keys += [(names.layer_key(local, s), names.layer_key(global_layer, s)) for s in suffixes]
@@ -262,13 +263,14 @@ def plan_files(tensors: Source, spec: ModelSpec, target: ParallelConfig, *, rank
     ``tensors``. ``where`` names the source in errors."""
     target_vocab = spec.padded_vocab_for(target.tp)
     chunk_keys = legacy.chunk_keys(target.vpp)
+    order = _key_order(tensors, spec)
     plan = []
     for rank in target.file_ranks():
         if ranks is not None and rank not in ranks:
             continue
         planned = []
         for vp, chunk in enumerate(chunk_keys):
-            for key, logical in _target_keys(tensors, spec, target, rank.pp, vp):
+            for key, logical in _target_keys(order, spec, target, rank.pp, vp):
                 tensor = tensors.get(logical)
                 if tensor is None:
                     raise CheckpointError(where, f"no source file holds '{logical}'")
@@ -281,12 +283,14 @@ def plan_files(tensors: Source, spec: ModelSpec, target: ParallelConfig, *, rank
                 placement = layout.placement(rule, spec, target, rank, target_vocab, tensor.shape)
                 out = plan_tensor(tensor, key, placement, chunk=chunk, dtype=dtype)
                 # Only vocabulary rows past the source's own are left to padding (zeros).
-                held = placement.box.intersect(Box((0,) * len(tensor.shape), tensor.shape)) \
-                    if rule.kind == VOCAB else placement.box
-                if not out.complete and covered(out.copies) != (held.numel if held else 0):
-                    raise CheckpointError(where, f"source tensors cover {max(covered(out.copies), 0)} of "
-                                                 f"{held.numel} elements of target '{key}' (a rank file is "
-                                                 "missing tensors, or holds overlapping ones)")
+                if not out.complete:
+                    held = placement.box.intersect(Box((0,) * len(tensor.shape), tensor.shape)) \
+                        if rule.kind == VOCAB else placement.box
+                    filled, needed = covered(out.copies), held.numel if held else 0
+                    if filled != needed:
+                        raise CheckpointError(where, f"source tensors cover {max(filled, 0)} of {needed} "
+                                                     f"elements of target '{key}' (a rank file is missing tensors, "
+                                                     "or holds overlapping ones)")
                 planned.append(out)
         plan.append(TargetFile(rank, planned))
     return plan

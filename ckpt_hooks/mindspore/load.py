@@ -213,7 +213,7 @@ def _listing(items: list[str], limit: int = 8) -> str:
 def _plan(name: str, tensor: Tensor, box: Box, rank: int) -> TargetTensor:
     """The copies that fill ``box`` of ``tensor``: one replica of each distinct box, the ``rank``-th."""
     plan = plan_tensor(tensor, name, Placement(tensor.shape, box, box.lengths), reader=rank)
-    # A layout's distinct boxes do not overlap, so they fill the target when their sizes add up.
+    # complete: the distinct boxes fill the target without overlapping (engine.plan.covered)
     if not plan.complete:
         boxes = ", ".join(f"{list(b.offsets)}+{list(b.lengths)}" for b in tensor.replicas)
         path = next(iter(tensor.replicas.values()))[0].file.path
