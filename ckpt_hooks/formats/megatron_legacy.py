@@ -50,7 +50,7 @@ def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
         raise CheckpointError(root, "a symlink that leads nowhere (a loop, or a missing target)")
     if not root.is_dir():
         raise CheckpointError(root, "checkpoint directory not found")
-    if any(_RANK_DIR.fullmatch(p.name) for p in root.iterdir()):
+    if any(_RANK_DIR.fullmatch(p.name) or p.name in (".metadata", "metadata.json") for p in root.iterdir()):
         name = root.name
         return root, (int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None)
     tracker = root / TRACKER

@@ -154,16 +154,52 @@ class _Unpickler(pickle.Unpickler):
         return LazyStorage(self._path, str(key), storage_type, int(numel))
 
 
-class TorchFile:
-    """A ``torch.save`` zip file opened lazily: ``obj`` holds LazyTensors in place of tensors."""
+class _Window(io.RawIOBase):
+    """Bytes [base, base + length) of a file as a file of their own (a ``torch.save`` archive
+    inside a torch_dist ``.distcp`` file)."""
 
-    def __init__(self, path):
+    def __init__(self, path: str, base: int, length: int):
+        self._file, self._base, self._length, self._position = open(path, "rb"), base, length, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._length}[whence]
+        self._position = max(0, start + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer) -> int:
+        n = max(0, min(len(buffer), self._length - self._position))
+        self._file.seek(self._base + self._position)
+        got = self._file.readinto(memoryview(buffer)[:n])
+        self._position += got
+        return got
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+class TorchFile:
+    """A ``torch.save`` zip file opened lazily: ``obj`` holds LazyTensors in place of tensors.
+    ``base``/``length``: the archive is that byte range of ``path`` (a torch_dist item)."""
+
+    def __init__(self, path, base: int = 0, length: int | None = None):
         self.path = str(path)
+        self._base = base
         self._offsets: dict[str, int] = {}
         self.bytes_read = 0  # by pread: the pickle and the tensor bytes asked for
         self._fd, self._fd_lock = None, threading.Lock()
         try:
-            with zipfile.ZipFile(self.path) as archive:
+            self._end = os.path.getsize(self.path) if length is None else base + length
+            with _Window(self.path, base, self._end - base) as window, zipfile.ZipFile(window) as archive:
                 self._records = {info.filename: info for info in archive.infolist()}
             pkl = next((n for n in self._records if n.endswith("/data.pkl")), None)
             if pkl is None:
@@ -195,13 +231,13 @@ class TorchFile:
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(self.path, f"record {name} is compressed")
         with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
+            f.seek(self._base + info.header_offset)
             header = f.read(30)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise CheckpointError(self.path, f"record {name} lies beyond the end of the file (truncated?)")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
-        offset = info.header_offset + 30 + name_len + extra_len
-        if offset + (info.file_size if nbytes is None else nbytes) > os.path.getsize(self.path):
+        offset = self._base + info.header_offset + 30 + name_len + extra_len
+        if offset + (info.file_size if nbytes is None else nbytes) > self._end:
             raise CheckpointError(self.path, f"record {name} is cut short (truncated file)")
         self._offsets[name] = offset
         return offset

@@ -32,6 +32,7 @@ from ckpt_hooks.engine.source import Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import staged_directory
+from ckpt_hooks.formats.torch_dist import is_dist_checkpoint
 from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, iter_lazy_tensors
 from ckpt_hooks.megatron import legacy_names, manifest
 
@@ -84,6 +85,10 @@ def read_source(load_dir, true_vocab_size: int | None = None, check_manifest: bo
     (ckpt_hooks.converters.lora hands the converters a merged one)."""
     if isinstance(load_dir, MegatronSource):
         return load_dir
+    iter_dir, iteration = legacy.find_iteration_dir(load_dir)
+    if is_dist_checkpoint(iter_dir):
+        from ckpt_hooks.megatron.torch_dist import read_dist_source
+        return read_dist_source(iter_dir, iteration, true_vocab_size, make_vocab_size_divisible_by)
     notes = []
     ckpt, spec, config, files = read_files(load_dir, true_vocab_size, check_manifest, make_vocab_size_divisible_by,
                                            notes)

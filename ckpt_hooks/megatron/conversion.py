@@ -16,7 +16,7 @@ from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron import legacy_names
 from ckpt_hooks.megatron.checkpoint import MegatronSource, pending_file, plan_files, read_source, write_checkpoint
-from ckpt_hooks.megatron.optimizer import SourceOptimizer, target_state
+from ckpt_hooks.megatron.optimizer import SourceOptimizer, source_optimizer, target_state
 
 # Entries of model_optim_rng.pt that do not depend on the layout and are carried over.
 _CARRIED = ("checkpoint_version", "iteration", "opt_param_scheduler", "num_floating_point_operations_so_far")
@@ -54,7 +54,7 @@ def plan_megatron(load_dir, target: Target = Target(), *, convert_param_only: bo
                       make_vocab_size_divisible_by=target.make_vocab_size_divisible_by)
     layout = target.layout(src.layout, src.spec, src.notes)
     weights = plan_files(src.weights, src.spec, layout, where=src.ckpt.first.path)
-    optim = None if convert_param_only else SourceOptimizer(src)
+    optim = None if convert_param_only else source_optimizer(src)
     if optim is not None:
         optim.check_against_weights(src)
     optim_plans = {} if optim is None else optim.plans(src.spec, layout)

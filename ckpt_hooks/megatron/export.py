@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ckpt_hooks.megatron.checkpoint import read_source
 from ckpt_hooks.formats.atomic import staged_directory
-from ckpt_hooks.megatron.optimizer import SourceOptimizer
+from ckpt_hooks.megatron.optimizer import source_optimizer
 from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json
 from ckpt_hooks.algebra.spec import Rank
 
@@ -33,7 +33,7 @@ def export_param_maps(load_dir, save_dir, dp: int | None = None) -> list[Path]:
     src = read_source(load_dir)
     if dp:
         src.layout = replace(src.layout, dp=dp)
-    optimizer = SourceOptimizer(src)
+    optimizer = source_optimizer(src)
     with staged_directory(save_dir) as root:
         written = write_mindspeed_maps(root, optimizer.maps, src.layout.dp)
     return [Path(save_dir) / p.relative_to(root) for p in written]

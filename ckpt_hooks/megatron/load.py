@@ -19,7 +19,7 @@ from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.megatron_legacy import chunk_keys
 from ckpt_hooks.megatron.checkpoint import MegatronSource, plan_files, read_source
-from ckpt_hooks.megatron.optimizer import SourceOptimizer
+from ckpt_hooks.megatron.optimizer import source_optimizer
 
 
 @dataclass
@@ -93,7 +93,7 @@ def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Load
     if restore_rng and not loaded.resharded and own is not None and own.obj.get("rng_state"):
         _restore_rng(own.materialize(own.obj["rng_state"][0]))
         loaded.rng_restored = True
-    loaded.bytes_read = sum(f.bytes_read for f in opened)
+    loaded.bytes_read = sum(f.bytes_read for f in opened) + getattr(getattr(ckpt, "dist", None), "bytes_read", 0)
     return loaded
 
 
@@ -120,10 +120,10 @@ def distributed_optimizers(optimizer) -> list:
 def _load_optimizer(optimizer, model_chunks, src: MegatronSource, target: ParallelConfig, rank: Rank) -> list:
     """Each model param's fp32 main param and Adam moments, reading only this DP rank's range."""
     ckpt = src.ckpt
-    source_optimizer = SourceOptimizer(src)
+    optimizer_source = source_optimizer(src)
     plans = {state: {(t.chunk, t.key): t for t in files[rank].tensors}
-             for state, files in source_optimizer.plans(src.spec, target, ranks={rank}).items()}
-    groups = source_optimizer.param_groups
+             for state, files in optimizer_source.plans(src.spec, target, ranks={rank}).items()}
+    groups = optimizer_source.param_groups
     if groups is None:
         raise CheckpointError(ckpt.first.path, "no 'optimizer' entry (param groups, step) to resume from")
     step = groups["optimizer"]["param_groups"][0]["step"]
@@ -153,4 +153,4 @@ def _load_optimizer(optimizer, model_chunks, src: MegatronSource, target: Parall
         # would advance once per parameter.
         for main_state in dopt.optimizer.state.values():
             main_state["step"] = torch.tensor(float(step))
-    return list(source_optimizer.files.values())
+    return list(optimizer_source.files.values())

@@ -176,6 +176,14 @@ class SourceOptimizer:
                 for state in STATES}
 
 
+def source_optimizer(src):
+    """The optimizer states of a Megatron source, legacy (``distrib_optim.pt``) or torch_dist."""
+    if hasattr(src.ckpt, "dist"):
+        from ckpt_hooks.megatron.torch_dist import DistOptimizer
+        return DistOptimizer(src)
+    return SourceOptimizer(src)
+
+
 def target_state(target_file: TargetFile, plans: dict[str, TargetFile], grad_dtypes: dict, spec, config, args,
                  progress=None) -> dict:
     """``distrib_optim.pt``'s content for one target rank, given the rank's planned file of each

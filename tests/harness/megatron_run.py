@@ -33,9 +33,17 @@ from tests.harness.spec import VOCAB_KEYS, layout_spec, model_spec, padded_vocab
 # Patch before megatron-core modules are imported and look anything up in torch.cuda.
 cpu_shim.install()
 
+from megatron.core import dist_checkpointing  # noqa: E402
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402
+from megatron.core.dist_checkpointing.serialization import (  # noqa: E402
+    get_default_load_sharded_strategy,
+    get_default_save_sharded_strategy,
+)
+from megatron.core.dist_checkpointing.strategies.fully_parallel import (  # noqa: E402
+    FullyParallelSaveStrategyWrapper,
+)
 from megatron.core.dist_checkpointing.mapping import (  # noqa: E402
     ShardedObject,
     ShardedTensor,
@@ -152,7 +160,7 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
     ]
 
 
-def megatron_args(m: dict, layout: dict, dp: int, iteration: int) -> argparse.Namespace:
+def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: str = "torch") -> argparse.Namespace:
     """The Megatron-LM arguments a legacy checkpoint carries (the ones a converter needs)."""
     tp, pp, vpp = layout["tp"], layout["pp"], layout["vpp"]
     uneven = layout["first"] is not None or layout["last"] is not None
@@ -224,8 +232,8 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int) -> argparse.Na
         transformer_impl="local",
         use_legacy_models=False,
         use_cpu_initialization=True,
-        ckpt_format="torch",
-        use_dist_ckpt=False,
+        ckpt_format=ckpt_format,
+        use_dist_ckpt=ckpt_format != "torch",
         no_save_optim=None,
         no_save_rng=None,
         iteration=iteration,
@@ -603,15 +611,7 @@ def save_legacy_checkpoint(save_dir, iteration, layout, chunks, optimizer, sched
         state["opt_param_scheduler"] = scheduler.state_dict()
         # Megatron-LM's get_rng_state (one entry: no --data-parallel-random-init); the shim
         # makes the "cuda" states the CPU generator's.
-        state["rng_state"] = [
-            {
-                "random_rng_state": random.getstate(),
-                "np_rng_state": np.random.get_state(),
-                "torch_rng_state": torch.get_rng_state(),
-                "cuda_rng_state": torch.cuda.get_rng_state(),
-                "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
-            }
-        ]
+        state["rng_state"] = [rng_state()]
         state["num_floating_point_operations_so_far"] = 0
         torch.save(state, os.path.join(ckpt_dir, "model_optim_rng.pt"))
     dist.barrier()
@@ -619,6 +619,118 @@ def save_legacy_checkpoint(save_dir, iteration, layout, chunks, optimizer, sched
         with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
             f.write(str(iteration))
     dist.barrier()
+
+
+def rng_state() -> dict:
+    """Megatron-LM's get_rng_state entry (no --data-parallel-random-init); the shim makes the
+    "cuda" states the CPU generator's."""
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state(),
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def dist_content_metadata(sharding: str) -> dict:
+    """Megatron-LM's _build_sharded_state_dict_metadata (--use-distributed-optimizer)."""
+    content = {"distrib_optim_sharding_type": sharding}
+    if sharding == "fully_reshardable":
+        content["distrib_optim_fully_reshardable_mem_efficient"] = False
+    return {**content, "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
+def torch_dist_state(chunks, optimizer, metadata: dict, is_loading: bool) -> dict:
+    """Megatron-LM's generate_state_dict for --ckpt-format torch_dist (model chunks, optimizer)."""
+    metadata = {**metadata, "dp_cp_group": ps.get_data_parallel_group(with_context_parallel=True)}
+    state = {}
+    for key, chunk in zip(model_keys(len(chunks)), unwrap_model(chunks)):
+        state[key] = chunk.sharded_state_dict(metadata=metadata)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=is_loading, metadata=metadata)
+    return state
+
+
+def rng_sharded_object(state: list) -> ShardedObject:
+    """Megatron-LM's RNG ShardedObject without expert parallelism."""
+    return ShardedObject("rng_state", state,
+                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def save_torch_dist_checkpoint(save_dir, iteration, chunks, optimizer, scheduler, args, sharding: str):
+    """What Megatron-LM's save_checkpoint writes with --ckpt-format torch_dist (its defaults:
+    fully parallel save over DP, sharding integrity validated), distrib_optim_sharding_type
+    ``sharding`` ("dp_reshardable" is the default, "fully_reshardable" with
+    --dist-ckpt-optim-fully-reshardable)."""
+    ckpt_dir = os.path.join(save_dir, f"iter_{iteration:07d}")
+    if dist.get_rank() == 0:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    dist.barrier()
+    content = dist_content_metadata(sharding)
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration,
+             **torch_dist_state(chunks, optimizer, content, is_loading=False),
+             "opt_param_scheduler": scheduler.state_dict(), "rng_state": rng_sharded_object([rng_state()]),
+             "num_floating_point_operations_so_far": 0}
+    strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"),
+                                                ps.get_data_parallel_group(with_context_parallel=True))
+    dist_checkpointing.save(state, ckpt_dir, strategy, validate_access_integrity=True, content_metadata=content)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        with open(os.path.join(save_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+            f.write(str(iteration))
+    dist.barrier()
+
+
+def load_torch_dist_like_megatron_lm(job, layout, chunks, optimizer, scheduler):
+    """Megatron-LM's load_checkpoint for --ckpt-format torch_dist: megatron-core's own
+    dist_checkpointing.load at this layout (sharding type from the checkpoint's content
+    metadata, RNG only at the saved TP/PP). megatron-core 0.16.1's optimizer load needs, as for
+    the legacy format, torch.no_grad around the copy into fp32 main params and one `step`
+    tensor per parameter afterwards, and allocated optimizer states before (done here)."""
+    iteration = weights = bad = error = None
+    try:
+        with open(os.path.join(job["load_dir"], "latest_checkpointed_iteration.txt")) as f:
+            ckpt_dir = os.path.join(job["load_dir"], f"iter_{int(f.read().strip()):07d}")
+        common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+        content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+        saved = common["args"]
+        same_layout = (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size) == (layout["tp"], layout["pp"])
+        for dopt in distributed_optimizers(optimizer):
+            if len(dopt.optimizer.state) == 0:
+                dopt._init_optimizer_states_with_dummy_values()  # state_dict() needs a step
+        sharded = {**torch_dist_state(chunks, optimizer, content, is_loading=True),
+                   "opt_param_scheduler": scheduler.state_dict()}
+        if same_layout:
+            sharded["rng_state"] = rng_sharded_object([rng_state()])
+        for dopt in distributed_optimizers(optimizer):
+            # The model-space loaders hand over no 'step' (it is in the param groups), which
+            # _set_main_param_and_optimizer_states then looks up: KeyError with torch's AdamW.
+            original = dopt._set_main_param_and_optimizer_states
+            dopt._set_main_param_and_optimizer_states = lambda param, tensors, original=original: \
+                original(param, {**tensors, "step": tensors.get("step", torch.zeros(()))})
+        with torch.no_grad():
+            state = dist_checkpointing.load(sharded, ckpt_dir, get_default_load_sharded_strategy(ckpt_dir))
+            for key, chunk in zip(model_keys(len(chunks)), unwrap_model(chunks)):
+                chunk.load_state_dict(state[key], strict=True)
+            optimizer.load_state_dict(state["optimizer"])
+        step = {g["step"] for g in state["optimizer"]["optimizer"]["param_groups"]}.pop()
+        for dopt in distributed_optimizers(optimizer):
+            del dopt._set_main_param_and_optimizer_states
+            for param_state in dopt.optimizer.state.values():
+                param_state["step"] = torch.tensor(float(step))
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+        if same_layout:
+            restore_rng(state)
+        iteration = state["iteration"]
+    except Exception as exc:  # reported, not raised: every rank must reach the collectives
+        error = describe(exc)
+    errors = gather_errors(error)
+    if not errors:
+        weights, bad = gather_global(chunks)
+    return iteration, errors, weights, bad, []
 
 
 # Saved arguments a reader needs to be right: the layout (what Megatron-LM's
@@ -778,6 +890,8 @@ def gather_errors(error) -> list:
 
 
 def describe(exc: Exception) -> str:
+    if os.environ.get("HARNESS_TRACEBACK"):
+        traceback.print_exc()
     return f"rank {dist.get_rank()}: {type(exc).__name__}: {exc}"
 
 
@@ -845,6 +959,10 @@ def train_job(job: dict) -> None:
         from ckpt_hooks.megatron import save
 
         save(chunks, optimizer, job["save_dir"], job["steps"], scheduler=scheduler)
+    elif job.get("format") == "torch_dist":
+        args = megatron_args(m, layout, dp, job["steps"], ckpt_format="torch_dist")
+        save_torch_dist_checkpoint(job["save_dir"], job["steps"], chunks, optimizer, scheduler, args,
+                                   job.get("optim_format", "dp_reshardable"))
     else:
         args = megatron_args(m, layout, dp, job["steps"])
         save_legacy_checkpoint(job["save_dir"], job["steps"], layout, chunks, optimizer, scheduler, args)
@@ -941,6 +1059,9 @@ def resume_job(job: dict) -> None:
     if job.get("loader") == "ckpt_hooks":
         iteration, errors, weights_from_file, bad_from_file = load_with_ckpt_hooks(job, chunks, optimizer, scheduler)
         mismatched_args = []
+    elif job.get("loader") == "megatron_core_dist":
+        iteration, errors, weights_from_file, bad_from_file, mismatched_args = \
+            load_torch_dist_like_megatron_lm(job, layout, chunks, optimizer, scheduler)
     else:
         iteration, errors, weights_from_file, bad_from_file, mismatched_args = \
             load_like_megatron_lm(job, layout, chunks, optimizer, scheduler, expected_args)

@@ -1,0 +1,289 @@
+"""Megatron's distributed checkpoint format (``--ckpt-format torch_dist``), read lazily and written.
+
+An iteration directory holds PyTorch distributed-checkpoint (DCP) files plus Megatron's own::
+
+    .metadata            pickled ``torch.distributed.checkpoint.metadata.Metadata``: per key the
+                         global shape, dtype and chunks (offsets, sizes), per chunk (or object)
+                         the file, byte offset and length of its record
+    __{rank}_{i}.distcp  records: each a ``torch.save`` archive of one chunk (a tensor) or of one
+                         object (a Megatron ShardedObject: ``key/shard_{offsets}_{global shape}``)
+    common.pt            what every rank shares (args, iteration, scheduler, ...)
+    metadata.json        {"sharded_backend": "torch_dist", ...}
+
+The ``.metadata`` pickle is read with an allowlist of DCP's own dataclasses; every record is
+opened as a lazy ``TorchFile`` over its byte range, so a reader touches only the chunks (and
+inside them the bytes) a plan asks for. Writing streams one record at a time.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.torch_pickle import LazyTensor, TorchFile, _allowed_global
+
+METADATA = ".metadata"
+COMMON = "common.pt"
+BACKEND = "metadata.json"
+BACKEND_CONTENT = {"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                   "common_backend": "torch", "common_backend_version": 1}
+
+
+def _dcp_classes() -> dict:
+    from torch.distributed.checkpoint import filesystem, metadata, planner
+
+    names = {metadata: ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING"),
+             filesystem: ("_StorageInfo",),
+             planner: ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData")}
+    return {(module.__name__, name): getattr(module, name) for module, items in names.items() for name in items}
+
+
+def _layout(name: str) -> torch.layout:
+    """torch.layout's pickled form: its name, e.g. "torch.strided"."""
+    layout = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(layout, torch.layout):
+        raise pickle.UnpicklingError(f"unknown tensor layout {name!r}")
+    return layout
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's metadata classes, torch.Size, dtypes and layouts, and the torch-file allowlist; nothing else."""
+
+    def __init__(self, file, path):
+        super().__init__(file)
+        self._path = path
+        self._classes = _dcp_classes()
+
+    def find_class(self, module, name):
+        obj = self._classes.get((module, name))
+        if obj is None and module == "torch" and name == "Size":
+            obj = torch.Size
+        if obj is None and (module, name) == ("torch.serialization", "_get_layout"):
+            obj = _layout
+        if obj is None:
+            obj = _allowed_global(module, name)
+        if obj is None:
+            raise pickle.UnpicklingError(f"refused to load: the pickle needs '{module}.{name}', "
+                                         "which is not on the allowlist")
+        return obj
+
+
+@dataclass(frozen=True)
+class Record:
+    """Where one chunk or object lies: ``relative_path`` from the iteration directory."""
+
+    relative_path: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    offsets: tuple[int, ...]
+    sizes: tuple[int, ...]
+    record: Record
+
+
+@dataclass
+class DistTensor:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    chunks: list[Chunk]
+
+
+class DistCheckpoint:
+    """A torch_dist iteration directory opened lazily: ``tensors`` (key -> DistTensor),
+    ``objects`` (object key ``name/shard_...`` -> Record), ``common`` (common.pt)."""
+
+    def __init__(self, iter_dir):
+        self.iter_dir = Path(iter_dir)
+        self._records: dict[Record, TorchFile] = {}
+        backend = self.iter_dir / BACKEND
+        try:
+            content = json.loads(backend.read_text())
+        except FileNotFoundError:
+            raise CheckpointError(backend, "missing: not a Megatron distributed checkpoint") from None
+        except ValueError as e:
+            raise CheckpointError(backend, f"not JSON ({e})") from None
+        if not isinstance(content, dict) or content.get("sharded_backend") != "torch_dist":
+            raise CheckpointError(backend, f"sharded backend {content.get('sharded_backend') if isinstance(content, dict) else content!r}"
+                                           ", only torch_dist is supported")
+        metadata = self._read_metadata()
+        self.tensors, self.objects = self._index(metadata)
+        common = TorchFile(self.iter_dir / COMMON)
+        self.common = common.materialize(common.obj)
+        if not isinstance(self.common, dict):
+            raise CheckpointError(common.path, "not a dict of common state")
+
+    def _read_metadata(self):
+        path = self.iter_dir / METADATA
+        try:
+            with open(path, "rb") as f:
+                metadata = _MetadataUnpickler(f, path).load()
+        except FileNotFoundError:
+            raise CheckpointError(path, "missing: the checkpoint's index of chunks (an interrupted save?)") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError) as e:
+            raise CheckpointError(path, f"unreadable DCP metadata ({type(e).__name__}: {e})") from None
+        if not hasattr(metadata, "state_dict_metadata") or not isinstance(getattr(metadata, "storage_data", None), dict):
+            raise CheckpointError(path, "not DCP metadata (no state_dict_metadata / storage_data)")
+        return metadata
+
+    def _index(self, metadata) -> tuple[dict[str, DistTensor], dict[str, Record]]:
+        """Every key's chunks with their records, checked against the .distcp files' sizes."""
+        path = self.iter_dir / METADATA
+        sizes: dict[str, int] = {}
+        records: dict[tuple[str, tuple | None], Record] = {}
+        for index, info in metadata.storage_data.items():
+            name = info.relative_path
+            if os.sep in name or name.startswith(".") or "/" in name:
+                raise CheckpointError(path, f"record file '{name}' is not a file of the checkpoint directory")
+            if getattr(info, "transform_descriptors", None):
+                raise CheckpointError(path, f"'{index.fqn}' is stored with transforms {info.transform_descriptors}")
+            if name not in sizes:
+                try:
+                    sizes[name] = os.path.getsize(self.iter_dir / name)
+                except FileNotFoundError:
+                    raise CheckpointError(self.iter_dir / name, "missing (the .metadata lists records in it)") from None
+            if info.offset < 0 or info.length <= 0 or info.offset + info.length > sizes[name]:
+                raise CheckpointError(self.iter_dir / name, f"'{index.fqn}' lies at bytes [{info.offset}, "
+                                                            f"{info.offset + info.length}) beyond its {sizes[name]} "
+                                                            "bytes (truncated?)")
+            offset = None if index.offset is None else tuple(index.offset)
+            records[(index.fqn, offset)] = Record(name, info.offset, info.length)
+        tensors, objects = {}, {}
+        for key, entry in metadata.state_dict_metadata.items():
+            chunks = getattr(entry, "chunks", None)
+            if chunks is None:   # BytesStorageMetadata
+                record = records.get((key, None))
+                if record is None:
+                    raise CheckpointError(path, f"object '{key}' has no record")
+                objects[key] = record
+                continue
+            found = []
+            for chunk in chunks:
+                record = records.get((key, tuple(chunk.offsets)))
+                if record is None:
+                    raise CheckpointError(path, f"'{key}' chunk at {tuple(chunk.offsets)} has no record")
+                found.append(Chunk(tuple(chunk.offsets), tuple(chunk.sizes), record))
+            tensors[key] = DistTensor(key, tuple(entry.size), entry.properties.dtype, found)
+        return tensors, objects
+
+    def record(self, record: Record) -> TorchFile:
+        """The torch.save archive of a record, opened once."""
+        opened = self._records.get(record)
+        if opened is None:
+            opened = self._records[record] = TorchFile(self.iter_dir / record.relative_path, record.offset, record.length)
+        return opened
+
+    def chunk_tensor(self, key: str, chunk: Chunk) -> tuple[TorchFile, LazyTensor]:
+        """A chunk's file and lazy tensor, checked to be the chunk's dtype and shape."""
+        opened = self.record(chunk.record)
+        tensor = opened.obj
+        expected = self.tensors[key]
+        if not isinstance(tensor, LazyTensor) or tensor.shape != chunk.sizes or tensor.dtype != expected.dtype:
+            raise CheckpointError(opened.path, f"'{key}' chunk at {chunk.offsets}: the record holds "
+                                               f"{getattr(tensor, 'shape', type(tensor).__name__)}, the .metadata "
+                                               f"says {chunk.sizes} {expected.dtype}")
+        opened.check_complete([tensor])
+        return opened, tensor
+
+    def read_object(self, key: str):
+        """An object (a Megatron ShardedObject's data), read whole."""
+        record = self.objects.get(key)
+        if record is None:
+            raise CheckpointError(self.iter_dir / METADATA, f"no object '{key}'")
+        opened = self.record(record)
+        return opened.materialize(opened.obj)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(f.bytes_read for f in self._records.values())
+
+
+def is_dist_checkpoint(iter_dir) -> bool:
+    return (Path(iter_dir) / METADATA).is_file() or (Path(iter_dir) / BACKEND).is_file()
+
+
+# ---- writing -------------------------------------------------------------------------------
+
+@dataclass
+class Item:
+    """One record to write: a chunk of tensor ``key`` (``produce()`` -> the chunk, built when
+    written) or an object (``obj``; ``offsets``/``shape``/``dtype`` unused)."""
+
+    key: str
+    offsets: tuple[int, ...] | None = None
+    shape: tuple[int, ...] | None = None        # the global shape
+    sizes: tuple[int, ...] | None = None
+    dtype: torch.dtype | None = None
+    produce: object = None
+    obj: object = None
+
+
+def write_records(path, items: list[Item], progress=None) -> list[tuple[Item, Record]]:
+    """Write ``items`` into one .distcp file, one built tensor at a time."""
+    written = []
+    with open(path, "wb") as f:
+        for item in items:
+            start = f.tell()
+            if item.produce is not None:
+                tensor = item.produce()
+                if tuple(tensor.shape) != item.sizes or tensor.dtype != item.dtype:
+                    raise AssertionError(f"{item.key}: built {tuple(tensor.shape)} {tensor.dtype}, "
+                                         f"planned {item.sizes} {item.dtype}")
+                torch.save(tensor.contiguous(), f)
+                if progress is not None:
+                    progress.update(tensor.numel() * tensor.element_size())
+            else:
+                buffer = io.BytesIO()
+                torch.save(item.obj, buffer)
+                f.write(buffer.getbuffer())
+            written.append((item, Record(Path(path).name, start, f.tell() - start)))
+        f.flush()
+        os.fsync(f.fileno())
+    return written
+
+
+def write_metadata(iter_dir, written: list[tuple[Item, Record]]) -> None:
+    """The .metadata of the records written (all files), as DCP pickles it."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
+                                                       MetadataIndex, TensorProperties, TensorStorageMetadata)
+
+    state, storage = {}, {}
+    for item, record in written:
+        if item.produce is None:
+            state[item.key] = BytesStorageMetadata()
+            storage[MetadataIndex(item.key)] = _StorageInfo(record.relative_path, record.offset, record.length)
+            continue
+        entry = state.setdefault(item.key, TensorStorageMetadata(TensorProperties(dtype=item.dtype),
+                                                                 torch.Size(item.shape), []))
+        entry.chunks.append(ChunkStorageMetadata(torch.Size(item.offsets), torch.Size(item.sizes)))
+        storage[MetadataIndex(item.key, torch.Size(item.offsets))] = \
+            _StorageInfo(record.relative_path, record.offset, record.length)
+    with open(Path(iter_dir) / METADATA, "wb") as f:
+        pickle.dump(Metadata(state_dict_metadata=state, storage_data=storage), f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_common(iter_dir, common: dict) -> None:
+    with open(Path(iter_dir) / COMMON, "wb") as f:
+        torch.save(common, f)
+        f.flush()
+        os.fsync(f.fileno())
+    (Path(iter_dir) / BACKEND).write_text(json.dumps(BACKEND_CONTENT))
+
+
+def object_key(name: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    """Megatron's ShardedObject.unique_key."""
+    return f"{name}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"
