@@ -89,26 +89,44 @@ def dry_run(p: Planned, workers: int) -> str:
     return "\n".join(lines)
 
 
-def resume_hint(save_dir, spec: ModelSpec, layout: ParallelConfig, optimizer: bool) -> str:
+def resume_hint(save_dir, spec: ModelSpec, layout: ParallelConfig, optimizer: bool, ckpt_format: str = "torch") -> str:
     """How to go on training from a converted checkpoint with Megatron-LM."""
-    flags = f"--load {save_dir} --tensor-model-parallel-size {layout.tp} --pipeline-model-parallel-size {layout.pp}"
+    flags = (f"--load {save_dir} --ckpt-format {ckpt_format} --tensor-model-parallel-size {layout.tp} "
+             f"--pipeline-model-parallel-size {layout.pp}")
     if layout.vpp > 1:
         flags += f" --num-layers-per-virtual-pipeline-stage {spec.num_layers // (layout.pp * layout.vpp)}"
     return (f"resume with Megatron-LM: {flags} --no-load-rng (RNG states are per rank)"
             + ("" if optimizer else " --finetune --no-load-optim (weights only)"))
 
 
+FORMATS = ("torch", "torch_dist")
+
+
+def source_format(src: MegatronSource) -> str:
+    return "torch_dist" if hasattr(src.ckpt, "dist") else "torch"
+
+
 def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only: bool = False, workers: int = 2,
-            quiet: bool = False) -> Report:
-    """Reshard a Megatron legacy checkpoint — weights, and unless ``convert_param_only`` the
-    distributed optimizer's fp32 params and Adam moments — to ``target`` and write it to
-    ``save_dir`` atomically."""
+            quiet: bool = False, ckpt_format: str | None = None) -> Report:
+    """Reshard a Megatron checkpoint (legacy ``torch`` or ``torch_dist``) — weights, and unless
+    ``convert_param_only`` the distributed optimizer's fp32 params and Adam moments — to
+    ``target`` and write it to ``save_dir`` atomically, in ``ckpt_format`` (default: the source's)."""
+    if ckpt_format not in (None, *FORMATS):
+        raise ValueError(f"unknown checkpoint format {ckpt_format!r} (one of {', '.join(FORMATS)})")
     refuse_non_empty(save_dir, sources=[load_dir])
     started = time.perf_counter()
     p = plan_megatron(load_dir, target, convert_param_only=convert_param_only)
     src, layout, optim = p.src, p.target, p.optimizer
+    ckpt_format = ckpt_format or source_format(src)
     args = updated_args(src.ckpt.args, src.spec, layout)
+    args.ckpt_format = ckpt_format
     carried = p.carried()
+    label = f"{src.layout.describe()} -> {layout.describe()}"
+    if ckpt_format == "torch_dist":
+        data_seconds = _write_dist(p, save_dir, args, carried, workers, quiet, label)
+        return Report(src.layout.describe(), layout.describe(), len(p.weights), p.nbytes,
+                      time.perf_counter() - started, data_seconds,
+                      [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None, ckpt_format)])
     form = legacy_names.source_form(src.ckpt.first.obj)   # a legacy model is written as one
 
     def rank_state(target_file: TargetFile, progress) -> dict:
@@ -121,7 +139,28 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
 
     data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout.pp, rank_state,
                                     optimizer_state if optim is not None else None, p.nbytes, workers=workers,
-                                    quiet=quiet, label=f"{src.layout.describe()} -> {layout.describe()}")
+                                    quiet=quiet, label=label)
     return Report(src.layout.describe(), layout.describe(), len(p.weights) * (1 if optim is None else 2), p.nbytes,
                   time.perf_counter() - started, data_seconds,
-                  [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None)])
+                  [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None, ckpt_format)])
+
+
+def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: bool, label: str) -> float:
+    """The plan written as a torch_dist checkpoint. RNG states are per rank: carried rank by rank
+    at an unchanged TP·PP where the source saved them, else none are written and the args say
+    ``no_save_rng`` (so Megatron-LM does not look for them)."""
+    from ckpt_hooks.megatron.torch_dist_writer import source_rng, write_dist_checkpoint
+
+    src, layout = p.src, p.target
+    rngs = {}
+    if (src.layout.tp, src.layout.pp) == (layout.tp, layout.pp):
+        rngs = {rank: source_rng(src, rank.tp, rank.pp) for rank in layout.file_ranks()}
+    if not rngs or any(r is None for r in rngs.values()):
+        rngs, args.no_save_rng = {}, True
+    common = {k: v for k, v in carried.items() if k != "optimizer"}
+    if p.optimizer is not None:
+        common["optimizer_param_groups"] = p.optimizer.param_groups
+    return write_dist_checkpoint(save_dir, src.ckpt.iteration, p.weights,
+                                 p.optimizer_plans if p.optimizer is not None else None, src.spec, layout, args,
+                                 common, rngs.get, p.optimizer.grad_dtypes if p.optimizer is not None else None,
+                                 workers=workers, quiet=quiet, label=label)

@@ -687,7 +687,7 @@ def save_torch_dist_checkpoint(save_dir, iteration, chunks, optimizer, scheduler
 def load_torch_dist_like_megatron_lm(job, layout, chunks, optimizer, scheduler):
     """Megatron-LM's load_checkpoint for --ckpt-format torch_dist: megatron-core's own
     dist_checkpointing.load at this layout (sharding type from the checkpoint's content
-    metadata, RNG only at the saved TP/PP). megatron-core 0.16.1's optimizer load needs, as for
+    metadata, RNG only at the saved TP/PP unless the args say no_save_rng). megatron-core 0.16.1's optimizer load needs, as for
     the legacy format, torch.no_grad around the copy into fp32 main params and one `step`
     tensor per parameter afterwards, and allocated optimizer states before (done here)."""
     iteration = weights = bad = error = None
@@ -697,7 +697,8 @@ def load_torch_dist_like_megatron_lm(job, layout, chunks, optimizer, scheduler):
         common = dist_checkpointing.load_common_state_dict(ckpt_dir)
         content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
         saved = common["args"]
-        same_layout = (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size) == (layout["tp"], layout["pp"])
+        same_layout = (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size) == \
+            (layout["tp"], layout["pp"]) and not getattr(saved, "no_save_rng", False)
         for dopt in distributed_optimizers(optimizer):
             if len(dopt.optimizer.state) == 0:
                 dopt._init_optimizer_states_with_dummy_values()  # state_dict() needs a step

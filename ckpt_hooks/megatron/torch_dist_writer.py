@@ -1,0 +1,205 @@
+"""The torch_dist Sink: a planned target layout written as Megatron's distributed checkpoint.
+
+Each model-parallel rank of the target layout becomes one ``__{mp rank}_0.distcp`` file:
+
+* its weights, per layer (a SwiGLU fc1 as its gate and up halves), under the saved keys with
+  the layer on a leading axis; a tensor replicated over TP is written by the lowest TP rank;
+* its ``dp_reshardable`` optimizer buckets (``optimizer.distributed.dp_group_idx_{mp rank}...``),
+  each one chunk packed from its parameters' planned states at the places megatron-core's
+  buffer rules give them, and the ``optimizer`` / ``per_bucket_numel(_unpadded)`` objects;
+* its RNG state object (the source rank's at an unchanged TP·PP, else the first source rank's).
+
+Then ``.metadata`` (the index of every record), ``common.pt`` and ``metadata.json``; all in a
+staged directory renamed into place, so that megatron-core's ``dist_checkpointing.load`` reads it
+at the target layout.
+"""
+
+from __future__ import annotations
+
+import threading
+import torch
+
+from ckpt_hooks.algebra import names
+from ckpt_hooks.algebra.layout import EXTRA
+from ckpt_hooks.engine.execute import build_tensor
+from ckpt_hooks.engine.plan import TargetFile, restrict
+from ckpt_hooks.engine.source import STATES, TensorMeta
+from ckpt_hooks.formats import megatron_legacy as legacy
+from ckpt_hooks.formats import torch_dist as dist
+from ckpt_hooks.formats.atomic import staged_directory
+from ckpt_hooks.megatron.torch_dist import LAYERS, bucket_key, dist_suffix, from_logical
+
+CONTENT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+                    "chained_optim_avoid_prefix": True}
+
+
+def mp_rank(rank, config) -> int:
+    return rank.pp * config.tp + rank.tp
+
+
+def _weight_items(target: TargetFile, spec, config, seen: set) -> list[dist.Item]:
+    """The weight chunks of one target rank not already written by a lower rank."""
+    items = []
+    layers_of = {}
+    for tensor in target.tensors:
+        if tensor.placement is None:      # _extra_state
+            name = names.classify(tensor.key)
+            layer = _global_layer(layers_of, spec, config, target.rank.pp, tensor.chunk, name.local_layer)
+            key = dist.object_key(LAYERS + dist_suffix(name.suffix), (layer,), (spec.num_layers,))
+            if key not in seen:
+                seen.add(key)
+                items.append(dist.Item(key, obj=[None]))
+            continue
+        if tensor.key == names.OUTPUT and spec.tied_embeddings:
+            continue   # saved once, as the embedding
+        name = names.classify(tensor.key)
+        stacked = name.local_layer is not None
+        box = tensor.placement.box
+        halves = [(s, (s,) + (0,) * (len(box.lengths) - 1), (1,) + box.lengths[1:]) for s in range(box.lengths[0])] \
+            if name.rule.fused else [(None, (0,) * len(box.lengths), box.lengths)]
+        for _, sub_offsets, sub_lengths in halves:
+            part = restrict(tensor, sub_offsets, sub_lengths) if name.rule.fused else tensor
+            offsets, sizes = from_logical(name.rule, spec, part.placement.box)
+            shape = _saved_shape(name.rule, spec, tensor.placement.logical_shape)
+            if stacked:
+                layer = _global_layer(layers_of, spec, config, target.rank.pp, tensor.chunk, name.local_layer)
+                key, offsets, sizes, shape = (LAYERS + dist_suffix(name.suffix), (layer, *offsets), (1, *sizes),
+                                              (spec.num_layers, *shape))
+            else:
+                key = tensor.key
+            if (key, offsets) in seen:
+                continue
+            seen.add((key, offsets))
+            items.append(dist.Item(key, tuple(offsets), tuple(shape), tuple(sizes), tensor.dtype,
+                                   produce=_builder(part, tuple(sizes))))
+    return items
+
+
+def _global_layer(cache, spec, config, pp_rank, chunk, local) -> int:
+    from ckpt_hooks.algebra.layout import chunk_layers
+
+    vp = legacy.chunk_keys(config.vpp).index(chunk)
+    if (pp_rank, vp) not in cache:
+        cache[(pp_rank, vp)] = chunk_layers(spec, config, pp_rank, vp)
+    return cache[(pp_rank, vp)][local]
+
+
+def _saved_shape(rule, spec, logical_shape) -> tuple[int, ...]:
+    """The per-layer saved shape: a fused logical (S, F, ...) as (S x F, ...)."""
+    if rule.fused:
+        return (logical_shape[0] * logical_shape[1], *logical_shape[2:])
+    return tuple(logical_shape)
+
+
+def _builder(tensor, sizes):
+    return lambda: build_tensor(tensor).reshape(sizes)
+
+
+def _optimizer_items(target: TargetFile, plans: dict[str, TargetFile], grad_dtypes, param_groups, spec, config,
+                     args, progress) -> list[dist.Item]:
+    from ckpt_hooks.megatron.optimizer import rebuild_maps
+
+    by_chunk: dict = {}
+    for tensor in target.tensors:
+        by_chunk.setdefault(tensor.chunk, {})[tensor.key] = \
+            None if tensor.placement is None else TensorMeta(tensor.placement.stored_shape, tensor.dtype)
+    maps = rebuild_maps(spec, config, args, target.rank.pp, by_chunk, grad_dtypes)
+    chunk_keys = list(by_chunk)
+    indexed = {state: {(t.chunk, t.key): t for t in plans[state].tensors} for state in STATES}
+    group = mp_rank(target.rank, config)
+    prefix = f"optimizer.distributed.dp_group_idx_{group}"
+    dtypes = [(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)) for m in maps]
+    items = [dist.Item(f"{prefix}.optimizer/shard_0_1", obj=[param_groups["optimizer"]]),
+             dist.Item(f"{prefix}.per_bucket_numel/shard_0_1",
+                       obj=[[{d: [end - start for start, end in m.bucket_indices]} for d, m in zip(dtypes, maps)]]),
+             dist.Item(f"{prefix}.per_bucket_numel_unpadded/shard_0_1",
+                       obj=[[{d: list(m.per_bucket_numel_unpadded)} for d, m in zip(dtypes, maps)]])]
+    for index, buffer_map in enumerate(maps):
+        for bucket, numel in enumerate(buffer_map.per_bucket_numel_unpadded):
+            slots = [s for s in buffer_map.params if s.bucket == bucket]
+            begin = buffer_map.bucket_indices[bucket][0]
+            for state in STATES:
+                def produce(slots=slots, numel=numel, begin=begin, plan=indexed[state], chunk=buffer_map.chunk):
+                    flat = torch.zeros(numel, dtype=torch.float32)
+                    for slot in slots:
+                        tensor = plan[(chunk_keys[chunk], slot.name)]
+                        flat[slot.start - begin:slot.end - begin] = build_tensor(tensor).reshape(-1)
+                        if progress is not None:
+                            progress.update(tensor.nbytes)
+                    return flat
+                key = bucket_key(group, index, buffer_map.param_dtype, buffer_map.grad_dtype, bucket, state)
+                items.append(dist.Item(key, (0,), (numel,), (numel,), torch.float32, produce=produce))
+    return items
+
+
+def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimizer_plans: dict | None,
+                          spec, config, args, common: dict, rng_of, grad_dtypes=None, *, workers: int,
+                          quiet: bool, label: str) -> float:
+    """Write ``weights`` (and ``optimizer_plans``: {state: {rank: TargetFile}}) as a torch_dist
+    checkpoint in ``save_dir``; ``common`` goes to common.pt (args and content metadata are set
+    here); ``rng_of(rank)`` is the RNG state list for a target rank (or None). Returns the data
+    phase's seconds."""
+    from ckpt_hooks.engine.run import run
+
+    seen: set = set()
+    plans = []
+    for target in weights:   # in rank order: the lowest rank writes a replicated chunk
+        plans.append((target, _weight_items(target, spec, config, seen)))
+    lock = threading.Lock()
+    written: list = []
+    total = sum(f.nbytes for f in weights) + (0 if optimizer_plans is None else
+                                               sum(f.nbytes for p in optimizer_plans.values() for f in p.values()))
+    with staged_directory(save_dir) as root:
+        iter_dir = root / legacy.iteration_dir_name(iteration)
+        iter_dir.mkdir(parents=True)
+        by_rank = {target.rank: items for target, items in plans}
+
+        def write(target: TargetFile, progress) -> None:
+            items = [dist.Item(i.key, i.offsets, i.shape, i.sizes, i.dtype, produce=_rebind(i.produce, progress),
+                               obj=i.obj) for i in by_rank[target.rank]]
+            if optimizer_plans is not None:
+                items += _optimizer_items(target, {s: optimizer_plans[s][target.rank] for s in STATES}, grad_dtypes,
+                                          common["optimizer_param_groups"], spec, config, args, progress)
+            rng = rng_of(target.rank)
+            if rng is not None:
+                items.append(dist.Item(dist.object_key("rng_state", (target.rank.pp, target.rank.tp),
+                                                       (config.pp, config.tp)), obj=[rng]))
+            records = dist.write_records(iter_dir / f"__{mp_rank(target.rank, config)}_0.distcp", items)
+            with lock:
+                written.extend(records)
+
+        seconds = run(weights, write, total, workers=workers, quiet=quiet, label=label)
+        written.sort(key=lambda entry: (entry[1].relative_path, entry[1].offset))
+        dist.write_metadata(iter_dir, written)
+        saved = {k: v for k, v in common.items() if k != "optimizer_param_groups"}
+        dist.write_common(iter_dir, {**saved, "args": args, "content_metadata": dict(CONTENT_METADATA),
+                                     **({"optimizer": {"param_state_sharding_type": "dp_reshardable"}}
+                                        if optimizer_plans is not None else {})})
+        legacy.write_tracker(root, iteration)
+    return seconds
+
+
+def _rebind(produce, progress):
+    """A weight chunk's builder, reporting to the run's progress bar."""
+    if produce is None:
+        return None
+
+    def build():
+        out = produce()
+        progress.update(out.numel() * out.element_size())
+        return out
+    return build
+
+
+def source_rng(src, tp_rank: int, pp_rank: int) -> list | None:
+    """The RNG state list a source rank saved (legacy rank file or torch_dist object), if any."""
+    ckpt = src.ckpt
+    checkpoint = getattr(ckpt, "dist", None)
+    if checkpoint is not None:
+        key = dist.object_key("rng_state", (pp_rank, tp_rank), (src.layout.pp, src.layout.tp))
+        return checkpoint.read_object(key)[0] if key in checkpoint.objects else None
+    own = ckpt.files.get((tp_rank, pp_rank))
+    if own is None or not isinstance(own.obj, dict) or own.obj.get("rng_state") is None:
+        return None
+    return own.materialize(own.obj["rng_state"])
+
