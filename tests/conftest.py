@@ -26,7 +26,12 @@ SOURCES = {
     "hooked_tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 3),
     # The same run as cont_tp2pp2, saved by ckpt_hooks.megatron.save (manifest, param_maps).
     "saved_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
+    # The cont_tp2pp2 run saved as torch_dist, Megatron-LM's default format, with its default
+    # dp_reshardable optimizer state, and with --dist-ckpt-optim-fully-reshardable.
+    "dist_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
+    "distfull_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
 }
+DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable"}
 PATCHED = {"hooked_tp1pp2vpp2": ("megatron_core",)}
 SAVED_BY_CKPT_HOOKS = {"saved_tp2pp2"}
 
@@ -44,6 +49,8 @@ def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     trained = {name: Source(name, root) for name in SOURCES}
     run_jobs([train_job(s.layout, s.dir, s.truth, model=s.model, steps=s.steps, patches=PATCHED.get(s.name, ()),
-                      saver="ckpt_hooks" if s.name in SAVED_BY_CKPT_HOOKS else "megatron")
+                      saver="ckpt_hooks" if s.name in SAVED_BY_CKPT_HOOKS else "megatron",
+                      ckpt_format="torch_dist" if s.name in DIST else "torch",
+                      optim_format=DIST.get(s.name, "dp_reshardable"))
               for s in trained.values()], root / "logs")
     return trained

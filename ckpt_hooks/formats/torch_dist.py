@@ -131,7 +131,9 @@ class DistCheckpoint:
                 metadata = _MetadataUnpickler(f, path).load()
         except FileNotFoundError:
             raise CheckpointError(path, "missing: the checkpoint's index of chunks (an interrupted save?)") from None
-        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError) as e:
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(path, str(e)) from None
+        except (EOFError, ValueError, TypeError, AttributeError, KeyError) as e:
             raise CheckpointError(path, f"unreadable DCP metadata ({type(e).__name__}: {e})") from None
         if not hasattr(metadata, "state_dict_metadata") or not isinstance(getattr(metadata, "storage_data", None), dict):
             raise CheckpointError(path, "not DCP metadata (no state_dict_metadata / storage_data)")

@@ -193,10 +193,13 @@ def dist_weights(checkpoint: dist.DistCheckpoint, spec, transformer_impl: str, p
                 tensor = tensors.setdefault(logical, Tensor(shape, dtype or stored.dtype))
                 tensor.add(box, TensorView(torch_file, part, box.lengths))
     for key in checkpoint.objects:
-        if key.startswith(LAYERS) and "._extra_state/" in key:
-            suffix = local_suffix(key[len(LAYERS):].split("/shard_")[0], transformer_impl)
-            layer = int(key.split("/shard_")[1].split("_")[0])
-            tensors.setdefault(names.layer_key(layer, suffix), Tensor((), None))
+        if "._extra_state/" not in key or key.startswith(("optimizer.", "rng_state")):
+            continue
+        name, shard = key.split("/shard_")
+        if name.startswith(LAYERS):
+            layer = int(shard.split("_")[0])
+            name = names.layer_key(layer, local_suffix(name[len(LAYERS):], transformer_impl))
+        tensors.setdefault(name, Tensor((), None))
     return tensors
 
 
@@ -213,6 +216,8 @@ def source_files(checkpoint: dist.DistCheckpoint, spec, config, transformer_impl
     suffixes = layer_suffixes(checkpoint, transformer_impl)
     dtypes = {k: t.dtype for k, t in checkpoint.tensors.items()}
     outer = [k for k in model_keys(checkpoint) if not k.startswith(LAYERS)]
+    outer += [k.split("/shard_")[0] for k in checkpoint.objects
+              if "._extra_state/" in k and not k.startswith((LAYERS, "optimizer.", "rng_state"))]
     if spec.tied_embeddings and config.pp > 1 and names.OUTPUT not in outer:
         outer.append(names.OUTPUT)   # the last stage holds the shared embedding as its output layer
     files = []

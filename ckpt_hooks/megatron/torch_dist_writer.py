@@ -44,8 +44,11 @@ def _weight_items(target: TargetFile, spec, config, seen: set) -> list[dist.Item
     for tensor in target.tensors:
         if tensor.placement is None:      # _extra_state
             name = names.classify(tensor.key)
-            layer = _global_layer(layers_of, spec, config, target.rank.pp, tensor.chunk, name.local_layer)
-            key = dist.object_key(LAYERS + dist_suffix(name.suffix), (layer,), (spec.num_layers,))
+            if name.local_layer is None:
+                key = dist.object_key(tensor.key, (0,), (1,))
+            else:
+                layer = _global_layer(layers_of, spec, config, target.rank.pp, tensor.chunk, name.local_layer)
+                key = dist.object_key(LAYERS + dist_suffix(name.suffix), (layer,), (spec.num_layers,))
             if key not in seen:
                 seen.add(key)
                 items.append(dist.Item(key, obj=[None]))

@@ -20,6 +20,10 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       DIR (iter_{steps:07d}/mp_rank_TT[_PPP]/{model_optim_rng.pt,distrib_optim.pt} and
       latest_checkpointed_iteration.txt), as Megatron-LM writes them, or with "saver":
       "ckpt_hooks" through ckpt_hooks.megatron.save (args described from the model).
+      With "format": "torch_dist" it saves as Megatron-LM's save_checkpoint does with
+      --ckpt-format torch_dist (megatron-core's dist_checkpointing.save, fully parallel over DP,
+      iter_{steps:07d}/{.metadata, __*_*.distcp, common.pt, metadata.json}), the optimizer as
+      "optim_format" says ("dp_reshardable", Megatron-LM's default, or "fully_reshardable").
       PATH gets (torch.save) {"tensors": {sharded key: full global tensor}, "optimizer": {...},
       "param_map": [...], "loss": eval loss, "train_losses": [loss of step 1, 2, ...], "layout",
       "model", "padded_vocab"}.
@@ -86,6 +90,9 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       DIR) (reshards on the fly from DIR's layout; no args check, since DIR's args describe its
       own layout), and each rank writes OUT.json.bytes.<rank>.json: {"bytes_read", "tp_rank",
       "pp_rank", "dp_rank"}.
+      With "loader": "megatron_core_dist" DIR is a torch_dist checkpoint loaded as Megatron-LM's
+      load_checkpoint does (megatron-core's dist_checkpointing.load at this layout; see
+      load_torch_dist_like_megatron_lm for the megatron-core 0.16.1 workarounds it needs).
   {"kind": "save_timing", "model", "layout", "repeat": R, "save_dir": DIR, "result": OUT.json}
       One training step, then R legacy saves each without hooks, with
       ckpt_hooks.patches.megatron_core and through ckpt_hooks.megatron.save (interleaved);
@@ -148,9 +155,11 @@ RUNNER = Path(__file__).resolve().parent / "megatron_run.py"
 
 
 def train_job(layout: dict, save_dir, truth, model: dict | None = None, steps: int = 3,
-              patches: tuple = (), saver: str = "megatron") -> dict:
+              patches: tuple = (), saver: str = "megatron", ckpt_format: str = "torch",
+              optim_format: str = "dp_reshardable") -> dict:
     return {"kind": "train", "model": model or {}, "layout": layout, "steps": steps,
-            "save_dir": str(save_dir), "truth": str(truth), "patches": list(patches), "saver": saver}
+            "save_dir": str(save_dir), "truth": str(truth), "patches": list(patches), "saver": saver,
+            "format": ckpt_format, "optim_format": optim_format}
 
 
 def verify_job(layout: dict, load_dir, truth, result, model: dict | None = None) -> dict:
