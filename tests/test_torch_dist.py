@@ -22,7 +22,9 @@ from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.torch_dist import DistCheckpoint
 from ckpt_hooks.formats.torch_pickle import TorchFile, iter_lazy_tensors
+from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
 from tests.harness import resume_job, run_jobs
+from tests.util import cli, tree_digest
 
 STEPS = 2
 REFERENCE = "cont_tp2pp2_5steps"   # the same run as dist_tp2pp2, trained 5 steps uninterrupted
@@ -212,3 +214,25 @@ def test_bad_torch_dist_is_refused(sources, tmp_path, damage, says):
     assert says in str(error.value) and "\n" not in str(error.value), str(error.value)
     assert not (tmp_path / "out").exists()
     assert sorted((p.name, p.stat().st_size) for p in iter_dir.iterdir()) == before
+
+
+def test_cli_reads_and_writes_torch_dist(sources, tmp_path):
+    source = sources["dist_tp2pp2"]
+    shown = cli("inspect", source.dir)
+    assert shown.returncode == 0, shown.stderr
+    assert "Megatron torch_dist, iteration 3" in shown.stdout and "dp_reshardable state" in shown.stdout
+    planned = cli("convert", "--load-dir", source.dir, "--save-dir", tmp_path / "plan", "--dry-run",
+                  "--target-tensor-parallel-size", 1)
+    assert planned.returncode == 0 and "__1_0.distcp (optimizer exp_avg)" in planned.stdout, planned.stderr
+    assert not (tmp_path / "plan").exists()
+    done = cli("convert", "--load-dir", source.dir, "--save-dir", tmp_path / "legacy", "--quiet",
+               "--target-tensor-parallel-size", 1, "--target-ckpt-format", "torch")
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in (tmp_path / "legacy").glob("iter_*/mp_rank_*")) == ["mp_rank_00_000", "mp_rank_00_001"]
+
+
+def test_megatron_to_hf_reads_torch_dist(sources, tmp_path):
+    """The same run saved in both formats gives the same Hugging Face files, byte for byte."""
+    megatron_to_hf(sources["dist_tp2pp2"].dir, tmp_path / "from_dist", quiet=True)
+    megatron_to_hf(sources["cont_tp2pp2"].dir, tmp_path / "from_torch", quiet=True)
+    assert tree_digest(tmp_path / "from_dist") == tree_digest(tmp_path / "from_torch")

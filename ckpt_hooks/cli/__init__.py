@@ -27,6 +27,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     add_layout_arguments(parser)
     parser.add_argument("--convert-param-only", action="store_true",
                         help="convert the model weights only, not the distributed optimizer's state")
+    parser.add_argument("--target-ckpt-format", choices=("torch", "torch_dist"),
+                        help="Megatron format to write: legacy torch (mp_rank_* files) or torch_dist "
+                             "(Megatron-LM's default; optimizer state as dp_reshardable). Default: the source's")
     add_vocab_arguments(parser, padding=False)
     parser.add_argument("--make-vocab-size-divisible-by", type=positive,
                         help="the source's vocabulary divisor, when its args lack it and the inferred one is wrong")
@@ -50,7 +53,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 # The flags of one framework's conversion, refused for the other's checkpoints.
 _MEGATRON_ONLY = ("tp", "pp", "vpp", "dp", "num_layer_list", "convert_param_only", "true_vocab_size",
-                  "make_vocab_size_divisible_by")
+                  "make_vocab_size_divisible_by", "target_ckpt_format")
 _MINDSPORE_ONLY = ("prefix", "format")
 
 
@@ -78,7 +81,7 @@ def _convert(args) -> None:
     from ckpt_hooks.megatron.conversion import convert
 
     report = convert(args.load_dir, args.save_dir, target_from(args), convert_param_only=args.convert_param_only,
-                     workers=args.workers, quiet=args.quiet)
+                     workers=args.workers, quiet=args.quiet, ckpt_format=args.target_ckpt_format)
     if not args.quiet:
         print(f"wrote {args.save_dir}: {report}")
 
@@ -90,7 +93,7 @@ def _dry_run(args) -> None:
     if args.src_strategy_path_or_dir or args.dst_strategy or is_mindspore_source(args.load_dir):
         raise CheckpointError(args.load_dir, "--dry-run plans Megatron checkpoints only, for now")
     print(dry_run(plan_megatron(args.load_dir, target_from(args), convert_param_only=args.convert_param_only),
-                  args.workers))
+                  args.workers, args.target_ckpt_format))
 
 
 def run_mindspore_convert(args) -> None:

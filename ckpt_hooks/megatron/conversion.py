@@ -61,21 +61,26 @@ def plan_megatron(load_dir, target: Target = Target(), *, convert_param_only: bo
     return Planned(src, layout, weights, optim, optim_plans)
 
 
-def dry_run(p: Planned, workers: int) -> str:
+def dry_run(p: Planned, workers: int, ckpt_format: str | None = None) -> str:
     """What ``convert`` would do, from the plan alone (no tensor data read): bytes per target
     file, bytes read per source file, the largest tensor in flight and an estimate of the peak
     memory (each worker builds a tensor while the previous one is written; an optimizer buffer
     is built whole)."""
     iter_name = legacy.iteration_dir_name(p.src.ckpt.iteration)
-    states = [(legacy.MODEL_FILE, p.weights)] + [(f"{legacy.OPTIMIZER_FILE} ({state})", list(files.values()))
-                                                 for state, files in p.optimizer_plans.items()]
+    dist = (ckpt_format or source_format(p.src)) == "torch_dist"
+    states = [(legacy.MODEL_FILE, "weights", p.weights)] + \
+        [(f"{legacy.OPTIMIZER_FILE} ({state})", f"optimizer {state}", list(files.values()))
+         for state, files in p.optimizer_plans.items()]
     reads: dict[str, int] = {}
     largest = 0
     lines = [f"plan {p.src.layout.describe()} -> {p.target.describe()} (dry run: nothing read or written)"]
-    for what, files in states:
+    for what, label, files in states:
         for f in files:
-            name = f"{iter_name}/{legacy.rank_dir_name(f.rank.tp, f.rank.pp, p.target.pp)}"
-            lines.append(f"  {name}/{what}  {f.nbytes / 1e6:.1f} MB")
+            if dist:   # one .distcp file per model-parallel rank holds weights and optimizer state
+                name = f"{iter_name}/__{f.rank.pp * p.target.tp + f.rank.tp}_0.distcp ({label})"
+            else:
+                name = f"{iter_name}/{legacy.rank_dir_name(f.rank.tp, f.rank.pp, p.target.pp)}/{what}"
+            lines.append(f"  {name}  {f.nbytes / 1e6:.1f} MB")
             # an optimizer state's buffer is built whole
             largest = max(largest, *(t.nbytes for t in f.tensors), f.nbytes if what != legacy.MODEL_FILE else 0)
             for tensor in f.tensors:

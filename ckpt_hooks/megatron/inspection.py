@@ -30,30 +30,46 @@ def _summary(src: MegatronSource, tensors: bool) -> dict:
             entry["entries"] = {chunk: {key: None if m is None else [list(m.shape), dtype_name(m.dtype)]
                                         for key, m in keys.items()} for chunk, keys in f.chunks.items()}
         files.append(entry)
-    return {"format": "megatron-legacy", "iteration": ckpt.iteration, "iteration_dir": str(ckpt.iter_dir),
-            "layout": dataclasses.asdict(src.layout), "model": dataclasses.asdict(src.spec),
-            "optimizer": _has_optimizer(ckpt), "files": files}
+    dist = getattr(ckpt, "dist", None)
+    return {"format": "megatron-legacy" if dist is None else "megatron-torch_dist", "iteration": ckpt.iteration,
+            "iteration_dir": str(ckpt.iter_dir), "layout": dataclasses.asdict(src.layout),
+            "model": dataclasses.asdict(src.spec),
+            "optimizer": _has_optimizer(ckpt) if dist is None else _dist_optimizer(dist), "files": files}
 
 
 def describe(load_dir, tensors: bool = False) -> str:
     src = read_source(load_dir)
     about = _summary(src, tensors)
     iteration = "release" if about["iteration"] is None else about["iteration"]
+    dist = about["format"] == "megatron-torch_dist"
+    optimizer = (f"{about['optimizer']} state" if about["optimizer"] else "no optimizer state") if dist else \
+        ("distrib_optim.pt present" if about["optimizer"] else "no distrib_optim.pt")
     lines = [
-        f"format     Megatron legacy (torch), iteration {iteration}, {about['iteration_dir']}",
+        f"format     Megatron {'torch_dist' if dist else 'legacy (torch)'}, iteration {iteration}, "
+        f"{about['iteration_dir']}",
         f"layout     {src.layout.describe()}",
         f"model      {src.spec.describe()}",
-        f"optimizer  {'distrib_optim.pt present' if about['optimizer'] else 'no distrib_optim.pt'}",
-        "files:",
+        f"optimizer  {optimizer}",
+        "ranks (what each model-parallel rank holds):" if dist else "files:",
     ]
     for f in about["files"]:
         rank = f["rank"]
-        lines.append(f"  {Path(f['path']).parent}  tp {rank['tp']} pp {rank['pp']}  {f['tensors']} tensors, "
+        where = "" if dist else f"{Path(f['path']).parent}  "
+        lines.append(f"  {where}tp {rank['tp']} pp {rank['pp']}  {f['tensors']} tensors, "
                      f"{f['bytes'] / 1e6:.2f} MB, {'/'.join(f['dtypes'])}, chunks {f['chunks']}")
         for chunk, entries in f.get("entries", {}).items():
             for key, meta in entries.items():
                 lines.append(f"      {chunk}.{key}  {'—' if meta is None else f'{meta[0]} {meta[1]}'}")
     return "\n".join(lines)
+
+
+def _dist_optimizer(checkpoint) -> str | None:
+    """The saved distributed-optimizer sharding type, if optimizer state was saved."""
+    content = checkpoint.common.get("content_metadata") or {}
+    saved = checkpoint.common.get("optimizer")
+    if saved is None:
+        return None
+    return content.get("distrib_optim_sharding_type") or saved.get("param_state_sharding_type")
 
 
 def _has_optimizer(ckpt) -> bool:
