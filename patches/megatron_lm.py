@@ -2,16 +2,22 @@
 
 ``install()`` wraps ``megatron.training.checkpointing.save_checkpoint`` / ``load_checkpoint``
 (and the names other ``megatron.*`` modules imported from it) and installs
-``ckpt_hooks.patches.megatron_core``; no upstream source is copied. With ``--ckpt-format torch``:
+``ckpt_hooks.patches.megatron_core``; no upstream source is copied.
 
-* save: Megatron-LM saves as always; the megatron_core patch writes the param_maps beside
-  each ``distrib_optim.pt``, and rank 0 then writes the iteration's manifest;
-* load: a checkpoint saved at another TP / PP / VPP / layer split is resharded on the fly by
-  ``ckpt_hooks.megatron.load`` (weights, fp32 main params, Adam moments, step, scheduler,
-  iteration, consumed samples), each rank reading only its share (``--ckpt-step N`` reads
-  iteration N, weights and optimizer alike). Megatron-LM itself refuses a
-  TP change and, for a PP change, exits with code 0 having trained nothing. At an unchanged
-  layout (a DP change included) Megatron-LM's own load runs, behind the megatron_core checks.
+* save, ``--ckpt-format torch``: Megatron-LM saves as always; the megatron_core patch writes the
+  param_maps beside each ``distrib_optim.pt``, and rank 0 then writes the iteration's manifest;
+* save, ``--ckpt-format torch_dist``: Megatron-LM saves as always; then each rank records its
+  param_map (read from its own optimizer: no communication) under ``iter_N/ckpt_hooks/``;
+* load: a checkpoint saved at another TP / PP / VPP / layer split, in either format, is
+  resharded on the fly by ``ckpt_hooks.megatron.load`` (weights, fp32 main params, Adam
+  moments, step, scheduler, iteration, consumed samples), each rank reading only its share
+  (``--ckpt-step N`` reads iteration N, weights and optimizer alike). Megatron-LM itself refuses
+  a TP change and, for a PP change, exits with code 0 having trained nothing (legacy), or
+  refuses any TP/PP change of the default ``dp_reshardable`` optimizer state (torch_dist). A
+  torch_dist checkpoint is loaded by ckpt_hooks at its own layout too, RNG included, since
+  megatron-core 0.16.1's own dp_reshardable load is not exact there (a stale Adam step with
+  torch's AdamW); at an unchanged layout of the legacy format (a DP change included)
+  Megatron-LM's own load runs, behind the megatron_core checks.
   A bad checkpoint stops every rank with one line ``error: <file>: <cause>`` and exit code 2.
 
 Turn it on for an unmodified ``pretrain_gpt.py`` launch with ``-m``:
@@ -59,7 +65,31 @@ def uninstall() -> None:
 def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):
     result = _originals["save_checkpoint"](iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
     _write_manifest(iteration, kwargs)
+    _record_dist_param_maps(iteration, optimizer, kwargs)
     return result
+
+
+def _record_dist_param_maps(iteration, optimizer, kwargs) -> None:
+    """Beside a torch_dist save, each rank's param_map (what dp_reshardable does not save)."""
+    from megatron.core import parallel_state as ps
+    from megatron.training import get_args
+
+    from ckpt_hooks.algebra.spec import Rank
+    from ckpt_hooks.megatron.load import distributed_optimizers
+    from ckpt_hooks.megatron.save import write_param_maps
+    from ckpt_hooks.megatron.torch_dist import recorded_maps_dir
+
+    args = get_args()
+    if args.ckpt_format != "torch_dist" or args.async_save or kwargs.get("non_persistent_ckpt") or \
+            not args.use_distributed_optimizer or optimizer is None:
+        return
+    optimizers = distributed_optimizers(optimizer)
+    if len(optimizers) != 1:
+        return   # chained optimizers (MoE): not recorded yet
+    rank = Rank(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    iter_dir = Path(args.save) / iteration_dir_name(None if kwargs.get("release") else iteration)
+    write_param_maps(optimizers[0], recorded_maps_dir(iter_dir, rank, ps.get_pipeline_model_parallel_world_size()),
+                     rank, optimizers[0].data_parallel_group.rank())
 
 
 def _write_manifest(iteration, kwargs) -> None:
@@ -80,12 +110,12 @@ def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg="load", 
     args = get_args()
     load_dir = getattr(args, load_arg, None)
     layouts, error = None, None
-    if args.ckpt_format == "torch" and load_dir and _has_checkpoint(load_dir):
+    if args.ckpt_format in ("torch", "torch_dist") and load_dir and _has_checkpoint(load_dir):
         if getattr(args, "ckpt_step", None) is not None:
             load_dir = Path(load_dir) / iteration_dir_name(args.ckpt_step)
         layouts, error = _guarded(_layouts, ddp_model, load_dir)
     _stop_if_any_failed(error)
-    if layouts is None or layouts[0] == layouts[1]:
+    if layouts is None or (layouts[0] == layouts[1] and not layouts[2]):
         return _originals["load_checkpoint"](ddp_model, optimizer, opt_param_scheduler, load_arg, strict, **kwargs)
     outcome, error = _guarded(_load_resharded, args, load_dir, ddp_model, optimizer, opt_param_scheduler)
     _stop_if_any_failed(error)
@@ -97,14 +127,19 @@ def _has_checkpoint(load_dir) -> bool:
 
 
 def _layouts(ddp_model, load_dir):
-    """(saved, running) layouts as (TP, PP, VPP, layer split): DP is Megatron-LM's business."""
-    from ckpt_hooks.formats.megatron_legacy import open_checkpoint
-    from ckpt_hooks.megatron.load import running_layout
+    """(saved, running) layouts as (TP, PP, VPP, layer split), DP being Megatron-LM's business,
+    and whether the checkpoint is torch_dist. Only the saved args are read."""
     from ckpt_hooks.algebra.spec import parallel_config_from_args
+    from ckpt_hooks.formats.megatron_legacy import find_iteration_dir, open_checkpoint
+    from ckpt_hooks.formats.torch_dist import DistCheckpoint, is_dist_checkpoint
+    from ckpt_hooks.megatron.load import running_layout
 
-    saved = parallel_config_from_args(open_checkpoint(load_dir).args)
+    iter_dir, _ = find_iteration_dir(load_dir)
+    dist = is_dist_checkpoint(iter_dir)
+    args = DistCheckpoint(iter_dir).common.get("args") if dist else open_checkpoint(load_dir).args
+    saved = parallel_config_from_args(args)
     running, _ = running_layout(ddp_model)
-    return [(c.tp, c.pp, c.vpp, c.layers_per_stage) for c in (saved, running)]
+    return [*((c.tp, c.pp, c.vpp, c.layers_per_stage) for c in (saved, running)), dist]
 
 
 def _load_resharded(args, load_dir, ddp_model, optimizer, opt_param_scheduler):
@@ -117,7 +152,9 @@ def _load_resharded(args, load_dir, ddp_model, optimizer, opt_param_scheduler):
     from ckpt_hooks.megatron.load import load
 
     load_optimizer = not (args.finetune or args.no_load_optim)
-    loaded = load(ddp_model, optimizer if load_optimizer else None, load_dir, restore_rng=False)
+    # RNG states are per rank: restored only at the saved layout, as Megatron-LM does.
+    loaded = load(ddp_model, optimizer if load_optimizer else None, load_dir,
+                  restore_rng=not (args.finetune or args.no_load_rng))
     if not load_optimizer and (args.fp16 or args.bf16) and optimizer is not None:
         optimizer.reload_model_params()  # fp32 main params from the loaded weights
     if load_optimizer and opt_param_scheduler is not None and loaded.scheduler is not None:
@@ -131,9 +168,10 @@ def _load_resharded(args, load_dir, ddp_model, optimizer, opt_param_scheduler):
         args.consumed_valid_samples = getattr(saved, "consumed_valid_samples", 0)
         update_num_microbatches(consumed_samples=args.consumed_train_samples, verbose=True)
     dist.barrier()
-    print_rank_0(f"ckpt_hooks: resharded {load_dir} from {loaded.source.describe()} to {loaded.target.describe()} "
-                 f"at iteration {iteration} (rank 0 read {loaded.bytes_read / 1e6:.1f} MB; RNG state not "
-                 "restored: it is per rank)")
+    done = f"resharded {load_dir} from {loaded.source.describe()} to {loaded.target.describe()}" \
+        if loaded.resharded else f"loaded {load_dir} at its own layout {loaded.target.describe()}"
+    print_rank_0(f"ckpt_hooks: {done} at iteration {iteration} (rank 0 read {loaded.bytes_read / 1e6:.1f} MB; "
+                 f"RNG state {'restored' if loaded.rng_restored else 'not restored: it is per rank'})")
     return iteration, loaded.num_floating_point_operations_so_far
 
 

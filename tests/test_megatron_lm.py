@@ -116,3 +116,56 @@ def test_missing_rank_stops_every_rank_with_one_error(runs):
     errors = [line for line in log.splitlines() if line.startswith("error: ")]
     assert len(errors) == 4 and all("mp_rank_01_001" in e and "missing" in e for e in errors), errors
     assert sorted(p.relative_to(broken) for p in broken.rglob("*")) == before
+
+
+# ---- torch_dist, Megatron-LM's default format (default dp_reshardable optimizer state) -----------
+
+DIST = [("torch_dist" if a == "torch" and COMMON[i - 1] == "--ckpt-format" else a) for i, a in enumerate(COMMON)]
+
+
+@pytest.fixture(scope="module")
+def dist_runs(tmp_path_factory):
+    """As ``runs``, saving torch_dist."""
+    work = tmp_path_factory.mktemp("megatron_lm_dist")
+    save = ["--save-interval", STOP]
+    plain = run_megatron_lm(MEGATRON_LM, "plain", DIST + LAYOUTS["tp2pp2"] + save + ["--save", work / "plain"],
+                            work, "uninterrupted")
+    hooked = run_megatron_lm(MEGATRON_LM, "hooks", DIST + LAYOUTS["tp2pp2"] + save +
+                             ["--exit-interval", STOP, "--save", work / "hooked"], work, "hooked")
+    for rc, losses, log in (plain, hooked):
+        assert rc == 0, log[-3000:]
+    assert sorted(hooked[1]) == [1, 2, 3] and all(hooked[1][i] == plain[1][i] for i in (1, 2, 3))
+    return work, plain[1]
+
+
+def dist_resume(runs, layout: str, source: str = "hooked", mode: str = "hooks", extra=()):
+    work, _ = runs
+    return run_megatron_lm(MEGATRON_LM, mode, DIST + LAYOUTS[layout] + ["--load", work / source, *extra],
+                           work, f"resume-{source}-{layout}-{mode}")
+
+
+def test_torch_dist_hooked_save_records_param_maps(dist_runs):
+    iter_dir = dist_runs[0] / "hooked" / f"iter_{STOP:07d}"
+    assert (iter_dir / ".metadata").is_file()
+    recorded = sorted(p.parent.name for p in (iter_dir / "ckpt_hooks").glob("mp_rank_*/param_map.json"))
+    assert recorded == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    assert not (dist_runs[0] / "plain" / f"iter_{STOP:07d}" / "ckpt_hooks").exists()
+
+
+@pytest.mark.parametrize("layout", ["tp1pp2dp2", "tp4pp1", "tp1pp2vpp2dp2", "tp1pp1dp4", "tp2pp2"])
+def test_torch_dist_resume_continues_the_loss_curve(dist_runs, layout):
+    rc, losses, log = dist_resume(dist_runs, layout)
+    assert ("ckpt_hooks: resharded" if layout != "tp2pp2" else "ckpt_hooks: loaded") in log, log[-3000:]
+    assert_continues(dist_runs, rc, losses, log)
+
+
+def test_torch_dist_saved_without_hooks_resumes_at_another_layout(dist_runs):
+    rc, losses, log = dist_resume(dist_runs, "tp4pp1", source="plain", extra=["--ckpt-step", STOP])
+    assert "ckpt_hooks: resharded" in log
+    assert_continues(dist_runs, rc, losses, log)
+
+
+def test_megatron_lm_alone_refuses_a_torch_dist_tp_change(dist_runs):
+    """The negative control: dp_reshardable state cannot change TP/PP in Megatron-LM."""
+    rc, losses, log = dist_resume(dist_runs, "tp1pp2dp2", mode="plain")
+    assert rc != 0 and losses == {} and "(TP, PP) mismatch after resume" in log

@@ -32,7 +32,7 @@ from ckpt_hooks.engine.source import Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import staged_directory
-from ckpt_hooks.formats.torch_dist import is_dist_checkpoint
+from ckpt_hooks.formats.torch_dist import is_dist_checkpoint, object_key
 from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, iter_lazy_tensors
 from ckpt_hooks.megatron import legacy_names, manifest
 
@@ -228,6 +228,19 @@ def source_tensors(files: list[SourceFile], placed: Placed, handle: Callable, dt
                 tensor = tensors.setdefault(logical, Tensor(where.logical_shape, dtype or meta.dtype))
                 tensor.add(where.box, handle(f, chunk, key, where))
     return tensors
+
+
+def rank_rng(src: MegatronSource, tp_rank: int, pp_rank: int) -> list | None:
+    """The RNG state list a source rank saved (legacy rank file or torch_dist object), if any."""
+    ckpt = src.ckpt
+    checkpoint = getattr(ckpt, "dist", None)
+    if checkpoint is not None:
+        key = object_key("rng_state", (pp_rank, tp_rank), (src.layout.pp, src.layout.tp))
+        return checkpoint.read_object(key)[0] if key in checkpoint.objects else None
+    own = ckpt.files.get((tp_rank, pp_rank))
+    if own is None or not isinstance(own.obj, dict) or own.obj.get("rng_state") is None:
+        return None
+    return own.materialize(own.obj["rng_state"])
 
 
 # ---- the sink: a target layout's rank files --------------------------------------------------

@@ -154,12 +154,13 @@ def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: 
     """The plan written as a torch_dist checkpoint. RNG states are per rank: carried rank by rank
     at an unchanged TP·PP where the source saved them, else none are written and the args say
     ``no_save_rng`` (so Megatron-LM does not look for them)."""
-    from ckpt_hooks.megatron.torch_dist_writer import source_rng, write_dist_checkpoint
+    from ckpt_hooks.megatron.checkpoint import rank_rng
+    from ckpt_hooks.megatron.torch_dist_writer import write_dist_checkpoint
 
     src, layout = p.src, p.target
     rngs = {}
     if (src.layout.tp, src.layout.pp) == (layout.tp, layout.pp):
-        rngs = {rank: source_rng(src, rank.tp, rank.pp) for rank in layout.file_ranks()}
+        rngs = {rank: rank_rng(src, rank.tp, rank.pp) for rank in layout.file_ranks()}
     if not rngs or any(r is None for r in rngs.values()):
         rngs, args.no_save_rng = {}, True
     common = {k: v for k, v in carried.items() if k != "optimizer"}

@@ -18,7 +18,7 @@ from ckpt_hooks.engine.plan import restrict
 from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.megatron_legacy import chunk_keys
-from ckpt_hooks.megatron.checkpoint import MegatronSource, plan_files, read_source
+from ckpt_hooks.megatron.checkpoint import MegatronSource, plan_files, rank_rng, read_source
 from ckpt_hooks.megatron.optimizer import source_optimizer
 
 
@@ -89,9 +89,9 @@ def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Load
         opened += _load_optimizer(optimizer, model_chunks, src, target, rank)
     loaded = Loaded(ckpt.iteration, ckpt.first.obj.get("opt_param_scheduler"), src.layout, target, 0, ckpt.args,
                     ckpt.first.obj.get("num_floating_point_operations_so_far", 0))
-    own = ckpt.files.get((rank.tp, rank.pp))
-    if restore_rng and not loaded.resharded and own is not None and own.obj.get("rng_state"):
-        _restore_rng(own.materialize(own.obj["rng_state"][0]))
+    rng = rank_rng(src, rank.tp, rank.pp) if restore_rng and not loaded.resharded else None
+    if rng:
+        _restore_rng(rng[0])
         loaded.rng_restored = True
     loaded.bytes_read = sum(f.bytes_read for f in opened) + getattr(getattr(ckpt, "dist", None), "bytes_read", 0)
     return loaded

@@ -48,6 +48,7 @@ def _write_json(path: Path, data) -> None:
 def write_param_maps(optimizer, rank_dir, rank: Rank, dp_rank: int) -> None:
     """This rank's share of the param_map files of one checkpoint rank directory."""
     rank_dir = Path(rank_dir)
+    rank_dir.mkdir(parents=True, exist_ok=True)
     maps = record_param_maps(optimizer)
     if dp_rank == 0:
         _write_json(rank_dir / legacy.RECORDED_MAP, [m.to_json() for m in maps])

@@ -41,6 +41,7 @@ _TE_NORMS = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
 _BUCKET = re.compile(r"optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_\((torch\.\w+), (torch\.\w+)\)"
                      r"\.bucket_idx_(\d+)\.(param|exp_avg|exp_avg_sq)")
 SHARDING = "distrib_optim_sharding_type"
+HOOK_DIR = "ckpt_hooks"
 
 
 def local_suffix(suffix: str, transformer_impl: str) -> str:
@@ -290,6 +291,12 @@ class FlatView:
             raise CheckpointError(self.file.path, f"bucket elements [{begin}, {begin + count}) are not all saved")
 
 
+def recorded_maps_dir(iter_dir, rank, pp: int) -> Path:
+    """Where the save hook records a model-parallel rank's param_map beside a torch_dist checkpoint
+    (Megatron's own files unchanged): ``ckpt_hooks/mp_rank_TT[_PPP]/param_map.json``."""
+    return Path(iter_dir) / HOOK_DIR / legacy.rank_dir_name(rank.tp, rank.pp, pp)
+
+
 def bucket_key(group: int, index: int, param_dtype: str, grad_dtype: str, bucket: int, state: str) -> str:
     return (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{index}.dtype_(torch.{param_dtype}, "
             f"torch.{grad_dtype}).bucket_idx_{bucket}.{state}")
@@ -337,11 +344,10 @@ class DistOptimizer:
         if not self.grad_dtypes:
             raise CheckpointError(where, "no dp_reshardable optimizer buckets saved")
         views = {}
-        recorded = read_recorded_maps(checkpoint.iter_dir)
         for f in src.files:
             group = f.rank.pp * config.tp + f.rank.tp     # the rank in the model-parallel group
-            maps = rebuild_maps(src.spec, config, src.ckpt.args, f.rank.pp, f.chunks, self.grad_dtypes) \
-                if recorded is None else recorded[group]
+            maps = read_recorded_maps(recorded_maps_dir(checkpoint.iter_dir, f.rank, config.pp)) or \
+                rebuild_maps(src.spec, config, src.ckpt.args, f.rank.pp, f.chunks, self.grad_dtypes)
             self.maps[f.rank] = maps
             saved = _unwrap(checkpoint, f"optimizer.distributed.dp_group_idx_{group}.per_bucket_numel_unpadded/shard_0_1")
             mine = [{(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)): list(m.per_bucket_numel_unpadded)}

@@ -17,10 +17,10 @@ at the target layout.
 from __future__ import annotations
 
 import threading
+
 import torch
 
 from ckpt_hooks.algebra import names
-from ckpt_hooks.algebra.layout import EXTRA
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, restrict
 from ckpt_hooks.engine.source import STATES, TensorMeta
@@ -192,17 +192,3 @@ def _rebind(produce, progress):
         progress.update(out.numel() * out.element_size())
         return out
     return build
-
-
-def source_rng(src, tp_rank: int, pp_rank: int) -> list | None:
-    """The RNG state list a source rank saved (legacy rank file or torch_dist object), if any."""
-    ckpt = src.ckpt
-    checkpoint = getattr(ckpt, "dist", None)
-    if checkpoint is not None:
-        key = dist.object_key("rng_state", (pp_rank, tp_rank), (src.layout.pp, src.layout.tp))
-        return checkpoint.read_object(key)[0] if key in checkpoint.objects else None
-    own = ckpt.files.get((tp_rank, pp_rank))
-    if own is None or not isinstance(own.obj, dict) or own.obj.get("rng_state") is None:
-        return None
-    return own.materialize(own.obj["rng_state"])
-

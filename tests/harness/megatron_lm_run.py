@@ -68,6 +68,14 @@ def install_shims() -> None:
     torch.cuda.amp = types.SimpleNamespace(autocast=lambda *a, **k: contextlib.nullcontext())
 
     # pip's megatron.core first: it ships the prebuilt dataset helper that --mock-data needs.
+    # megatron-core's torch_dist save starts a spawn-based helper (a multiprocessing Manager),
+    # which would re-run pretrain_gpt.py without the shims above: it needs none of __main__.
+    import multiprocessing.spawn as spawn
+
+    preparation_data = spawn.get_preparation_data
+    spawn.get_preparation_data = lambda name: {k: v for k, v in preparation_data(name).items()
+                                               if k not in ("init_main_from_path", "init_main_from_name")}
+
     import megatron.core.datasets.utils as dataset_utils
 
     dataset_utils.compile_helpers = lambda: None
