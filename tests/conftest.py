@@ -30,10 +30,12 @@ SOURCES = {
     # dp_reshardable optimizer state, and with --dist-ckpt-optim-fully-reshardable.
     "dist_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
     "distfull_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
+    # ... and saved as torch_dist by ckpt_hooks.megatron.save (param_maps recorded).
+    "saved_dist_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
 }
-DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable"}
+DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable", "saved_dist_tp2pp2": "dp_reshardable"}
 PATCHED = {"hooked_tp1pp2vpp2": ("megatron_core",)}
-SAVED_BY_CKPT_HOOKS = {"saved_tp2pp2"}
+SAVED_BY_CKPT_HOOKS = {"saved_tp2pp2", "saved_dist_tp2pp2"}
 
 
 class Source:

@@ -47,6 +47,9 @@ CASES = [
     ("dist-to-legacy-tp4pp1", "dist_tp2pp2", {"tp": 4, "pp": 1}, "legacy"),
     # megatron-core's own same-layout load of the saved files: the oracle the "dist" cases use
     ("megatron-core-same", "dist_tp2pp2", {"tp": 2, "pp": 2}, "as saved"),
+    # saved by ckpt_hooks.megatron.save(ckpt_format="torch_dist"): its recorded param_maps used
+    ("library-save-hook-tp1pp2", "saved_dist_tp2pp2", {"tp": 1, "pp": 2}, "hook"),
+    ("library-save-megatron-core-same", "saved_dist_tp2pp2", {"tp": 2, "pp": 2}, "as saved"),
 ]
 LOADERS = {"hook": "ckpt_hooks", "dist": "megatron_core_dist", "legacy": "megatron", "as saved": "megatron_core_dist"}
 
@@ -236,3 +239,12 @@ def test_megatron_to_hf_reads_torch_dist(sources, tmp_path):
     megatron_to_hf(sources["dist_tp2pp2"].dir, tmp_path / "from_dist", quiet=True)
     megatron_to_hf(sources["cont_tp2pp2"].dir, tmp_path / "from_torch", quiet=True)
     assert tree_digest(tmp_path / "from_dist") == tree_digest(tmp_path / "from_torch")
+
+
+def test_export_param_map_reads_torch_dist(sources, tmp_path):
+    """The param_maps rebuilt for the torch_dist save (checked against its saved bucket sizes)
+    are those of the same run's legacy save."""
+    for name in ("dist_tp2pp2", "cont_tp2pp2"):
+        result = cli("export-param-map", "--load-dir", sources[name].dir, "--save-dir", tmp_path / name)
+        assert result.returncode == 0, result.stderr
+    assert tree_digest(tmp_path / "dist_tp2pp2") == tree_digest(tmp_path / "cont_tp2pp2") != {}

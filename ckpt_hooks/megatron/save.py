@@ -28,6 +28,7 @@ from ckpt_hooks.megatron.load import distributed_optimizers, running_layout, unw
 from ckpt_hooks.formats.atomic import atomic_write
 from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json, record
 from ckpt_hooks.algebra.spec import Rank
+from ckpt_hooks.megatron.torch_dist import recorded_maps_dir
 
 
 def record_param_maps(optimizer) -> list[BufferMap]:
@@ -86,7 +87,16 @@ def args_from_model(model_chunks) -> argparse.Namespace:
         decoder_first_pipeline_num_layers=first if layout.pp > 1 else None,
         decoder_last_pipeline_num_layers=last if layout.pp > 1 else None,
         data_parallel_size=layout.dp, params_dtype=config.params_dtype, ckpt_format="torch",
+        transformer_impl=_transformer_impl(model),
         use_distributed_optimizer=True)
+
+
+def _transformer_impl(model) -> str:
+    """"local" when the layers have norms of their own (the local spec), else Transformer Engine's
+    (the norms fused into linear_qkv / linear_fc1): what torch_dist's shared key names hide."""
+    layers = getattr(getattr(model, "decoder", None), "layers", None) or []
+    norm = getattr(layers[0], "input_layernorm", None) if len(layers) else None
+    return "transformer_engine" if norm is None or type(norm).__name__ == "IdentityOp" else "local"
 
 
 def rng_state() -> list[dict]:
@@ -100,19 +110,34 @@ def rng_state() -> list[dict]:
 
 
 def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, args=None,
-         num_floating_point_operations_so_far: int = 0) -> Path:
+         num_floating_point_operations_so_far: int = 0, ckpt_format: str = "torch") -> Path:
     """Save a running megatron-core job (model chunks in DDP, the DistributedOptimizer) as
-    Megatron-LM's ``save_checkpoint`` does with ``--ckpt-format torch --use-distributed-optimizer``,
-    plus the param_maps and the manifest. Collective: call it on every rank. ``args`` are
-    Megatron-LM's (saved as they are); without them, ``args_from_model`` describes the model.
-    Returns the iteration directory."""
+    Megatron-LM's ``save_checkpoint`` does with ``--ckpt-format torch`` (plus the param_maps and
+    the manifest) or ``torch_dist`` (megatron-core's ``dist_checkpointing.save``, dp_reshardable
+    optimizer state, plus each rank's param_map), ``--use-distributed-optimizer``. Collective:
+    call it on every rank. ``args`` are Megatron-LM's (saved as they are); without them,
+    ``args_from_model`` describes the model. Returns the iteration directory."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    args = args if args is not None else args_from_model(model_chunks)
+    if args is None:
+        args = args_from_model(model_chunks)
+        args.ckpt_format = ckpt_format
     layout, rank = running_layout(model_chunks)
     root = Path(save_dir)
     iter_dir = root / legacy.iteration_dir_name(iteration)
+    if ckpt_format == "torch_dist":
+        _save_torch_dist(model_chunks, optimizer, iter_dir, iteration, scheduler, args,
+                         num_floating_point_operations_so_far)
+        dopt = distributed_optimizers(optimizer)[0]
+        write_param_maps(dopt, recorded_maps_dir(iter_dir, rank, layout.pp), rank, dopt.data_parallel_group.rank())
+        dist.barrier()
+        if dist.get_rank() == 0:
+            legacy.write_tracker(root, iteration)
+        dist.barrier()
+        return iter_dir
+    if ckpt_format != "torch":
+        raise ValueError(f"unknown checkpoint format {ckpt_format!r} (torch or torch_dist)")
     rank_dir = iter_dir / legacy.rank_dir_name(rank.tp, rank.pp, layout.pp)
     rank_dir.mkdir(parents=True, exist_ok=True)
     optimizer.save_parameter_state(str(rank_dir / legacy.OPTIMIZER_FILE))  # collective over DP
@@ -135,6 +160,38 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
         legacy.write_tracker(root, iteration)
     dist.barrier()
     return iter_dir
+
+
+def _save_torch_dist(model_chunks, optimizer, iter_dir: Path, iteration: int, scheduler, args, flops: int) -> None:
+    """megatron-core's dist_checkpointing.save of the state Megatron-LM's generate_state_dict
+    builds for --ckpt-format torch_dist (its default dp_reshardable optimizer state)."""
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    content = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
+               "chained_optim_avoid_prefix": True}
+    dp_group = ps.get_data_parallel_group(with_context_parallel=True)
+    metadata = {**content, "dp_cp_group": dp_group}
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration}
+    for key, chunk in zip(legacy.chunk_keys(len(model_chunks)), model_chunks):
+        state[key] = unwrap(chunk).sharded_state_dict(metadata=metadata)
+    state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
+    if scheduler is not None:
+        state["opt_param_scheduler"] = scheduler.state_dict()
+    state["rng_state"] = ShardedObject(
+        "rng_state", rng_state(), (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+    state["num_floating_point_operations_so_far"] = flops
+    if dist.get_rank() == 0:
+        iter_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    strategy = FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy("torch_dist"), dp_group)
+    dist_checkpointing.save(state, str(iter_dir), strategy, validate_access_integrity=True, content_metadata=content)
 
 
 def write_manifest_or_warn(iter_dir) -> None:

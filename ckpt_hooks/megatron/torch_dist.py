@@ -27,7 +27,7 @@ import torch
 from ckpt_hooks.algebra import layout, names
 from ckpt_hooks.algebra.layout import EXTRA, Box, LayoutError
 from ckpt_hooks.algebra.param_map import dtype_name
-from ckpt_hooks.algebra.spec import Rank
+from ckpt_hooks.algebra.spec import ParallelConfig, Rank
 from ckpt_hooks.engine.source import STATES, Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
@@ -178,21 +178,23 @@ def dist_weights(checkpoint: dist.DistCheckpoint, spec, transformer_impl: str, p
         name = names.classify(names.layer_key(0, suffix) if stacked else suffix)
         if name is None:
             raise CheckpointError(where, f"unsupported tensor '{saved_key}'")
+        try:   # the logical shape: a single rank's placement is the whole tensor
+            shape = layout.placement(name.rule, spec, ParallelConfig(), Rank(0, 0), spec.padded_vocab_size,
+                                     stored.shape[1:] if stacked else stored.shape).logical_shape
+        except LayoutError as e:
+            raise CheckpointError(where, f"'{saved_key}': {e}") from None
         for chunk in stored.chunks:
             torch_file, lazy = checkpoint.chunk_tensor(stored.key, chunk)
+            inner = (chunk.offsets[1:], chunk.sizes[1:]) if stacked else (chunk.offsets, chunk.sizes)
+            try:
+                box = _to_logical(name.rule, spec, saved_key, inner)
+            except LayoutError as e:
+                raise CheckpointError(where, f"'{saved_key}': {e}") from None
             layers = range(chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]) if stacked else [None]
             for j, global_layer in enumerate(layers):
                 logical = names.layer_key(global_layer, suffix) if stacked else suffix
-                part = _layer(lazy, j) if stacked else lazy
-                inner = (chunk.offsets[1:], chunk.sizes[1:]) if stacked else (chunk.offsets, chunk.sizes)
-                try:
-                    box = _to_logical(name.rule, spec, saved_key, inner)
-                    shape = layout.placement(name.rule, spec, _whole(), Rank(0, 0), spec.padded_vocab_size,
-                                             stored.shape[1:] if stacked else stored.shape).logical_shape
-                except LayoutError as e:
-                    raise CheckpointError(where, f"'{saved_key}': {e}") from None
                 tensor = tensors.setdefault(logical, Tensor(shape, dtype or stored.dtype))
-                tensor.add(box, TensorView(torch_file, part, box.lengths))
+                tensor.add(box, TensorView(torch_file, _layer(lazy, j) if stacked else lazy, box.lengths))
     for key in checkpoint.objects:
         if "._extra_state/" not in key or key.startswith(("optimizer.", "rng_state")):
             continue
@@ -202,11 +204,6 @@ def dist_weights(checkpoint: dist.DistCheckpoint, spec, transformer_impl: str, p
             name = names.layer_key(layer, local_suffix(name[len(LAYERS):], transformer_impl))
         tensors.setdefault(name, Tensor((), None))
     return tensors
-
-
-def _whole():
-    from ckpt_hooks.algebra.spec import ParallelConfig
-    return ParallelConfig()
 
 
 def source_files(checkpoint: dist.DistCheckpoint, spec, config, transformer_impl: str, where) -> list:
@@ -320,10 +317,11 @@ class DistOptimizer:
         if sharding == "fully_reshardable":
             self.sources = {state: dist_weights(checkpoint, src.spec, impl, f"optimizer.state.{state}.", torch.float32)
                             for state in STATES}
-            for key, tensor in checkpoint.tensors.items():
-                if key.startswith("optimizer.state.param."):
-                    self.grad_dtypes.setdefault(dtype_name(checkpoint.tensors[key[len("optimizer.state.param."):]].dtype),
-                                                "float32")
+            # Not saved in this form: megatron-core's grads are fp32 with --accumulate-allreduce-grads-in-fp32.
+            fp32_grads = getattr(src.ckpt.args, "accumulate_allreduce_grads_in_fp32", True)
+            for key in model_keys(checkpoint):
+                param_dtype = dtype_name(checkpoint.tensors[key].dtype)
+                self.grad_dtypes.setdefault(param_dtype, "float32" if fp32_grads else param_dtype)
         elif sharding == "dp_reshardable":
             self.sources = self._dp_reshardable(src, where)
         elif sharding is None:

@@ -685,53 +685,63 @@ def save_torch_dist_checkpoint(save_dir, iteration, chunks, optimizer, scheduler
 
 
 def load_torch_dist_like_megatron_lm(job, layout, chunks, optimizer, scheduler):
-    """Megatron-LM's load_checkpoint for --ckpt-format torch_dist: megatron-core's own
-    dist_checkpointing.load at this layout (sharding type from the checkpoint's content
-    metadata, RNG only at the saved TP/PP unless the args say no_save_rng). megatron-core 0.16.1's optimizer load needs, as for
-    the legacy format, torch.no_grad around the copy into fp32 main params and one `step`
-    tensor per parameter afterwards, and allocated optimizer states before (done here)."""
+    """Megatron-LM's load_checkpoint for --ckpt-format torch_dist (megatron_core_dist_load), then
+    the loaded weights gathered for comparison."""
     iteration = weights = bad = error = None
     try:
-        with open(os.path.join(job["load_dir"], "latest_checkpointed_iteration.txt")) as f:
-            ckpt_dir = os.path.join(job["load_dir"], f"iter_{int(f.read().strip()):07d}")
-        common = dist_checkpointing.load_common_state_dict(ckpt_dir)
-        content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
-        saved = common["args"]
-        same_layout = (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size) == \
-            (layout["tp"], layout["pp"]) and not getattr(saved, "no_save_rng", False)
-        for dopt in distributed_optimizers(optimizer):
-            if len(dopt.optimizer.state) == 0:
-                dopt._init_optimizer_states_with_dummy_values()  # state_dict() needs a step
-        sharded = {**torch_dist_state(chunks, optimizer, content, is_loading=True),
-                   "opt_param_scheduler": scheduler.state_dict()}
-        if same_layout:
-            sharded["rng_state"] = rng_sharded_object([rng_state()])
-        for dopt in distributed_optimizers(optimizer):
-            # The model-space loaders hand over no 'step' (it is in the param groups), which
-            # _set_main_param_and_optimizer_states then looks up: KeyError with torch's AdamW.
-            original = dopt._set_main_param_and_optimizer_states
-            dopt._set_main_param_and_optimizer_states = lambda param, tensors, original=original: \
-                original(param, {**tensors, "step": tensors.get("step", torch.zeros(()))})
-        with torch.no_grad():
-            state = dist_checkpointing.load(sharded, ckpt_dir, get_default_load_sharded_strategy(ckpt_dir))
-            for key, chunk in zip(model_keys(len(chunks)), unwrap_model(chunks)):
-                chunk.load_state_dict(state[key], strict=True)
-            optimizer.load_state_dict(state["optimizer"])
-        step = {g["step"] for g in state["optimizer"]["optimizer"]["param_groups"]}.pop()
-        for dopt in distributed_optimizers(optimizer):
-            del dopt._set_main_param_and_optimizer_states
-            for param_state in dopt.optimizer.state.values():
-                param_state["step"] = torch.tensor(float(step))
-        scheduler.load_state_dict(state["opt_param_scheduler"])
-        if same_layout:
-            restore_rng(state)
-        iteration = state["iteration"]
+        iteration = megatron_core_dist_load(job["load_dir"], layout, chunks, optimizer, scheduler)
     except Exception as exc:  # reported, not raised: every rank must reach the collectives
         error = describe(exc)
     errors = gather_errors(error)
     if not errors:
         weights, bad = gather_global(chunks)
     return iteration, errors, weights, bad, []
+
+
+def megatron_core_dist_load(load_dir, layout, chunks, optimizer, scheduler) -> int:
+    """megatron-core's own dist_checkpointing.load at this layout, as Megatron-LM calls it
+    (sharding type from the checkpoint's content metadata, RNG only at the saved TP/PP unless
+    the args say no_save_rng). megatron-core 0.16.1's optimizer load needs, as for the legacy
+    format, torch.no_grad around the copy into fp32 main params, one `step` tensor per
+    parameter afterwards, and allocated optimizer states before (done here). Returns the
+    iteration."""
+    with open(os.path.join(load_dir, "latest_checkpointed_iteration.txt")) as f:
+        ckpt_dir = os.path.join(load_dir, f"iter_{int(f.read().strip()):07d}")
+    common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    content = dist_checkpointing.load_content_metadata(preloaded_state_dict=common) or {}
+    saved = common["args"]
+    same_layout = (saved.tensor_model_parallel_size, saved.pipeline_model_parallel_size) == \
+        (layout["tp"], layout["pp"]) and not getattr(saved, "no_save_rng", False)
+    for dopt in distributed_optimizers(optimizer):
+        if len(dopt.optimizer.state) == 0:
+            dopt._init_optimizer_states_with_dummy_values()  # state_dict() needs a step
+    sharded = {**torch_dist_state(chunks, optimizer, content, is_loading=True),
+               "opt_param_scheduler": scheduler.state_dict()}
+    if same_layout:
+        sharded["rng_state"] = rng_sharded_object([rng_state()])
+    for dopt in distributed_optimizers(optimizer):
+        # The model-space loaders hand over no 'step' (it is in the param groups), which
+        # _set_main_param_and_optimizer_states then looks up: KeyError with torch's AdamW.
+        original = dopt._set_main_param_and_optimizer_states
+        dopt._set_main_param_and_optimizer_states = lambda param, tensors, original=original: \
+            original(param, {**tensors, "step": tensors.get("step", torch.zeros(()))})
+    try:
+        with torch.no_grad():
+            state = dist_checkpointing.load(sharded, ckpt_dir, get_default_load_sharded_strategy(ckpt_dir))
+            for key, chunk in zip(model_keys(len(chunks)), unwrap_model(chunks)):
+                chunk.load_state_dict(state[key], strict=True)
+            optimizer.load_state_dict(state["optimizer"])
+    finally:
+        for dopt in distributed_optimizers(optimizer):
+            del dopt._set_main_param_and_optimizer_states
+    step = {g["step"] for g in state["optimizer"]["optimizer"]["param_groups"]}.pop()
+    for dopt in distributed_optimizers(optimizer):
+        for param_state in dopt.optimizer.state.values():
+            param_state["step"] = torch.tensor(float(step))
+    scheduler.load_state_dict(state["opt_param_scheduler"])
+    if same_layout:
+        restore_rng(state)
+    return state["iteration"]
 
 
 # Saved arguments a reader needs to be right: the layout (what Megatron-LM's
@@ -959,7 +969,8 @@ def train_job(job: dict) -> None:
     if job.get("saver") == "ckpt_hooks":  # the library's save, describing the model itself
         from ckpt_hooks.megatron import save
 
-        save(chunks, optimizer, job["save_dir"], job["steps"], scheduler=scheduler)
+        save(chunks, optimizer, job["save_dir"], job["steps"], scheduler=scheduler,
+             ckpt_format=job.get("format", "torch"))
     elif job.get("format") == "torch_dist":
         args = megatron_args(m, layout, dp, job["steps"], ckpt_format="torch_dist")
         save_torch_dist_checkpoint(job["save_dir"], job["steps"], chunks, optimizer, scheduler, args,
@@ -1231,8 +1242,100 @@ def save_timing_job(job: dict) -> None:
                        "checkpoint_bytes": size(saved, False), "hook_bytes": size(saved, True)}, f)
 
 
+class PeakRss:
+    """The peak resident set size of this process while in the block, above its size on entry
+    (sampled every 2 ms from /proc/self/statm)."""
+
+    PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = self._rss()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * self.PAGE
+
+    def _sample(self):
+        while not self._done.wait(0.002):
+            self.peak = max(self.peak, self._rss())
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+        self.above = self.peak - self.base
+
+
+def _max_over_ranks(value: float) -> float:
+    t = torch.tensor([float(value)], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def dist_save_timing_job(job: dict) -> None:
+    """One training step, then `repeat` torch_dist saves each (interleaved) of the default
+    dp_reshardable state with the ckpt_hooks save hook (the param_map recorded per rank) and of
+    fully_reshardable state (--dist-ckpt-optim-fully-reshardable). Rank 0 writes job["result"]:
+    {"dp_reshardable+hook": [s], "fully_reshardable": [s]} (slowest rank). The first of each
+    stays in save_dir/{dpr,full}0 for dist_load_timing."""
+    from ckpt_hooks.megatron.save import write_param_maps
+    from ckpt_hooks.megatron.torch_dist import recorded_maps_dir
+
+    m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
+    dp, config, chunks, optimizer, scheduler = build_training(m, layout, 1)
+    train_steps(chunks, optimizer, scheduler, m, 1, 1)
+    args = megatron_args(m, layout, dp, 1, ckpt_format="torch_dist")
+    rank = Rank(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    times = {"dp_reshardable+hook": [], "fully_reshardable": []}
+    for i in range(job["repeat"]):
+        for kind in (list(times) if i % 2 == 0 else list(times)[::-1]):
+            save_dir = os.path.join(job["save_dir"], f"{'dpr' if kind.startswith('dp') else 'full'}{i}")
+            dist.barrier()
+            started = time.perf_counter()
+            save_torch_dist_checkpoint(save_dir, 1, chunks, optimizer, scheduler, args, kind.split("+")[0])
+            if kind.startswith("dp"):
+                dopt = distributed_optimizers(optimizer)[0]
+                write_param_maps(dopt, recorded_maps_dir(os.path.join(save_dir, "iter_0000001"), rank, layout["pp"]),
+                                 rank, dopt.data_parallel_group.rank())
+            times[kind].append(_max_over_ranks(time.perf_counter() - started))
+    if dist.get_rank() == 0:
+        with open(job["result"], "w") as f:
+            json.dump(times, f)
+
+
+def dist_load_timing_job(job: dict) -> None:
+    """`repeat` loads at this layout by "loader" ("ckpt_hooks": ckpt_hooks.megatron.load, or
+    "megatron_core": megatron-core's own dist_checkpointing.load) of job["load_dir"]. Rank 0
+    writes job["result"]: {"seconds": [s] (slowest rank), "peak_rss": [bytes] (largest rank's
+    peak RSS above its size before the load)}."""
+    from ckpt_hooks.megatron import load
+
+    m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
+    _, _, chunks, optimizer, scheduler = build_training(m, layout, 1)
+    seconds, peaks = [], []
+    for _ in range(job["repeat"]):
+        dist.barrier()
+        started = time.perf_counter()
+        with PeakRss() as rss:
+            if job["loader"] == "ckpt_hooks":
+                scheduler.load_state_dict(load(chunks, optimizer, job["load_dir"]).scheduler)
+            else:
+                megatron_core_dist_load(job["load_dir"], layout, chunks, optimizer, scheduler)
+        seconds.append(_max_over_ranks(time.perf_counter() - started))
+        peaks.append(_max_over_ranks(rss.above))
+    if dist.get_rank() == 0:
+        with open(job["result"], "w") as f:
+            json.dump({"seconds": seconds, "peak_rss": peaks}, f)
+
+
 JOBS = {"train": train_job, "verify": verify_job, "resume": resume_job, "save_timing": save_timing_job,
-        "logits": logits_job}
+        "logits": logits_job, "dist_save_timing": dist_save_timing_job, "dist_load_timing": dist_load_timing_job}
 
 
 def main() -> None:
