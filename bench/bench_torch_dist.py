@@ -50,7 +50,8 @@ def main() -> None:
                  "save_dir": str(ckpts), "result": str(work / "save.json")}]
         for i, (layout, loader, source) in enumerate(loads.values()):
             jobs.append({"kind": "dist_load_timing", "model": model, "layout": layout, "loader": loader,
-                         "load_dir": str(ckpts / source), "repeat": options.repeat, "result": str(work / f"load{i}.json")})
+                         "load_dir": str(ckpts / source), "repeat": options.repeat,
+                         "result": str(work / f"load{i}.json")})
         run_jobs(jobs, work / "logs", timeout=3600)
         saves = json.loads((work / "save.json").read_text())
         results = {name: json.loads((work / f"load{i}.json").read_text()) for i, name in enumerate(loads)}
@@ -60,14 +61,17 @@ def main() -> None:
     save = {kind: statistics.median(t) for kind, t in saves.items()}
     for kind, t in save.items():
         print(f"save  {kind:<40} {t:7.2f} s")
-    print(f"      fully_reshardable / (dp_reshardable + hook) = {save['fully_reshardable'] / save['dp_reshardable+hook']:.2f}x")
+    ratio = save["fully_reshardable"] / save["dp_reshardable+hook"]
+    print(f"      fully_reshardable / (dp_reshardable + hook) = {ratio:.2f}x")
     medians = {}
     for name, result in results.items():
         medians[name] = statistics.median(result["seconds"])
-        print(f"load  {name:<46} {medians[name]:7.2f} s   peak RSS +{statistics.median(result['peak_rss']) / 1e6:6.0f} MB")
+        peak = statistics.median(result["peak_rss"])
+        print(f"load  {name:<46} {medians[name]:7.2f} s   peak RSS +{peak / 1e6:6.0f} MB")
     names = list(loads)
-    print(f"      ckpt_hooks at a new layout / megatron-core same layout = {medians[names[1]] / medians[names[0]]:.2f}x; "
-          f"/ fully_reshardable at the new layout = {medians[names[1]] / medians[names[2]]:.2f}x")
+    hook = medians[names[1]]
+    print(f"      ckpt_hooks at a new layout / megatron-core same layout = {hook / medians[names[0]]:.2f}x; "
+          f"/ fully_reshardable at the new layout = {hook / medians[names[2]]:.2f}x")
 
 
 if __name__ == "__main__":

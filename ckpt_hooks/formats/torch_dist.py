@@ -115,8 +115,8 @@ class DistCheckpoint:
         except ValueError as e:
             raise CheckpointError(backend, f"not JSON ({e})") from None
         if not isinstance(content, dict) or content.get("sharded_backend") != "torch_dist":
-            raise CheckpointError(backend, f"sharded backend {content.get('sharded_backend') if isinstance(content, dict) else content!r}"
-                                           ", only torch_dist is supported")
+            found = content.get("sharded_backend") if isinstance(content, dict) else content
+            raise CheckpointError(backend, f"sharded backend {found!r}, only torch_dist is supported")
         metadata = self._read_metadata()
         self.tensors, self.objects = self._index(metadata)
         common = TorchFile(self.iter_dir / COMMON)
@@ -135,7 +135,8 @@ class DistCheckpoint:
             raise CheckpointError(path, str(e)) from None
         except (EOFError, ValueError, TypeError, AttributeError, KeyError) as e:
             raise CheckpointError(path, f"unreadable DCP metadata ({type(e).__name__}: {e})") from None
-        if not hasattr(metadata, "state_dict_metadata") or not isinstance(getattr(metadata, "storage_data", None), dict):
+        if not hasattr(metadata, "state_dict_metadata") or \
+                not isinstance(getattr(metadata, "storage_data", None), dict):
             raise CheckpointError(path, "not DCP metadata (no state_dict_metadata / storage_data)")
         return metadata
 
@@ -183,7 +184,8 @@ class DistCheckpoint:
         """The torch.save archive of a record, opened once."""
         opened = self._records.get(record)
         if opened is None:
-            opened = self._records[record] = TorchFile(self.iter_dir / record.relative_path, record.offset, record.length)
+            opened = TorchFile(self.iter_dir / record.relative_path, record.offset, record.length)
+            self._records[record] = opened
         return opened
 
     def chunk_tensor(self, key: str, chunk: Chunk) -> tuple[TorchFile, LazyTensor]:

@@ -5,6 +5,7 @@
     sink    a target layout -> rank files, each chunk's keys in megatron-core's state-dict order,
             every tensor planned from the source's pieces (``engine.plan``)
 
+A torch_dist iteration is read by ``megatron.torch_dist`` into the same ``MegatronSource``.
 The files are opened by the codec (``formats.megatron_legacy``); a Megatron-LM legacy model's
 (``--use-legacy-models``) nested chunks are read under megatron-core's names (``legacy_names``)
 and written back in the form they came in. The writer sequence (staged directory -> rank files
@@ -62,6 +63,11 @@ class MegatronSource:
     weights: Source
     placed: Placed
     notes: list[str] = field(default_factory=list)   # what was assumed, for the user
+
+    @property
+    def ckpt_format(self) -> str:
+        """Megatron-LM's name of the format read: ``torch`` (legacy) or ``torch_dist``."""
+        return "torch_dist" if hasattr(self.ckpt, "dist") else "torch"
 
     def __fspath__(self) -> str:
         """Where it was read from (a converter handed a source names it as it would a path)."""
@@ -233,8 +239,8 @@ def source_tensors(files: list[SourceFile], placed: Placed, handle: Callable, dt
 def rank_rng(src: MegatronSource, tp_rank: int, pp_rank: int) -> list | None:
     """The RNG state list a source rank saved (legacy rank file or torch_dist object), if any."""
     ckpt = src.ckpt
-    checkpoint = getattr(ckpt, "dist", None)
-    if checkpoint is not None:
+    if src.ckpt_format == "torch_dist":
+        checkpoint = ckpt.dist
         key = object_key("rng_state", (pp_rank, tp_rank), (src.layout.pp, src.layout.tp))
         return checkpoint.read_object(key)[0] if key in checkpoint.objects else None
     own = ckpt.files.get((tp_rank, pp_rank))

@@ -67,7 +67,7 @@ def dry_run(p: Planned, workers: int, ckpt_format: str | None = None) -> str:
     memory (each worker builds a tensor while the previous one is written; an optimizer buffer
     is built whole)."""
     iter_name = legacy.iteration_dir_name(p.src.ckpt.iteration)
-    dist = (ckpt_format or source_format(p.src)) == "torch_dist"
+    dist = (ckpt_format or p.src.ckpt_format) == "torch_dist"
     states = [(legacy.MODEL_FILE, "weights", p.weights)] + \
         [(f"{legacy.OPTIMIZER_FILE} ({state})", f"optimizer {state}", list(files.values()))
          for state, files in p.optimizer_plans.items()]
@@ -107,10 +107,6 @@ def resume_hint(save_dir, spec: ModelSpec, layout: ParallelConfig, optimizer: bo
 FORMATS = ("torch", "torch_dist")
 
 
-def source_format(src: MegatronSource) -> str:
-    return "torch_dist" if hasattr(src.ckpt, "dist") else "torch"
-
-
 def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only: bool = False, workers: int = 2,
             quiet: bool = False, ckpt_format: str | None = None) -> Report:
     """Reshard a Megatron checkpoint (legacy ``torch`` or ``torch_dist``) — weights, and unless
@@ -122,7 +118,7 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
     started = time.perf_counter()
     p = plan_megatron(load_dir, target, convert_param_only=convert_param_only)
     src, layout, optim = p.src, p.target, p.optimizer
-    ckpt_format = ckpt_format or source_format(src)
+    ckpt_format = ckpt_format or src.ckpt_format
     args = updated_args(src.ckpt.args, src.spec, layout)
     args.ckpt_format = ckpt_format
     carried = p.carried()

@@ -30,11 +30,11 @@ def _summary(src: MegatronSource, tensors: bool) -> dict:
             entry["entries"] = {chunk: {key: None if m is None else [list(m.shape), dtype_name(m.dtype)]
                                         for key, m in keys.items()} for chunk, keys in f.chunks.items()}
         files.append(entry)
-    dist = getattr(ckpt, "dist", None)
-    return {"format": "megatron-legacy" if dist is None else "megatron-torch_dist", "iteration": ckpt.iteration,
+    dist = src.ckpt_format == "torch_dist"
+    return {"format": "megatron-torch_dist" if dist else "megatron-legacy", "iteration": ckpt.iteration,
             "iteration_dir": str(ckpt.iter_dir), "layout": dataclasses.asdict(src.layout),
             "model": dataclasses.asdict(src.spec),
-            "optimizer": _has_optimizer(ckpt) if dist is None else _dist_optimizer(dist), "files": files}
+            "optimizer": _dist_optimizer(ckpt.dist) if dist else _has_optimizer(ckpt), "files": files}
 
 
 def describe(load_dir, tensors: bool = False) -> str:

@@ -93,7 +93,9 @@ def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Load
     if rng:
         _restore_rng(rng[0])
         loaded.rng_restored = True
-    loaded.bytes_read = sum(f.bytes_read for f in opened) + getattr(getattr(ckpt, "dist", None), "bytes_read", 0)
+    if src.ckpt_format == "torch_dist":
+        opened.append(ckpt.dist)   # one reader for every record
+    loaded.bytes_read = sum(f.bytes_read for f in opened)
     return loaded
 
 

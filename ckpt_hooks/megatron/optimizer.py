@@ -178,7 +178,7 @@ class SourceOptimizer:
 
 def source_optimizer(src):
     """The optimizer states of a Megatron source, legacy (``distrib_optim.pt``) or torch_dist."""
-    if hasattr(src.ckpt, "dist"):
+    if src.ckpt_format == "torch_dist":
         from ckpt_hooks.megatron.torch_dist import DistOptimizer
         return DistOptimizer(src)
     return SourceOptimizer(src)

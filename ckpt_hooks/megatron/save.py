@@ -183,7 +183,8 @@ def _save_torch_dist(model_chunks, optimizer, iter_dir: Path, iteration: int, sc
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["rng_state"] = ShardedObject(
-        "rng_state", rng_state(), (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        "rng_state", rng_state(),
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
     state["num_floating_point_operations_so_far"] = flops

@@ -347,7 +347,8 @@ class DistOptimizer:
             maps = read_recorded_maps(recorded_maps_dir(checkpoint.iter_dir, f.rank, config.pp)) or \
                 rebuild_maps(src.spec, config, src.ckpt.args, f.rank.pp, f.chunks, self.grad_dtypes)
             self.maps[f.rank] = maps
-            saved = _unwrap(checkpoint, f"optimizer.distributed.dp_group_idx_{group}.per_bucket_numel_unpadded/shard_0_1")
+            saved = _unwrap(checkpoint,
+                            f"optimizer.distributed.dp_group_idx_{group}.per_bucket_numel_unpadded/shard_0_1")
             mine = [{(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)): list(m.per_bucket_numel_unpadded)}
                     for m in maps]
             if saved != mine:
