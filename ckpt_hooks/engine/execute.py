@@ -21,18 +21,23 @@ def _allocate(dtype, shape, zero: bool):
     return (torch.zeros if zero else torch.empty)(shape, dtype=dtype)
 
 
-def build_tensor(tensor: TargetTensor, exact: bool = False):
+def build_tensor(tensor: TargetTensor, exact: bool = False, out=None):
     """A target tensor (None for a non-tensor entry). ``exact``: read no byte it does not need
-    (a rank reading its share); otherwise a handle may read a covering range in one go."""
+    (a rank reading its share); otherwise a handle may read a covering range in one go.
+    ``out``: fill this tensor (of the target's dtype and size, contiguous) instead of a new one."""
     placement = tensor.placement
     if placement is None:
         return None
-    if len(tensor.copies) == 1 and tensor.complete and placement.stored_shape == placement.view_shape:
+    if out is not None:
+        if not tensor.complete:
+            out[...] = 0
+    elif len(tensor.copies) == 1 and tensor.complete and placement.stored_shape == placement.view_shape:
         copy = tensor.copies[0]
         view = getattr(copy.piece.handle, "view", None)
         if view is not None and (viewed := view(copy.source_slices)).dtype == tensor.dtype:
             return viewed
-    out = _allocate(tensor.dtype, placement.stored_shape, zero=not tensor.complete)
+    if out is None:
+        out = _allocate(tensor.dtype, placement.stored_shape, zero=not tensor.complete)
     target = out.reshape(placement.view_shape)
     for copy in tensor.copies:
         copy.piece.handle.read_into(copy.source_slices, target[tensor.target_slices(copy)], exact)

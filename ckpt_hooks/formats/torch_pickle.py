@@ -230,9 +230,7 @@ class TorchFile:
             raise CheckpointError(self.path, f"record {name} is missing (truncated file?)")
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(self.path, f"record {name} is compressed")
-        with open(self.path, "rb") as f:
-            f.seek(self._base + info.header_offset)
-            header = f.read(30)
+        header = os.pread(self._descriptor(), 30, self._base + info.header_offset)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise CheckpointError(self.path, f"record {name} lies beyond the end of the file (truncated?)")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
@@ -405,6 +403,10 @@ class TensorView:
     file: TorchFile
     tensor: LazyTensor
     shape: tuple
+
+    @property
+    def path(self) -> str:
+        return self.file.path
 
     def read_into(self, slices: tuple[slice, ...], out: torch.Tensor, exact: bool = False) -> None:
         """The elements ``slices`` into ``out``: one run of elements per index of the axes before

@@ -85,7 +85,7 @@ def dry_run(p: Planned, workers: int, ckpt_format: str | None = None) -> str:
             largest = max(largest, *(t.nbytes for t in f.tensors), f.nbytes if what != legacy.MODEL_FILE else 0)
             for tensor in f.tensors:
                 for copy in tensor.copies:
-                    path = copy.piece.handle.file.path
+                    path = str(copy.piece.handle.path)
                     reads[path] = reads.get(path, 0) + copy.box.numel * tensor.dtype.itemsize
     lines.append(f"writes {p.nbytes / 1e6:.1f} MB; reads:")
     lines += [f"  {path}  {n / 1e6:.1f} MB" for path, n in sorted(reads.items())]

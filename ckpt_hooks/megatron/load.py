@@ -82,8 +82,7 @@ def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Load
     check_same_model(src.spec, unwrap(model_chunks[0]), ckpt.first.path)
     [mine] = plan_files(src.weights, src.spec, target, ranks={rank}, where=ckpt.first.path)
     for chunk, module in zip(chunk_keys(target.vpp), model_chunks):
-        state = {t.key: build_tensor(t, exact=True) for t in mine.tensors if t.chunk == chunk}
-        unwrap(module).load_state_dict(state, strict=True)
+        _load_weights(unwrap(module), [t for t in mine.tensors if t.chunk == chunk])
     opened = list(ckpt.files.values())
     if optimizer is not None:
         opened += _load_optimizer(optimizer, model_chunks, src, target, rank)
@@ -99,6 +98,24 @@ def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Load
     return loaded
 
 
+def _load_weights(model, planned: list) -> None:
+    """Each planned tensor read straight into the model's own parameter or buffer when the keys,
+    shapes and dtypes all match (the usual case: no copy); otherwise built and handed to
+    ``load_state_dict(strict=True)``, which says what does not fit."""
+    own = model.state_dict(keep_vars=True)
+    fits = {t.key for t in planned} == set(own) and all(
+        t.placement is None or (isinstance(own[t.key], torch.Tensor) and own[t.key].dtype == t.dtype and
+                                tuple(own[t.key].shape) == t.placement.stored_shape and own[t.key].is_contiguous())
+        for t in planned)
+    if not fits:
+        model.load_state_dict({t.key: build_tensor(t, exact=True) for t in planned}, strict=True)
+        return
+    with torch.no_grad():
+        for t in planned:
+            if t.placement is not None:   # _extra_state entries carry nothing to load
+                build_tensor(t, exact=True, out=own[t.key].detach())
+
+
 def _restore_rng(state: dict) -> None:
     """As Megatron-LM's load_checkpoint does (without --data-parallel-random-init)."""
     import random
@@ -112,6 +129,24 @@ def _restore_rng(state: dict) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda_rng_state"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+def _allocate_state(dopt) -> None:
+    """Allocate the inner optimizer's state, to be overwritten by the load: torch's Adam/AdamW
+    state directly (megatron-core's own way, a dummy step over every parameter, costs an
+    optimizer step); any other optimizer through megatron-core's."""
+    inner = dopt.optimizer
+    if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+        dopt._init_optimizer_states_with_dummy_values()
+        return
+    for group in inner.param_groups:
+        for param in group["params"]:
+            # Every element is overwritten by the load: no need to zero (touch) the memory now.
+            state = {"step": torch.tensor(0.0), "exp_avg": torch.empty_like(param),
+                     "exp_avg_sq": torch.empty_like(param)}
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(param)   # not in the checkpoint
+            inner.state[param] = state
 
 
 def distributed_optimizers(optimizer) -> list:
@@ -134,7 +169,7 @@ def _load_optimizer(optimizer, model_chunks, src: MegatronSource, target: Parall
         raise CheckpointError(ckpt.first.path, "several chained optimizers (MoE) are not supported yet")
     dopt = optimizers[0]
     if len(dopt.optimizer.state) == 0:
-        dopt._init_optimizer_states_with_dummy_values()  # load_state_dict needs allocated state
+        _allocate_state(dopt)   # load_state_dict needs allocated state
     dopt.load_state_dict(groups)
     for main_state in dopt.optimizer.state.values():
         main_state.pop("step", None)  # not a tensor of the file: set per parameter below
@@ -144,13 +179,22 @@ def _load_optimizer(optimizer, model_chunks, src: MegatronSource, target: Parall
                 if model_param not in dopt.model_param_gbuf_map:
                     continue  # no element of it in this DP rank's shard
                 piece = dopt._get_model_param_range_map(model_param)["param"]
+                # Read straight into the optimizer's own fp32 state where it can (no copies).
+                own = dopt._get_main_param_and_optimizer_states(model_param)
+                direct = all(own[s].dtype == torch.float32 and own[s].is_contiguous() and
+                             own[s].numel() == piece.size for s in STATES)
                 tensors = {}
                 for state in STATES:
                     tensor = plans[state][(chunk, name)]
-                    boxes = element_range_boxes(tensor.placement.view_shape, piece.start, piece.end)
-                    tensors[state] = torch.cat([build_tensor(restrict(tensor, *box), exact=True).view(-1)
-                                                for box in boxes])
-                dopt._set_main_param_and_optimizer_states(model_param, tensors)
+                    flat = own[state].view(-1) if direct else torch.empty(piece.size, dtype=torch.float32)
+                    at = 0
+                    for box in element_range_boxes(tensor.placement.view_shape, piece.start, piece.end):
+                        part = restrict(tensor, *box)
+                        build_tensor(part, exact=True, out=flat[at:at + part.placement.box.numel])
+                        at += part.placement.box.numel
+                    tensors[state] = flat
+                if not direct:
+                    dopt._set_main_param_and_optimizer_states(model_param, tensors)
         # One step tensor per parameter: load_state_dict leaves one shared tensor, which AdamW
         # would advance once per parameter.
         for main_state in dopt.optimizer.state.values():

@@ -184,7 +184,6 @@ def dist_weights(checkpoint: dist.DistCheckpoint, spec, transformer_impl: str, p
         except LayoutError as e:
             raise CheckpointError(where, f"'{saved_key}': {e}") from None
         for chunk in stored.chunks:
-            torch_file, lazy = checkpoint.chunk_tensor(stored.key, chunk)
             inner = (chunk.offsets[1:], chunk.sizes[1:]) if stacked else (chunk.offsets, chunk.sizes)
             try:
                 box = _to_logical(name.rule, spec, saved_key, inner)
@@ -194,7 +193,7 @@ def dist_weights(checkpoint: dist.DistCheckpoint, spec, transformer_impl: str, p
             for j, global_layer in enumerate(layers):
                 logical = names.layer_key(global_layer, suffix) if stacked else suffix
                 tensor = tensors.setdefault(logical, Tensor(shape, dtype or stored.dtype))
-                tensor.add(box, TensorView(torch_file, _layer(lazy, j) if stacked else lazy, box.lengths))
+                tensor.add(box, ChunkView(checkpoint, stored.key, chunk, j if stacked else None, box.lengths))
     for key in checkpoint.objects:
         if "._extra_state/" not in key or key.startswith(("optimizer.", "rng_state")):
             continue
@@ -253,16 +252,36 @@ def source_files(checkpoint: dist.DistCheckpoint, spec, config, transformer_impl
 
 # ---- the optimizer -------------------------------------------------------------------------
 
-class FlatView:
-    """A parameter's state inside a flat bucket tensor saved in chunks: elements [start,
-    start + numel) of the bucket, seen in ``shape`` (the engine's piece handle)."""
+class ChunkView:
+    """Layer ``layer`` of a saved chunk (None: the whole chunk) seen in ``shape``: the engine's
+    piece handle. Its record is opened on the first read, so that a rank planning its share
+    parses only the records it reads."""
 
-    def __init__(self, pieces: list[tuple[int, int, object, LazyTensor]], start: int, shape: tuple):
-        self.pieces, self.start, self.shape = pieces, start, tuple(shape)   # (begin, end, file, tensor)
+    def __init__(self, checkpoint: dist.DistCheckpoint, key: str, chunk: dist.Chunk, layer: int | None, shape):
+        self.checkpoint, self.key, self.chunk, self.layer, self.shape = checkpoint, key, chunk, layer, tuple(shape)
 
     @property
-    def file(self):
-        return self.pieces[0][2]
+    def path(self) -> Path:
+        return self.checkpoint.iter_dir / self.chunk.record.relative_path
+
+    def read_into(self, slices: tuple[slice, ...], out: torch.Tensor, exact: bool = False) -> None:
+        torch_file, lazy = self.checkpoint.chunk_tensor(self.key, self.chunk)
+        part = lazy if self.layer is None else _layer(lazy, self.layer)
+        TensorView(torch_file, part, self.shape).read_into(slices, out, exact)
+
+
+class FlatView:
+    """A parameter's state inside a flat bucket tensor saved in chunks: elements [start,
+    start + numel) of the bucket, seen in ``shape`` (the engine's piece handle). ``pieces``:
+    (begin, end, key, chunk) of the bucket's chunks, opened on the first read."""
+
+    def __init__(self, checkpoint: dist.DistCheckpoint, pieces: list[tuple[int, int, str, dist.Chunk]], start: int,
+                 shape: tuple):
+        self.checkpoint, self.pieces, self.start, self.shape = checkpoint, pieces, start, tuple(shape)
+
+    @property
+    def path(self) -> Path:
+        return self.checkpoint.iter_dir / self.pieces[0][3].record.relative_path
 
     def read_into(self, slices: tuple[slice, ...], out: torch.Tensor, exact: bool = False) -> None:
         partial = [a for a, (s, n) in enumerate(zip(slices, self.shape)) if (s.start, s.stop) != (0, n)]
@@ -271,21 +290,25 @@ class FlatView:
         run = (slices[inner].stop - slices[inner].start) * strides[inner]
         starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
                   for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
-        buffer = torch.empty(len(starts) * run, dtype=self.pieces[0][3].dtype)
+        dtype = self.checkpoint.tensors[self.pieces[0][2]].dtype
+        direct = out.is_contiguous() and out.dtype == dtype   # read into ``out`` itself
+        buffer = out.view(-1) if direct else torch.empty(len(starts) * run, dtype=dtype)
         for n, at in enumerate(starts):
             self._read(self.start + at, run, buffer[n * run:(n + 1) * run])
-        out.copy_(buffer.view(out.shape))
+        if not direct:
+            out.copy_(buffer.view(out.shape))
 
     def _read(self, begin: int, count: int, out: torch.Tensor) -> None:
         done = 0
-        for lo, hi, torch_file, lazy in self.pieces:
+        for lo, hi, key, chunk in self.pieces:
             a, b = max(lo, begin + done), min(hi, begin + count)
             if a >= b or a != begin + done:
                 continue
+            torch_file, lazy = self.checkpoint.chunk_tensor(key, chunk)
             torch_file.read_runs(lazy, [a - lo], b - a, out[done:done + b - a])
             done += b - a
         if done != count:
-            raise CheckpointError(self.file.path, f"bucket elements [{begin}, {begin + count}) are not all saved")
+            raise CheckpointError(self.path, f"bucket elements [{begin}, {begin + count}) are not all saved")
 
 
 def recorded_maps_dir(iter_dir, rank, pp: int) -> Path:
@@ -364,15 +387,12 @@ class DistOptimizer:
                         stored = checkpoint.tensors.get(key)
                         if stored is None or stored.shape != (numel,):
                             raise CheckpointError(where, f"no '{key}' of {numel} elements")
-                        pieces = []
-                        for chunk in stored.chunks:
-                            torch_file, lazy = checkpoint.chunk_tensor(key, chunk)
-                            pieces.append((chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0], torch_file, lazy))
-                        buckets.append(sorted(pieces, key=lambda p: p[0]))
+                        spans = [(c.offsets[0], c.offsets[0] + c.sizes[0], key, c) for c in stored.chunks]
+                        buckets.append(sorted(spans, key=lambda p: p[0]))
                     for slot in buffer_map.params:
                         start = slot.start - buffer_map.bucket_indices[slot.bucket][0]
                         views[(state, f.rank, chunk_keys[buffer_map.chunk], slot.name)] = \
-                            FlatView(buckets[slot.bucket], start, slot.shape)
+                            FlatView(checkpoint, buckets[slot.bucket], start, slot.shape)
         return {state: source_tensors(src.files, src.placed,
                                       lambda f, chunk, key, where_, state=state: replace_shape(
                                           views[(state, f.rank, chunk, key)], where_.view_shape),
@@ -394,7 +414,7 @@ class DistOptimizer:
 
 def replace_shape(view: FlatView, shape) -> FlatView:
     """The same elements seen in the placement's view shape (fc1 fused rows as (2, F/tp, H))."""
-    return FlatView(view.pieces, view.start, shape)
+    return FlatView(view.checkpoint, view.pieces, view.start, shape)
 
 
 # ---- the source ----------------------------------------------------------------------------
