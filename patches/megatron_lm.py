@@ -7,7 +7,8 @@
 * save, ``--ckpt-format torch``: Megatron-LM saves as always; the megatron_core patch writes the
   param_maps beside each ``distrib_optim.pt``, and rank 0 then writes the iteration's manifest;
 * save, ``--ckpt-format torch_dist``: Megatron-LM saves as always; then each rank records its
-  param_map (read from its own optimizer: no communication) under ``iter_N/ckpt_hooks/``;
+  param_map (read from its own optimizer: no communication) under ``iter_N/ckpt_hooks/``, and
+  rank 0, after a barrier, the manifest;
 * load: a checkpoint saved at another TP / PP / VPP / layer split, in either format, is
   resharded on the fly by ``ckpt_hooks.megatron.load`` (weights, fp32 main params, Adam
   moments, step, scheduler, iteration, consumed samples), each rank reading only its share
@@ -70,13 +71,15 @@ def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **k
 
 
 def _record_dist_param_maps(iteration, optimizer, kwargs) -> None:
-    """Beside a torch_dist save, each rank's param_map (what dp_reshardable does not save)."""
+    """Beside a torch_dist save, each rank's param_map (what dp_reshardable does not save), then
+    rank 0's manifest of the iteration."""
+    import torch
     from megatron.core import parallel_state as ps
     from megatron.training import get_args
 
     from ckpt_hooks.algebra.spec import Rank
     from ckpt_hooks.megatron.load import distributed_optimizers
-    from ckpt_hooks.megatron.save import write_param_maps
+    from ckpt_hooks.megatron.save import write_manifest_or_warn, write_param_maps
     from ckpt_hooks.megatron.torch_dist import recorded_maps_dir
 
     args = get_args()
@@ -90,6 +93,9 @@ def _record_dist_param_maps(iteration, optimizer, kwargs) -> None:
     iter_dir = Path(args.save) / iteration_dir_name(None if kwargs.get("release") else iteration)
     write_param_maps(optimizers[0], recorded_maps_dir(iter_dir, rank, ps.get_pipeline_model_parallel_world_size()),
                      rank, optimizers[0].data_parallel_group.rank())
+    torch.distributed.barrier()   # every rank's param_map is written: the manifest lists them
+    if torch.distributed.get_rank() == 0:
+        write_manifest_or_warn(iter_dir)
 
 
 def _write_manifest(iteration, kwargs) -> None:

@@ -144,11 +144,12 @@ def dist_resume(runs, layout: str, source: str = "hooked", mode: str = "hooks", 
                            work, f"resume-{source}-{layout}-{mode}")
 
 
-def test_torch_dist_hooked_save_records_param_maps(dist_runs):
+def test_torch_dist_hooked_save_records_param_maps_and_manifest(dist_runs):
     iter_dir = dist_runs[0] / "hooked" / f"iter_{STOP:07d}"
     assert (iter_dir / ".metadata").is_file()
     recorded = sorted(p.parent.name for p in (iter_dir / "ckpt_hooks").glob("mp_rank_*/param_map.json"))
     assert recorded == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
+    assert (iter_dir / "ckpt_hooks_manifest.json").is_file()
     assert not (dist_runs[0] / "plain" / f"iter_{STOP:07d}" / "ckpt_hooks").exists()
 
 

@@ -157,6 +157,14 @@ def test_torch_dist_output_carries_the_run_state(sources, tmp_path):
     assert rng and all(_same(same.read_object(k), saved.read_object(k)) for k in rng)
     assert not any(k.startswith("rng_state") for k in tp1.objects) and tp1.common["args"].no_save_rng
     assert tp1.common["args"].tensor_model_parallel_size == 1 and tp1.common["args"].ckpt_format == "torch_dist"
+    listed = json.loads((tp1.iter_dir / "ckpt_hooks_manifest.json").read_text())
+    assert listed["format"] == "megatron-torch_dist"
+    assert sorted(listed["files"]) == sorted(p.name for p in tp1.iter_dir.iterdir() if p.name != "ckpt_hooks_manifest.json")
+    # A file cut short after the save is named by the manifest before anything else reads it.
+    path = tp1.iter_dir / "__1_0.distcp"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=r"__1_0.distcp: \d+ bytes, ckpt_hooks_manifest.json says"):
+        convert(tmp_path / "tp1", tmp_path / "again", quiet=True)
 
 
 def _same(a, b) -> bool:

@@ -94,7 +94,7 @@ def read_source(load_dir, true_vocab_size: int | None = None, check_manifest: bo
     iter_dir, iteration = legacy.find_iteration_dir(load_dir)
     if is_dist_checkpoint(iter_dir):
         from ckpt_hooks.megatron.torch_dist import read_dist_source
-        return read_dist_source(iter_dir, iteration, true_vocab_size, make_vocab_size_divisible_by)
+        return read_dist_source(iter_dir, iteration, true_vocab_size, make_vocab_size_divisible_by, check_manifest)
     notes = []
     ckpt, spec, config, files = read_files(load_dir, true_vocab_size, check_manifest, make_vocab_size_divisible_by,
                                            notes)
@@ -342,7 +342,10 @@ def pending_file(target: TargetFile, progress=None) -> "OrderedDict[str, Ordered
 def write_manifest(load_dir) -> Path:
     """Describe a complete checkpoint iteration in its manifest (see megatron.manifest)."""
     src = read_source(load_dir, check_manifest=False)
-    built = manifest.build(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout, src.files, src.placed)
+    if src.ckpt_format == "torch_dist":
+        built = manifest.build_dist(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout)
+    else:
+        built = manifest.build(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout, src.files, src.placed)
     return manifest.write(built, src.ckpt.iter_dir)
 
 

@@ -1,4 +1,4 @@
-"""The manifest of a Megatron legacy iteration directory, in the schema of ``engine.manifest``:
+"""The manifest of a Megatron iteration directory, in the schema of ``engine.manifest``:
 
     iter_0000100/ckpt_hooks_manifest.json
     {"manifest_version": 2, "framework": "megatron", "format": "megatron-legacy", "iteration": 100,
@@ -10,7 +10,9 @@
                    ...}},
                "mp_rank_00_000/distrib_optim.pt": {"bytes": 654321}, ...}}
 
-Every file of the iteration directory is listed; the model files with their tensors. A reader
+Every file of the iteration directory is listed; the model files with their tensors (a
+torch_dist iteration, ``"format": "megatron-torch_dist"``, lists its files' sizes only: DCP's
+``.metadata`` indexes its tensors). A reader
 checks, besides the files and tensors, that the saved ``args`` describe the model and layout the
 manifest names: a missing, truncated or replaced file, or a manifest left from another run, is
 an error instead of a silently wrong resume.
@@ -28,7 +30,7 @@ from ckpt_hooks.engine import manifest
 from ckpt_hooks.errors import CheckpointError
 
 MANIFEST = "ckpt_hooks_manifest.json"
-FRAMEWORK, FORMAT = "megatron", "megatron-legacy"
+FRAMEWORK, FORMAT, DIST_FORMAT = "megatron", "megatron-legacy", "megatron-torch_dist"
 
 
 def read(iter_dir) -> dict | None:
@@ -81,6 +83,21 @@ def build(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConf
             listed[relative] = manifest.file_entry(file, tensors.get(relative))
     return manifest.build(FRAMEWORK, FORMAT, iteration=iteration, model=_plain(dataclasses.asdict(spec)),
                           layout=_plain(dataclasses.asdict(layout)), files=listed)
+
+
+def build_dist(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConfig) -> dict:
+    """The manifest of a complete torch_dist iteration directory: every file with its size (the
+    tensors are indexed, with their byte ranges, by DCP's own ``.metadata``)."""
+    iter_dir = Path(iter_dir)
+    listed = {str(f.relative_to(iter_dir)): manifest.file_entry(f)
+              for f in sorted(iter_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    return manifest.build(FRAMEWORK, DIST_FORMAT, iteration=iteration, model=_plain(dataclasses.asdict(spec)),
+                          layout=_plain(dataclasses.asdict(layout)), files=listed)
+
+
+def check_sizes(described: dict, iter_dir) -> None:
+    """Raise CheckpointError, naming the file, unless every listed file is there with its size."""
+    manifest.check_files(described, iter_dir, MANIFEST)
 
 
 def check(described: dict, iter_dir, spec: ModelSpec, layout: ParallelConfig, files: list) -> None:

@@ -114,7 +114,7 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
     """Save a running megatron-core job (model chunks in DDP, the DistributedOptimizer) as
     Megatron-LM's ``save_checkpoint`` does with ``--ckpt-format torch`` (plus the param_maps and
     the manifest) or ``torch_dist`` (megatron-core's ``dist_checkpointing.save``, dp_reshardable
-    optimizer state, plus each rank's param_map), ``--use-distributed-optimizer``. Collective:
+    optimizer state, plus each rank's param_map and the manifest), ``--use-distributed-optimizer``. Collective:
     call it on every rank. ``args`` are Megatron-LM's (saved as they are); without them,
     ``args_from_model`` describes the model. Returns the iteration directory."""
     import torch.distributed as dist
@@ -133,6 +133,7 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
         write_param_maps(dopt, recorded_maps_dir(iter_dir, rank, layout.pp), rank, dopt.data_parallel_group.rank())
         dist.barrier()
         if dist.get_rank() == 0:
+            write_manifest_or_warn(iter_dir)      # before the tracker names the iteration
             legacy.write_tracker(root, iteration)
         dist.barrier()
         return iter_dir

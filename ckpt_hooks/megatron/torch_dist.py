@@ -419,14 +419,22 @@ def replace_shape(view: FlatView, shape) -> FlatView:
 
 # ---- the source ----------------------------------------------------------------------------
 
-def read_dist_source(iter_dir, iteration, true_vocab_size=None, make_vocab_size_divisible_by=None):
+def read_dist_source(iter_dir, iteration, true_vocab_size=None, make_vocab_size_divisible_by=None,
+                     check_manifest: bool = True):
     """A torch_dist iteration directory as a ``MegatronSource`` (nothing read but the index,
-    common.pt and the small optimizer objects)."""
+    common.pt and the small optimizer objects), checked against its manifest where one lies
+    beside it."""
+    from ckpt_hooks.megatron import manifest
     from ckpt_hooks.megatron.checkpoint import MegatronSource, _described, _vocab_padding, place
 
+    saved_manifest = manifest.read(iter_dir) if check_manifest else None
+    if saved_manifest is not None:   # first: it names a replaced or truncated file as such
+        manifest.check_sizes(saved_manifest, iter_dir)
     ckpt = open_dist(iter_dir, iteration)
     notes: list[str] = []
     spec, config = _described(ckpt.args, ckpt.first.path)
+    if saved_manifest is not None:
+        manifest.check(saved_manifest, iter_dir, spec, config, [])
     if true_vocab_size is not None:
         spec = replace(spec, true_vocab_size=true_vocab_size)
     if spec.true_vocab_size is not None:

@@ -9,7 +9,8 @@ Each model-parallel rank of the target layout becomes one ``__{mp rank}_0.distcp
   buffer rules give them, and the ``optimizer`` / ``per_bucket_numel(_unpadded)`` objects;
 * its RNG state object (the source rank's at an unchanged TP·PP, else the first source rank's).
 
-Then ``.metadata`` (the index of every record), ``common.pt`` and ``metadata.json``; all in a
+Then ``.metadata`` (the index of every record), ``common.pt``, ``metadata.json``, the tracker
+and the manifest; all in a
 staged directory renamed into place, so that megatron-core's ``dist_checkpointing.load`` reads it
 at the target layout.
 """
@@ -27,6 +28,7 @@ from ckpt_hooks.engine.source import STATES, TensorMeta
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats import torch_dist as dist
 from ckpt_hooks.formats.atomic import staged_directory
+from ckpt_hooks.megatron.checkpoint import write_manifest
 from ckpt_hooks.megatron.torch_dist import LAYERS, bucket_key, dist_suffix, from_logical
 
 CONTENT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
@@ -179,6 +181,7 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
                                      **({"optimizer": {"param_state_sharding_type": "dp_reshardable"}}
                                         if optimizer_plans is not None else {})})
         legacy.write_tracker(root, iteration)
+        write_manifest(root)
     return seconds
 
 
