@@ -163,6 +163,22 @@ def run_combine(args) -> None:
         print(f"wrote {len(written)} merged files to {args.output_dir}")
 
 
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("first", help="a Megatron checkpoint (legacy or torch_dist; root or iter_* directory)")
+    parser.add_argument("second", help="another one, at any layout and in either format")
+    parser.add_argument("--weights-only", action="store_true", help="compare the weights, not the optimizer state")
+    parser.add_argument("--json", action="store_true", help="print the certificate as one JSON object")
+
+
+def run_verify(args) -> None:
+    from ckpt_hooks.megatron.verify import verify
+
+    certificate = verify(args.first, args.second, weights_only=args.weights_only)
+    print(json.dumps(certificate.to_json(), indent=1) if args.json else certificate)
+    if not certificate.equal:
+        raise SystemExit(1)
+
+
 COMMANDS = {
     "convert": ("reshard a Megatron checkpoint to another TP/PP/VPP layout, or a MindSpore one to another strategy",
                 add_convert_arguments, run_convert),
@@ -171,6 +187,8 @@ COMMANDS = {
                          add_export_arguments, run_export),
     "combine-dp-zero": ("merge MindSpeed-Core-MS distributed-optimizer buckets into per-parameter tensors",
                         add_combine_arguments, run_combine),
+    "verify": ("certify that two Megatron checkpoints hold the same model and optimizer state, bit for bit, "
+               "at any layouts (exit 0) or say where they differ (exit 1)", add_verify_arguments, run_verify),
     **HF_COMMANDS,
     **MINDSPEED_COMMANDS,
     **MINDFORMERS_COMMANDS,
@@ -195,6 +213,7 @@ EXAMPLES = {
                "--target-pipeline-parallel-size 1",
     "inspect": "ckpt-hooks inspect ckpt --tensors",
     "export-param-map": "ckpt-hooks export-param-map --load-dir ckpt --save-dir ckpt_param_maps",
+    "verify": "ckpt-hooks verify ckpt ckpt_tp4",
     "combine-dp-zero": "ckpt-hooks combine-dp-zero --strategy-dir opt_shard_info --checkpoint-dir ckpt "
                        "--output-dir merged",
     "hf-to-megatron": "ckpt-hooks hf-to-megatron --load-dir Llama-3-8B --save-dir llama_tp2pp2 "

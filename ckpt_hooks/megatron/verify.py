@@ -1,0 +1,145 @@
+"""``ckpt-hooks verify A B``: an equivalence certificate between two Megatron checkpoints, at any
+layouts and in either format (legacy ``torch`` or ``torch_dist``).
+
+Every logical tensor both hold — weights, fp32 main params, both Adam moments — is compared bit
+for bit through the box algebra (``engine.compare``), reading both checkpoints lazily; then the
+run state: iteration, the optimizer's param groups (with the Adam step), the scheduler, the
+floating-point operations so far. Vocabulary tensors are compared on the real vocabulary rows;
+the padding rows both hold are compared apart and reported, not counted against equality (a
+layout with fewer padded rows drops some; megatron-core initialises them randomly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from ckpt_hooks.algebra import names
+from ckpt_hooks.algebra.layout import VOCAB, Box
+from ckpt_hooks.engine.compare import Outcome, common_box, compare
+from ckpt_hooks.engine.source import STATES
+from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.megatron.checkpoint import MegatronSource, read_source
+from ckpt_hooks.megatron.optimizer import source_optimizer
+
+# The run state compared besides the tensors: (what, how to read it from the source).
+_RUN_STATE = {
+    "iteration": lambda src: src.ckpt.iteration,
+    "param_groups": lambda src: (src.ckpt.first.obj.get("optimizer") or {}).get("optimizer"),
+    "scheduler": lambda src: src.ckpt.first.obj.get("opt_param_scheduler"),
+    "num_floating_point_operations_so_far": lambda src: src.ckpt.first.obj.get("num_floating_point_operations_so_far"),
+}
+# Model settings that may differ between two equivalent checkpoints (the padding depends on TP).
+_LAYOUT_DEPENDENT = {"padded_vocab_size", "make_vocab_size_divisible_by"}
+
+
+@dataclass
+class Certificate:
+    """What ``verify`` found: every compared tensor, what only one side holds, the run state."""
+
+    first: str
+    second: str
+    layouts: tuple[str, str]
+    tensors: list[Outcome] = field(default_factory=list)
+    padding: list[Outcome] = field(default_factory=list)       # vocabulary padding rows, apart
+    only_first: list[str] = field(default_factory=list)
+    only_second: list[str] = field(default_factory=list)
+    run_state: dict = field(default_factory=dict)               # what -> (equal, first, second)
+
+    @property
+    def equal(self) -> bool:
+        return all(t.equal for t in self.tensors) and all(same for same, _, _ in self.run_state.values())
+
+    def to_json(self) -> dict:
+        return {"equal": self.equal, "first": self.first, "second": self.second, "layouts": list(self.layouts),
+                "tensors": [t.to_json() for t in self.tensors], "padding_rows": [t.to_json() for t in self.padding],
+                "only_first": self.only_first, "only_second": self.only_second,
+                "run_state": {k: {"equal": same, "first": repr(a), "second": repr(b)}
+                              for k, (same, a, b) in self.run_state.items()}}
+
+    def __str__(self) -> str:
+        compared = sum(t.compared for t in self.tensors)
+        lines = [f"{self.first} ({self.layouts[0]}) vs {self.second} ({self.layouts[1]})"]
+        for t in self.tensors:
+            if not t.equal:
+                lines.append(f"  DIFFERS {t.name}: " + (t.problem or f"{t.differing} of {t.compared} elements, "
+                                                                      f"max |d| {t.max_abs:.3g}, first at {list(t.first)}"))
+        for what, (same, a, b) in self.run_state.items():
+            if not same:
+                lines.append(f"  DIFFERS {what}: {a!r} vs {b!r}")
+        differing_padding = [t for t in self.padding if not t.equal]
+        if differing_padding:
+            lines.append(f"  note: vocabulary padding rows differ in {len(differing_padding)} tensors "
+                         "(not counted: megatron-core initialises them randomly)")
+        for side, only in (("first", self.only_first), ("second", self.only_second)):
+            if only:
+                lines.append(f"  note: only the {side} holds {len(only)} tensors, e.g. {only[0]}")
+        verdict = "EQUAL" if self.equal else "NOT EQUAL"
+        lines.append(f"{verdict}: {sum(t.equal for t in self.tensors)} of {len(self.tensors)} tensors "
+                     f"({compared:,} elements) bitwise equal; run state "
+                     f"{'equal' if all(s for s, _, _ in self.run_state.values()) else 'differs'}")
+        return "\n".join(lines)
+
+
+def _states(src: MegatronSource, weights_only: bool) -> dict:
+    """{prefix: Source}: the weights, and each optimizer state the checkpoint holds."""
+    out = {"": src.weights}
+    if not weights_only:
+        try:
+            optimizer = source_optimizer(src)
+        except CheckpointError as e:
+            if "missing" not in str(e) and "no optimizer state" not in str(e):
+                raise
+            return out
+        out.update({f"{state}:": optimizer.sources[state] for state in STATES})
+    return out
+
+
+def _check_same_model(a: MegatronSource, b: MegatronSource) -> None:
+    first, second = dataclasses.asdict(a.spec), dataclasses.asdict(b.spec)
+    wrong = [f"{k} {first[k]!r} vs {second[k]!r}" for k in first
+             if k not in _LAYOUT_DEPENDENT and first[k] != second.get(k)]
+    if wrong:
+        raise CheckpointError(b.ckpt.first.path, "a checkpoint of another model than "
+                                                 f"{a.ckpt.first.path}: " + ", ".join(wrong))
+
+
+def verify(first, second, *, weights_only: bool = False) -> Certificate:
+    """Compare two Megatron checkpoints (see the module's docstring)."""
+    a, b = read_source(first), read_source(second)
+    _check_same_model(a, b)
+    certificate = Certificate(str(first), str(second), (a.layout.describe(), b.layout.describe()))
+    real_rows = a.spec.true_vocab_size
+    states_a, states_b = _states(a, weights_only), _states(b, weights_only)
+    for prefix in states_a.keys() | states_b.keys():
+        if prefix not in states_a or prefix not in states_b:
+            side = certificate.only_first if prefix in states_a else certificate.only_second
+            side.append(f"{prefix.rstrip(':') or 'weights'} (all tensors)")
+    for prefix, source_a in states_a.items():
+        source_b = states_b.get(prefix)
+        if source_b is None:
+            continue
+        for name, tensor_a in source_a.items():
+            if tensor_a.dtype is None:   # _extra_state: no data to compare
+                continue
+            tensor_b = source_b.get(name)
+            if tensor_b is None:
+                certificate.only_first.append(prefix + name)
+                continue
+            rule = names.classify(name)
+            vocab = rule is not None and rule.rule.kind == VOCAB and real_rows is not None
+            box = common_box(tensor_a, tensor_b, real_rows if vocab else None)
+            certificate.tensors.append(compare(prefix + name, tensor_a, tensor_b, box))
+            if vocab:
+                padding = common_box(tensor_a, tensor_b)
+                if padding is not None and padding.lengths[0] > real_rows:
+                    rows = Box((real_rows, *padding.offsets[1:]),
+                               (padding.lengths[0] - real_rows, *padding.lengths[1:]))
+                    certificate.padding.append(compare(prefix + name + " [padding rows]", tensor_a, tensor_b, rows))
+        certificate.only_second += [prefix + n for n, t in source_b.items() if n not in source_a and t.dtype is not None]
+    for what, read in _RUN_STATE.items():
+        if what == "param_groups" and weights_only:
+            continue
+        left, right = read(a), read(b)
+        certificate.run_state[what] = (left == right, left, right)
+    return certificate
