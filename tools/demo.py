@@ -6,8 +6,9 @@
    Megatron-LM legacy checkpoint after 3 steps, with its manifest and param_maps; the same
    run also goes on uninterrupted;
 2. `ckpt_hooks.convert` converts the checkpoint (weights and optimizer state) to TP1·PP1 and
-   TP4·PP1, and megatron-core loads each at its layout: every weight and Adam moment is
-   compared bit for bit with the trained run;
+   TP4·PP1, each output is certified equal to the source by `ckpt-hooks verify`'s check, and
+   megatron-core loads each at its layout: every weight and Adam moment is compared bit for
+   bit with the trained run;
 3. the run resumes at TP1·PP2·DP2 and TP4·PP1·DP1 straight from the TP2·PP2 checkpoint with
    `ckpt_hooks.megatron.load`, and its losses are printed beside the uninterrupted run's.
 
@@ -31,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 from ckpt_hooks.algebra.target import Target  # noqa: E402
 from ckpt_hooks.megatron.conversion import convert  # noqa: E402
+from ckpt_hooks.megatron.verify import verify  # noqa: E402
 from tests.harness import resume_job, run_jobs, train_job  # noqa: E402
 
 MODEL = {"vocab_size": 127}  # pads to 128 rows at TP 1, 2 and 4: the same function at every TP
@@ -69,11 +71,14 @@ def demo(work: Path) -> int:
              work / "logs")
     print(f"      saved {source} ({time.perf_counter() - started:.0f} s)")
 
-    print("[2/3] converting offline with ckpt_hooks (weights and optimizer state)...")
-    jobs, results = [], {}
+    print("[2/3] converting offline with ckpt_hooks (weights and optimizer state), each output certified...")
+    jobs, results, failed = [], {}, 0
     for target in CONVERTED:
         out = work / f"tp{target['tp']}pp{target['pp']}"
         print(f"      {convert(source, out, Target(tp=target['tp'], pp=target['pp']), quiet=True)}")
+        certificate = verify(source, out)   # what `ckpt-hooks verify SOURCE OUT` prints last
+        failed += not certificate.equal
+        print(f"      ckpt-hooks verify: {str(certificate).splitlines()[-1]}")
         results[f"convert {name(target)}"] = work / f"{out.name}.json"
         jobs.append(resume_job(target, out, truth, results[f"convert {name(target)}"], model=MODEL, steps=0))
     for target in RESUMED:
@@ -84,7 +89,6 @@ def demo(work: Path) -> int:
     run_jobs(jobs, work / "logs")
 
     outcome = {key: json.loads(path.read_text()) for key, path in results.items()}
-    failed = 0
     for key, r in outcome.items():
         exact = r["ok"] and not r["weight_mismatches"] and not r["optim_mismatches"]
         failed += not exact
