@@ -1,11 +1,13 @@
 """``ckpt-hooks verify A B``: the equivalence certificate users run on their own checkpoints."""
 
 import json
+import shutil
 
 import torch
 
 from ckpt_hooks import convert
 from ckpt_hooks.algebra.target import Target
+from ckpt_hooks.formats.torch_dist import DistCheckpoint
 from ckpt_hooks.formats.torch_pickle import TorchFile
 from ckpt_hooks.megatron.verify import verify
 from tests.util import cli
@@ -46,6 +48,32 @@ def test_a_conversion_is_certified_and_a_one_ulp_change_is_found(sources, tmp_pa
     assert [t["name"] for t in wrong] == ["decoder.layers.2.mlp.linear_fc1.weight"]
     assert wrong[0]["differing"] == 1 and wrong[0]["first"] == [0, 5, 7] and 0 < wrong[0]["max_abs"] < 1e-6
     assert report["equal"] is False and "param_groups" not in report["run_state"]
+    # Alone, the converted checkpoint's recorded CRC-32s name the record that changed.
+    alone = cli("verify", out)
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1, alone.stderr
+    assert "mp_rank_00/model_optim_rng.pt: record data/" in alone.stderr and "CRC-32" in alone.stderr
+
+
+def test_one_checkpoint_alone_is_checked_against_its_crcs(sources, tmp_path):
+    """Megatron-LM's own files (torch.save's zip CRCs), torch_dist records, and a conversion's
+    output (the CRC-32s its manifest records while writing): all checked; a flipped bit inside a
+    torch_dist record is found."""
+    for name in ("cont_tp2pp2", "dist_tp2pp2"):
+        result = cli("verify", sources[name].dir)
+        assert result.returncode == 0 and "match their CRC-32" in result.stdout, result.stderr
+        assert "none recorded" not in result.stdout
+    copy = tmp_path / "dist"
+    shutil.copytree(sources["dist_tp2pp2"].dir, copy)
+    checkpoint = DistCheckpoint(next(copy.glob("iter_*")))
+    key = "decoder.layers.mlp.linear_fc2.weight"
+    chunk = checkpoint.tensors[key].chunks[0]
+    torch_file, lazy = checkpoint.chunk_tensor(key, chunk)
+    path = checkpoint.iter_dir / chunk.record.relative_path
+    blob = bytearray(path.read_bytes())
+    blob[torch_file._data_offset(lazy.storage) + 100] ^= 1   # one bit inside the tensor's bytes
+    path.write_bytes(bytes(blob))
+    result = cli("verify", copy)
+    assert result.returncode == 2 and f"{chunk.record.relative_path}: record" in result.stderr, result.stderr
 
 
 def test_another_iteration_is_not_equal(sources):

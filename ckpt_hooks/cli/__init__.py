@@ -165,15 +165,18 @@ def run_combine(args) -> None:
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("first", help="a Megatron checkpoint (legacy or torch_dist; root or iter_* directory)")
-    parser.add_argument("second", help="another one, at any layout and in either format")
+    parser.add_argument("second", nargs="?",
+                        help="another one, at any layout and in either format; without it, FIRST alone is "
+                             "checked against its recorded CRC-32s and manifest")
     parser.add_argument("--weights-only", action="store_true", help="compare the weights, not the optimizer state")
     parser.add_argument("--json", action="store_true", help="print the certificate as one JSON object")
 
 
 def run_verify(args) -> None:
-    from ckpt_hooks.megatron.verify import verify
+    from ckpt_hooks.megatron.verify import check, verify
 
-    certificate = verify(args.first, args.second, weights_only=args.weights_only)
+    certificate = verify(args.first, args.second, weights_only=args.weights_only) if args.second else \
+        check(args.first)
     print(json.dumps(certificate.to_json(), indent=1) if args.json else certificate)
     if not certificate.equal:
         raise SystemExit(1)

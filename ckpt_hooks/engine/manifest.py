@@ -8,7 +8,9 @@
     layout   = Megatron: {ParallelConfig: "tp", "pp", "vpp", "dp", ...}
                MindSpore: {"rank", "world_size", "parallel_mode"}
     path     = relative to the manifest's directory
-    file     = {"bytes": N[, "tensors": {key: tensor | null}]}      null: an entry holding no tensor
+    file     = {"bytes": N[, "tensors": {key: tensor | null}][, "crc32": {record: N}]}
+               null: an entry holding no tensor; crc32: a torch file's data records' CRC-32,
+               computed while the converter wrote them (``ckpt-hooks verify CKPT`` checks them)
     key      = the tensor's name in the file: MindSpore's parameter name, Megatron's "<chunk>.<key>"
                (``model.decoder.layers.0.mlp.linear_fc1.weight``; chunk names hold no dot)
     tensor   = {"logical": name, "shape": [N, ...], "dtype": name, "role": "model" | "optimizer",

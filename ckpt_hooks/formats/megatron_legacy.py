@@ -127,10 +127,13 @@ def write_tracker(root: Path, iteration: int | None) -> None:
 
 
 def save_rank_file(root: Path, iteration: int | None, tp_rank: int, pp_rank: int, pp: int,
-                   state: dict, name: str = MODEL_FILE) -> Path:
+                   state: dict, name: str = MODEL_FILE, checksums: dict | None = None) -> Path:
+    """Write one rank file; ``checksums[path]`` gets its records' CRC-32s (for the manifest)."""
     directory = root / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    torch_pickle.save(state, path)
+    crcs = torch_pickle.save(state, path)
+    if checksums is not None:
+        checksums[str(path)] = crcs
     fsync(path)   # now, by this worker, beside the others' writing: the publish then finds it on disk
     return path

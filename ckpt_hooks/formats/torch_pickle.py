@@ -23,6 +23,7 @@ import struct
 import threading
 import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -253,6 +254,31 @@ class TorchFile:
         for t in tensors:
             self._data_offset(t.storage)
 
+    def check_crcs(self, recorded: dict[str, int] | None = None) -> tuple[int, int]:
+        """Check every data record's bytes against its CRC-32: ``recorded`` (a manifest's), else
+        the zip directory's (0 there: none written). Returns (records checked, without a CRC)."""
+        checked = unchecked = 0
+        for name, info in self._records.items():
+            record = name[len(self._prefix):]
+            if not record.startswith("data/"):
+                continue
+            want = (recorded or {}).get(record, info.CRC or None)
+            if want is None:
+                unchecked += 1
+                continue
+            offset, crc = self._record_offset(record, info.file_size), 0
+            for start in range(0, info.file_size, 1 << 24):
+                size = min(1 << 24, info.file_size - start)
+                chunk = torch.empty(size, dtype=torch.uint8)
+                self._pread_into(chunk, offset + start)
+                crc = zlib.crc32(chunk.numpy(), crc)
+            if crc != want:
+                raise CheckpointError(self.path, f"record {record}: CRC-32 {crc:08x}, "
+                                                 f"{'the manifest' if recorded and record in recorded else 'the zip'} "
+                                                 f"says {want:08x}: its bytes changed after they were written")
+            checked += 1
+        return checked, unchecked
+
     def read(self, t: LazyTensor) -> torch.Tensor:
         """Read all of tensor ``t``."""
         if t.is_contiguous():
@@ -348,20 +374,28 @@ class _StreamingPickler(pickle.Pickler):
         return None
 
 
-def _produce(pending: PendingTensor) -> torch.Tensor:
+def _produce(pending: PendingTensor) -> tuple[torch.Tensor, int]:
+    """The tensor, and the CRC-32 of its bytes (computed here, beside the writer's thread)."""
     tensor = pending.produce().contiguous()
     if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
         raise ValueError(f"produced {tuple(tensor.shape)} {tensor.dtype}, promised {pending.shape} {pending.dtype}")
     if tensor.untyped_storage().nbytes() != tensor.nbytes:  # a view into a larger storage
         tensor = tensor.clone()
-    return tensor
+    return tensor, crc32_of(tensor)
 
 
-def save(obj, path) -> None:
+def crc32_of(tensor: torch.Tensor) -> int:
+    """CRC-32 (zip's) of a contiguous tensor's bytes."""
+    return zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else 0
+
+
+def save(obj, path) -> dict[str, int]:
     """Write ``obj`` like ``torch.save`` (any ``torch.load`` reads it), producing its tensors one
     at a time: PendingTensor leaves are built just before their bytes are written and freed after,
     so memory holds two tensors (one being written, the next being built), not the file.
-    Zip CRCs are skipped: torch.load does not check them, and computing them halves the speed."""
+    Returns each data record's CRC-32 ({"data/0": crc, ...}), computed by the thread that builds
+    the tensors while the previous one is written, for the manifest; the zip's own CRC fields
+    stay 0 (torch's writer computing them in line halves the speed, and torch.load ignores them)."""
     buffer = io.BytesIO()
     pickler = _StreamingPickler(buffer)
     pickler.dump(obj)
@@ -374,13 +408,15 @@ def save(obj, path) -> None:
     # Build the next tensor while this one is written: two tensors in memory at most.
     with ThreadPoolExecutor(max_workers=1) as producer:
         upcoming = producer.submit(_produce, pickler.storages[0].tensor) if pickler.storages else None
+        crcs = {}
         for i, storage in enumerate(pickler.storages):
-            tensor = upcoming.result()
+            tensor, crcs[f"data/{storage.key}"] = upcoming.result()
             upcoming = producer.submit(_produce, pickler.storages[i + 1].tensor) \
                 if i + 1 < len(pickler.storages) else None
             writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
             del tensor
     writer.write_end_of_file()
+    return crcs
 
 
 def iter_lazy_tensors(obj, prefix=""):

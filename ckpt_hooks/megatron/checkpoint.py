@@ -339,13 +339,15 @@ def pending_file(target: TargetFile, progress=None) -> "OrderedDict[str, Ordered
     return chunks
 
 
-def write_manifest(load_dir) -> Path:
-    """Describe a complete checkpoint iteration in its manifest (see megatron.manifest)."""
+def write_manifest(load_dir, checksums: dict | None = None) -> Path:
+    """Describe a complete checkpoint iteration in its manifest (see megatron.manifest), with
+    the CRC-32 of each record where the writer computed them (``checksums``: path -> record -> crc)."""
     src = read_source(load_dir, check_manifest=False)
     if src.ckpt_format == "torch_dist":
         built = manifest.build_dist(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout)
     else:
-        built = manifest.build(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout, src.files, src.placed)
+        built = manifest.build(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout, src.files, src.placed,
+                               checksums)
     return manifest.write(built, src.ckpt.iter_dir)
 
 
@@ -359,14 +361,16 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp
     (``optimizer_state``), then the tracker and the manifest, then the rename into place.
     ``written(root, paths)`` is told of each rank's files (MindSpeed's md5 list); ``finish(root)``
     adds files of its own before the tracker (HF's tokenizer). Returns the data phase's seconds."""
+    checksums: dict[str, dict[str, int]] = {}   # file -> record -> CRC-32, as written
     with staged_directory(save_dir) as root:
         def write(target: TargetFile, progress) -> None:
             rank = target.rank
-            paths = [legacy.save_rank_file(root, iteration, rank.tp, rank.pp, pp, rank_state(target, progress))]
+            paths = [legacy.save_rank_file(root, iteration, rank.tp, rank.pp, pp, rank_state(target, progress),
+                                           checksums=checksums)]
             state = optimizer_state(target, progress) if optimizer_state is not None else None
             if state is not None:
                 paths.append(legacy.save_rank_file(root, iteration, rank.tp, rank.pp, pp, state,
-                                                   legacy.OPTIMIZER_FILE))
+                                                   legacy.OPTIMIZER_FILE, checksums))
             if written is not None:
                 written(root, paths)
 
@@ -374,5 +378,5 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp
         if finish is not None:
             finish(root)
         legacy.write_tracker(root, iteration)
-        write_manifest(root)
+        write_manifest(root, checksums)
     return seconds

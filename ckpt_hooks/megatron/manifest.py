@@ -70,7 +70,7 @@ def _entry(meta, logical: str, where) -> dict:
 
 
 def build(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConfig, files: list,
-          placed: dict) -> dict:
+          placed: dict, checksums: dict | None = None) -> dict:
     """The manifest of a complete iteration directory whose model files are ``files`` (each with
     ``path``, ``rank`` and ``chunks``), their tensors placed as ``placed`` says
     ((rank, chunk, key) -> (logical name, Placement or None))."""
@@ -81,6 +81,9 @@ def build(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConf
         relative = str(file.relative_to(iter_dir))
         if file.is_file() and file.name != MANIFEST and not file.name.startswith("."):
             listed[relative] = manifest.file_entry(file, tensors.get(relative))
+            crcs = (checksums or {}).get(str(file))
+            if crcs:
+                listed[relative]["crc32"] = crcs
     return manifest.build(FRAMEWORK, FORMAT, iteration=iteration, model=_plain(dataclasses.asdict(spec)),
                           layout=_plain(dataclasses.asdict(layout)), files=listed)
 

@@ -104,6 +104,63 @@ def _check_same_model(a: MegatronSource, b: MegatronSource) -> None:
                                                  f"{a.ckpt.first.path}: " + ", ".join(wrong))
 
 
+@dataclass
+class Integrity:
+    """``verify CKPT`` alone: every file's records checked against their CRC-32s."""
+
+    path: str
+    files: int = 0
+    checked: int = 0      # records whose bytes matched their CRC-32
+    unchecked: int = 0    # records with no CRC-32 recorded anywhere
+
+    @property
+    def equal(self) -> bool:
+        return True   # a mismatch raises, naming the file and the record
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.checked} tensor records in {self.files} files match their CRC-32"
+                + (f"; {self.unchecked} have none recorded (not checked)" if self.unchecked else "")
+                + "; sizes and shapes match the manifest where there is one")
+
+
+def check(load_dir) -> Integrity:
+    """Check one checkpoint: its manifest (sizes, shapes) and every tensor record's bytes against
+    its CRC-32 — the manifest's (written by ckpt_hooks' converters) or the zip directory's
+    (``torch.save``: Megatron-LM's own files, torch_dist records). Raises CheckpointError,
+    naming the file and record, on the first mismatch."""
+    from pathlib import Path
+
+    from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE
+    from ckpt_hooks.formats.torch_pickle import TorchFile
+    from ckpt_hooks.megatron import manifest
+
+    src = read_source(load_dir)
+    out = Integrity(str(load_dir))
+    if src.ckpt_format == "torch_dist":
+        checkpoint = src.ckpt.dist
+        records = {c.record for t in checkpoint.tensors.values() for c in t.chunks} | set(checkpoint.objects.values())
+        opened = [checkpoint.record(r) for r in sorted(records, key=lambda r: (r.relative_path, r.offset))]
+        out.files = len({r.relative_path for r in records})
+        recorded = {}
+    else:
+        described = manifest.read(src.ckpt.iter_dir) or {"files": {}}
+        opened = list(src.ckpt.files.values())
+        opened += [TorchFile(Path(f.path).parent / OPTIMIZER_FILE) for f in src.ckpt.files.values()
+                   if (Path(f.path).parent / OPTIMIZER_FILE).is_file()]
+        out.files = len(opened)
+        recorded = {str(Path(f.path).relative_to(src.ckpt.iter_dir)): entry.get("crc32")
+                    for f in opened for entry in [described["files"].get(str(Path(f.path).relative_to(src.ckpt.iter_dir)), {})]}
+    for torch_file in opened:
+        relative = str(Path(torch_file.path).relative_to(src.ckpt.iter_dir))
+        checked, unchecked = torch_file.check_crcs(recorded.get(relative))
+        out.checked += checked
+        out.unchecked += unchecked
+    return out
+
+
 def verify(first, second, *, weights_only: bool = False) -> Certificate:
     """Compare two Megatron checkpoints (see the module's docstring)."""
     a, b = read_source(first), read_source(second)
