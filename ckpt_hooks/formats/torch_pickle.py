@@ -374,14 +374,13 @@ class _StreamingPickler(pickle.Pickler):
         return None
 
 
-def _produce(pending: PendingTensor) -> tuple[torch.Tensor, int]:
-    """The tensor, and the CRC-32 of its bytes (computed here, beside the writer's thread)."""
+def _produce(pending: PendingTensor) -> torch.Tensor:
     tensor = pending.produce().contiguous()
     if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
         raise ValueError(f"produced {tuple(tensor.shape)} {tensor.dtype}, promised {pending.shape} {pending.dtype}")
     if tensor.untyped_storage().nbytes() != tensor.nbytes:  # a view into a larger storage
         tensor = tensor.clone()
-    return tensor, crc32_of(tensor)
+    return tensor
 
 
 def crc32_of(tensor: torch.Tensor) -> int:
@@ -393,9 +392,10 @@ def save(obj, path) -> dict[str, int]:
     """Write ``obj`` like ``torch.save`` (any ``torch.load`` reads it), producing its tensors one
     at a time: PendingTensor leaves are built just before their bytes are written and freed after,
     so memory holds two tensors (one being written, the next being built), not the file.
-    Returns each data record's CRC-32 ({"data/0": crc, ...}), computed by the thread that builds
-    the tensors while the previous one is written, for the manifest; the zip's own CRC fields
-    stay 0 (torch's writer computing them in line halves the speed, and torch.load ignores them)."""
+    Returns each data record's CRC-32 ({"data/0": crc, ...}) for the manifest, computed by a
+    thread of its own while the tensor is written (zlib releases the GIL); the zip's own CRC
+    fields stay 0 (torch's writer computing them in line halves the speed, and torch.load
+    ignores them)."""
     buffer = io.BytesIO()
     pickler = _StreamingPickler(buffer)
     pickler.dump(obj)
@@ -406,14 +406,16 @@ def save(obj, path) -> dict[str, int]:
     writer.write_record(".storage_alignment", "64", 2)
     writer.write_record("byteorder", "little", 6)
     # Build the next tensor while this one is written: two tensors in memory at most.
-    with ThreadPoolExecutor(max_workers=1) as producer:
+    crcs = {}
+    with ThreadPoolExecutor(max_workers=1) as producer, ThreadPoolExecutor(max_workers=1) as checksummer:
         upcoming = producer.submit(_produce, pickler.storages[0].tensor) if pickler.storages else None
-        crcs = {}
         for i, storage in enumerate(pickler.storages):
-            tensor, crcs[f"data/{storage.key}"] = upcoming.result()
+            tensor = upcoming.result()
             upcoming = producer.submit(_produce, pickler.storages[i + 1].tensor) \
                 if i + 1 < len(pickler.storages) else None
+            crc = checksummer.submit(crc32_of, tensor)
             writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
+            crcs[f"data/{storage.key}"] = crc.result()
             del tensor
     writer.write_end_of_file()
     return crcs
