@@ -433,6 +433,22 @@ def iter_lazy_tensors(obj, prefix=""):
             yield from iter_lazy_tensors(v, f"{prefix}.{i}" if prefix else str(i))
 
 
+def _innermost_partial(shape, slices) -> int:
+    partial = [a for a, (s, n) in enumerate(zip(slices, shape)) if (s.start, s.stop) != (0, n)]
+    return partial[-1] if partial else 0
+
+
+def contiguous_runs(shape, slices: tuple[slice, ...]) -> tuple[list[int], int]:
+    """The elements ``slices`` of a row-major ``shape`` as runs: (start of each run, elements per
+    run), one run per index of the axes before the innermost partial axis."""
+    inner = _innermost_partial(shape, slices)
+    strides = contiguous_strides(shape)
+    run = (slices[inner].stop - slices[inner].start) * strides[inner]
+    starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
+              for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
+    return starts, run
+
+
 @dataclass(frozen=True)
 class TensorView:
     """A stored tensor seen in ``shape`` (its own, or a fused form with as many elements): reads
@@ -453,12 +469,7 @@ class TensorView:
         if not self.tensor.is_contiguous():
             out.copy_(self.file.read(self.tensor).view(self.shape)[slices])
             return
-        partial = [a for a, (s, n) in enumerate(zip(slices, self.shape)) if (s.start, s.stop) != (0, n)]
-        inner = partial[-1] if partial else 0
-        strides = contiguous_strides(self.shape)
-        run_numel = (slices[inner].stop - slices[inner].start) * strides[inner]
-        starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
-                  for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
+        starts, run_numel = contiguous_runs(self.shape, slices)
         if exact or len(starts) == 1:
             buffer = out if out.is_contiguous() and out.dtype == self.tensor.dtype else \
                 torch.empty(out.shape, dtype=self.tensor.dtype)
@@ -466,7 +477,8 @@ class TensorView:
         else:
             covering = torch.empty(starts[-1] + run_numel - starts[0], dtype=self.tensor.dtype)
             self.file.read_runs(self.tensor, [starts[0]], covering.numel(), covering)
+            inner = _innermost_partial(self.shape, slices)
             shape = [s.stop - s.start for s in slices[:inner + 1]] + list(self.shape[inner + 1:])
-            buffer = covering.as_strided(shape, strides, 0)
+            buffer = covering.as_strided(shape, contiguous_strides(self.shape), 0)
         if buffer is not out:
             out.copy_(buffer.reshape(out.shape))

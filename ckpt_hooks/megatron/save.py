@@ -131,12 +131,7 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
                          num_floating_point_operations_so_far)
         dopt = distributed_optimizers(optimizer)[0]
         write_param_maps(dopt, recorded_maps_dir(iter_dir, rank, layout.pp), rank, dopt.data_parallel_group.rank())
-        dist.barrier()
-        if dist.get_rank() == 0:
-            write_manifest_or_warn(iter_dir)      # before the tracker names the iteration
-            legacy.write_tracker(root, iteration)
-        dist.barrier()
-        return iter_dir
+        return _publish(root, iter_dir, iteration)
     if ckpt_format != "torch":
         raise ValueError(f"unknown checkpoint format {ckpt_format!r} (torch or torch_dist)")
     rank_dir = iter_dir / legacy.rank_dir_name(rank.tp, rank.pp, layout.pp)
@@ -155,6 +150,14 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
         state["num_floating_point_operations_so_far"] = num_floating_point_operations_so_far
         with atomic_write(rank_dir / legacy.MODEL_FILE) as f:
             torch.save(state, f)
+    return _publish(root, iter_dir, iteration)
+
+
+def _publish(root: Path, iter_dir: Path, iteration: int) -> Path:
+    """Once every rank has written its files: rank 0's manifest, then the tracker naming the
+    iteration. Collective."""
+    import torch.distributed as dist
+
     dist.barrier()
     if dist.get_rank() == 0:
         write_manifest_or_warn(iter_dir)      # before the tracker names the iteration

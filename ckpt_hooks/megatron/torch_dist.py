@@ -32,7 +32,7 @@ from ckpt_hooks.engine.source import STATES, Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats import torch_dist as dist
-from ckpt_hooks.formats.torch_pickle import LazyTensor, TensorView, contiguous_strides
+from ckpt_hooks.formats.torch_pickle import LazyTensor, TensorView, contiguous_runs
 
 LAYERS = "decoder.layers."
 # Megatron saves the local spec's norms under Transformer Engine's names.
@@ -284,12 +284,7 @@ class FlatView:
         return self.checkpoint.iter_dir / self.pieces[0][3].record.relative_path
 
     def read_into(self, slices: tuple[slice, ...], out: torch.Tensor, exact: bool = False) -> None:
-        partial = [a for a, (s, n) in enumerate(zip(slices, self.shape)) if (s.start, s.stop) != (0, n)]
-        inner = partial[-1] if partial else 0
-        strides = contiguous_strides(self.shape)
-        run = (slices[inner].stop - slices[inner].start) * strides[inner]
-        starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
-                  for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
+        starts, run = contiguous_runs(self.shape, slices)
         dtype = self.checkpoint.tensors[self.pieces[0][2]].dtype
         direct = out.is_contiguous() and out.dtype == dtype   # read into ``out`` itself
         buffer = out.view(-1) if direct else torch.empty(len(starts) * run, dtype=dtype)
