@@ -1,14 +1,20 @@
 """Signals: SIGTERM and SIGHUP (timeout, Slurm's scancel, a closed terminal) and Ctrl-C stop a
-conversion promptly, with one line and nothing left behind: no save directory, no staged one."""
+conversion promptly, with one line and nothing left behind: no save directory, no staged one.
+SIGKILL leaves only the hidden staged directory, which --resume finishes."""
 
 import os
 import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import pytest
+import torch
+
+from ckpt_hooks.formats.megatron_legacy import completed, save_rank_file
+from tests.util import tree_digest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 from bench_reshard import make_source_args, write_tp1_checkpoint  # noqa: E402
@@ -39,3 +45,39 @@ def test_a_signalled_conversion_stops_promptly_and_leaves_nothing(big_source, tm
     assert process.returncode == code, stderr
     assert stderr.strip().splitlines() == [stderr.strip()] and stderr.startswith("error: interrupted"), stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_killed_conversion_resumes_with_its_complete_files(big_source, tmp_path):
+    """SIGKILL (no chance to clean up) leaves nothing at --save-dir, only the hidden staged
+    directory; --resume reuses its complete files and gives what a fresh run gives, byte for byte."""
+    command = [sys.executable, "-m", "ckpt_hooks.cli", "convert", "--load-dir", big_source,
+               "--target-tensor-parallel-size", "4", "--workers", "1", "--convert-param-only", "--quiet"]
+    process = subprocess.Popen(command + ["--save-dir", tmp_path / "out"])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.partial-*/iter_*/*/.*.done.json")):   # one file complete
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+    assert not (tmp_path / "out").exists() and len(list(tmp_path.glob(".out.partial-*"))) == 1
+    resumed = subprocess.run([c for c in command if c != "--quiet"] + ["--save-dir", tmp_path / "out", "--resume"],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    reused = int(resumed.stdout.split("note: resumed: ")[1].split(" of 4")[0])
+    assert reused >= 1, resumed.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    fresh = subprocess.run(command + ["--save-dir", tmp_path / "fresh"], capture_output=True, text=True, timeout=120)
+    assert fresh.returncode == 0, fresh.stderr
+    assert tree_digest(tmp_path / "out") == tree_digest(tmp_path / "fresh")
+
+
+def test_a_staged_file_is_reused_only_if_its_bytes_are_what_was_written(tmp_path):
+    path = save_rank_file(tmp_path, 1, 0, 0, 1, {"model": {"w": torch.arange(1000, dtype=torch.float32)}})
+    assert completed(path) == {"data/0": zlib.crc32(torch.arange(1000, dtype=torch.float32).numpy().tobytes())}
+    blob = bytearray(path.read_bytes())
+    at = blob.index(torch.tensor([500.0]).numpy().tobytes())
+    blob[at] ^= 1                               # same size, one bit inside the tensor
+    path.write_bytes(bytes(blob))
+    assert completed(path) is None
+    path.write_bytes(bytes(blob[:-10]))         # cut short
+    assert completed(path) is None

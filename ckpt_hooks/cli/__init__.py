@@ -40,6 +40,9 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace a non-empty save directory (kept until the new output is complete; never "
                              "the checkpoint being read)")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish a conversion that was killed: reuse the complete files it staged beside "
+                             "--save-dir (checked by CRC-32) and write the rest (Megatron legacy output)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     mindspore = parser.add_argument_group("MindSpore checkpoints (mindspore.transform_checkpoints' arguments)")
     mindspore.add_argument("--src-strategy-path-or-dir",
@@ -53,7 +56,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 # The flags of one framework's conversion, refused for the other's checkpoints.
 _MEGATRON_ONLY = ("tp", "pp", "vpp", "dp", "num_layer_list", "convert_param_only", "true_vocab_size",
-                  "make_vocab_size_divisible_by", "target_ckpt_format")
+                  "make_vocab_size_divisible_by", "target_ckpt_format", "resume")
 _MINDSPORE_ONLY = ("prefix", "format")
 
 
@@ -81,7 +84,7 @@ def _convert(args) -> None:
     from ckpt_hooks.megatron.conversion import convert
 
     report = convert(args.load_dir, args.save_dir, target_from(args), convert_param_only=args.convert_param_only,
-                     workers=args.workers, quiet=args.quiet, ckpt_format=args.target_ckpt_format)
+                     workers=args.workers, quiet=args.quiet, ckpt_format=args.target_ckpt_format, resume=args.resume)
     if not args.quiet:
         print(f"wrote {args.save_dir}: {report}")
 

@@ -83,12 +83,14 @@ def _resolved(path) -> Path:
 
 
 @contextlib.contextmanager
-def staged_directory(save_dir: str | os.PathLike):
-    """Yield a temporary sibling of ``save_dir``; it becomes ``save_dir`` only on success."""
+def staged_directory(save_dir: str | os.PathLike, resume: bool = False):
+    """Yield a temporary sibling of ``save_dir``; it becomes ``save_dir`` only on success.
+    ``resume``: the one an interrupted run (killed, so it could not clean up) left, if any."""
     target = Path(save_dir).absolute()
     refuse_non_empty(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    left = sorted(target.parent.glob(f".{target.name}.partial-*"), key=lambda p: p.stat().st_mtime) if resume else []
+    staging = left[-1] if left else Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield staging
         umask = os.umask(0)

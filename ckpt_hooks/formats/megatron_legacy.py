@@ -10,6 +10,7 @@ model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -122,6 +123,24 @@ def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
     return LegacyCheckpoint(iter_dir, iteration, files, tp, pp)
 
 
+def done_marker(path: Path) -> Path:
+    """Beside a rank file being written in a staged directory: its size and CRC-32s, once complete."""
+    return path.with_name(f".{path.name}.done.json")
+
+
+def completed(path: Path) -> dict | None:
+    """The CRC-32s of a rank file an earlier, interrupted run completed, checked against its
+    bytes; None when it must be written again (absent, unfinished, or not what was written)."""
+    try:
+        done = json.loads(done_marker(path).read_text())
+        if path.stat().st_size != done["bytes"]:
+            return None
+        torch_pickle.TorchFile(path).check_crcs(done["crc32"])
+        return done["crc32"]
+    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+        return None
+
+
 def write_tracker(root: Path, iteration: int | None) -> None:
     (root / TRACKER).write_text("release" if iteration is None else str(iteration))
 
@@ -136,4 +155,8 @@ def save_rank_file(root: Path, iteration: int | None, tp_rank: int, pp_rank: int
     if checksums is not None:
         checksums[str(path)] = crcs
     fsync(path)   # now, by this worker, beside the others' writing: the publish then finds it on disk
+    # Said complete only once on disk: an interrupted conversion resumed later reuses the file.
+    done = done_marker(path)
+    done.write_text(json.dumps({"bytes": path.stat().st_size, "crc32": crcs}))
+    fsync(done)
     return path

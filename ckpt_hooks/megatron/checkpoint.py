@@ -351,20 +351,42 @@ def write_manifest(load_dir, checksums: dict | None = None) -> Path:
     return manifest.write(built, src.ckpt.iter_dir)
 
 
+def _reuse(root: Path, iteration, rank: Rank, pp: int, optimizer: bool, checksums: dict) -> list[Path] | None:
+    """This rank's files, where an interrupted run completed them all (their CRC-32s then kept)."""
+    directory = root / legacy.iteration_dir_name(iteration) / legacy.rank_dir_name(rank.tp, rank.pp, pp)
+    paths = [directory / legacy.MODEL_FILE] + ([directory / legacy.OPTIMIZER_FILE] if optimizer else [])
+    found = {str(path): legacy.completed(path) for path in paths}
+    if any(crcs is None for crcs in found.values()):
+        return None
+    checksums.update(found)
+    return paths
+
+
 def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp: int,
                      rank_state: Callable[[TargetFile, object], dict],
                      optimizer_state: Callable[[TargetFile, object], dict | None] | None, total: int, *,
                      workers: int, quiet: bool, label: str, written: Callable | None = None,
-                     finish: Callable[[Path], None] | None = None) -> float:
+                     finish: Callable[[Path], None] | None = None, resume: bool = False,
+                     reused: list | None = None) -> float:
     """Megatron's writer sequence, atomically: a staged directory, every rank's
     ``model_optim_rng.pt`` (``rank_state(file, progress)``) and ``distrib_optim.pt``
     (``optimizer_state``), then the tracker and the manifest, then the rename into place.
     ``written(root, paths)`` is told of each rank's files (MindSpeed's md5 list); ``finish(root)``
-    adds files of its own before the tracker (HF's tokenizer). Returns the data phase's seconds."""
+    adds files of its own before the tracker (HF's tokenizer). ``resume``: continue the staged
+    directory an interrupted run left, keeping its complete rank files (CRC-checked; their ranks
+    go to ``reused``). Returns the data phase's seconds."""
     checksums: dict[str, dict[str, int]] = {}   # file -> record -> CRC-32, as written
-    with staged_directory(save_dir) as root:
+    with staged_directory(save_dir, resume) as root:
         def write(target: TargetFile, progress) -> None:
             rank = target.rank
+            kept = _reuse(root, iteration, rank, pp, optimizer_state is not None, checksums) if resume else None
+            if kept is not None:
+                if reused is not None:
+                    reused.append(rank)
+                if written is not None:
+                    written(root, kept)
+                progress.update(target.nbytes)
+                return
             paths = [legacy.save_rank_file(root, iteration, rank.tp, rank.pp, pp, rank_state(target, progress),
                                            checksums=checksums)]
             state = optimizer_state(target, progress) if optimizer_state is not None else None
@@ -375,6 +397,8 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp
                 written(root, paths)
 
         seconds = run(plan, write, total, workers=workers, quiet=quiet, label=label)
+        for marker in root.rglob(".*.done.json"):   # every file is complete: nothing to resume
+            marker.unlink()
         if finish is not None:
             finish(root)
         legacy.write_tracker(root, iteration)

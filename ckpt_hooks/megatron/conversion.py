@@ -12,6 +12,7 @@ from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.engine.plan import TargetFile
 from ckpt_hooks.engine.run import Report
 from ckpt_hooks.engine.source import STATES
+from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron import legacy_names
@@ -108,10 +109,12 @@ FORMATS = ("torch", "torch_dist")
 
 
 def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only: bool = False, workers: int = 2,
-            quiet: bool = False, ckpt_format: str | None = None) -> Report:
+            quiet: bool = False, ckpt_format: str | None = None, resume: bool = False) -> Report:
     """Reshard a Megatron checkpoint (legacy ``torch`` or ``torch_dist``) — weights, and unless
     ``convert_param_only`` the distributed optimizer's fp32 params and Adam moments — to
-    ``target`` and write it to ``save_dir`` atomically, in ``ckpt_format`` (default: the source's)."""
+    ``target`` and write it to ``save_dir`` atomically, in ``ckpt_format`` (default: the source's).
+    ``resume``: finish what an interrupted (killed) run of the same conversion left staged,
+    keeping its complete rank files, checked by their CRC-32s (legacy output)."""
     if ckpt_format not in (None, *FORMATS):
         raise ValueError(f"unknown checkpoint format {ckpt_format!r} (one of {', '.join(FORMATS)})")
     refuse_non_empty(save_dir, sources=[load_dir])
@@ -124,6 +127,8 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
     carried = p.carried()
     label = f"{src.layout.describe()} -> {layout.describe()}"
     if ckpt_format == "torch_dist":
+        if resume:
+            raise CheckpointError(save_dir, "--resume finishes legacy (torch) output only; convert again")
         data_seconds = _write_dist(p, save_dir, args, carried, workers, quiet, label)
         return Report(src.layout.describe(), layout.describe(), len(p.weights), p.nbytes,
                       time.perf_counter() - started, data_seconds,
@@ -138,9 +143,12 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
         plans = {s: p.optimizer_plans[s][target_file.rank] for s in STATES}
         return target_state(target_file, plans, optim.grad_dtypes, src.spec, layout, args, progress)
 
+    reused: list = []
     data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout.pp, rank_state,
                                     optimizer_state if optim is not None else None, p.nbytes, workers=workers,
-                                    quiet=quiet, label=label)
+                                    quiet=quiet, label=label, resume=resume, reused=reused)
+    if resume:
+        src.notes.append(f"resumed: {len(reused)} of {len(p.weights)} ranks' files reused from the interrupted run")
     return Report(src.layout.describe(), layout.describe(), len(p.weights) * (1 if optim is None else 2), p.nbytes,
                   time.perf_counter() - started, data_seconds,
                   [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None, ckpt_format)])
