@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.harness import free_port
+
 ms = pytest.importorskip("mindspore")
 
 from ckpt_hooks.errors import CheckpointError  # noqa: E402
@@ -32,12 +34,6 @@ ADAM_STATE = {f"{m}.{name}" for m in ("moment1", "moment2") for name in MODEL} |
     {"beta1_power", "beta2_power", "global_step", "learning_rate"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(root: Path, name: str, jobs: list, workers: int = 1) -> None:
     """One process (or one msrun of ``workers``) running ``jobs`` one after the other."""
     jobs_file = root / f"{name}.json"
@@ -48,7 +44,7 @@ def _launch(root: Path, name: str, jobs: list, workers: int = 1) -> None:
     if workers > 1:
         bin_dir = Path(sys.executable).parent
         command = [str(bin_dir / "msrun"), f"--worker_num={workers}", f"--local_worker_num={workers}",
-                   f"--master_port={_free_port()}", "--join=True", f"--log_dir={logs}", *command[1:], "--data-parallel"]
+                   f"--master_port={free_port()}", "--join=True", f"--log_dir={logs}", *command[1:], "--data-parallel"]
         env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"  # msrun starts its workers as `python`
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
     worker_logs = "".join(p.read_text() for p in sorted(logs.glob("worker_*.log"))) if logs.exists() else ""

@@ -85,7 +85,7 @@ def _convert(args) -> None:
 
     report = convert(args.load_dir, args.save_dir, target_from(args), convert_param_only=args.convert_param_only,
                      workers=args.workers, quiet=args.quiet, ckpt_format=args.target_ckpt_format, resume=args.resume)
-    if not args.quiet:
+    if not args.quiet and os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 reports
         print(f"wrote {args.save_dir}: {report}")
 
 

@@ -83,27 +83,67 @@ def _resolved(path) -> Path:
 
 
 @contextlib.contextmanager
-def staged_directory(save_dir: str | os.PathLike, resume: bool = False):
+def staged_directory(save_dir: str | os.PathLike, resume: bool = False, ranks=None):
     """Yield a temporary sibling of ``save_dir``; it becomes ``save_dir`` only on success.
-    ``resume``: the one an interrupted run (killed, so it could not clean up) left, if any."""
+    ``resume``: the one an interrupted run (killed, so it could not clean up) left, if any.
+    ``ranks`` (``engine.ranks.Ranks``, several processes): rank 0 makes the directory and hands
+    it to all; once every rank's block is done, all agree on any failure, and rank 0 publishes
+    (or removes) it before any rank returns."""
     target = Path(save_dir).absolute()
+    if ranks is None or ranks.world == 1:
+        staging = _staging(target, resume)
+        try:
+            yield staging
+            _publish(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return
+    made = error = None
+    if ranks.lead:
+        try:
+            made = str(_staging(target, resume))
+        except CheckpointError as e:
+            error = (e.path, e.cause)
+    made, error = ranks.broadcast((made, error))
+    if error is not None:
+        raise CheckpointError(*error)
+    failure = None
+    try:
+        yield Path(made)
+    except BaseException as e:   # every rank must reach the agreement below
+        failure = e
+    agreed = ranks.first_error(None if failure is None else
+                               (failure.path, failure.cause) if isinstance(failure, CheckpointError) else
+                               ("-", f"rank {ranks.rank}: {type(failure).__name__}: {failure}"))
+    if ranks.lead:
+        if agreed is None:
+            _publish(Path(made), target)
+        else:
+            shutil.rmtree(made, ignore_errors=True)
+    ranks.gather(None)   # no rank returns before the output is published or removed
+    if failure is not None:
+        raise failure
+    if agreed is not None:
+        raise CheckpointError(*agreed)
+
+
+def _staging(target: Path, resume: bool) -> Path:
     refuse_non_empty(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     left = sorted(target.parent.glob(f".{target.name}.partial-*"), key=lambda p: p.stat().st_mtime) if resume else []
-    staging = left[-1] if left else Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    try:
-        yield staging
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
-        fsync_tree(staging)
-        if target.exists():
-            target.rmdir()
-        staging.rename(target)
-        fsync(target.parent)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return left[-1] if left else Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+
+
+def _publish(staging: Path, target: Path) -> None:
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
+    fsync_tree(staging)
+    if target.exists():
+        target.rmdir()
+    staging.rename(target)
+    fsync(target.parent)
 
 
 @contextlib.contextmanager

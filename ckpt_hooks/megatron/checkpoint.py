@@ -28,6 +28,7 @@ from ckpt_hooks.algebra.spec import (ModelSpec, ParallelConfig, Rank, model_spec
                                      vocab_divisor)
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, TargetTensor, covered, plan_tensor
+from ckpt_hooks.engine.ranks import Ranks
 from ckpt_hooks.engine.run import run
 from ckpt_hooks.engine.source import Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
@@ -376,7 +377,9 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp
     directory an interrupted run left, keeping its complete rank files (CRC-checked; their ranks
     go to ``reused``). Returns the data phase's seconds."""
     checksums: dict[str, dict[str, int]] = {}   # file -> record -> CRC-32, as written
-    with staged_directory(save_dir, resume) as root:
+    ranks = Ranks.from_env()   # under torchrun, this process writes its share of the files
+    mine = ranks.share(plan)
+    with staged_directory(save_dir, resume, ranks) as root:
         def write(target: TargetFile, progress) -> None:
             rank = target.rank
             kept = _reuse(root, iteration, rank, pp, optimizer_state is not None, checksums) if resume else None
@@ -396,11 +399,16 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp
             if written is not None:
                 written(root, paths)
 
-        seconds = run(plan, write, total, workers=workers, quiet=quiet, label=label)
-        for marker in root.rglob(".*.done.json"):   # every file is complete: nothing to resume
-            marker.unlink()
-        if finish is not None:
-            finish(root)
-        legacy.write_tracker(root, iteration)
-        write_manifest(root, checksums)
+        share = total * sum(f.nbytes for f in mine) // max(1, sum(f.nbytes for f in plan))
+        seconds = run(mine, write, share, workers=workers, quiet=quiet or not ranks.lead, label=label)
+        everyone = ranks.gather(checksums)
+        if ranks.lead:   # every file is written: publish
+            for part in everyone:
+                checksums.update(part)
+            for marker in root.rglob(".*.done.json"):   # complete: nothing to resume
+                marker.unlink()
+            if finish is not None:
+                finish(root)
+            legacy.write_tracker(root, iteration)
+            write_manifest(root, checksums)
     return seconds

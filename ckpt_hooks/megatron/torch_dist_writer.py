@@ -144,8 +144,12 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
     checkpoint in ``save_dir``; ``common`` goes to common.pt (args and content metadata are set
     here); ``rng_of(rank)`` is the RNG state list for a target rank (or None). Returns the data
     phase's seconds."""
+    import dataclasses
+
+    from ckpt_hooks.engine.ranks import Ranks
     from ckpt_hooks.engine.run import run
 
+    ranks = Ranks.from_env()   # under torchrun, this process writes its share of the files
     seen: set = set()
     plans = []
     for target in weights:   # in rank order: the lowest rank writes a replicated chunk
@@ -154,9 +158,10 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
     written: list = []
     total = sum(f.nbytes for f in weights) + (0 if optimizer_plans is None else
                                                sum(f.nbytes for p in optimizer_plans.values() for f in p.values()))
-    with staged_directory(save_dir) as root:
+    mine = ranks.share(weights)
+    with staged_directory(save_dir, ranks=ranks) as root:
         iter_dir = root / legacy.iteration_dir_name(iteration)
-        iter_dir.mkdir(parents=True)
+        iter_dir.mkdir(parents=True, exist_ok=True)
         by_rank = {target.rank: items for target, items in plans}
 
         def write(target: TargetFile, progress) -> None:
@@ -173,15 +178,21 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
             with lock:
                 written.extend(records)
 
-        seconds = run(weights, write, total, workers=workers, quiet=quiet, label=label)
-        written.sort(key=lambda entry: (entry[1].relative_path, entry[1].offset))
-        dist.write_metadata(iter_dir, written)
-        saved = {k: v for k, v in common.items() if k != "optimizer_param_groups"}
-        dist.write_common(iter_dir, {**saved, "args": args, "content_metadata": dict(CONTENT_METADATA),
-                                     **({"optimizer": {"param_state_sharding_type": "dp_reshardable"}}
-                                        if optimizer_plans is not None else {})})
-        legacy.write_tracker(root, iteration)
-        write_manifest(root)
+        share = total * sum(f.nbytes for f in mine) // max(1, sum(f.nbytes for f in weights))
+        seconds = run(mine, write, share, workers=workers, quiet=quiet or not ranks.lead, label=label)
+        # What the index needs of each record (not its builder), from every rank.
+        described = [(dataclasses.replace(item, produce=item.produce is not None or None, obj=None), record)
+                     for item, record in written]
+        everything = [entry for part in ranks.gather(described) for entry in part]
+        if ranks.lead:   # every record is written: the index, the common state, then publish
+            everything.sort(key=lambda entry: (entry[1].relative_path, entry[1].offset))
+            dist.write_metadata(iter_dir, everything)
+            saved = {k: v for k, v in common.items() if k != "optimizer_param_groups"}
+            dist.write_common(iter_dir, {**saved, "args": args, "content_metadata": dict(CONTENT_METADATA),
+                                         **({"optimizer": {"param_state_sharding_type": "dp_reshardable"}}
+                                            if optimizer_plans is not None else {})})
+            legacy.write_tracker(root, iteration)
+            write_manifest(root)
     return seconds
 
 

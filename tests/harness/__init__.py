@@ -179,7 +179,7 @@ def logits_job(layout: dict, load_dir, tokens, result, model: dict | None = None
             "tokens": [list(map(int, row)) for row in tokens], "result": str(result)}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -197,7 +197,7 @@ def run_jobs(jobs: list, workdir, timeout: float = 900) -> None:
         json.dump(jobs, f, indent=1)
     log_file = Path(job_file).with_suffix(".log")
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={NPROC}",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}", str(RUNNER), job_file]
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(RUNNER), job_file]
     # One thread per process: 4 processes share 2 cores.  CUDA_DEVICE_MAX_CONNECTIONS=1 is
     # what Megatron-LM's launch scripts set; it only silences megatron-core's warning here.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
@@ -228,7 +228,7 @@ def run_megatron_lm(megatron_lm, mode: str, arguments: list, workdir, name: str,
     workdir.mkdir(parents=True, exist_ok=True)
     losses, log_file = workdir / f"{name}.losses.json", workdir / f"{name}.log"
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={NPROC}",
-           "--master-addr=127.0.0.1", f"--master-port={_free_port()}",
+           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
            str(Path(__file__).resolve().parent / "megatron_lm_run.py"), str(megatron_lm), str(losses), mode,
            *map(str, arguments)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
