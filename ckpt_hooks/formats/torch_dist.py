@@ -118,7 +118,10 @@ class DistCheckpoint:
             found = content.get("sharded_backend") if isinstance(content, dict) else content
             raise CheckpointError(backend, f"sharded backend {found!r}, only torch_dist is supported")
         metadata = self._read_metadata()
-        self.tensors, self.objects = self._index(metadata)
+        try:
+            self.tensors, self.objects = self._index(metadata)
+        except (AttributeError, TypeError, ValueError, KeyError, OverflowError) as e:
+            raise CheckpointError(self.iter_dir / METADATA, f"malformed DCP metadata ({type(e).__name__}: {e})") from None
         common = TorchFile(self.iter_dir / COMMON)
         self.common = common.materialize(common.obj)
         if not isinstance(self.common, dict):
@@ -127,13 +130,13 @@ class DistCheckpoint:
     def _read_metadata(self):
         path = self.iter_dir / METADATA
         try:
-            with open(path, "rb") as f:
-                metadata = _MetadataUnpickler(f, path).load()
+            # From memory: a declared length is then checked against the bytes there are.
+            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes()), path).load()
         except FileNotFoundError:
             raise CheckpointError(path, "missing: the checkpoint's index of chunks (an interrupted save?)") from None
         except pickle.UnpicklingError as e:
             raise CheckpointError(path, str(e)) from None
-        except (EOFError, ValueError, TypeError, AttributeError, KeyError) as e:
+        except Exception as e:   # noqa: BLE001 — untrusted bytes: the allowed classes' own checks raise anything
             raise CheckpointError(path, f"unreadable DCP metadata ({type(e).__name__}: {e})") from None
         if not hasattr(metadata, "state_dict_metadata") or \
                 not isinstance(getattr(metadata, "storage_data", None), dict):

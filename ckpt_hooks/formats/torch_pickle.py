@@ -217,7 +217,8 @@ class TorchFile:
             raise CheckpointError(self.path, f"not a readable torch.save zip file, truncated or corrupt ({e})") from None
         except pickle.UnpicklingError as e:
             raise CheckpointError(self.path, str(e)) from None
-        except (EOFError, ValueError, KeyError, TypeError, struct.error, zipfile.LargeZipFile) as e:
+        except (EOFError, ValueError, KeyError, TypeError, struct.error, zipfile.LargeZipFile, OSError,
+                MemoryError, OverflowError, RecursionError, IndexError, AttributeError, NotImplementedError) as e:
             raise CheckpointError(self.path, f"corrupt pickle in torch file ({type(e).__name__}: {e})") from None
 
     def _record_offset(self, name: str, nbytes: int | None = None) -> int:
@@ -231,6 +232,8 @@ class TorchFile:
             raise CheckpointError(self.path, f"record {name} is missing (truncated file?)")
         if info.compress_type != zipfile.ZIP_STORED:
             raise CheckpointError(self.path, f"record {name} is compressed")
+        if not 0 <= info.header_offset < self._end - self._base:
+            raise CheckpointError(self.path, f"record {name} lies beyond the end of the file (truncated?)")
         header = os.pread(self._descriptor(), 30, self._base + info.header_offset)
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise CheckpointError(self.path, f"record {name} lies beyond the end of the file (truncated?)")
@@ -242,8 +245,9 @@ class TorchFile:
         return offset
 
     def _read_record(self, name: str) -> bytes:
+        offset = self._record_offset(name)   # first: it checks the declared size against the file
         out = torch.empty(self._records[self._prefix + name].file_size, dtype=torch.uint8)
-        self._pread_into(out, self._record_offset(name))
+        self._pread_into(out, offset)
         return out.numpy().tobytes()
 
     def _data_offset(self, storage: LazyStorage) -> int:
