@@ -1319,16 +1319,11 @@ def dist_load_timing_job(job: dict) -> None:
     m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
     _, _, chunks, optimizer, scheduler = build_training(m, layout, 1)
     seconds, peaks = [], []
-    for rep in range(job["repeat"]):
+    for _ in range(job["repeat"]):
         dist.barrier()
         started = time.perf_counter()
         with PeakRss() as rss:
-            if job["loader"] == "ckpt_hooks" and os.environ.get("PROFILE_LOAD") and dist.get_rank() == 0 \
-                    and rep == job["repeat"] - 1:
-                import cProfile
-                cProfile.runctx("load(chunks, optimizer, job['load_dir'])", globals(), locals(),
-                                os.environ["PROFILE_LOAD"])
-            elif job["loader"] == "ckpt_hooks":
+            if job["loader"] == "ckpt_hooks":
                 scheduler.load_state_dict(load(chunks, optimizer, job["load_dir"]).scheduler)
             else:
                 megatron_core_dist_load(job["load_dir"], layout, chunks, optimizer, scheduler)
