@@ -7,9 +7,11 @@ optimizer state (which megatron-core cannot load at another TP/PP) and ``fully_r
 * converted between the torch and torch_dist formats;
 every weight and optimizer element bitwise equal to the source run's, the loss curve continued."""
 
+import importlib
 import io
 import json
 import math
+import os
 import pickle
 import shutil
 import sys
@@ -268,3 +270,27 @@ def test_mutated_small_files_give_only_one_line_errors(sources):
 
     bugs = fuzz(next(sources["dist_tp2pp2"].dir.glob("iter_*")), rounds=300, seed=1)
     assert not bugs, "\n".join(bugs.values())
+
+
+@pytest.mark.parametrize("name, writer", [("cont_tp2pp2", "ckpt_hooks.formats.megatron_legacy.save_rank_file"),
+                                          ("dist_tp2pp2", "ckpt_hooks.formats.torch_dist.write_records")])
+def test_a_source_changed_during_the_conversion_is_refused(sources, tmp_path, monkeypatch, name, writer):
+    """A source file rewritten while the target files are being written (another job saving over
+    it): refused before anything is published, naming the file."""
+    copy = tmp_path / "src"
+    shutil.copytree(sources[name].dir, copy)
+    victim = sorted(p for p in copy.rglob("*") if p.is_file() and p.suffix in (".pt", ".distcp"))[-1]
+    module, function = writer.rsplit(".", 1)
+    original = getattr(importlib.import_module(module), function)
+
+    def write_then_touch(*args, **kwargs):
+        result = original(*args, **kwargs)
+        victim.write_bytes(victim.read_bytes())   # same bytes, rewritten: a new modification time
+        os.utime(victim, ns=(victim.stat().st_atime_ns, victim.stat().st_mtime_ns + 1_000_000))
+        return result
+
+    monkeypatch.setattr(writer, write_then_touch)
+    with pytest.raises(CheckpointError, match="changed while it was being converted") as error:
+        convert(copy, tmp_path / "out", Target(tp=1, pp=2), quiet=True, workers=1)
+    assert str(victim) in str(error.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

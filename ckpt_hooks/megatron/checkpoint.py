@@ -70,6 +70,20 @@ class MegatronSource:
         """Megatron-LM's name of the format read: ``torch`` (legacy) or ``torch_dist``."""
         return "torch_dist" if hasattr(self.ckpt, "dist") else "torch"
 
+    def files_state(self) -> dict[str, tuple[int, int]]:
+        """Size and modification time of every file of the iteration directory."""
+        return {str(p): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in sorted(Path(self.ckpt.iter_dir).rglob("*")) if p.is_file()}
+
+    def check_unchanged(self, before: dict[str, tuple[int, int]]) -> None:
+        """Raise CheckpointError, naming the file, if a source file changed since ``before``
+        (``files_state``): replaced, rewritten or cut short while it was being converted."""
+        now = self.files_state()
+        for path, (size, mtime) in before.items():
+            if now.get(path) != (size, mtime):
+                raise CheckpointError(path, "changed while it was being converted (size or modification "
+                                            "time); nothing was written: convert it again")
+
     def __fspath__(self) -> str:
         """Where it was read from (a converter handed a source names it as it would a path)."""
         return str(self.ckpt.iter_dir)

@@ -126,10 +126,14 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
     args.ckpt_format = ckpt_format
     carried = p.carried()
     label = f"{src.layout.describe()} -> {layout.describe()}"
+    before = src.files_state()   # checked again before anything is published
+
+    def unchanged(root) -> None:
+        src.check_unchanged(before)
     if ckpt_format == "torch_dist":
         if resume:
             raise CheckpointError(save_dir, "--resume finishes legacy (torch) output only; convert again")
-        data_seconds = _write_dist(p, save_dir, args, carried, workers, quiet, label)
+        data_seconds = _write_dist(p, save_dir, args, carried, workers, quiet, label, unchanged)
         return Report(src.layout.describe(), layout.describe(), len(p.weights), p.nbytes,
                       time.perf_counter() - started, data_seconds,
                       [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None, ckpt_format)])
@@ -146,7 +150,7 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
     reused: list = []
     data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout.pp, rank_state,
                                     optimizer_state if optim is not None else None, p.nbytes, workers=workers,
-                                    quiet=quiet, label=label, resume=resume, reused=reused)
+                                    quiet=quiet, label=label, resume=resume, reused=reused, finish=unchanged)
     if resume:
         src.notes.append(f"resumed: {len(reused)} of {len(p.weights)} ranks' files reused from the interrupted run")
     return Report(src.layout.describe(), layout.describe(), len(p.weights) * (1 if optim is None else 2), p.nbytes,
@@ -154,7 +158,8 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
                   [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None, ckpt_format)])
 
 
-def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: bool, label: str) -> float:
+def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: bool, label: str,
+                finish) -> float:
     """The plan written as a torch_dist checkpoint. RNG states are per rank: carried rank by rank
     at an unchanged TP·PP where the source saved them, else none are written and the args say
     ``no_save_rng`` (so Megatron-LM does not look for them)."""
@@ -173,4 +178,4 @@ def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: 
     return write_dist_checkpoint(save_dir, src.ckpt.iteration, p.weights,
                                  p.optimizer_plans if p.optimizer is not None else None, src.spec, layout, args,
                                  common, rngs.get, p.optimizer.grad_dtypes if p.optimizer is not None else None,
-                                 workers=workers, quiet=quiet, label=label)
+                                 workers=workers, quiet=quiet, label=label, finish=finish)

@@ -139,11 +139,12 @@ def _optimizer_items(target: TargetFile, plans: dict[str, TargetFile], grad_dtyp
 
 def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimizer_plans: dict | None,
                           spec, config, args, common: dict, rng_of, grad_dtypes=None, *, workers: int,
-                          quiet: bool, label: str) -> float:
+                          quiet: bool, label: str, finish=None) -> float:
     """Write ``weights`` (and ``optimizer_plans``: {state: {rank: TargetFile}}) as a torch_dist
     checkpoint in ``save_dir``; ``common`` goes to common.pt (args and content metadata are set
-    here); ``rng_of(rank)`` is the RNG state list for a target rank (or None). Returns the data
-    phase's seconds."""
+    here); ``rng_of(rank)`` is the RNG state list for a target rank (or None); ``finish(root)``
+    runs on rank 0 once every record is written, before the index. Returns the data phase's
+    seconds."""
     import dataclasses
 
     from ckpt_hooks.engine.ranks import Ranks
@@ -185,6 +186,8 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
                      for item, record in written]
         everything = [entry for part in ranks.gather(described) for entry in part]
         if ranks.lead:   # every record is written: the index, the common state, then publish
+            if finish is not None:
+                finish(root)
             everything.sort(key=lambda entry: (entry[1].relative_path, entry[1].offset))
             dist.write_metadata(iter_dir, everything)
             saved = {k: v for k, v in common.items() if k != "optimizer_param_groups"}
