@@ -184,6 +184,11 @@ def _same(a, b) -> bool:
     return a == b
 
 
+class _Hostile:
+    def __reduce__(self):
+        return os.system, ("touch /tmp/ckpt-hooks-pwned",)
+
+
 def _copy_iteration(source, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(source.dir, copy)
@@ -195,6 +200,9 @@ def _copy_iteration(source, tmp_path):
     ("no-metadata", ".metadata: missing"),
     ("foreign-metadata", ".metadata: refused to load"),
     ("buckets", "saved buckets"),
+    ("code-in-metadata", ".metadata: refused to load: the pickle needs 'posix.system'"),
+    ("path-traversal", "record file '../escape.distcp' is not a file of the checkpoint directory"),
+    ("absolute-path", "record file '/etc/passwd' is not a file of the checkpoint directory"),
 ])
 def test_bad_torch_dist_is_refused(sources, tmp_path, damage, says):
     """One-line error naming the file; the source untouched, nothing written."""
@@ -206,6 +214,13 @@ def test_bad_torch_dist_is_refused(sources, tmp_path, damage, says):
         (iter_dir / ".metadata").unlink()
     elif damage == "foreign-metadata":
         (iter_dir / ".metadata").write_bytes(pickle.dumps(zipfile.ZipInfo("x")))
+    elif damage == "code-in-metadata":   # a pickle that would run a command when loaded
+        (iter_dir / ".metadata").write_bytes(pickle.dumps(_Hostile()))
+    elif damage in ("path-traversal", "absolute-path"):   # a record said to lie outside the directory
+        metadata = pickle.loads((iter_dir / ".metadata").read_bytes())
+        info = next(iter(metadata.storage_data.values()))
+        info.relative_path = "../escape.distcp" if damage == "path-traversal" else "/etc/passwd"
+        (iter_dir / ".metadata").write_bytes(pickle.dumps(metadata))
     elif damage == "buckets":   # bucket sizes the model's param_map does not give
         checkpoint = DistCheckpoint(iter_dir)
         key = "optimizer.distributed.dp_group_idx_1.per_bucket_numel_unpadded/shard_0_1"
