@@ -3,7 +3,8 @@
 Builds a GQA/SwiGLU GPT checkpoint (local-spec names) at TP2·PP2, then reshards it to
 TP4·PP1 and TP1·PP1 with `ckpt-hooks convert --convert-param-only`, each in its own
 process (the command users run). Reports throughput, the ratio to `cp -r` of the same source files measured in
-the same run (both warm: source in the page cache), and each process's peak RSS
+the same run (both warm: source in the page cache), and to `cp -r && sync` (the conversion
+fsyncs what it publishes, so that is the like-for-like copy), and each process's peak RSS
 against the largest target file, also net of the interpreter's own (Python + torch).
 
     python bench/bench_reshard.py [--workdir DIR] [--layers 16] [--hidden 1024] [--baseline TREE]
@@ -138,22 +139,26 @@ def main() -> None:
         if options.baseline:
             trees[f"baseline {options.baseline}"] = baseline_tree
         for tp, pp in ((4, 1), (1, 1)):
-            copies, runs = [], {name: [] for name in trees}
+            copies, durable, runs = [], [], {name: [] for name in trees}
             for _ in range(options.repeat):
                 copies.append(child(["cp", "-r", str(source), str(work / "copy")])[0])
+                shutil.rmtree(work / "copy")
+                # The durable yardstick: a conversion fsyncs what it publishes; cp -r alone does not.
+                durable.append(child(["sh", "-c", f"cp -r '{source}' '{work / 'copy'}' && sync"])[0])
                 shutil.rmtree(work / "copy")
                 for name, env in trees.items():
                     out = work / f"tp{tp}pp{pp}"
                     wall, rss, printed = child(convert_command(source, out, tp, pp, options.workers), env)
                     runs[name].append((reported_seconds(printed), wall, rss, largest_file(out)))
                     shutil.rmtree(out)
-            copy = median(copies)
+            copy, synced = median(copies), median(durable)
             for name, measured in runs.items():
                 work_s = median([r[0] for r in measured])
                 wall = median([r[1] for r in measured])
                 rss, biggest = max(r[2] for r in measured), measured[0][3]
                 print(f"-> TP{tp}·PP{pp} ({name}): convert {work_s:5.2f} s = {size / work_s / 1e6:5.0f} MB/s = "
-                      f"{copy / work_s:4.2f}x cp -r ({copy:4.2f} s); whole process {wall:5.2f} s = "
+                      f"{copy / work_s:4.2f}x cp -r ({copy:4.2f} s), {synced / work_s:4.2f}x cp -r + sync "
+                      f"({synced:4.2f} s); whole process {wall:5.2f} s = "
                       f"{copy / wall:4.2f}x cp; peak RSS {rss / 1e6:5.0f} MB = {rss / biggest:4.2f}x largest target "
                       f"file ({biggest / 1e6:.0f} MB); {(rss - baseline) / 1e6:5.0f} MB above the interpreter with "
                       f"torch ({baseline / 1e6:.0f} MB) = {(rss - baseline) / biggest:4.2f}x")
