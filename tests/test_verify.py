@@ -7,6 +7,7 @@ import torch
 
 from ckpt_hooks import convert
 from ckpt_hooks.algebra.target import Target
+from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
 from ckpt_hooks.formats.torch_dist import DistCheckpoint
 from ckpt_hooks.formats.torch_pickle import TorchFile
 from ckpt_hooks.megatron.verify import verify
@@ -88,3 +89,20 @@ def test_another_model_is_refused(sources):
     result = cli("verify", sources["cont_tp2pp2"].dir, sources["tp2pp2"].dir)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "a checkpoint of another model" in result.stderr and "true_vocab_size" in result.stderr
+
+
+def test_a_hugging_face_export_is_certified_against_its_source(sources, tmp_path):
+    """megatron-to-hf's output, read through the HF name table, equals the Megatron weights; a
+    flipped bit in the safetensors file is found and named by its Megatron tensor."""
+    source = sources["dist_tp2pp2"].dir
+    megatron_to_hf(source, tmp_path / "hf", quiet=True)
+    result = cli("verify", source, tmp_path / "hf")
+    assert result.returncode == 0 and "EQUAL: " in result.stdout and "run state not compared" in result.stdout, \
+        result.stdout + result.stderr
+    path = next((tmp_path / "hf").glob("*.safetensors"))
+    blob = bytearray(path.read_bytes())
+    blob[-100] ^= 0x10   # inside the last tensor's bytes
+    path.write_bytes(bytes(blob))
+    certificate = verify(source, tmp_path / "hf")
+    wrong = [t for t in certificate.tensors if not t.equal]
+    assert not certificate.equal and len(wrong) == 1 and wrong[0].differing == 1, str(certificate)

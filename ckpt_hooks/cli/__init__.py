@@ -169,8 +169,8 @@ def run_combine(args) -> None:
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("first", help="a Megatron checkpoint (legacy or torch_dist; root or iter_* directory)")
     parser.add_argument("second", nargs="?",
-                        help="another one, at any layout and in either format; without it, FIRST alone is "
-                             "checked against its recorded CRC-32s and manifest")
+                        help="another one, at any layout and in either format, or a Hugging Face directory "
+                             "(weights); without it, FIRST alone is checked against its recorded CRC-32s and manifest")
     parser.add_argument("--weights-only", action="store_true", help="compare the weights, not the optimizer state")
     parser.add_argument("--json", action="store_true", help="print the certificate as one JSON object")
 

@@ -1,5 +1,6 @@
 """``ckpt-hooks verify A B``: an equivalence certificate between two Megatron checkpoints, at any
-layouts and in either format (legacy ``torch`` or ``torch_dist``).
+layouts and in either format (legacy ``torch`` or ``torch_dist``), or between a Megatron
+checkpoint and the Hugging Face model written from it (weights).
 
 Every logical tensor both hold — weights, fp32 main params, both Adam moments — is compared bit
 for bit through the box algebra (``engine.compare``), reading both checkpoints lazily; then the
@@ -75,9 +76,10 @@ class Certificate:
             if only:
                 lines.append(f"  note: only the {side} holds {len(only)} tensors, e.g. {only[0]}")
         verdict = "EQUAL" if self.equal else "NOT EQUAL"
+        state = "not compared (one side holds none)" if not self.run_state else \
+            "equal" if all(s for s, _, _ in self.run_state.values()) else "differs"
         lines.append(f"{verdict}: {sum(t.equal for t in self.tensors)} of {len(self.tensors)} tensors "
-                     f"({compared:,} elements) bitwise equal; run state "
-                     f"{'equal' if all(s for s, _, _ in self.run_state.values()) else 'differs'}")
+                     f"({compared:,} elements) bitwise equal; run state {state}")
         return "\n".join(lines)
 
 
@@ -161,13 +163,54 @@ def check(load_dir) -> Integrity:
     return out
 
 
+@dataclass
+class _HuggingFace:
+    """A Hugging Face model directory seen as a Megatron source of weights alone, under the
+    names of the other side's layer spec."""
+
+    weights: dict
+    layout_name: str = "Hugging Face"
+
+
+def _is_huggingface(path) -> bool:
+    from pathlib import Path
+
+    return (Path(path) / "config.json").is_file() and not any(
+        (Path(path) / n).exists() for n in ("latest_checkpointed_iteration.txt", ".metadata"))
+
+
+def _huggingface(path, megatron: MegatronSource) -> _HuggingFace:
+    from ckpt_hooks.converters.hf import config as hf_config
+    from ckpt_hooks.converters.hf import names as hf_names
+    from ckpt_hooks.converters.hf.files import open_directory
+    from ckpt_hooks.converters.hf.to_megatron import external_source
+
+    config_path, config, family = hf_config.read(path)
+    spec = hf_config.model_spec(config, config_path, family)
+    layer_spec = hf_names.LOCAL if getattr(megatron.ckpt.args, "transformer_impl", None) == "local" \
+        else hf_names.TRANSFORMER_ENGINE
+    table = hf_names.TABLES[family]
+    return _HuggingFace(external_source(open_directory(path), table, table.entries(spec, layer_spec), spec,
+                                        config["vocab_size"], path, hf_config.CONFIG,
+                                        hf_names.extra_states(spec, layer_spec)))
+
+
 def verify(first, second, *, weights_only: bool = False) -> Certificate:
-    """Compare two Megatron checkpoints (see the module's docstring)."""
-    a, b = read_source(first), read_source(second)
-    _check_same_model(a, b)
-    certificate = Certificate(str(first), str(second), (a.layout.describe(), b.layout.describe()))
+    """Compare two Megatron checkpoints (see the module's docstring), or a Megatron checkpoint and
+    a Hugging Face model directory (its weights: HF holds no training state)."""
+    if _is_huggingface(first):
+        raise CheckpointError(first, "give the Megatron checkpoint first and the Hugging Face directory second")
+    a = read_source(first)
+    if _is_huggingface(second):
+        b, weights_only = _huggingface(second, a), True
+    else:
+        b = read_source(second)
+        _check_same_model(a, b)
+    certificate = Certificate(str(first), str(second),
+                              (a.layout.describe(), getattr(b, "layout_name", None) or b.layout.describe()))
     real_rows = a.spec.true_vocab_size
-    states_a, states_b = _states(a, weights_only), _states(b, weights_only)
+    states_a = _states(a, weights_only)
+    states_b = {"": b.weights} if isinstance(b, _HuggingFace) else _states(b, weights_only)
     for prefix in states_a.keys() | states_b.keys():
         if prefix not in states_a or prefix not in states_b:
             side = certificate.only_first if prefix in states_a else certificate.only_second
@@ -192,10 +235,12 @@ def verify(first, second, *, weights_only: bool = False) -> Certificate:
                 if padding is not None and padding.lengths[0] > real_rows:
                     rows = Box((real_rows, *padding.offsets[1:]),
                                (padding.lengths[0] - real_rows, *padding.lengths[1:]))
-                    certificate.padding.append(compare(prefix + name + " [padding rows]", tensor_a, tensor_b, rows))
+                    outcome = compare(prefix + name + " [padding rows]", tensor_a, tensor_b, rows)
+                    if "does not hold" not in (outcome.problem or ""):   # both hold padding rows
+                        certificate.padding.append(outcome)
         certificate.only_second += [prefix + n for n, t in source_b.items() if n not in source_a and t.dtype is not None]
     for what, read in _RUN_STATE.items():
-        if what == "param_groups" and weights_only:
+        if isinstance(b, _HuggingFace) or (what == "param_groups" and weights_only):
             continue
         left, right = read(a), read(b)
         certificate.run_state[what] = (left == right, left, right)
