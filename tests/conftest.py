@@ -32,8 +32,11 @@ SOURCES = {
     "distfull_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
     # ... and saved as torch_dist by ckpt_hooks.megatron.save (param_maps recorded).
     "saved_dist_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
+    # torch_dist with bf16 params (fp32 main params in the buckets) and tied embeddings.
+    "dist_tied_bf16_tp2pp2": ({"tp": 2, "pp": 2}, {"untie_embeddings": False, "dtype": "bf16"}, 3),
 }
-DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable", "saved_dist_tp2pp2": "dp_reshardable"}
+DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable", "saved_dist_tp2pp2": "dp_reshardable",
+        "dist_tied_bf16_tp2pp2": "dp_reshardable"}
 PATCHED = {"hooked_tp1pp2vpp2": ("megatron_core",)}
 SAVED_BY_CKPT_HOOKS = {"saved_tp2pp2", "saved_dist_tp2pp2"}
 
