@@ -13,6 +13,7 @@ patch at other layouts it must continue the loss curve of the uninterrupted run.
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -42,41 +43,49 @@ LAYOUTS = {  # 4 processes; DP fills the rest
 }
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+class Runs(NamedTuple):
+    work: Path
+    uninterrupted: dict   # {iteration: lm loss}
+    common: list          # the arguments every launch of this format shares
+
+
+def train_and_stop(work: Path, common: list) -> Runs:
     """The uninterrupted run (also saving a plain, hook-less checkpoint at STOP) and the hooked
     run that stops at STOP."""
-    work = tmp_path_factory.mktemp("megatron_lm")
     save = ["--save-interval", STOP]
-    plain = run_megatron_lm(MEGATRON_LM, "plain", COMMON + LAYOUTS["tp2pp2"] + save + ["--save", work / "plain"],
+    plain = run_megatron_lm(MEGATRON_LM, "plain", common + LAYOUTS["tp2pp2"] + save + ["--save", work / "plain"],
                             work, "uninterrupted")
-    hooked = run_megatron_lm(MEGATRON_LM, "hooks", COMMON + LAYOUTS["tp2pp2"] + save +
+    hooked = run_megatron_lm(MEGATRON_LM, "hooks", common + LAYOUTS["tp2pp2"] + save +
                              ["--exit-interval", STOP, "--save", work / "hooked"], work, "hooked")
     for rc, losses, log in (plain, hooked):
         assert rc == 0, log[-3000:]
     assert sorted(hooked[1]) == [1, 2, 3] and all(hooked[1][i] == plain[1][i] for i in (1, 2, 3))
-    return work, plain[1]
+    return Runs(work, plain[1], common)
 
 
-def resume(runs, layout: str, source: str = "hooked", mode: str = "hooks", extra=()):
-    work, _ = runs
-    return run_megatron_lm(MEGATRON_LM, mode, COMMON + LAYOUTS[layout] + ["--load", work / source, *extra],
-                           work, f"resume-{source}-{layout}-{mode}")
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return train_and_stop(tmp_path_factory.mktemp("megatron_lm"), COMMON)
+
+
+def resume(runs: Runs, layout: str, source: str = "hooked", mode: str = "hooks", extra=()):
+    return run_megatron_lm(MEGATRON_LM, mode, runs.common + LAYOUTS[layout] + ["--load", runs.work / source, *extra],
+                           runs.work, f"resume-{source}-{layout}-{mode}")
 
 
 def assert_continues(runs, rc, losses, log):
     assert rc == 0, log[-3000:]
-    uninterrupted = runs[1]
+    uninterrupted = runs.uninterrupted
     assert sorted(losses) == [4, 5, 6], log[-3000:]
     assert max(abs(losses[i] - uninterrupted[i]) for i in losses) <= 1e-5, (losses, uninterrupted)
 
 
 def test_hooked_save_writes_manifest_and_param_maps(runs):
-    iter_dir = runs[0] / "hooked" / f"iter_{STOP:07d}"
+    iter_dir = runs.work / "hooked" / f"iter_{STOP:07d}"
     assert (iter_dir / "ckpt_hooks_manifest.json").is_file()
     for rank_dir in sorted(iter_dir.glob("mp_rank_*")):
         assert (rank_dir / "param_map.json").is_file() and any((rank_dir / "param_map").iterdir())
-    assert not list((runs[0] / "plain" / f"iter_{STOP:07d}").glob("*.json"))
+    assert not list((runs.work / "plain" / f"iter_{STOP:07d}").glob("*.json"))
 
 
 @pytest.mark.parametrize("layout", ["tp1pp2dp2", "tp4pp1", "tp1pp2vpp2dp2", "tp1pp1dp4"])
@@ -106,7 +115,7 @@ def test_megatron_lm_alone_trains_nothing_after_a_pp_change(runs):
 
 
 def test_missing_rank_stops_every_rank_with_one_error(runs):
-    work = runs[0]
+    work = runs.work
     broken = work / "broken"
     shutil.copytree(work / "hooked", broken)
     shutil.rmtree(broken / f"iter_{STOP:07d}" / "mp_rank_01_001")
@@ -125,48 +134,32 @@ DIST = [("torch_dist" if a == "torch" and COMMON[i - 1] == "--ckpt-format" else 
 
 @pytest.fixture(scope="module")
 def dist_runs(tmp_path_factory):
-    """As ``runs``, saving torch_dist."""
-    work = tmp_path_factory.mktemp("megatron_lm_dist")
-    save = ["--save-interval", STOP]
-    plain = run_megatron_lm(MEGATRON_LM, "plain", DIST + LAYOUTS["tp2pp2"] + save + ["--save", work / "plain"],
-                            work, "uninterrupted")
-    hooked = run_megatron_lm(MEGATRON_LM, "hooks", DIST + LAYOUTS["tp2pp2"] + save +
-                             ["--exit-interval", STOP, "--save", work / "hooked"], work, "hooked")
-    for rc, losses, log in (plain, hooked):
-        assert rc == 0, log[-3000:]
-    assert sorted(hooked[1]) == [1, 2, 3] and all(hooked[1][i] == plain[1][i] for i in (1, 2, 3))
-    return work, plain[1]
-
-
-def dist_resume(runs, layout: str, source: str = "hooked", mode: str = "hooks", extra=()):
-    work, _ = runs
-    return run_megatron_lm(MEGATRON_LM, mode, DIST + LAYOUTS[layout] + ["--load", work / source, *extra],
-                           work, f"resume-{source}-{layout}-{mode}")
+    return train_and_stop(tmp_path_factory.mktemp("megatron_lm_dist"), DIST)
 
 
 def test_torch_dist_hooked_save_records_param_maps_and_manifest(dist_runs):
-    iter_dir = dist_runs[0] / "hooked" / f"iter_{STOP:07d}"
+    iter_dir = dist_runs.work / "hooked" / f"iter_{STOP:07d}"
     assert (iter_dir / ".metadata").is_file()
     recorded = sorted(p.parent.name for p in (iter_dir / "ckpt_hooks").glob("mp_rank_*/param_map.json"))
     assert recorded == ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
     assert (iter_dir / "ckpt_hooks_manifest.json").is_file()
-    assert not (dist_runs[0] / "plain" / f"iter_{STOP:07d}" / "ckpt_hooks").exists()
+    assert not (dist_runs.work / "plain" / f"iter_{STOP:07d}" / "ckpt_hooks").exists()
 
 
 @pytest.mark.parametrize("layout", ["tp1pp2dp2", "tp4pp1", "tp1pp2vpp2dp2", "tp1pp1dp4", "tp2pp2"])
 def test_torch_dist_resume_continues_the_loss_curve(dist_runs, layout):
-    rc, losses, log = dist_resume(dist_runs, layout)
+    rc, losses, log = resume(dist_runs, layout)
     assert ("ckpt_hooks: resharded" if layout != "tp2pp2" else "ckpt_hooks: loaded") in log, log[-3000:]
     assert_continues(dist_runs, rc, losses, log)
 
 
 def test_torch_dist_saved_without_hooks_resumes_at_another_layout(dist_runs):
-    rc, losses, log = dist_resume(dist_runs, "tp4pp1", source="plain", extra=["--ckpt-step", STOP])
+    rc, losses, log = resume(dist_runs, "tp4pp1", source="plain", extra=["--ckpt-step", STOP])
     assert "ckpt_hooks: resharded" in log
     assert_continues(dist_runs, rc, losses, log)
 
 
 def test_megatron_lm_alone_refuses_a_torch_dist_tp_change(dist_runs):
     """The negative control: dp_reshardable state cannot change TP/PP in Megatron-LM."""
-    rc, losses, log = dist_resume(dist_runs, "tp1pp2dp2", mode="plain")
+    rc, losses, log = resume(dist_runs, "tp1pp2dp2", mode="plain")
     assert rc != 0 and losses == {} and "(TP, PP) mismatch after resume" in log

@@ -12,6 +12,7 @@ torch.distributed (gloo) is imported only under torchrun.
 
 from __future__ import annotations
 
+import atexit
 import os
 
 
@@ -31,6 +32,9 @@ class Ranks:
 
         if not dist.is_initialized():
             dist.init_process_group("gloo")
+            # Left to interpreter teardown, gloo's threads can abort the process
+            # ("terminate called without an active exception").
+            atexit.register(_leave, dist)
         return cls(dist.get_rank(), dist.get_world_size())
 
     @property
@@ -72,3 +76,8 @@ class Ranks:
     def first_error(self, error: str | None) -> str | None:
         """The lowest rank's error, if any rank has one: every rank learns the same."""
         return next((e for e in self.gather(error) if e is not None), None)
+
+
+def _leave(dist) -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
