@@ -50,7 +50,7 @@ def test_a_conversion_is_certified_and_a_one_ulp_change_is_found(sources, tmp_pa
     assert wrong[0]["differing"] == 1 and wrong[0]["first"] == [0, 5, 7] and 0 < wrong[0]["max_abs"] < 1e-6
     assert report["equal"] is False and "param_groups" not in report["run_state"]
     # Alone, the converted checkpoint's recorded CRC-32s name the record that changed.
-    alone = cli("verify", out)
+    alone = cli("verify", out, "--quiet")
     assert alone.returncode == 2 and alone.stderr.count("\n") == 1, alone.stderr
     assert "mp_rank_00/model_optim_rng.pt: record data/" in alone.stderr and "CRC-32" in alone.stderr
 
@@ -73,7 +73,7 @@ def test_one_checkpoint_alone_is_checked_against_its_crcs(sources, tmp_path):
     blob = bytearray(path.read_bytes())
     blob[torch_file._data_offset(lazy.storage) + 100] ^= 1   # one bit inside the tensor's bytes
     path.write_bytes(bytes(blob))
-    result = cli("verify", copy)
+    result = cli("verify", copy, "--quiet")
     assert result.returncode == 2 and f"{chunk.record.relative_path}: record" in result.stderr, result.stderr
 
 
@@ -86,7 +86,7 @@ def test_another_iteration_is_not_equal(sources):
 
 
 def test_another_model_is_refused(sources):
-    result = cli("verify", sources["cont_tp2pp2"].dir, sources["tp2pp2"].dir)
+    result = cli("verify", sources["cont_tp2pp2"].dir, sources["tp2pp2"].dir, "--quiet")
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "a checkpoint of another model" in result.stderr and "true_vocab_size" in result.stderr
 

@@ -173,13 +173,15 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
                              "(weights); without it, FIRST alone is checked against its recorded CRC-32s and manifest")
     parser.add_argument("--weights-only", action="store_true", help="compare the weights, not the optimizer state")
     parser.add_argument("--json", action="store_true", help="print the certificate as one JSON object")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def run_verify(args) -> None:
     from ckpt_hooks.megatron.verify import check, verify
 
-    certificate = verify(args.first, args.second, weights_only=args.weights_only) if args.second else \
-        check(args.first)
+    quiet = args.quiet or args.json
+    certificate = verify(args.first, args.second, weights_only=args.weights_only, quiet=quiet) if args.second else \
+        check(args.first, quiet=quiet)
     print(json.dumps(certificate.to_json(), indent=1) if args.json else certificate)
     if not certificate.equal:
         raise SystemExit(1)

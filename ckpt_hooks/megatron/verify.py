@@ -13,7 +13,10 @@ layout with fewer padded rows drops some; megatron-core initialises them randoml
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+
+from tqdm import tqdm
 
 from ckpt_hooks.algebra import names
 from ckpt_hooks.algebra.layout import VOCAB, Box
@@ -128,7 +131,7 @@ class Integrity:
                 + "; sizes and shapes match the manifest where there is one")
 
 
-def check(load_dir) -> Integrity:
+def check(load_dir, quiet: bool = True) -> Integrity:
     """Check one checkpoint: its manifest (sizes, shapes) and every tensor record's bytes against
     its CRC-32 — the manifest's (written by ckpt_hooks' converters) or the zip directory's
     (``torch.save``: Megatron-LM's own files, torch_dist records). Raises CheckpointError,
@@ -155,7 +158,7 @@ def check(load_dir) -> Integrity:
         out.files = len(opened)
         recorded = {str(Path(f.path).relative_to(src.ckpt.iter_dir)): entry.get("crc32")
                     for f in opened for entry in [described["files"].get(str(Path(f.path).relative_to(src.ckpt.iter_dir)), {})]}
-    for torch_file in opened:
+    for torch_file in tqdm(opened, desc="verify", unit="file", disable=quiet, dynamic_ncols=True):
         relative = str(Path(torch_file.path).relative_to(src.ckpt.iter_dir))
         checked, unchecked = torch_file.check_crcs(recorded.get(relative))
         out.checked += checked
@@ -195,7 +198,7 @@ def _huggingface(path, megatron: MegatronSource) -> _HuggingFace:
                                         hf_names.extra_states(spec, layer_spec)))
 
 
-def verify(first, second, *, weights_only: bool = False) -> Certificate:
+def verify(first, second, *, weights_only: bool = False, quiet: bool = True) -> Certificate:
     """Compare two Megatron checkpoints (see the module's docstring), or a Megatron checkpoint and
     a Hugging Face model directory (its weights: HF holds no training state)."""
     if _is_huggingface(first):
@@ -215,11 +218,16 @@ def verify(first, second, *, weights_only: bool = False) -> Certificate:
         if prefix not in states_a or prefix not in states_b:
             side = certificate.only_first if prefix in states_a else certificate.only_second
             side.append(f"{prefix.rstrip(':') or 'weights'} (all tensors)")
+    total = sum(math.prod(t.shape) * t.dtype.itemsize for prefix, source in states_a.items() if prefix in states_b
+                for t in source.values() if t.dtype is not None)
+    bar = tqdm(total=total, desc="verify", unit="B", unit_scale=True, disable=quiet, dynamic_ncols=True)
     for prefix, source_a in states_a.items():
         source_b = states_b.get(prefix)
         if source_b is None:
             continue
         for name, tensor_a in source_a.items():
+            if tensor_a.dtype is not None:
+                bar.update(math.prod(tensor_a.shape) * tensor_a.dtype.itemsize)
             if tensor_a.dtype is None:   # _extra_state: no data to compare
                 continue
             tensor_b = source_b.get(name)
@@ -239,6 +247,7 @@ def verify(first, second, *, weights_only: bool = False) -> Certificate:
                     if "does not hold" not in (outcome.problem or ""):   # both hold padding rows
                         certificate.padding.append(outcome)
         certificate.only_second += [prefix + n for n, t in source_b.items() if n not in source_a and t.dtype is not None]
+    bar.close()
     for what, read in _RUN_STATE.items():
         if isinstance(b, _HuggingFace) or (what == "param_groups" and weights_only):
             continue
