@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.harness
 
-from tests.harness import run_jobs  # noqa: E402
+from tests.harness import bench_model, run_jobs  # noqa: E402
 
 
 def main() -> None:
@@ -30,8 +30,7 @@ def main() -> None:
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ckpt-hooks-bench-save-") as work:
         work = Path(work)
-        model = {"num_layers": options.layers, "hidden": options.hidden, "heads": 8, "query_groups": 4,
-                 "ffn": options.hidden * 11 // 4, "vocab_size": 32000, "make_vocab_size_divisible_by": 128}
+        model = bench_model(options.layers, options.hidden)
         run_jobs([{"kind": "save_timing", "model": model, "layout": {"tp": 2, "pp": 2}, "repeat": options.repeat,
                    "save_dir": str(work / "ckpts"), "result": str(work / "result.json")}], work / "logs", timeout=1800)
         result = json.loads((work / "result.json").read_text())

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.harness
 
-from tests.harness import run_jobs  # noqa: E402
+from tests.harness import bench_model, run_jobs  # noqa: E402
 
 SAVED = {"tp": 2, "pp": 2}
 NEW = {"tp": 1, "pp": 2}
@@ -40,8 +40,7 @@ def main() -> None:
     options = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ckpt-hooks-bench-dist-") as work:
         work = Path(work)
-        model = {"num_layers": options.layers, "hidden": options.hidden, "heads": 8, "query_groups": 4,
-                 "ffn": options.hidden * 11 // 4, "vocab_size": 32000, "make_vocab_size_divisible_by": 128}
+        model = bench_model(options.layers, options.hidden)
         ckpts = work / "ckpts"
         loads = {"same layout, megatron-core, dp_reshardable": (SAVED, "megatron_core", "dpr0"),
                  "new layout, ckpt_hooks, dp_reshardable": (NEW, "ckpt_hooks", "dpr0"),

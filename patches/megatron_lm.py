@@ -137,12 +137,12 @@ def _layouts(ddp_model, load_dir):
     and whether the checkpoint is torch_dist. Only the saved args are read."""
     from ckpt_hooks.algebra.spec import parallel_config_from_args
     from ckpt_hooks.formats.megatron_legacy import find_iteration_dir, open_checkpoint
-    from ckpt_hooks.formats.torch_dist import DistCheckpoint, is_dist_checkpoint
+    from ckpt_hooks.formats.torch_dist import is_dist_checkpoint, read_common
     from ckpt_hooks.megatron.load import running_layout
 
     iter_dir, _ = find_iteration_dir(load_dir)
     dist = is_dist_checkpoint(iter_dir)
-    args = DistCheckpoint(iter_dir).common.get("args") if dist else open_checkpoint(load_dir).args
+    args = read_common(iter_dir).get("args") if dist else open_checkpoint(load_dir).args
     saved = parallel_config_from_args(args)
     running, _ = running_layout(ddp_model)
     return [*((c.tp, c.pp, c.vpp, c.layers_per_stage) for c in (saved, running)), dist]

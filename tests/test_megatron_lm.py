@@ -101,8 +101,10 @@ def test_same_layout_is_left_to_megatron_lm(runs):
     assert_continues(runs, rc, losses, log)
 
 
-def test_checkpoint_saved_without_hooks_resumes_at_another_layout(runs):
-    # The uninterrupted run saved iterations 3 and 6: --ckpt-step picks 3.
+@pytest.mark.parametrize("saved", ["runs", "dist_runs"])
+def test_checkpoint_saved_without_hooks_resumes_at_another_layout(request, saved):
+    """Either format. The uninterrupted run saved iterations 3 and 6: --ckpt-step picks 3."""
+    runs = request.getfixturevalue(saved)
     rc, losses, log = resume(runs, "tp4pp1", source="plain", extra=["--ckpt-step", STOP])
     assert "ckpt_hooks: resharded" in log
     assert_continues(runs, rc, losses, log)
@@ -150,12 +152,6 @@ def test_torch_dist_hooked_save_records_param_maps_and_manifest(dist_runs):
 def test_torch_dist_resume_continues_the_loss_curve(dist_runs, layout):
     rc, losses, log = resume(dist_runs, layout)
     assert ("ckpt_hooks: resharded" if layout != "tp2pp2" else "ckpt_hooks: loaded") in log, log[-3000:]
-    assert_continues(dist_runs, rc, losses, log)
-
-
-def test_torch_dist_saved_without_hooks_resumes_at_another_layout(dist_runs):
-    rc, losses, log = resume(dist_runs, "tp4pp1", source="plain", extra=["--ckpt-step", STOP])
-    assert "ckpt_hooks: resharded" in log
     assert_continues(dist_runs, rc, losses, log)
 
 

@@ -7,7 +7,6 @@ any parameter changes."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path

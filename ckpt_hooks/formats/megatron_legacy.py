@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats import torch_pickle
+from ckpt_hooks.formats import torch_dist, torch_pickle
 from ckpt_hooks.formats.atomic import fsync
 from ckpt_hooks.formats.torch_pickle import TorchFile
 
@@ -51,7 +51,7 @@ def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
         raise CheckpointError(root, "a symlink that leads nowhere (a loop, or a missing target)")
     if not root.is_dir():
         raise CheckpointError(root, "checkpoint directory not found")
-    if any(_RANK_DIR.fullmatch(p.name) or p.name in (".metadata", "metadata.json") for p in root.iterdir()):
+    if any(_RANK_DIR.fullmatch(p.name) or p.name in (torch_dist.METADATA, torch_dist.BACKEND) for p in root.iterdir()):
         name = root.name
         return root, (int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None)
     tracker = root / TRACKER

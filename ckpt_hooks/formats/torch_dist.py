@@ -57,9 +57,8 @@ def _layout(name: str) -> torch.layout:
 class _MetadataUnpickler(pickle.Unpickler):
     """DCP's metadata classes, torch.Size, dtypes and layouts, and the torch-file allowlist; nothing else."""
 
-    def __init__(self, file, path):
+    def __init__(self, file):
         super().__init__(file)
-        self._path = path
         self._classes = _dcp_classes()
 
     def find_class(self, module, name):
@@ -121,17 +120,15 @@ class DistCheckpoint:
         try:
             self.tensors, self.objects = self._index(metadata)
         except (AttributeError, TypeError, ValueError, KeyError, OverflowError) as e:
-            raise CheckpointError(self.iter_dir / METADATA, f"malformed DCP metadata ({type(e).__name__}: {e})") from None
-        common = TorchFile(self.iter_dir / COMMON)
-        self.common = common.materialize(common.obj)
-        if not isinstance(self.common, dict):
-            raise CheckpointError(common.path, "not a dict of common state")
+            raise CheckpointError(self.iter_dir / METADATA,
+                                  f"malformed DCP metadata ({type(e).__name__}: {e})") from None
+        self.common = read_common(self.iter_dir)
 
     def _read_metadata(self):
         path = self.iter_dir / METADATA
         try:
             # From memory: a declared length is then checked against the bytes there are.
-            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes()), path).load()
+            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
         except FileNotFoundError:
             raise CheckpointError(path, "missing: the checkpoint's index of chunks (an interrupted save?)") from None
         except pickle.UnpicklingError as e:
@@ -216,6 +213,15 @@ class DistCheckpoint:
         return sum(f.bytes_read for f in self._records.values())
 
 
+def read_common(iter_dir) -> dict:
+    """common.pt: what every rank shares (args, iteration, scheduler, ...), read whole."""
+    common = TorchFile(Path(iter_dir) / COMMON)
+    content = common.materialize(common.obj)
+    if not isinstance(content, dict):
+        raise CheckpointError(common.path, "not a dict of common state")
+    return content
+
+
 def is_dist_checkpoint(iter_dir) -> bool:
     return (Path(iter_dir) / METADATA).is_file() or (Path(iter_dir) / BACKEND).is_file()
 
@@ -236,8 +242,9 @@ class Item:
     obj: object = None
 
 
-def write_records(path, items: list[Item], progress=None) -> list[tuple[Item, Record]]:
-    """Write ``items`` into one .distcp file, one built tensor at a time."""
+def write_records(path, items: list[Item]) -> list[tuple[Item, Record]]:
+    """Write ``items`` into one .distcp file, one built tensor at a time, and fsync it (by the
+    worker that wrote it, beside the others' writing)."""
     written = []
     with open(path, "wb") as f:
         for item in items:
@@ -248,8 +255,6 @@ def write_records(path, items: list[Item], progress=None) -> list[tuple[Item, Re
                     raise AssertionError(f"{item.key}: built {tuple(tensor.shape)} {tensor.dtype}, "
                                          f"planned {item.sizes} {item.dtype}")
                 torch.save(tensor.contiguous(), f)
-                if progress is not None:
-                    progress.update(tensor.numel() * tensor.element_size())
             else:
                 buffer = io.BytesIO()
                 torch.save(item.obj, buffer)
@@ -277,20 +282,15 @@ def write_metadata(iter_dir, written: list[tuple[Item, Record]]) -> None:
         entry.chunks.append(ChunkStorageMetadata(torch.Size(item.offsets), torch.Size(item.sizes)))
         storage[MetadataIndex(item.key, torch.Size(item.offsets))] = \
             _StorageInfo(record.relative_path, record.offset, record.length)
-    with open(Path(iter_dir) / METADATA, "wb") as f:
+    with open(Path(iter_dir) / METADATA, "wb") as f:   # fsync'ed with the staged directory
         pickle.dump(Metadata(state_dict_metadata=state, storage_data=storage), f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_common(iter_dir, common: dict) -> None:
-    with open(Path(iter_dir) / COMMON, "wb") as f:
-        torch.save(common, f)
-        f.flush()
-        os.fsync(f.fileno())
+    torch.save(common, Path(iter_dir) / COMMON)   # fsync'ed with the staged directory
     (Path(iter_dir) / BACKEND).write_text(json.dumps(BACKEND_CONTENT))
 
 
-def object_key(name: str, offsets: tuple[int, ...], shape: tuple[int, ...]) -> str:
-    """Megatron's ShardedObject.unique_key."""
+def object_key(name: str, offsets: tuple[int, ...] = (0,), shape: tuple[int, ...] = (1,)) -> str:
+    """Megatron's ShardedObject.unique_key (default: an object held once, shard 0 of 1)."""
     return f"{name}/shard_{'.'.join(map(str, offsets))}_{'.'.join(map(str, shape))}"

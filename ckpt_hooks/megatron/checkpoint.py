@@ -134,16 +134,24 @@ def read_files(load_dir, true_vocab_size: int | None = None, check_manifest: boo
     if saved_manifest is not None:   # first: it names a replaced or truncated file as such
         manifest.check(saved_manifest, ckpt.iter_dir, spec, config, files)
     _check_same_args(ckpt, spec, config)
+    spec = settled_spec(spec, config, args, ckpt.first.path, true_vocab_size, make_vocab_size_divisible_by, notes)
+    return ckpt, spec, config, files
+
+
+def settled_spec(spec: ModelSpec, config: ParallelConfig, args, path, true_vocab_size: int | None,
+                 make_vocab_size_divisible_by: int | None, notes: list | None) -> ModelSpec:
+    """The saved model with the vocabulary overrides applied and its padding divisor settled
+    (given, saved, or inferred and noted), checked to fit the saved layout."""
     if true_vocab_size is not None:
         spec = replace(spec, true_vocab_size=true_vocab_size)
     if spec.true_vocab_size is not None:
         spec = _vocab_padding(spec, config, make_vocab_size_divisible_by or
-                              getattr(args, "make_vocab_size_divisible_by", None), ckpt.first.path, notes)
+                              getattr(args, "make_vocab_size_divisible_by", None), path, notes)
     try:
         layout.check_divisible(spec, config)
     except LayoutError as e:
-        raise CheckpointError(ckpt.first.path, f"saved args: {e}") from None
-    return ckpt, spec, config, files
+        raise CheckpointError(path, f"saved args: {e}") from None
+    return spec
 
 
 def _described(args, path) -> tuple[ModelSpec, ParallelConfig]:

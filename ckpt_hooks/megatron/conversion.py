@@ -18,6 +18,7 @@ from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron import legacy_names
 from ckpt_hooks.megatron.checkpoint import MegatronSource, pending_file, plan_files, read_source, write_checkpoint
 from ckpt_hooks.megatron.optimizer import SourceOptimizer, source_optimizer, target_state
+from ckpt_hooks.megatron.torch_dist import mp_rank
 
 # Entries of model_optim_rng.pt that do not depend on the layout and are carried over.
 _CARRIED = ("checkpoint_version", "iteration", "opt_param_scheduler", "num_floating_point_operations_so_far")
@@ -78,7 +79,7 @@ def dry_run(p: Planned, workers: int, ckpt_format: str | None = None) -> str:
     for what, label, files in states:
         for f in files:
             if dist:   # one .distcp file per model-parallel rank holds weights and optimizer state
-                name = f"{iter_name}/__{f.rank.pp * p.target.tp + f.rank.tp}_0.distcp ({label})"
+                name = f"{iter_name}/__{mp_rank(f.rank, p.target)}_0.distcp ({label})"
             else:
                 name = f"{iter_name}/{legacy.rank_dir_name(f.rank.tp, f.rank.pp, p.target.pp)}/{what}"
             lines.append(f"  {name}  {f.nbytes / 1e6:.1f} MB")
@@ -178,4 +179,4 @@ def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: 
     return write_dist_checkpoint(save_dir, src.ckpt.iteration, p.weights,
                                  p.optimizer_plans if p.optimizer is not None else None, src.spec, layout, args,
                                  common, rngs.get, p.optimizer.grad_dtypes if p.optimizer is not None else None,
-                                 workers=workers, quiet=quiet, label=label, finish=finish)
+                                 total=p.nbytes, workers=workers, quiet=quiet, label=label, finish=finish)

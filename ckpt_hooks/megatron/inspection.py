@@ -10,6 +10,7 @@ from pathlib import Path
 from ckpt_hooks.algebra.param_map import dtype_name
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.megatron.checkpoint import MegatronSource, read_source
+from ckpt_hooks.megatron.torch_dist import sharding_type
 
 
 def summary(load_dir, tensors: bool = False) -> dict:
@@ -34,7 +35,7 @@ def _summary(src: MegatronSource, tensors: bool) -> dict:
     return {"format": "megatron-torch_dist" if dist else "megatron-legacy", "iteration": ckpt.iteration,
             "iteration_dir": str(ckpt.iter_dir), "layout": dataclasses.asdict(src.layout),
             "model": dataclasses.asdict(src.spec),
-            "optimizer": _dist_optimizer(ckpt.dist) if dist else _has_optimizer(ckpt), "files": files}
+            "optimizer": sharding_type(ckpt.dist) if dist else _has_optimizer(ckpt), "files": files}
 
 
 def describe(load_dir, tensors: bool = False) -> str:
@@ -63,13 +64,9 @@ def describe(load_dir, tensors: bool = False) -> str:
     return "\n".join(lines)
 
 
-def _dist_optimizer(checkpoint) -> str | None:
-    """The saved distributed-optimizer sharding type, if optimizer state was saved."""
-    content = checkpoint.common.get("content_metadata") or {}
-    saved = checkpoint.common.get("optimizer")
-    if saved is None:
-        return None
-    return content.get("distrib_optim_sharding_type") or saved.get("param_state_sharding_type")
+def holds_optimizer(src: MegatronSource) -> bool:
+    """Whether the checkpoint saved distributed-optimizer state (every rank's, for legacy files)."""
+    return bool(sharding_type(src.ckpt.dist)) if src.ckpt_format == "torch_dist" else _has_optimizer(src.ckpt)
 
 
 def _has_optimizer(ckpt) -> bool:

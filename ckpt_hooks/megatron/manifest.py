@@ -30,6 +30,7 @@ from ckpt_hooks.engine import manifest
 from ckpt_hooks.errors import CheckpointError
 
 MANIFEST = "ckpt_hooks_manifest.json"
+_DISAGREE = "the manifest disagrees with the files: "
 FRAMEWORK, FORMAT, DIST_FORMAT = "megatron", "megatron-legacy", "megatron-torch_dist"
 
 
@@ -103,21 +104,25 @@ def check_sizes(described: dict, iter_dir) -> None:
     manifest.check_files(described, iter_dir, MANIFEST)
 
 
-def check(described: dict, iter_dir, spec: ModelSpec, layout: ParallelConfig, files: list) -> None:
-    """Raise CheckpointError unless the files are the ones the manifest describes."""
-    disagree = "the manifest disagrees with the files: "
+def check_described(described: dict, iter_dir, spec: ModelSpec, layout: ParallelConfig) -> None:
+    """Raise CheckpointError unless the manifest names the model and layout the saved args do."""
     for what, saved, found in (("model", described.get("model"), spec), ("layout", described["layout"], layout)):
         found = _described(found, saved)
         if saved != found:
             diff = ", ".join(f"{k} {saved.get(k) if isinstance(saved, dict) else None!r} vs {v!r}"
                              for k, v in found.items() if not isinstance(saved, dict) or saved.get(k) != v)
-            raise CheckpointError(Path(iter_dir) / MANIFEST, f"{disagree}{what} (manifest vs saved args): {diff}")
+            raise CheckpointError(Path(iter_dir) / MANIFEST, f"{_DISAGREE}{what} (manifest vs saved args): {diff}")
+
+
+def check(described: dict, iter_dir, spec: ModelSpec, layout: ParallelConfig, files: list) -> None:
+    """Raise CheckpointError unless the files are the ones the manifest describes."""
+    check_described(described, iter_dir, spec, layout)
     manifest.check_files(described, iter_dir, MANIFEST)
     for source_file in files:
         listed = described["files"].get(str(Path(source_file.path).relative_to(iter_dir)))
         if listed is None:
             raise CheckpointError(source_file.path, f"not listed in {MANIFEST}")
-        manifest.check_tensors(source_file.path, listed.get("tensors", {}), _found(source_file), disagree)
+        manifest.check_tensors(source_file.path, listed.get("tensors", {}), _found(source_file), _DISAGREE)
 
 
 def _described(value, saved) -> dict:

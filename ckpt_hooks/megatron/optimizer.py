@@ -184,16 +184,20 @@ def source_optimizer(src):
     return SourceOptimizer(src)
 
 
-def target_state(target_file: TargetFile, plans: dict[str, TargetFile], grad_dtypes: dict, spec, config, args,
-                 progress=None) -> dict:
-    """``distrib_optim.pt``'s content for one target rank, given the rank's planned file of each
-    state: each flat buffer is produced when it is written."""
+def target_maps(target_file: TargetFile, grad_dtypes: dict, spec, config, args) -> tuple[list[BufferMap], list[str]]:
+    """The buffers megatron-core builds for a target rank's planned file, and its chunk keys."""
     by_chunk: OrderedDict[str, OrderedDict] = OrderedDict()
     for tensor in target_file.tensors:
         by_chunk.setdefault(tensor.chunk, OrderedDict())[tensor.key] = \
             None if tensor.placement is None else TensorMeta(tensor.placement.stored_shape, tensor.dtype)
-    maps = rebuild_maps(spec, config, args, target_file.rank.pp, by_chunk, grad_dtypes)
-    chunk_keys = list(by_chunk)
+    return rebuild_maps(spec, config, args, target_file.rank.pp, by_chunk, grad_dtypes), list(by_chunk)
+
+
+def target_state(target_file: TargetFile, plans: dict[str, TargetFile], grad_dtypes: dict, spec, config, args,
+                 progress=None) -> dict:
+    """``distrib_optim.pt``'s content for one target rank, given the rank's planned file of each
+    state: each flat buffer is produced when it is written."""
+    maps, chunk_keys = target_maps(target_file, grad_dtypes, spec, config, args)
     indexed = {name: {(t.chunk, t.key): t for t in plans[name].tensors} for name in STATES}
     state = {"buckets_coalesced": True}
     for index, buffer_map in enumerate(maps):

@@ -28,7 +28,7 @@ from ckpt_hooks.megatron.load import distributed_optimizers, running_layout, unw
 from ckpt_hooks.formats.atomic import atomic_write
 from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json, record
 from ckpt_hooks.algebra.spec import Rank
-from ckpt_hooks.megatron.torch_dist import recorded_maps_dir
+from ckpt_hooks.megatron.torch_dist import CONTENT_METADATA, recorded_maps_dir
 
 
 def record_param_maps(optimizer) -> list[BufferMap]:
@@ -114,10 +114,9 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
     """Save a running megatron-core job (model chunks in DDP, the DistributedOptimizer) as
     Megatron-LM's ``save_checkpoint`` does with ``--ckpt-format torch`` (plus the param_maps and
     the manifest) or ``torch_dist`` (megatron-core's ``dist_checkpointing.save``, dp_reshardable
-    optimizer state, plus each rank's param_map and the manifest), ``--use-distributed-optimizer``. Collective:
-    call it on every rank. ``args`` are Megatron-LM's (saved as they are); without them,
-    ``args_from_model`` describes the model. Returns the iteration directory."""
-    import torch.distributed as dist
+    optimizer state, plus each rank's param_map and the manifest), ``--use-distributed-optimizer``.
+    Collective: call it on every rank. ``args`` are Megatron-LM's (saved as they are); without
+    them, ``args_from_model`` describes the model. Returns the iteration directory."""
     from megatron.core import parallel_state as ps
 
     if args is None:
@@ -176,8 +175,7 @@ def _save_torch_dist(model_chunks, optimizer, iter_dir: Path, iteration: int, sc
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-    content = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
-               "chained_optim_avoid_prefix": True}
+    content = dict(CONTENT_METADATA)
     dp_group = ps.get_data_parallel_group(with_context_parallel=True)
     metadata = {**content, "dp_cp_group": dp_group}
     state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration}

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import itertools
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -42,6 +42,28 @@ _BUCKET = re.compile(r"optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+
                      r"\.bucket_idx_(\d+)\.(param|exp_avg|exp_avg_sq)")
 SHARDING = "distrib_optim_sharding_type"
 HOOK_DIR = "ckpt_hooks"
+# What Megatron-LM's _build_sharded_state_dict_metadata says of a dp_reshardable save.
+CONTENT_METADATA = {SHARDING: "dp_reshardable", "singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+
+def mp_rank(rank: Rank, config) -> int:
+    """A rank's place in the model-parallel group: the ``N`` of ``dp_group_idx_N`` and ``__N_0.distcp``."""
+    return rank.pp * config.tp + rank.tp
+
+
+def optimizer_object(group: int, name: str) -> str:
+    """The key of a model-parallel rank's optimizer object (``optimizer``, ``per_bucket_numel...``)."""
+    return dist.object_key(f"optimizer.distributed.dp_group_idx_{group}.{name}")
+
+
+def extra_states(checkpoint: dist.DistCheckpoint) -> list[tuple[str, int | None]]:
+    """(saved name, layer) of each ``_extra_state`` object (layer None outside the layers)."""
+    out = []
+    for key in checkpoint.objects:
+        if "._extra_state/" in key and not key.startswith(("optimizer.", "rng_state")):
+            name, shard = key.split("/shard_")
+            out.append((name, int(shard.split("_")[0]) if name.startswith(LAYERS) else None))
+    return out
 
 
 def local_suffix(suffix: str, transformer_impl: str) -> str:
@@ -85,6 +107,11 @@ class DistFiles:
     def args(self):
         return self.first.obj.get("args")
 
+    @property
+    def transformer_impl(self) -> str:
+        """The layer spec it was saved from (torch_dist saves both under Transformer Engine's names)."""
+        return getattr(self.args, "transformer_impl", "transformer_engine")
+
 
 def open_dist(iter_dir, iteration) -> DistFiles:
     checkpoint = dist.DistCheckpoint(iter_dir)
@@ -103,7 +130,7 @@ def _param_groups(checkpoint: dist.DistCheckpoint) -> dict | None:
     saved = checkpoint.common.get("optimizer")
     if isinstance(saved, dict) and "optimizer" in saved:   # fully_reshardable: common to all ranks
         return {"optimizer": saved["optimizer"]}
-    key = "optimizer.distributed.dp_group_idx_0.optimizer/shard_0_1"
+    key = optimizer_object(0, "optimizer")
     if key in checkpoint.objects:
         return {"optimizer": _unwrap(checkpoint, key)}
     return None
@@ -194,12 +221,8 @@ def dist_weights(checkpoint: dist.DistCheckpoint, spec, transformer_impl: str, p
                 logical = names.layer_key(global_layer, suffix) if stacked else suffix
                 tensor = tensors.setdefault(logical, Tensor(shape, dtype or stored.dtype))
                 tensor.add(box, ChunkView(checkpoint, stored.key, chunk, j if stacked else None, box.lengths))
-    for key in checkpoint.objects:
-        if "._extra_state/" not in key or key.startswith(("optimizer.", "rng_state")):
-            continue
-        name, shard = key.split("/shard_")
-        if name.startswith(LAYERS):
-            layer = int(shard.split("_")[0])
+    for name, layer in extra_states(checkpoint):
+        if layer is not None:
             name = names.layer_key(layer, local_suffix(name[len(LAYERS):], transformer_impl))
         tensors.setdefault(name, Tensor((), None))
     return tensors
@@ -213,8 +236,7 @@ def source_files(checkpoint: dist.DistCheckpoint, spec, config, transformer_impl
     suffixes = layer_suffixes(checkpoint, transformer_impl)
     dtypes = {k: t.dtype for k, t in checkpoint.tensors.items()}
     outer = [k for k in model_keys(checkpoint) if not k.startswith(LAYERS)]
-    outer += [k.split("/shard_")[0] for k in checkpoint.objects
-              if "._extra_state/" in k and not k.startswith((LAYERS, "optimizer.", "rng_state"))]
+    outer += [name for name, layer in extra_states(checkpoint) if layer is None]
     if spec.tied_embeddings and config.pp > 1 and names.OUTPUT not in outer:
         outer.append(names.OUTPUT)   # the last stage holds the shared embedding as its output layer
     files = []
@@ -312,6 +334,15 @@ def recorded_maps_dir(iter_dir, rank, pp: int) -> Path:
     return Path(iter_dir) / HOOK_DIR / legacy.rank_dir_name(rank.tp, rank.pp, pp)
 
 
+def sharding_type(checkpoint: dist.DistCheckpoint) -> str | None:
+    """The saved distributed-optimizer sharding type, None if no optimizer state was saved."""
+    saved = checkpoint.common.get("optimizer")
+    if saved is None:
+        return None
+    content = checkpoint.common.get("content_metadata") or {}
+    return content.get(SHARDING) or saved.get("param_state_sharding_type")
+
+
 def bucket_key(group: int, index: int, param_dtype: str, grad_dtype: str, bucket: int, state: str) -> str:
     return (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{index}.dtype_(torch.{param_dtype}, "
             f"torch.{grad_dtype}).bucket_idx_{bucket}.{state}")
@@ -326,14 +357,13 @@ class DistOptimizer:
         self.checkpoint = checkpoint
         self.files = {}
         self.param_groups = src.ckpt.first.obj.get("optimizer")
-        content = checkpoint.common.get("content_metadata") or {}
-        sharding = content.get(SHARDING) or (checkpoint.common.get("optimizer") or {}).get("param_state_sharding_type")
+        sharding = sharding_type(checkpoint)
         where = checkpoint.iter_dir / dist.METADATA
         self.grad_dtypes: dict[str, str] = {}
         self.maps = {}
-        impl = getattr(src.ckpt.args, "transformer_impl", "transformer_engine")
         if sharding == "fully_reshardable":
-            self.sources = {state: dist_weights(checkpoint, src.spec, impl, f"optimizer.state.{state}.", torch.float32)
+            self.sources = {state: dist_weights(checkpoint, src.spec, src.ckpt.transformer_impl,
+                                                f"optimizer.state.{state}.", torch.float32)
                             for state in STATES}
             # Not saved in this form: megatron-core's grads are fp32 with --accumulate-allreduce-grads-in-fp32.
             fp32_grads = getattr(src.ckpt.args, "accumulate_allreduce_grads_in_fp32", True)
@@ -361,12 +391,11 @@ class DistOptimizer:
             raise CheckpointError(where, "no dp_reshardable optimizer buckets saved")
         views = {}
         for f in src.files:
-            group = f.rank.pp * config.tp + f.rank.tp     # the rank in the model-parallel group
+            group = mp_rank(f.rank, config)
             maps = read_recorded_maps(recorded_maps_dir(checkpoint.iter_dir, f.rank, config.pp)) or \
                 rebuild_maps(src.spec, config, src.ckpt.args, f.rank.pp, f.chunks, self.grad_dtypes)
             self.maps[f.rank] = maps
-            saved = _unwrap(checkpoint,
-                            f"optimizer.distributed.dp_group_idx_{group}.per_bucket_numel_unpadded/shard_0_1")
+            saved = _unwrap(checkpoint, optimizer_object(group, "per_bucket_numel_unpadded"))
             mine = [{(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)): list(m.per_bucket_numel_unpadded)}
                     for m in maps]
             if saved != mine:
@@ -402,10 +431,6 @@ class DistOptimizer:
         return {state: {t.rank: t for t in plan_files(self.sources[state], spec, target, ranks=ranks)}
                 for state in STATES}
 
-    @property
-    def bytes_read(self) -> int:
-        return self.checkpoint.bytes_read
-
 
 def replace_shape(view: FlatView, shape) -> FlatView:
     """The same elements seen in the placement's view shape (fc1 fused rows as (2, F/tp, H))."""
@@ -420,7 +445,7 @@ def read_dist_source(iter_dir, iteration, true_vocab_size=None, make_vocab_size_
     common.pt and the small optimizer objects), checked against its manifest where one lies
     beside it."""
     from ckpt_hooks.megatron import manifest
-    from ckpt_hooks.megatron.checkpoint import MegatronSource, _described, _vocab_padding, place
+    from ckpt_hooks.megatron.checkpoint import MegatronSource, _described, place, settled_spec
 
     saved_manifest = manifest.read(iter_dir) if check_manifest else None
     if saved_manifest is not None:   # first: it names a replaced or truncated file as such
@@ -429,21 +454,12 @@ def read_dist_source(iter_dir, iteration, true_vocab_size=None, make_vocab_size_
     notes: list[str] = []
     spec, config = _described(ckpt.args, ckpt.first.path)
     if saved_manifest is not None:
-        manifest.check(saved_manifest, iter_dir, spec, config, [])
-    if true_vocab_size is not None:
-        spec = replace(spec, true_vocab_size=true_vocab_size)
-    if spec.true_vocab_size is not None:
-        spec = _vocab_padding(spec, config, make_vocab_size_divisible_by or
-                              getattr(ckpt.args, "make_vocab_size_divisible_by", None), ckpt.first.path, notes)
-    try:
-        layout.check_divisible(spec, config)
-    except LayoutError as e:
-        raise CheckpointError(ckpt.first.path, f"saved args: {e}") from None
-    impl = getattr(ckpt.args, "transformer_impl", "transformer_engine")
+        manifest.check_described(saved_manifest, iter_dir, spec, config)
+    spec = settled_spec(spec, config, ckpt.args, ckpt.first.path, true_vocab_size, make_vocab_size_divisible_by, notes)
     where = ckpt.iter_dir / dist.METADATA
-    files = source_files(ckpt.dist, spec, config, impl, where)
+    files = source_files(ckpt.dist, spec, config, ckpt.transformer_impl, where)
     placed = place(spec, config, files)
-    weights = dist_weights(ckpt.dist, spec, impl)
+    weights = dist_weights(ckpt.dist, spec, ckpt.transformer_impl)
     if spec.tied_embeddings and names.OUTPUT in weights:
         raise CheckpointError(where, "tied embeddings, yet an output layer is saved")
     return MegatronSource(ckpt, spec, config, files, weights, placed, notes)

@@ -7,49 +7,46 @@ Each model-parallel rank of the target layout becomes one ``__{mp rank}_0.distcp
 * its ``dp_reshardable`` optimizer buckets (``optimizer.distributed.dp_group_idx_{mp rank}...``),
   each one chunk packed from its parameters' planned states at the places megatron-core's
   buffer rules give them, and the ``optimizer`` / ``per_bucket_numel(_unpadded)`` objects;
-* its RNG state object (the source rank's at an unchanged TP·PP, else the first source rank's).
+* its RNG state object, where the caller has one for it (the source rank's, at an unchanged TP·PP).
 
 Then ``.metadata`` (the index of every record), ``common.pt``, ``metadata.json``, the tracker
-and the manifest; all in a
-staged directory renamed into place, so that megatron-core's ``dist_checkpointing.load`` reads it
-at the target layout.
+and the manifest; all in a staged directory renamed into place, so that megatron-core's
+``dist_checkpointing.load`` reads it at the target layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import torch
 
 from ckpt_hooks.algebra import names
+from ckpt_hooks.algebra.layout import chunk_layers
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, restrict
-from ckpt_hooks.engine.source import STATES, TensorMeta
+from ckpt_hooks.engine.ranks import Ranks
+from ckpt_hooks.engine.run import run
+from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats import torch_dist as dist
 from ckpt_hooks.formats.atomic import staged_directory
 from ckpt_hooks.megatron.checkpoint import write_manifest
-from ckpt_hooks.megatron.torch_dist import LAYERS, bucket_key, dist_suffix, from_logical
-
-CONTENT_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "singleton_local_shards": False,
-                    "chained_optim_avoid_prefix": True}
-
-
-def mp_rank(rank, config) -> int:
-    return rank.pp * config.tp + rank.tp
+from ckpt_hooks.megatron.optimizer import target_maps
+from ckpt_hooks.megatron.torch_dist import (CONTENT_METADATA, LAYERS, bucket_key, dist_suffix, from_logical, mp_rank,
+                                            optimizer_object)
 
 
 def _weight_items(target: TargetFile, spec, config, seen: set) -> list[dist.Item]:
     """The weight chunks of one target rank not already written by a lower rank."""
     items = []
-    layers_of = {}
     for tensor in target.tensors:
         if tensor.placement is None:      # _extra_state
             name = names.classify(tensor.key)
             if name.local_layer is None:
-                key = dist.object_key(tensor.key, (0,), (1,))
+                key = dist.object_key(tensor.key)
             else:
-                layer = _global_layer(layers_of, spec, config, target.rank.pp, tensor.chunk, name.local_layer)
+                layer = _global_layer(spec, config, target.rank.pp, tensor.chunk, name.local_layer)
                 key = dist.object_key(LAYERS + dist_suffix(name.suffix), (layer,), (spec.num_layers,))
             if key not in seen:
                 seen.add(key)
@@ -59,15 +56,15 @@ def _weight_items(target: TargetFile, spec, config, seen: set) -> list[dist.Item
             continue   # saved once, as the embedding
         name = names.classify(tensor.key)
         stacked = name.local_layer is not None
-        box = tensor.placement.box
-        halves = [(s, (s,) + (0,) * (len(box.lengths) - 1), (1,) + box.lengths[1:]) for s in range(box.lengths[0])] \
-            if name.rule.fused else [(None, (0,) * len(box.lengths), box.lengths)]
-        for _, sub_offsets, sub_lengths in halves:
-            part = restrict(tensor, sub_offsets, sub_lengths) if name.rule.fused else tensor
+        lengths = tensor.placement.box.lengths
+        # A fused fc1 is saved as its gate and up halves, each a chunk of its own.
+        parts = [restrict(tensor, (half,) + (0,) * (len(lengths) - 1), (1,) + lengths[1:])
+                 for half in range(lengths[0])] if name.rule.fused else [tensor]
+        for part in parts:
             offsets, sizes = from_logical(name.rule, spec, part.placement.box)
             shape = _saved_shape(name.rule, spec, tensor.placement.logical_shape)
             if stacked:
-                layer = _global_layer(layers_of, spec, config, target.rank.pp, tensor.chunk, name.local_layer)
+                layer = _global_layer(spec, config, target.rank.pp, tensor.chunk, name.local_layer)
                 key, offsets, sizes, shape = (LAYERS + dist_suffix(name.suffix), (layer, *offsets), (1, *sizes),
                                               (spec.num_layers, *shape))
             else:
@@ -80,13 +77,8 @@ def _weight_items(target: TargetFile, spec, config, seen: set) -> list[dist.Item
     return items
 
 
-def _global_layer(cache, spec, config, pp_rank, chunk, local) -> int:
-    from ckpt_hooks.algebra.layout import chunk_layers
-
-    vp = legacy.chunk_keys(config.vpp).index(chunk)
-    if (pp_rank, vp) not in cache:
-        cache[(pp_rank, vp)] = chunk_layers(spec, config, pp_rank, vp)
-    return cache[(pp_rank, vp)][local]
+def _global_layer(spec, config, pp_rank, chunk, local) -> int:
+    return chunk_layers(spec, config, pp_rank, legacy.chunk_keys(config.vpp).index(chunk))[local]
 
 
 def _saved_shape(rule, spec, logical_shape) -> tuple[int, ...]:
@@ -102,22 +94,14 @@ def _builder(tensor, sizes):
 
 def _optimizer_items(target: TargetFile, plans: dict[str, TargetFile], grad_dtypes, param_groups, spec, config,
                      args, progress) -> list[dist.Item]:
-    from ckpt_hooks.megatron.optimizer import rebuild_maps
-
-    by_chunk: dict = {}
-    for tensor in target.tensors:
-        by_chunk.setdefault(tensor.chunk, {})[tensor.key] = \
-            None if tensor.placement is None else TensorMeta(tensor.placement.stored_shape, tensor.dtype)
-    maps = rebuild_maps(spec, config, args, target.rank.pp, by_chunk, grad_dtypes)
-    chunk_keys = list(by_chunk)
+    maps, chunk_keys = target_maps(target, grad_dtypes, spec, config, args)
     indexed = {state: {(t.chunk, t.key): t for t in plans[state].tensors} for state in STATES}
     group = mp_rank(target.rank, config)
-    prefix = f"optimizer.distributed.dp_group_idx_{group}"
     dtypes = [(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)) for m in maps]
-    items = [dist.Item(f"{prefix}.optimizer/shard_0_1", obj=[param_groups["optimizer"]]),
-             dist.Item(f"{prefix}.per_bucket_numel/shard_0_1",
+    items = [dist.Item(optimizer_object(group, "optimizer"), obj=[param_groups["optimizer"]]),
+             dist.Item(optimizer_object(group, "per_bucket_numel"),
                        obj=[[{d: [end - start for start, end in m.bucket_indices]} for d, m in zip(dtypes, maps)]]),
-             dist.Item(f"{prefix}.per_bucket_numel_unpadded/shard_0_1",
+             dist.Item(optimizer_object(group, "per_bucket_numel_unpadded"),
                        obj=[[{d: list(m.per_bucket_numel_unpadded)} for d, m in zip(dtypes, maps)]])]
     for index, buffer_map in enumerate(maps):
         for bucket, numel in enumerate(buffer_map.per_bucket_numel_unpadded):
@@ -138,36 +122,27 @@ def _optimizer_items(target: TargetFile, plans: dict[str, TargetFile], grad_dtyp
 
 
 def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimizer_plans: dict | None,
-                          spec, config, args, common: dict, rng_of, grad_dtypes=None, *, workers: int,
+                          spec, config, args, common: dict, rng_of, grad_dtypes=None, *, total: int, workers: int,
                           quiet: bool, label: str, finish=None) -> float:
-    """Write ``weights`` (and ``optimizer_plans``: {state: {rank: TargetFile}}) as a torch_dist
-    checkpoint in ``save_dir``; ``common`` goes to common.pt (args and content metadata are set
-    here); ``rng_of(rank)`` is the RNG state list for a target rank (or None); ``finish(root)``
-    runs on rank 0 once every record is written, before the index. Returns the data phase's
-    seconds."""
-    import dataclasses
-
-    from ckpt_hooks.engine.ranks import Ranks
-    from ckpt_hooks.engine.run import run
-
+    """Write ``weights`` (and ``optimizer_plans``: {state: {rank: TargetFile}}; ``total`` bytes in
+    all) as a torch_dist checkpoint in ``save_dir``; ``common`` goes to common.pt (args and
+    content metadata are set here); ``rng_of(rank)`` is the RNG state list for a target rank (or
+    None); ``finish(root)`` runs on rank 0 once every record is written, before the index.
+    Returns the data phase's seconds."""
     ranks = Ranks.from_env()   # under torchrun, this process writes its share of the files
     seen: set = set()
-    plans = []
+    by_rank = {}
     for target in weights:   # in rank order: the lowest rank writes a replicated chunk
-        plans.append((target, _weight_items(target, spec, config, seen)))
+        by_rank[target.rank] = _weight_items(target, spec, config, seen)
     lock = threading.Lock()
     written: list = []
-    total = sum(f.nbytes for f in weights) + (0 if optimizer_plans is None else
-                                               sum(f.nbytes for p in optimizer_plans.values() for f in p.values()))
     mine = ranks.share(weights)
     with staged_directory(save_dir, ranks=ranks) as root:
         iter_dir = root / legacy.iteration_dir_name(iteration)
         iter_dir.mkdir(parents=True, exist_ok=True)
-        by_rank = {target.rank: items for target, items in plans}
 
         def write(target: TargetFile, progress) -> None:
-            items = [dist.Item(i.key, i.offsets, i.shape, i.sizes, i.dtype, produce=_rebind(i.produce, progress),
-                               obj=i.obj) for i in by_rank[target.rank]]
+            items = [dataclasses.replace(i, produce=_reporting(i.produce, progress)) for i in by_rank[target.rank]]
             if optimizer_plans is not None:
                 items += _optimizer_items(target, {s: optimizer_plans[s][target.rank] for s in STATES}, grad_dtypes,
                                           common["optimizer_param_groups"], spec, config, args, progress)
@@ -199,7 +174,7 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
     return seconds
 
 
-def _rebind(produce, progress):
+def _reporting(produce, progress):
     """A weight chunk's builder, reporting to the run's progress bar."""
     if produce is None:
         return None

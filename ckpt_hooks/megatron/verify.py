@@ -24,6 +24,7 @@ from ckpt_hooks.engine.compare import Outcome, common_box, compare
 from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.megatron.checkpoint import MegatronSource, read_source
+from ckpt_hooks.megatron.inspection import holds_optimizer
 from ckpt_hooks.megatron.optimizer import source_optimizer
 
 # The run state compared besides the tensors: (what, how to read it from the source).
@@ -66,8 +67,9 @@ class Certificate:
         lines = [f"{self.first} ({self.layouts[0]}) vs {self.second} ({self.layouts[1]})"]
         for t in self.tensors:
             if not t.equal:
-                lines.append(f"  DIFFERS {t.name}: " + (t.problem or f"{t.differing} of {t.compared} elements, "
-                                                                      f"max |d| {t.max_abs:.3g}, first at {list(t.first)}"))
+                found = t.problem or f"{t.differing} of {t.compared} elements, max |d| {t.max_abs:.3g}, " \
+                                     f"first at {list(t.first)}"
+                lines.append(f"  DIFFERS {t.name}: {found}")
         for what, (same, a, b) in self.run_state.items():
             if not same:
                 lines.append(f"  DIFFERS {what}: {a!r} vs {b!r}")
@@ -89,13 +91,8 @@ class Certificate:
 def _states(src: MegatronSource, weights_only: bool) -> dict:
     """{prefix: Source}: the weights, and each optimizer state the checkpoint holds."""
     out = {"": src.weights}
-    if not weights_only:
-        try:
-            optimizer = source_optimizer(src)
-        except CheckpointError as e:
-            if "missing" not in str(e) and "no optimizer state" not in str(e):
-                raise
-            return out
+    if not weights_only and holds_optimizer(src):
+        optimizer = source_optimizer(src)
         out.update({f"{state}:": optimizer.sources[state] for state in STATES})
     return out
 
@@ -149,18 +146,15 @@ def check(load_dir, quiet: bool = True) -> Integrity:
         records = {c.record for t in checkpoint.tensors.values() for c in t.chunks} | set(checkpoint.objects.values())
         opened = [checkpoint.record(r) for r in sorted(records, key=lambda r: (r.relative_path, r.offset))]
         out.files = len({r.relative_path for r in records})
-        recorded = {}
     else:
-        described = manifest.read(src.ckpt.iter_dir) or {"files": {}}
         opened = list(src.ckpt.files.values())
         opened += [TorchFile(Path(f.path).parent / OPTIMIZER_FILE) for f in src.ckpt.files.values()
                    if (Path(f.path).parent / OPTIMIZER_FILE).is_file()]
         out.files = len(opened)
-        recorded = {str(Path(f.path).relative_to(src.ckpt.iter_dir)): entry.get("crc32")
-                    for f in opened for entry in [described["files"].get(str(Path(f.path).relative_to(src.ckpt.iter_dir)), {})]}
+    listed = (manifest.read(src.ckpt.iter_dir) or {"files": {}})["files"]
     for torch_file in tqdm(opened, desc="verify", unit="file", disable=quiet, dynamic_ncols=True):
         relative = str(Path(torch_file.path).relative_to(src.ckpt.iter_dir))
-        checked, unchecked = torch_file.check_crcs(recorded.get(relative))
+        checked, unchecked = torch_file.check_crcs(listed.get(relative, {}).get("crc32"))
         out.checked += checked
         out.unchecked += unchecked
     return out
@@ -178,8 +172,11 @@ class _HuggingFace:
 def _is_huggingface(path) -> bool:
     from pathlib import Path
 
-    return (Path(path) / "config.json").is_file() and not any(
-        (Path(path) / n).exists() for n in ("latest_checkpointed_iteration.txt", ".metadata"))
+    from ckpt_hooks.converters.hf.config import CONFIG
+    from ckpt_hooks.formats.megatron_legacy import TRACKER
+    from ckpt_hooks.formats.torch_dist import METADATA
+
+    return (Path(path) / CONFIG).is_file() and not any((Path(path) / n).exists() for n in (TRACKER, METADATA))
 
 
 def _huggingface(path, megatron: MegatronSource) -> _HuggingFace:
@@ -246,7 +243,8 @@ def verify(first, second, *, weights_only: bool = False, quiet: bool = True) -> 
                     outcome = compare(prefix + name + " [padding rows]", tensor_a, tensor_b, rows)
                     if "does not hold" not in (outcome.problem or ""):   # both hold padding rows
                         certificate.padding.append(outcome)
-        certificate.only_second += [prefix + n for n, t in source_b.items() if n not in source_a and t.dtype is not None]
+        certificate.only_second += [prefix + n for n, t in source_b.items()
+                                    if n not in source_a and t.dtype is not None]
     bar.close()
     for what, read in _RUN_STATE.items():
         if isinstance(b, _HuggingFace) or (what == "param_groups" and weights_only):

@@ -154,6 +154,12 @@ NPROC = 4
 RUNNER = Path(__file__).resolve().parent / "megatron_run.py"
 
 
+def bench_model(layers: int, hidden: int) -> dict:
+    """The benchmarks' realistic GPT (GQA 8 heads / 4 groups, SwiGLU ffn 11/4 x hidden, 32k vocab)."""
+    return {"num_layers": layers, "hidden": hidden, "heads": 8, "query_groups": 4, "ffn": hidden * 11 // 4,
+            "vocab_size": 32000, "make_vocab_size_divisible_by": 128}
+
+
 def train_job(layout: dict, save_dir, truth, model: dict | None = None, steps: int = 3,
               patches: tuple = (), saver: str = "megatron", ckpt_format: str = "torch",
               optim_format: str = "dp_reshardable") -> dict:
