@@ -48,6 +48,7 @@ def write_tp1_checkpoint(root: Path, args) -> None:
     """A TP1·PP1 file with Megatron's local-spec names; random fp32 weights."""
     import torch
 
+    from ckpt_hooks.algebra.spec import ParallelConfig, Rank
     from ckpt_hooks.formats import megatron_legacy as legacy
 
     h, f, v = args.hidden_size, args.ffn_hidden_size, args.padded_vocab_size
@@ -69,7 +70,7 @@ def write_tp1_checkpoint(root: Path, args) -> None:
     model["decoder.final_layernorm.weight"] = rand(h)
     model["output_layer.weight"] = rand(v, h)
     state = {"args": args, "checkpoint_version": 3.0, "iteration": 100, "model": model}
-    legacy.save_rank_file(root, 100, 0, 0, 1, state)
+    legacy.save_rank_file(root, 100, Rank(), ParallelConfig(), state)
     legacy.write_tracker(root, 100)
 
 

@@ -28,9 +28,9 @@ def test_inspect_describes_layout_model_and_files(sources):
 def load_models(root):
     ckpt = open_checkpoint(root)
     out = {}
-    for (tp, pp), f in ckpt.files.items():
+    for rank, f in ckpt.files.items():
         state = torch.load(f.path, weights_only=False)
-        out[(tp, pp)] = {k: v for k, v in state.items() if k.startswith("model")}
+        out[(rank.tp, rank.pp)] = {k: v for k, v in state.items() if k.startswith("model")}
     return out
 
 

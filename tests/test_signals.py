@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ckpt_hooks.algebra.spec import ParallelConfig, Rank
 from ckpt_hooks.formats.megatron_legacy import completed, save_rank_file
 from tests.util import tree_digest
 
@@ -72,7 +73,7 @@ def test_a_killed_conversion_resumes_with_its_complete_files(big_source, tmp_pat
 
 
 def test_a_staged_file_is_reused_only_if_its_bytes_are_what_was_written(tmp_path):
-    path = save_rank_file(tmp_path, 1, 0, 0, 1, {"model": {"w": torch.arange(1000, dtype=torch.float32)}})
+    path = save_rank_file(tmp_path, 1, Rank(), ParallelConfig(), {"model": {"w": torch.arange(1000, dtype=torch.float32)}})
     assert completed(path) == {"data/0": zlib.crc32(torch.arange(1000, dtype=torch.float32).numpy().tobytes())}
     blob = bytearray(path.read_bytes())
     at = blob.index(torch.tensor([500.0]).numpy().tobytes())

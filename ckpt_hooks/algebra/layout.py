@@ -10,7 +10,9 @@ plain box (offsets + lengths) of it:
 * ``linear_fc1`` holds ``[gate_r; up_r]`` on each TP rank with SwiGLU: logical
   ``(2, ffn, hidden)`` (``(1, ffn, hidden)`` without), TP splits axis 1;
 * column-parallel weights split rows, row-parallel weights split columns, norms are replicated;
-* the vocabulary is split by rows; its padded size depends on TP (see ModelSpec.padded_vocab_for).
+* the vocabulary is split by rows; its padded size depends on TP (see ModelSpec.padded_vocab_for);
+* each routed expert is a tensor of its own, named by its global index (``expert_range`` maps
+  an expert rank's local experts); expert tensor parallelism (``etp``) splits it like an MLP.
 
 Pipeline stages and virtual chunks map local layer numbers to global ones.
 Pure: no I/O, no framework imports.
@@ -63,7 +65,7 @@ class Rule:
 
     Shape symbols: H hidden, F ffn, S fc1 parts (2 with SwiGLU, else 1), Q rows of
     linear_qkv (query groups x rows per group), A attention heads x kv channels,
-    K kv channels, V vocab rows.
+    K kv channels, V vocab rows, E routed experts, M ffn of one expert.
     ``fused``: the stored tensor merges the first two logical axes (fc1's gate and up).
     ``dim``: which named dimension of the layout splits ``axis`` (``tp``); ``also``: splits inside
     each piece of the first, e.g. experts: whole experts over ``ep``, then ``etp`` inside one.
@@ -93,7 +95,8 @@ class Placement:
 def _symbol_sizes(spec: ModelSpec, vocab_rows: int) -> dict[str, int]:
     return {"H": spec.hidden_size, "F": spec.ffn_hidden_size, "S": 2 if spec.swiglu else 1,
             "Q": spec.num_query_groups * spec.rows_per_query_group,
-            "A": spec.num_attention_heads * spec.kv_channels, "K": spec.kv_channels, "V": vocab_rows}
+            "A": spec.num_attention_heads * spec.kv_channels, "K": spec.kv_channels, "V": vocab_rows,
+            "E": spec.num_experts or 0, "M": spec.moe_ffn_hidden_size or 0}
 
 
 def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, vocab_rows: int,
@@ -113,7 +116,7 @@ def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, v
         return Placement(logical, Box((0,) * len(logical), logical), logical)
     view, offsets = list(logical), [0] * len(logical)
     for axis, dim in ((axis, rule.dim), *rule.also):
-        ways, index = config.size(dim), rank.coordinate(dim)
+        ways, index = config.size(dim), config.coordinate(rank, dim)
         if view[axis] % ways:
             what = _AXIS_NAMES.get(rule.shape[axis], "size") if rule.shape else "size"
             raise LayoutError(f"{_DIM_NAMES[dim]} size {ways} does not divide {what} {view[axis]}")
@@ -124,7 +127,7 @@ def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, v
 
 
 _DIM_NAMES = {"tp": "tensor parallel", "ep": "expert parallel", "etp": "expert tensor parallel"}
-_AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "Q": "linear_qkv rows",
+_AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "M": "expert ffn hidden size", "Q": "linear_qkv rows",
                "A": "attention heads x kv channels", "V": "padded vocabulary"}
 
 
@@ -132,6 +135,30 @@ def check_divisible(spec: ModelSpec, config: ParallelConfig) -> None:
     """Fail early, with the reason, when a layout cannot hold the model."""
     check_tensor_parallel(spec, config.tp)
     check_layers(spec, config)
+    check_experts(spec, config)
+
+
+def check_experts(spec: ModelSpec, config: ParallelConfig) -> None:
+    """Fail unless the expert sizes split the experts and every legacy file has one writer:
+    Megatron-LM names a file by tensor and expert rank, so ETP > TP saves two expert tensor
+    ranks under one name, and TP > EP x ETP leaves tensor ranks without a file."""
+    etp = config.size("etp")
+    if not spec.num_experts:
+        if config.ep > 1 or etp != config.tp:
+            raise LayoutError("expert parallel sizes need a model with experts")
+        return
+    if spec.num_experts % config.ep:
+        raise LayoutError(f"expert parallel size {config.ep} does not divide the {spec.num_experts} experts")
+    if spec.moe_ffn_hidden_size % etp:
+        raise LayoutError(f"expert tensor parallel size {etp} does not divide expert ffn hidden size "
+                          f"{spec.moe_ffn_hidden_size}")
+    if (config.tp * config.dp * config.cp) % (etp * config.ep):
+        raise LayoutError(f"expert parallel {config.ep} x expert tensor parallel {etp} does not divide the "
+                          f"{config.tp * config.dp * config.cp} ranks of a pipeline stage")
+    if etp > config.tp or etp * config.ep < config.tp:
+        raise LayoutError(f"expert tensor parallel size {etp} with tensor parallel {config.tp} and expert "
+                          f"parallel {config.ep}: Megatron-LM's legacy files would lose ranks (it needs "
+                          "ETP <= TP <= EP x ETP)")
 
 
 def check_tensor_parallel(spec: ModelSpec, tp: int) -> None:

@@ -1,5 +1,8 @@
 """Megatron-core GPT parameter names and how each is laid out.
 
+Routed experts (``mlp.experts.local_experts.{i}.*``, SequentialMLP) are numbered locally in a
+file and globally in the logical names (``local_expert``, ``with_expert``).
+
 One table serves both layer specs: the local spec (``input_layernorm.weight``,
 ``pre_mlp_layernorm.weight``; what CPU runs produce) and the Transformer Engine spec
 (``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``, ``*._extra_state``).
@@ -17,6 +20,7 @@ OUTPUT = "output_layer.weight"
 
 _LAYER = r"decoder\.layers\.(?P<layer>\d+)\."
 _WB = r"(weight|bias)"
+_EXPERT = r"mlp\.experts\.local_experts\.\d+\."
 
 # (pattern of the key inside a model chunk, rule). First match wins.
 _TABLE: list[tuple[str, Rule]] = [
@@ -38,9 +42,16 @@ _TABLE: list[tuple[str, Rule]] = [
     (rf"{_LAYER}mlp\.linear_fc1\.layer_norm_{_WB}", Rule(REPLICATED, ("H",))),
     (rf"{_LAYER}mlp\.linear_fc2\.weight", Rule(SPLIT, ("H", "F"), axis=1)),
     (rf"{_LAYER}mlp\.linear_fc2\.bias", Rule(REPLICATED, ("H",))),
+    (rf"{_LAYER}mlp\.router\.weight", Rule(REPLICATED, ("E", "H"))),
+    (rf"{_LAYER}mlp\.router\.expert_bias", Rule(REPLICATED, ("E",))),
+    (rf"{_LAYER}{_EXPERT}linear_fc1\.weight", Rule(SPLIT, ("S", "M", "H"), axis=1, fused=True, dim="etp")),
+    (rf"{_LAYER}{_EXPERT}linear_fc1\.bias", Rule(SPLIT, ("S", "M"), axis=1, fused=True, dim="etp")),
+    (rf"{_LAYER}{_EXPERT}linear_fc2\.weight", Rule(SPLIT, ("H", "M"), axis=1, dim="etp")),
+    (rf"{_LAYER}{_EXPERT}linear_fc2\.bias", Rule(REPLICATED, ("H",))),
 ]
 _COMPILED = [(re.compile(pattern), rule) for pattern, rule in _TABLE]
 _LAYER_NUMBER = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT_NUMBER = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,22 @@ class Name:
     rule: Rule
     local_layer: int | None   # layer number inside the chunk, for per-layer tensors
     suffix: str               # the key after ``decoder.layers.N.`` (or the whole key)
+
+    @property
+    def local_expert(self) -> int | None:
+        """The routed expert's number inside the file, for an expert's tensors."""
+        return expert_of(self.suffix)
+
+
+def expert_of(suffix: str) -> int | None:
+    """The expert number a per-layer key suffix names (None: not an expert's tensor)."""
+    match = _EXPERT_NUMBER.match(suffix)
+    return int(match.group(1)) if match else None
+
+
+def with_expert(suffix: str, expert: int) -> str:
+    """An expert's per-layer key suffix renumbered to ``expert``."""
+    return _EXPERT_NUMBER.sub(f"mlp.experts.local_experts.{expert}.", suffix, count=1)
 
 
 def classify(key: str) -> Name | None:
@@ -67,10 +94,12 @@ def layer_key(layer: int, suffix: str) -> str:
     return f"decoder.layers.{layer}.{suffix}"
 
 
-def logical_name(name: Name, global_layer: int | None, tied: bool) -> str:
-    """The name of the logical tensor: global layer numbers; a tied output layer is the embedding."""
+def logical_name(name: Name, global_layer: int | None, tied: bool, global_expert: int | None = None) -> str:
+    """The name of the logical tensor: global layer (and expert) numbers; a tied output layer is
+    the embedding."""
     if name.local_layer is not None:
-        return layer_key(global_layer, name.suffix)
+        suffix = name.suffix if global_expert is None else with_expert(name.suffix, global_expert)
+        return layer_key(global_layer, suffix)
     if name.suffix == OUTPUT and tied:
         return EMBEDDING
     return name.suffix

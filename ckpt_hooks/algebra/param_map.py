@@ -86,7 +86,7 @@ def _pad(value: int, divisor: int) -> int:
 
 
 def rebuild(params: list[ParamInfo], *, chunk: int, param_dtype: str, grad_dtype: str, dp_size: int,
-            bucket_size: int | None = None) -> BufferMap:
+            bucket_size: int | None = None, expert: bool = False) -> BufferMap:
     """The buffer megatron-core 0.16.1 builds for ``params`` with the distributed optimizer."""
     slots, buckets, unpadded = [], [], []
     bucket_start = start = 0
@@ -114,7 +114,7 @@ def rebuild(params: list[ParamInfo], *, chunk: int, param_dtype: str, grad_dtype
             start = end
     if in_bucket:
         close_bucket(end)
-    return BufferMap(chunk, param_dtype, grad_dtype, dp_size, tuple(slots), tuple(buckets), tuple(unpadded))
+    return BufferMap(chunk, param_dtype, grad_dtype, dp_size, tuple(slots), tuple(buckets), tuple(unpadded), expert)
 
 
 def record(buffer, names: dict, *, chunk: int) -> BufferMap:

@@ -29,6 +29,8 @@ class ModelSpec:
     add_qkv_bias: bool = False
     position_embedding_type: str = "learned_absolute"
     normalization: str = "LayerNorm"
+    num_experts: int | None = None           # routed experts of each MoE layer; None: dense
+    moe_ffn_hidden_size: int | None = None   # ffn rows of one expert
 
     @property
     def rows_per_query_group(self) -> int:
@@ -49,7 +51,8 @@ class ModelSpec:
                 f"{' SwiGLU' if self.swiglu else ''}, {self.num_attention_heads} heads{gqa}, "
                 f"kv_channels {self.kv_channels}, {vocab}, "
                 f"{'tied' if self.tied_embeddings else 'untied'} embeddings, {self.normalization}, "
-                f"{self.position_embedding_type}, {'with' if self.add_bias_linear else 'no'} linear bias")
+                f"{self.position_embedding_type}, {'with' if self.add_bias_linear else 'no'} linear bias"
+                + (f", {self.num_experts} experts of ffn {self.moe_ffn_hidden_size}" if self.num_experts else ""))
 
 
 @dataclass(frozen=True)
@@ -83,17 +86,34 @@ class ParallelConfig:
         return self.world // (self.pp * self.ep * (self.etp or self.tp))
 
     def file_ranks(self) -> list["Rank"]:
-        """The coordinates that name files (tensor x pipeline ranks), pipeline-major as Megatron lists them."""
-        return [Rank(tp, pp) for pp in range(self.pp) for tp in range(self.tp)]
+        """The ranks that write a legacy model file, pipeline-major as Megatron lists them: in
+        each stage the first expert-data-parallel replica, whose processes are numbered expert
+        tensor rank fastest, then expert rank (megatron-core's order); each one's tensor rank
+        is its position modulo TP. Without experts: the tensor ranks."""
+        etp = self.size("etp")
+        return [Rank(position % self.tp, pp, position // etp)
+                for pp in range(self.pp) for position in range(etp * self.ep)]
 
     def size(self, dim: str) -> int:
         """The size of a named dimension ("tp", "pp", "ep", "etp", ...)."""
         return (self.etp or self.tp) if dim == "etp" else getattr(self, dim)
 
+    def coordinate(self, rank: "Rank", dim: str) -> int:
+        """A file rank's index along a named dimension; its expert tensor rank follows from its
+        tensor and expert ranks (``file_ranks``)."""
+        if dim != "etp":
+            return getattr(rank, dim)
+        return (rank.tp - self.size("etp") * rank.ep) % self.tp
+
+    def holds_dense_optimizer(self, rank: "Rank") -> bool:
+        """Whether a file rank is a dense data-parallel rank 0: with EP > 1 only those files'
+        distrib_optim.pt hold the dense optimizer's state (others None)."""
+        return self.coordinate(rank, "etp") + self.size("etp") * rank.ep < self.tp
+
     def describe(self) -> str:
         text = f"TP{self.tp}·PP{self.pp}" + (f"·VPP{self.vpp}" if self.vpp > 1 else "") + f"·DP{self.dp}"
         text += (f"·CP{self.cp}" if self.cp > 1 else "") + (f"·EP{self.ep}" if self.ep > 1 else "")
-        text += f"·ETP{self.etp}" if self.etp not in (None, self.tp) else ""
+        text += f"·ETP{self.etp}" if self.etp not in (None, self.tp) and self.ep > 1 else ""
         if self.layers_per_stage:
             text += f" layers per stage {list(self.layers_per_stage)}"
         return text
@@ -108,10 +128,6 @@ class Rank:
     pp: int = 0
     ep: int = 0
 
-    def coordinate(self, dim: str) -> int:
-        """This rank's index along a named dimension. Expert-tensor ranks are numbered as tensor
-        ranks within an expert-parallel group (ETP = TP in the layouts files tell apart)."""
-        return self.tp if dim == "etp" else getattr(self, dim)
 
 
 def _true_vocab_size(args) -> int | None:
@@ -142,6 +158,9 @@ def model_spec_from_args(args) -> ModelSpec:
         add_qkv_bias=bool(getattr(args, "add_qkv_bias", False)),
         position_embedding_type=getattr(args, "position_embedding_type", "learned_absolute"),
         normalization=getattr(args, "normalization", "LayerNorm"),
+        num_experts=getattr(args, "num_experts", None) or None,
+        moe_ffn_hidden_size=(getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size)
+        if getattr(args, "num_experts", None) else None,
     )
 
 
@@ -192,9 +211,12 @@ def parallel_config_from_args(args) -> ParallelConfig:
     stages = even_or_none(parse_layer_list(getattr(args, "num_layer_list", None))) or uneven_layers(
         args.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
         getattr(args, "decoder_last_pipeline_num_layers", None))
-    return ParallelConfig(tp=getattr(args, "tensor_model_parallel_size", 1) or 1, pp=pp, vpp=vpp,
-                          dp=getattr(args, "data_parallel_size", 1) or 1, layers_per_stage=stages,
-                          cp=getattr(args, "context_parallel_size", 1) or 1)
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    etp = getattr(args, "expert_tensor_parallel_size", None)
+    return ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=getattr(args, "data_parallel_size", 1) or 1,
+                          layers_per_stage=stages, cp=getattr(args, "context_parallel_size", 1) or 1,
+                          ep=getattr(args, "expert_model_parallel_size", 1) or 1,
+                          etp=None if etp in (None, tp) else etp)
 
 
 def updated_args(args, spec: ModelSpec, config: ParallelConfig):
@@ -212,4 +234,6 @@ def updated_args(args, spec: ModelSpec, config: ParallelConfig):
     new.padded_vocab_size = spec.padded_vocab_for(config.tp)
     new.make_vocab_size_divisible_by = spec.make_vocab_size_divisible_by   # as assumed, where the args lacked it
     new.data_parallel_size = config.dp
+    new.expert_model_parallel_size = config.ep
+    new.expert_tensor_parallel_size = config.size("etp")
     return new

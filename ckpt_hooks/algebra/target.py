@@ -1,6 +1,6 @@
 """What a conversion writes, as one value: the target's layout, vocabulary padding, dtype and layer spec.
 
-    Target(tp, pp, vpp, dp, num_layer_list,                          the layout; None: as the source
+    Target(tp, pp, vpp, dp, num_layer_list, ep, etp,                 the layout; None: as the source
            make_vocab_size_divisible_by, padded_vocab_size, true_vocab_size,       vocabulary rows
            params_dtype, layer_spec)                                                 what is written
 
@@ -19,7 +19,8 @@ from ckpt_hooks.errors import CheckpointError
 
 FLAGS = {"tp": "--target-tensor-parallel-size", "pp": "--target-pipeline-parallel-size",
          "vpp": "--target-virtual-pipeline-parallel-size", "dp": "--target-data-parallel-size",
-         "num_layer_list": "--num-layer-list", "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
+         "num_layer_list": "--num-layer-list", "ep": "--target-expert-model-parallel-size",
+         "etp": "--target-expert-tensor-parallel-size", "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
          "padded_vocab_size": "--padded-vocab-size", "true_vocab_size": "--true-vocab-size"}
 
 
@@ -35,9 +36,11 @@ class Target:
     true_vocab_size: int | None = None
     params_dtype: str | None = None    # "bf16", "fp16", "fp32"; None keeps the source's
     layer_spec: str | None = None      # "transformer_engine" or "local"; None: the converter's default
+    ep: int | None = None              # expert parallel
+    etp: int | None = None             # expert tensor parallel (None: the source's, or TP where that was TP)
 
     def __post_init__(self):
-        for name in ("tp", "pp", "vpp", "dp", "make_vocab_size_divisible_by", "padded_vocab_size",
+        for name in ("tp", "pp", "vpp", "dp", "ep", "etp", "make_vocab_size_divisible_by", "padded_vocab_size",
                      "true_vocab_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -54,8 +57,9 @@ class Target:
     def layout(self, source: ParallelConfig, spec: ModelSpec, notes: list | None = None) -> ParallelConfig:
         """The target layout: the sizes given, the rest kept from ``source`` where they still apply
         (VPP and uneven stages only with the same PP; context parallelism as the source's; DP by
-        default fills the source's world, as ``notes`` says), checked against ``spec`` and
-        Megatron-LM's own rules."""
+        default fills the source's world, as ``notes`` says; an expert tensor parallel size equal
+        to the source's TP follows the target's TP), checked against ``spec`` and Megatron-LM's
+        own rules."""
         pp = self.pp or (len(self.num_layer_list) if self.num_layer_list else source.pp)
         vpp = self.vpp or (source.vpp if pp == source.pp else 1)
         tp = self.tp or source.tp
@@ -65,7 +69,9 @@ class Target:
         if self.dp is None and notes is not None and dp != source.dp:
             notes.append(f"data parallel size {dp} fills the source's {source.world} ranks "
                          f"(pass {FLAGS['dp']} to choose another)")
-        target = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, layers_per_stage=stages, cp=source.cp)
+        etp = self.etp or source.etp
+        target = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, layers_per_stage=stages, cp=source.cp,
+                                ep=self.ep or source.ep, etp=None if etp == tp else etp)
         if vpp > 1 and pp == 1:
             raise self.error("vpp", "virtual pipeline stages need a pipeline parallel size above 1 "
                                     "(Megatron-LM refuses the layout)")
@@ -80,4 +86,8 @@ class Target:
         except layout.LayoutError as e:
             raise self.error("num_layer_list" if self.num_layer_list else ("vpp" if self.vpp else "pp"),
                              str(e)) from None
+        try:
+            layout.check_experts(spec, target)
+        except layout.LayoutError as e:
+            raise self.error("etp" if self.etp else ("ep" if self.ep else "tp"), str(e)) from None
         return target

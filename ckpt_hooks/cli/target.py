@@ -3,9 +3,11 @@
     --target-tensor-parallel-size (--tp-size)      --target-pipeline-parallel-size (--pp-size)
     --target-virtual-pipeline-parallel-size (--vpp-size)   --target-data-parallel-size (--dp-size)
     --num-layer-list 1,3                                     uneven pipeline stages
+    --target-expert-model-parallel-size (--target-expert-parallel-size, --ep-size)
+    --target-expert-tensor-parallel-size (--etp-size)        mixtures of experts
     [vocabulary]  --make-vocab-size-divisible-by | --padded-vocab-size, --true-vocab-size
 
-The short spellings are MindSpeed-Core-MS's. Sizes must be positive (argparse says so, naming
+The short spellings are MindSpeed-Core-MS's, ``--target-expert-parallel-size`` MindSpeed-LLM's. Sizes must be positive (argparse says so, naming
 the flag); their fit to the model is checked by ``Target.layout``."""
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ def add_layout_arguments(parser: argparse.ArgumentParser, default: str = "the so
     group.add_argument("--target-data-parallel-size", "--dp-size", dest="dp", type=positive,
                        help="shapes the optimizer's buckets when there are several (default: fill the source's world)")
     group.add_argument("--num-layer-list", type=layer_list, help="layers per pipeline stage for uneven splits, e.g. 1,3")
+    group.add_argument("--target-expert-model-parallel-size", "--target-expert-parallel-size", "--ep-size", dest="ep",
+                       type=positive, help=f"experts: whole experts per expert rank (default: {default})")
+    group.add_argument("--target-expert-tensor-parallel-size", "--etp-size", dest="etp", type=positive,
+                       help="experts: tensor parallel size inside each expert (default: the source's; TP where "
+                            "that was the source's TP)")
 
 
 def add_vocab_arguments(parser: argparse.ArgumentParser, padding: bool = True) -> None:
@@ -67,7 +74,7 @@ def add_vocab_arguments(parser: argparse.ArgumentParser, padding: bool = True) -
 def target_from(args, **more):
     """The Target the parsed flags give (those a command does not have stay unset)."""
     given = {name: getattr(args, name, None) for name in
-             ("tp", "pp", "vpp", "dp", "num_layer_list", "make_vocab_size_divisible_by", "padded_vocab_size",
+             ("tp", "pp", "vpp", "dp", "ep", "etp", "num_layer_list", "make_vocab_size_divisible_by", "padded_vocab_size",
               "true_vocab_size")}
     return Target(**given, **more)
 

@@ -1,8 +1,12 @@
 """Megatron-LM's legacy checkpoint layout (``--ckpt-format torch``).
 
     <root>/latest_checkpointed_iteration.txt          iteration number or "release"
-    <root>/iter_0000100/mp_rank_TT[_PPP]/model_optim_rng.pt
-                                          distrib_optim.pt  (distributed optimizer)
+    <root>/iter_0000100/mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt   (PPP with PP > 1, EEE with EP > 1)
+                                               distrib_optim.pt     (distributed optimizer)
+
+With expert parallelism a stage's files are written by the first expert-data-parallel replica
+(``ParallelConfig.file_ranks``); with PP = 1, ``mp_rank_TT_EEE`` is told from a dense
+``mp_rank_TT_PPP`` by the saved args.
 
 ``model_optim_rng.pt`` holds ``args``, ``iteration``, ``checkpoint_version`` and the
 model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages.
@@ -16,6 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckpt_hooks.algebra.spec import ParallelConfig, Rank, parallel_config_from_args
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import torch_dist, torch_pickle
 from ckpt_hooks.formats.atomic import fsync
@@ -33,8 +38,19 @@ def iteration_dir_name(iteration: int | None) -> str:
     return "release" if iteration is None else f"iter_{iteration:07d}"
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(rank: Rank, config: ParallelConfig) -> str:
+    """Megatron-LM's get_checkpoint_name for a file rank of a layout."""
+    name = f"mp_rank_{rank.tp:02d}" if config.pp == 1 else f"mp_rank_{rank.tp:02d}_{rank.pp:03d}"
+    return name + (f"_{rank.ep:03d}" if config.ep > 1 else "")
+
+
+def _rank_of(match: re.Match, config: ParallelConfig) -> Rank | None:
+    """The file rank a directory name gives under a layout (None: a name it cannot have)."""
+    numbers = [int(g) for g in match.groups() if g is not None]
+    wanted = 1 + (config.pp > 1) + (config.ep > 1)
+    if len(numbers) != wanted:
+        return None
+    return Rank(numbers[0], numbers[1] if config.pp > 1 else 0, numbers[-1] if config.ep > 1 else 0)
 
 
 def chunk_keys(vpp: int) -> list[str]:
@@ -76,13 +92,12 @@ class LegacyCheckpoint:
 
     iter_dir: Path
     iteration: int | None
-    files: dict[tuple[int, int], TorchFile]   # (tp_rank, pp_rank) -> model_optim_rng.pt
-    tp: int
-    pp: int
+    files: dict[Rank, TorchFile]   # file rank -> model_optim_rng.pt
+    layout: ParallelConfig          # as the saved args describe it
 
     @property
     def first(self) -> TorchFile:
-        return self.files[(0, 0)]
+        return self.files[Rank()]
 
     @property
     def args(self):
@@ -92,35 +107,33 @@ class LegacyCheckpoint:
 def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
     """Open a checkpoint: every rank file's pickle parsed, no tensor data read."""
     iter_dir, iteration = find_iteration_dir(load_dir)
-    ranks = {}
-    for entry in sorted(iter_dir.iterdir()):
-        match = _RANK_DIR.fullmatch(entry.name)
-        if not match:
-            continue
-        if match.group(3) is not None:
-            raise CheckpointError(entry, "expert-parallel checkpoints are not supported yet")
-        ranks[(int(match.group(1)), int(match.group(2) or 0))] = entry
-    if not ranks:
+    found = {entry: match for entry in sorted(iter_dir.iterdir()) if (match := _RANK_DIR.fullmatch(entry.name))}
+    if not found:
         raise CheckpointError(iter_dir, "no mp_rank_* directories")
-    first_dir = ranks.get((0, 0))
-    if first_dir is None:
-        raise CheckpointError(iter_dir / "mp_rank_00", "missing rank directory")
+    first_dir = min(found, key=lambda entry: entry.name)   # mp_rank_00[_000][_000]: rank 0's
     first = TorchFile(first_dir / MODEL_FILE)
     args = first.obj.get("args") if isinstance(first.obj, dict) else None
     if args is None:
         raise CheckpointError(first.path, "no 'args' saved in the checkpoint; cannot tell its layout")
-    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
-    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
-    expected = {(t, p) for t in range(tp) for p in range(pp)}
-    for t, p in sorted(expected - ranks.keys()):
-        raise CheckpointError(iter_dir / rank_dir_name(t, p, pp),
-                              f"missing rank directory (args say TP{tp}·PP{pp})")
-    for t, p in sorted(ranks.keys() - expected):
-        raise CheckpointError(ranks[(t, p)], f"unexpected rank directory (args say TP{tp}·PP{pp})")
-    files = {(0, 0): first}
-    for key in sorted(expected - {(0, 0)}):
-        files[key] = TorchFile(ranks[key] / MODEL_FILE)
-    return LegacyCheckpoint(iter_dir, iteration, files, tp, pp)
+    config = parallel_config_from_args(args)
+    said = f"args say TP{config.tp}·PP{config.pp}" + (f"·EP{config.ep}" if config.ep > 1 else "") + \
+        (f"·ETP{config.etp}" if config.etp and config.ep > 1 else "")
+    ranks = {}
+    for entry, match in found.items():
+        rank = _rank_of(match, config)
+        if rank is None or rank in ranks:
+            raise CheckpointError(entry, f"unexpected rank directory ({said})")
+        ranks[rank] = entry
+    expected = config.file_ranks()
+    for rank in expected:
+        if rank not in ranks:
+            raise CheckpointError(iter_dir / rank_dir_name(rank, config), f"missing rank directory ({said})")
+    for rank in sorted(ranks.keys() - set(expected)):
+        raise CheckpointError(ranks[rank], f"unexpected rank directory ({said})")
+    if ranks[Rank()] != first_dir:
+        raise CheckpointError(first_dir, f"unexpected rank directory ({said})")
+    files = {rank: first if rank == Rank() else TorchFile(ranks[rank] / MODEL_FILE) for rank in sorted(expected)}
+    return LegacyCheckpoint(iter_dir, iteration, files, config)
 
 
 def done_marker(path: Path) -> Path:
@@ -145,10 +158,10 @@ def write_tracker(root: Path, iteration: int | None) -> None:
     (root / TRACKER).write_text("release" if iteration is None else str(iteration))
 
 
-def save_rank_file(root: Path, iteration: int | None, tp_rank: int, pp_rank: int, pp: int,
+def save_rank_file(root: Path, iteration: int | None, rank: Rank, config: ParallelConfig,
                    state: dict, name: str = MODEL_FILE, checksums: dict | None = None) -> Path:
     """Write one rank file; ``checksums[path]`` gets its records' CRC-32s (for the manifest)."""
-    directory = root / iteration_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp)
+    directory = root / iteration_dir_name(iteration) / rank_dir_name(rank, config)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     crcs = torch_pickle.save(state, path)

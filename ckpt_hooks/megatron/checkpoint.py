@@ -1,6 +1,6 @@
 """Megatron legacy checkpoints (``--ckpt-format torch``) as the engine's Source and Sink.
 
-    source  rank file (Rank(tp, pp)) -> chunk (``model`` / ``model{v}``) -> key -> tensor
+    source  rank file (Rank(tp, pp, ep)) -> chunk (``model`` / ``model{v}``) -> key -> tensor
             each tensor = a box of the logical tensor named by its global layer (``algebra.names``)
     sink    a target layout -> rank files, each chunk's keys in megatron-core's state-dict order,
             every tensor planned from the source's pieces (``engine.plan``)
@@ -116,7 +116,7 @@ def read_source(load_dir, true_vocab_size: int | None = None, check_manifest: bo
     placed = place(spec, config, files)
 
     def handle(f: SourceFile, chunk: str, key: str, where: Placement) -> TensorView:
-        torch_file = ckpt.files[(f.rank.tp, f.rank.pp)]
+        torch_file = ckpt.files[f.rank]
         return TensorView(torch_file, torch_file.obj[chunk][key], where.view_shape)
     return MegatronSource(ckpt, spec, config, files, source_tensors(files, placed, handle), placed, notes)
 
@@ -194,7 +194,7 @@ def _vocab_padding(spec: ModelSpec, config: ParallelConfig, divisor: int | None,
 
 def _source_files(ckpt: legacy.LegacyCheckpoint, config: ParallelConfig) -> list[SourceFile]:
     files = []
-    for (tp_rank, pp_rank), torch_file in ckpt.files.items():
+    for rank, torch_file in ckpt.files.items():
         chunks = {}
         for chunk in legacy.chunk_keys(config.vpp):
             state = torch_file.obj.get(chunk)
@@ -203,7 +203,7 @@ def _source_files(ckpt: legacy.LegacyCheckpoint, config: ParallelConfig) -> list
             chunks[chunk] = {key: TensorMeta(v.shape, v.dtype) if isinstance(v, LazyTensor) else None
                              for key, v in state.items()}
             torch_file.check_complete(t for _, t in iter_lazy_tensors(state))
-        files.append(SourceFile(torch_file.path, Rank(tp_rank, pp_rank), chunks))
+        files.append(SourceFile(torch_file.path, rank, chunks))
     return files
 
 
@@ -224,7 +224,8 @@ def place(spec: ModelSpec, config: ParallelConfig, files: list[SourceFile]) -> P
                     raise CheckpointError(f.path, f"{chunk}: '{key}' but args give this stage {len(layers)} "
                                                   "layers; the args disagree with the tensors")
                 global_layer = layers[name.local_layer] if name.local_layer is not None else None
-                logical = names.logical_name(name, global_layer, spec.tied_embeddings)
+                logical = names.logical_name(name, global_layer, spec.tied_embeddings,
+                                             _global_expert(spec, config, f, chunk, key, name.local_expert))
                 if name.rule.kind == EXTRA:
                     placed[(f.rank, chunk, key)] = logical, None
                     continue
@@ -242,6 +243,18 @@ def place(spec: ModelSpec, config: ParallelConfig, files: list[SourceFile]) -> P
     return placed
 
 
+def _global_expert(spec: ModelSpec, config: ParallelConfig, f: SourceFile, chunk: str, key: str,
+                   local: int | None) -> int | None:
+    """The global number of a file's local expert (None for other tensors)."""
+    if local is None:
+        return None
+    held = layout.expert_range(spec.num_experts or 0, config, f.rank.ep) if spec.num_experts else range(0)
+    if local >= len(held):
+        raise CheckpointError(f.path, f"{chunk}: '{key}' but args give each expert rank {len(held)} experts; "
+                                      "the args disagree with the tensors")
+    return held[local]
+
+
 def source_tensors(files: list[SourceFile], placed: Placed, handle: Callable, dtype=None) -> Source:
     """The logical tensors the files hold, each stored tensor a piece read through
     ``handle(file, chunk, key, placement)`` (weights, an optimizer state's views, or the
@@ -255,7 +268,9 @@ def source_tensors(files: list[SourceFile], placed: Placed, handle: Callable, dt
                     tensors.setdefault(logical, Tensor((), None))
                     continue
                 tensor = tensors.setdefault(logical, Tensor(where.logical_shape, dtype or meta.dtype))
-                tensor.add(where.box, handle(f, chunk, key, where))
+                piece = handle(f, chunk, key, where)
+                if piece is not None:   # None: this file does not hold it (another rank's optimizer does)
+                    tensor.add(where.box, piece)
     return tensors
 
 
@@ -266,7 +281,7 @@ def rank_rng(src: MegatronSource, tp_rank: int, pp_rank: int) -> list | None:
         checkpoint = ckpt.dist
         key = object_key("rng_state", (pp_rank, tp_rank), (src.layout.pp, src.layout.tp))
         return checkpoint.read_object(key)[0] if key in checkpoint.objects else None
-    own = ckpt.files.get((tp_rank, pp_rank))
+    own = ckpt.files.get(Rank(tp_rank, pp_rank))
     if own is None or not isinstance(own.obj, dict) or own.obj.get("rng_state") is None:
         return None
     return own.materialize(own.obj["rng_state"])
@@ -284,20 +299,30 @@ def _key_order(tensors: Source, spec: ModelSpec) -> tuple[list[tuple[str, str]],
             outer.append((logical, logical))
         elif name.suffix not in suffixes:
             suffixes.append(name.suffix)
+    # Routed experts in global order, where the first one is (files add theirs one after another).
+    experts = [s for s in suffixes if names.expert_of(s) is not None]
+    if experts:
+        at = suffixes.index(experts[0])
+        others = [s for s in suffixes if names.expert_of(s) is None]
+        suffixes = others[:at] + sorted(experts, key=names.expert_of) + others[at:]
     if spec.tied_embeddings:   # the output layer is the embedding: before its other entries, else last
         at = next((i for i, (k, _) in enumerate(outer) if k.startswith("output_layer.")), len(outer))
         outer.insert(at, (names.OUTPUT, names.EMBEDDING))
     return outer, suffixes
 
 
-def _target_keys(order, spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp: int) -> list[tuple[str, str]]:
+def _target_keys(order, spec: ModelSpec, config: ParallelConfig, rank: Rank, vp: int) -> list[tuple[str, str]]:
     """(key, logical name) of each entry a target chunk holds, in megatron-core's state-dict order."""
     outer, suffixes = order
-    first = layout.is_first_chunk(config, pp_rank, vp)
-    last = layout.is_last_chunk(config, pp_rank, vp)
+    first = layout.is_first_chunk(config, rank.pp, vp)
+    last = layout.is_last_chunk(config, rank.pp, vp)
     keys = [(k, logical) for k, logical in outer if first and k.startswith("embedding.")]
-    for local, global_layer in enumerate(layout.chunk_layers(spec, config, pp_rank, vp)):
-        keys += [(names.layer_key(local, s), names.layer_key(global_layer, s)) for s in suffixes]
+    experts = layout.expert_range(spec.num_experts, config, rank.ep) if spec.num_experts else range(0)
+    # (local suffix, logical suffix): the rank's own experts, renumbered from its first
+    local_suffixes = [(s if e is None else names.with_expert(s, e - experts.start), s)
+                      for s in suffixes if (e := names.expert_of(s)) is None or e in experts]
+    for local, global_layer in enumerate(layout.chunk_layers(spec, config, rank.pp, vp)):
+        keys += [(names.layer_key(local, s), names.layer_key(global_layer, logical)) for s, logical in local_suffixes]
     # A tied output layer exists only on a last stage that does not also hold the embedding.
     keys += [(k, logical) for k, logical in outer if last and k.startswith(("decoder.", "output_layer."))
              and not (k == names.OUTPUT and spec.tied_embeddings and first)]
@@ -317,7 +342,7 @@ def plan_files(tensors: Source, spec: ModelSpec, target: ParallelConfig, *, rank
             continue
         planned = []
         for vp, chunk in enumerate(chunk_keys):
-            for key, logical in _target_keys(order, spec, target, rank.pp, vp):
+            for key, logical in _target_keys(order, spec, target, rank, vp):
                 tensor = tensors.get(logical)
                 if tensor is None:
                     raise CheckpointError(where, f"no source file holds '{logical}'")
@@ -374,9 +399,10 @@ def write_manifest(load_dir, checksums: dict | None = None) -> Path:
     return manifest.write(built, src.ckpt.iter_dir)
 
 
-def _reuse(root: Path, iteration, rank: Rank, pp: int, optimizer: bool, checksums: dict) -> list[Path] | None:
+def _reuse(root: Path, iteration, rank: Rank, config: ParallelConfig, optimizer: bool,
+           checksums: dict) -> list[Path] | None:
     """This rank's files, where an interrupted run completed them all (their CRC-32s then kept)."""
-    directory = root / legacy.iteration_dir_name(iteration) / legacy.rank_dir_name(rank.tp, rank.pp, pp)
+    directory = root / legacy.iteration_dir_name(iteration) / legacy.rank_dir_name(rank, config)
     paths = [directory / legacy.MODEL_FILE] + ([directory / legacy.OPTIMIZER_FILE] if optimizer else [])
     found = {str(path): legacy.completed(path) for path in paths}
     if any(crcs is None for crcs in found.values()):
@@ -385,7 +411,7 @@ def _reuse(root: Path, iteration, rank: Rank, pp: int, optimizer: bool, checksum
     return paths
 
 
-def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp: int,
+def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], config: ParallelConfig,
                      rank_state: Callable[[TargetFile, object], dict],
                      optimizer_state: Callable[[TargetFile, object], dict | None] | None, total: int, *,
                      workers: int, quiet: bool, label: str, written: Callable | None = None,
@@ -404,7 +430,7 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp
     with staged_directory(save_dir, resume, ranks) as root:
         def write(target: TargetFile, progress) -> None:
             rank = target.rank
-            kept = _reuse(root, iteration, rank, pp, optimizer_state is not None, checksums) if resume else None
+            kept = _reuse(root, iteration, rank, config, optimizer_state is not None, checksums) if resume else None
             if kept is not None:
                 if reused is not None:
                     reused.append(rank)
@@ -412,11 +438,11 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], pp
                     written(root, kept)
                 progress.update(target.nbytes)
                 return
-            paths = [legacy.save_rank_file(root, iteration, rank.tp, rank.pp, pp, rank_state(target, progress),
+            paths = [legacy.save_rank_file(root, iteration, rank, config, rank_state(target, progress),
                                            checksums=checksums)]
             state = optimizer_state(target, progress) if optimizer_state is not None else None
             if state is not None:
-                paths.append(legacy.save_rank_file(root, iteration, rank.tp, rank.pp, pp, state,
+                paths.append(legacy.save_rank_file(root, iteration, rank, config, state,
                                                    legacy.OPTIMIZER_FILE, checksums))
             if written is not None:
                 written(root, paths)

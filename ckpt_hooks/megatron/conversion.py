@@ -17,7 +17,7 @@ from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron import legacy_names
 from ckpt_hooks.megatron.checkpoint import MegatronSource, pending_file, plan_files, read_source, write_checkpoint
-from ckpt_hooks.megatron.optimizer import SourceOptimizer, source_optimizer, target_state
+from ckpt_hooks.megatron.optimizer import SourceOptimizer, chained_param_groups, source_optimizer, target_state
 from ckpt_hooks.megatron.torch_dist import mp_rank
 
 # Entries of model_optim_rng.pt that do not depend on the layout and are carried over.
@@ -45,7 +45,8 @@ class Planned:
         first = self.src.ckpt.first.obj
         carried = {k: first[k] for k in _CARRIED if k in first}
         if self.optimizer is not None and self.optimizer.param_groups is not None:
-            carried["optimizer"] = self.optimizer.param_groups  # param groups and step: the same on every rank
+            # param groups and step: the same on every rank
+            carried["optimizer"] = chained_param_groups(self.optimizer.param_groups, self.target)
         return carried
 
 
@@ -81,7 +82,7 @@ def dry_run(p: Planned, workers: int, ckpt_format: str | None = None) -> str:
             if dist:   # one .distcp file per model-parallel rank holds weights and optimizer state
                 name = f"{iter_name}/__{mp_rank(f.rank, p.target)}_0.distcp ({label})"
             else:
-                name = f"{iter_name}/{legacy.rank_dir_name(f.rank.tp, f.rank.pp, p.target.pp)}/{what}"
+                name = f"{iter_name}/{legacy.rank_dir_name(f.rank, p.target)}/{what}"
             lines.append(f"  {name}  {f.nbytes / 1e6:.1f} MB")
             # an optimizer state's buffer is built whole
             largest = max(largest, *(t.nbytes for t in f.tensors), f.nbytes if what != legacy.MODEL_FILE else 0)
@@ -149,7 +150,7 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
         return target_state(target_file, plans, optim.grad_dtypes, src.spec, layout, args, progress)
 
     reused: list = []
-    data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout.pp, rank_state,
+    data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout, rank_state,
                                     optimizer_state if optim is not None else None, p.nbytes, workers=workers,
                                     quiet=quiet, label=label, resume=resume, reused=reused, finish=unchanged)
     if resume:

@@ -3,6 +3,8 @@
     distrib_optim.pt = {"buckets_coalesced": True,
                         buffer index: {(param dtype, grad dtype): {"param", "exp_avg", "exp_avg_sq":
                                                                    flat fp32, "numel_unpadded": N}}}
+    with experts: [dense optimizer's, expert optimizer's] (megatron-core's ChainedOptimizer), each
+    such a dict, or None where the rank is not rank 0 of that optimizer's data-parallel group
 
 Through a param_map (``algebra.param_map``: recorded by the save hook, or rebuilt from the model
 and megatron-core's rules and checked against the stored sizes) each parameter's slice of a flat
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -59,17 +62,28 @@ def chunk_params(spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp: int,
     return out
 
 
+def is_expert_param(key: str) -> bool:
+    """Whether a chunk key is a routed expert's."""
+    name = names.classify(key)
+    return name is not None and name.local_expert is not None
+
+
 def rebuild_maps(spec, config, args, pp_rank: int, chunks: dict, grad_dtypes: dict) -> list[BufferMap]:
-    """The buffers of every chunk of one (tp, pp) rank, in the optimizer's order."""
+    """The buffers of every chunk of one file rank, in the optimizers' order: the dense ones
+    (sharded over DP x CP), then, with EP > 1, the routed experts' (over the expert-data-parallel
+    group). megatron-core keeps experts apart only with EP > 1 (their params' ``allreduce``
+    flag); at EP 1 they share the dense buffers and optimizer."""
     maps = []
-    for vp, tensors in enumerate(chunks.values()):
-        by_dtype: OrderedDict[str, list[ParamInfo]] = OrderedDict()
-        for info, dtype in chunk_params(spec, config, pp_rank, vp, tensors):
-            by_dtype.setdefault(dtype_name(dtype), []).append(info)
-        for param_dtype, params in by_dtype.items():
-            # The dense optimizer shards over DP x CP (megatron-core's data-parallel group with context).
-            maps.append(rebuild(params, chunk=vp, param_dtype=param_dtype, grad_dtype=grad_dtypes[param_dtype],
-                                dp_size=config.dense_dp, bucket_size=bucket_size(args, vp, pp_rank, config.dense_dp)))
+    for expert, dp in ((False, config.dense_dp), (True, config.expert_dp)):
+        for vp, tensors in enumerate(chunks.values()):
+            by_dtype: OrderedDict[str, list[ParamInfo]] = OrderedDict()
+            for info, dtype in chunk_params(spec, config, pp_rank, vp, tensors):
+                if (config.ep > 1 and is_expert_param(info.name)) == expert:
+                    by_dtype.setdefault(dtype_name(dtype), []).append(info)
+            for param_dtype, params in by_dtype.items():
+                maps.append(rebuild(params, chunk=vp, param_dtype=param_dtype, grad_dtype=grad_dtypes[param_dtype],
+                                    dp_size=dp, bucket_size=bucket_size(args, vp, pp_rank, config.dense_dp),
+                                    expert=expert))
     return maps
 
 
@@ -107,31 +121,60 @@ class SourceOptimizer:
         self.param_groups = src.ckpt.first.obj.get("optimizer")
         self.sources: dict[str, Source] = {
             state: source_tensors(src.files, src.placed,
-                                  lambda f, chunk, key, where, state=state: TensorView(
-                                      self.files[f.rank], self.views[(state, f.rank, chunk, key)], where.view_shape),
+                                  lambda f, chunk, key, where, state=state: self._view(state, f, chunk, key, where),
                                   dtype=torch.float32)
             for state in STATES}
+        self._check_held(src)
+
+    def _view(self, state: str, f, chunk: str, key: str, where) -> TensorView | None:
+        view = self.views.get((state, f.rank, chunk, key))
+        return None if view is None else TensorView(self.files[f.rank], view, where.view_shape)
+
+    def _check_held(self, src) -> None:
+        """Every parameter's state is held by some file (a chained optimizer's dense state is in
+        the dense data-parallel rank 0's files only)."""
+        def piece(rank, chunk, key):
+            logical, where = src.placed[(rank, chunk, key)]
+            return logical, where.box
+        held = {piece(rank, chunk, key) for state, rank, chunk, key in self.views if state == "param"}
+        for (rank, chunk, key), (logical, where) in src.placed.items():
+            if where is not None and (logical, where.box) not in held:
+                raise CheckpointError(self.files[rank].path, f"{chunk}: no {OPTIMIZER_FILE} holds the optimizer "
+                                                             f"state of '{key}' (its data-parallel rank 0's file lacks it)")
 
     def _index(self, torch_file: TorchFile, spec, source, f, args) -> None:
         obj = torch_file.obj
-        if isinstance(obj, list):
-            raise CheckpointError(torch_file.path, "several chained optimizers (MoE) are not supported yet")
-        if not isinstance(obj, dict) or not obj.get("buckets_coalesced"):
-            raise CheckpointError(torch_file.path, "not a legacy distributed-optimizer file "
-                                                   "(expected 'buckets_coalesced' flat buffers)")
-        buffers = [obj[i] for i in sorted(k for k in obj if isinstance(k, int))]
-        flat = []
-        for index, buffer in enumerate(buffers):
-            for (param_dtype, grad_dtype), states in buffer.items():
-                self.grad_dtypes[dtype_name(param_dtype)] = dtype_name(grad_dtype)
-                flat.append((index, dtype_name(param_dtype), states))
-        maps = read_recorded_maps(Path(torch_file.path).parent) or \
-            rebuild_maps(spec, source, args, f.rank.pp, f.chunks, self.grad_dtypes)
+        maps = read_recorded_maps(Path(torch_file.path).parent)
+        entries = obj if isinstance(obj, list) else [obj]
+        flat = {}
+        for expert, entry in enumerate(entries):
+            if entry is None and isinstance(obj, list):
+                continue   # another rank of this optimizer's data-parallel group saved it
+            if not isinstance(entry, dict) or not entry.get("buckets_coalesced"):
+                raise CheckpointError(torch_file.path, "not a legacy distributed-optimizer file "
+                                                       "(expected 'buckets_coalesced' flat buffers)")
+            buffers = [entry[i] for i in sorted(k for k in entry if isinstance(k, int))]
+            flat[bool(expert)] = []
+            for index, buffer in enumerate(buffers):
+                for (param_dtype, grad_dtype), states in buffer.items():
+                    self.grad_dtypes[dtype_name(param_dtype)] = dtype_name(grad_dtype)
+                    flat[bool(expert)].append((index, dtype_name(param_dtype), states))
+        maps = maps or rebuild_maps(spec, source, args, f.rank.pp, f.chunks, self.grad_dtypes)
         self.maps[f.rank] = maps
-        if len(maps) != len(flat):
-            raise CheckpointError(torch_file.path, f"holds {len(flat)} grad buffers; the model file "
-                                                   f"{f.path} implies {len(maps)}")
+        optimizers = 1 + any(m.expert for m in maps)
+        if len(entries) != optimizers:
+            raise CheckpointError(torch_file.path, f"holds the state of {len(entries)} distributed optimizers; the "
+                                                   f"model file {f.path} implies {optimizers} (dense"
+                                                   + (" and expert)" if optimizers > 1 else ")"))
         chunk_keys = list(f.chunks)
+        for expert, stored in flat.items():
+            kind = [m for m in maps if m.expert == expert]
+            if len(kind) != len(stored):
+                raise CheckpointError(torch_file.path, f"holds {len(stored)} {'expert ' if expert else ''}grad "
+                                                       f"buffers; the model file {f.path} implies {len(kind)}")
+            self._index_buffers(torch_file, f, chunk_keys, kind, stored)
+
+    def _index_buffers(self, torch_file: TorchFile, f, chunk_keys: list, maps: list[BufferMap], flat: list) -> None:
         for buffer_map, (index, param_dtype, states) in zip(maps, flat):
             stored = states.get("numel_unpadded")
             if buffer_map.param_dtype != param_dtype or stored != buffer_map.numel_unpadded:
@@ -153,11 +196,13 @@ class SourceOptimizer:
         first parameter, which catches the optimizer files of two ranks swapped, or of another
         run, at the cost of a few hundred bytes per buffer."""
         for f in src.files:
-            model = src.ckpt.files[(f.rank.tp, f.rank.pp)]
+            model = src.ckpt.files[f.rank]
             chunk_keys = list(f.chunks)
             for buffer_map in self.maps[f.rank]:
                 slot = buffer_map.params[0]
                 chunk = chunk_keys[buffer_map.chunk]
+                if ("param", f.rank, chunk, slot.name) not in self.views:
+                    continue   # held by another rank's file
                 param, weight = self.views[("param", f.rank, chunk, slot.name)], model.obj[chunk][slot.name]
                 if not weight.is_contiguous():
                     continue
@@ -172,8 +217,40 @@ class SourceOptimizer:
 
     def plans(self, spec, target, ranks=None) -> dict[str, dict[Rank, TargetFile]]:
         """For each state, its target files resharded like the weights: {state: {rank: file}}."""
-        return {state: {t.rank: t for t in plan_files(self.sources[state], spec, target, ranks=ranks)}
+        return {state: {t.rank: held_state(t, target) for t in plan_files(self.sources[state], spec, target, ranks=ranks)}
                 for state in STATES}
+
+
+def held_state(planned: TargetFile, config: ParallelConfig) -> TargetFile:
+    """A target rank's planned optimizer state, less the dense parameters where a chained
+    optimizer's dense state is another rank's to save (``ParallelConfig.holds_dense_optimizer``)."""
+    if config.holds_dense_optimizer(planned.rank):
+        return planned
+    return replace(planned, tensors=[t for t in planned.tensors if is_expert_param(t.key)])
+
+
+def chained_param_groups(saved, config: ParallelConfig):
+    """The model file's ``optimizer`` entry (param groups with the step) for a target layout: one
+    DistributedOptimizer's state dict, or with EP > 1 megatron-core's chained [dense, expert].
+    megatron-core finds a group by its (wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr)
+    and ignores groups it does not have, so each side gets every group of the source."""
+    entries = saved if isinstance(saved, list) else [saved]
+    if saved is None or not all(isinstance(e, dict) and isinstance(e.get("optimizer"), dict) for e in entries):
+        return saved
+    if len(entries) == 1 and config.ep == 1:
+        return saved
+
+    def side(expert: bool) -> dict:
+        groups = {}
+        for entry in entries:
+            for group in entry["optimizer"].get("param_groups", []):
+                group = {**group, "is_expert_parallel": expert}
+                groups.setdefault(tuple(str(group.get(k)) for k in _GROUP_KEYS), group)
+        return {**entries[0], "optimizer": {**entries[0]["optimizer"], "param_groups": list(groups.values())}}
+    return [side(False), side(True)] if config.ep > 1 else side(False)
+
+
+_GROUP_KEYS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")   # megatron-core's identifier
 
 
 def source_optimizer(src):
@@ -199,6 +276,15 @@ def target_state(target_file: TargetFile, plans: dict[str, TargetFile], grad_dty
     state: each flat buffer is produced when it is written."""
     maps, chunk_keys = target_maps(target_file, grad_dtypes, spec, config, args)
     indexed = {name: {(t.chunk, t.key): t for t in plans[name].tensors} for name in STATES}
+    optimizers = [_optimizer_state([m for m in maps if not m.expert], chunk_keys, indexed, progress)
+                  if config.holds_dense_optimizer(target_file.rank) else None]
+    if any(m.expert for m in maps):   # megatron-core's ChainedOptimizer: [dense, expert]
+        optimizers.append(_optimizer_state([m for m in maps if m.expert], chunk_keys, indexed, progress))
+    return optimizers[0] if len(optimizers) == 1 else optimizers
+
+
+def _optimizer_state(maps: list[BufferMap], chunk_keys: list, indexed: dict, progress) -> dict:
+    """One distributed optimizer's ``distrib_optim.pt`` entry: each flat buffer produced when written."""
     state = {"buckets_coalesced": True}
     for index, buffer_map in enumerate(maps):
         flats = {}

@@ -133,7 +133,7 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
         return _publish(root, iter_dir, iteration)
     if ckpt_format != "torch":
         raise ValueError(f"unknown checkpoint format {ckpt_format!r} (torch or torch_dist)")
-    rank_dir = iter_dir / legacy.rank_dir_name(rank.tp, rank.pp, layout.pp)
+    rank_dir = iter_dir / legacy.rank_dir_name(rank, layout)
     rank_dir.mkdir(parents=True, exist_ok=True)
     optimizer.save_parameter_state(str(rank_dir / legacy.OPTIMIZER_FILE))  # collective over DP
     dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)

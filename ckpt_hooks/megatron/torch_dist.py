@@ -331,7 +331,7 @@ class FlatView:
 def recorded_maps_dir(iter_dir, rank, pp: int) -> Path:
     """Where the save hook records a model-parallel rank's param_map beside a torch_dist checkpoint
     (Megatron's own files unchanged): ``ckpt_hooks/mp_rank_TT[_PPP]/param_map.json``."""
-    return Path(iter_dir) / HOOK_DIR / legacy.rank_dir_name(rank.tp, rank.pp, pp)
+    return Path(iter_dir) / HOOK_DIR / legacy.rank_dir_name(rank, ParallelConfig(pp=pp))
 
 
 def sharding_type(checkpoint: dist.DistCheckpoint) -> str | None:

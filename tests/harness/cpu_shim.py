@@ -88,3 +88,9 @@ def install() -> None:
 
     mcore_random._get_cuda_rng_state = _get_rng_state  # returns a fresh copy already
     mcore_random._set_cuda_rng_state = _set_rng_state
+
+    # Without Transformer Engine moe_utils never binds te_general_gemm (NameError in the router).
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None

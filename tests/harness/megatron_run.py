@@ -81,6 +81,8 @@ def init_parallel(m: dict, layout: dict) -> int:
         tensor_model_parallel_size=layout["tp"],
         pipeline_model_parallel_size=layout["pp"],
         virtual_pipeline_model_parallel_size=layout["vpp"],
+        expert_model_parallel_size=layout["ep"],
+        expert_tensor_parallel_size=layout["etp"],
     )
     # Megatron-LM's _set_random_seed: the seed is offset by 100 per pipeline rank.
     seed = m["seed"] + 100 * ps.get_pipeline_model_parallel_rank()
@@ -126,6 +128,24 @@ def transformer_config(m: dict, layout: dict) -> TransformerConfig:
         # gloo mixes up activations and gradients with batched p2p under VPP.
         batch_p2p_comm=False,
         deallocate_pipeline_outputs=True,  # as Megatron-LM sets it
+        **moe_config(m, layout),
+    )
+
+
+def moe_config(m: dict, layout: dict) -> dict:
+    """The TransformerConfig fields of a mixture of experts (none for a dense model)."""
+    if not m["experts"]:
+        return {}
+    return dict(
+        num_moe_experts=m["experts"],
+        moe_ffn_hidden_size=m["moe_ffn"],
+        moe_router_topk=m["topk"],
+        # alltoall needs CUDA events and uneven collectives gloo lacks; allgather runs as it is.
+        moe_token_dispatcher_type="allgather",
+        moe_router_load_balancing_type="aux_loss",  # Megatron-LM's defaults
+        moe_aux_loss_coeff=0.0,
+        expert_model_parallel_size=layout["ep"],
+        expert_tensor_parallel_size=layout["etp"],
     )
 
 
@@ -135,7 +155,8 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
     for vp_stage in range(layout["vpp"]) if layout["vpp"] else [None]:
         model = GPTModel(
             config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization=m["normalization"]),
+            transformer_layer_spec=get_gpt_layer_local_spec(num_experts=m["experts"],
+                                                            normalization=m["normalization"]),
             vocab_size=padded_vocab(m, layout["tp"]),
             max_sequence_length=m["seq_length"],
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -185,10 +206,17 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: s
         account_for_loss_in_pipeline_split=False,
         data_parallel_size=dp,
         context_parallel_size=1,
-        expert_model_parallel_size=1,
-        expert_tensor_parallel_size=tp,
+        expert_model_parallel_size=layout["ep"],
+        expert_tensor_parallel_size=layout["etp"],
         sequence_parallel=False,
-        num_experts=None,
+        num_experts=m["experts"],
+        moe_ffn_hidden_size=m["moe_ffn"] if m["experts"] else None,
+        moe_router_topk=m["topk"],
+        moe_grouped_gemm=False,
+        moe_token_dispatcher_type="allgather",
+        moe_shared_expert_intermediate_size=None,
+        moe_layer_freq=1,
+        moe_router_enable_expert_bias=False,
         num_layers=m["num_layers"],
         encoder_num_layers=m["num_layers"],
         hidden_size=m["hidden"],
@@ -439,12 +467,13 @@ OPTIM_STATES = ("param", "exp_avg", "exp_avg_sq")  # what distrib_optim.pt holds
 def distributed_optimizers(optimizer) -> list:
     """The DistributedOptimizers inside what get_megatron_optimizer returned.
 
-    megatron-core 0.16.1 always returns a ChainedOptimizer (one DistributedOptimizer for the
-    dense params; a second one would hold MoE expert params, which these models do not have).
+    megatron-core 0.16.1 always returns a ChainedOptimizer: one DistributedOptimizer for the
+    dense params, and with experts a second one for the expert params (over the expert-data-
+    parallel group).
     """
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    if len(inner) != 1 or not isinstance(inner[0], DistributedOptimizer):
-        raise NotImplementedError(f"expected one DistributedOptimizer, got {inner}")
+    if len(inner) not in (1, 2) or not all(isinstance(o, DistributedOptimizer) for o in inner):
+        raise NotImplementedError(f"expected DistributedOptimizers, got {inner}")
     return inner
 
 
@@ -494,12 +523,13 @@ def local_param_map(chunks: list, optimizer) -> list:
 
 
 def gather_param_map(chunks: list, optimizer) -> list | None:
-    """On rank 0: [{"tp_rank", "pp_rank", "buffers"}] for every model-parallel rank (DP rank 0's),
-    sorted by (tp_rank, pp_rank).  Raises if two DP ranks of one (tp, pp) disagree."""
+    """On rank 0: [{"tp_rank", "pp_rank", "ep_rank", "buffers"}] for every rank that writes a
+    model file (expert-DP rank 0; DP rank 0 without experts), sorted by (tp_rank, pp_rank,
+    ep_rank).  Raises if two ranks of one (tp, pp, ep) disagree."""
     mine = (
-        ps.get_tensor_model_parallel_rank(),
-        ps.get_pipeline_model_parallel_rank(),
-        ps.get_data_parallel_rank(with_context_parallel=True),
+        (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+         ps.get_expert_model_parallel_rank()),
+        ps.get_expert_data_parallel_rank(),
         local_param_map(chunks, optimizer),
     )
     gathered = [None] * dist.get_world_size()
@@ -507,12 +537,12 @@ def gather_param_map(chunks: list, optimizer) -> list | None:
     if dist.get_rank() != 0:
         return None
     by_rank = {}
-    for tp_rank, pp_rank, dp_rank, buffers in sorted(gathered, key=lambda g: g[2]):
-        if (tp_rank, pp_rank) not in by_rank:
-            by_rank[(tp_rank, pp_rank)] = buffers
-        elif by_rank[(tp_rank, pp_rank)] != buffers:
-            raise RuntimeError(f"DP rank {dp_rank} of (tp {tp_rank}, pp {pp_rank}) has another param_map")
-    return [{"tp_rank": t, "pp_rank": p, "buffers": b} for (t, p), b in sorted(by_rank.items())]
+    for rank, edp_rank, buffers in sorted(gathered, key=lambda g: g[1]):
+        if rank not in by_rank:
+            by_rank[rank] = buffers
+        elif by_rank[rank] != buffers:
+            raise RuntimeError(f"expert-DP rank {edp_rank} of (tp, pp, ep) {rank} has another param_map")
+    return [{"tp_rank": t, "pp_rank": p, "ep_rank": e, "buffers": b} for (t, p, e), b in sorted(by_rank.items())]
 
 
 def optimizer_states(chunks: list, optimizer) -> dict:
@@ -588,8 +618,11 @@ def optimizer_steps(optimizer) -> list:
 
 
 def mp_rank_dir(iteration_dir: str, layout: dict) -> str:
+    """Megatron-LM's get_checkpoint_name: mp_rank_TT[_PPP][_EEE] (PPP with PP > 1, EEE with EP > 1)."""
     tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
     name = f"mp_rank_{tp_rank:02d}" if layout["pp"] == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+    if layout["ep"] > 1:
+        name += f"_{ps.get_expert_model_parallel_rank():03d}"
     return os.path.join(iteration_dir, name)
 
 
@@ -603,7 +636,7 @@ def save_legacy_checkpoint(save_dir, iteration, layout, chunks, optimizer, sched
     os.makedirs(ckpt_dir, exist_ok=True)
     # Collective over the DP group; the DP-rank-0 process writes the file.
     optimizer.save_parameter_state(os.path.join(ckpt_dir, "distrib_optim.pt"))
-    if ps.get_data_parallel_rank() == 0:
+    if ps.get_expert_data_parallel_rank() == 0:  # as Megatron-LM: one file per expert-DP group
         state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration}
         for key, chunk in zip(model_keys(len(chunks)), unwrap_model(chunks)):
             state[key] = chunk.state_dict_for_save_checkpoint()
@@ -813,6 +846,8 @@ def check_param_state_file(state, optimizer, path) -> None:
     if not isinstance(states, list) or len(states) != len(dopts):
         raise ValueError(f"{path}: expected {len(dopts)} optimizer state(s)")
     for dopt, st in zip(dopts, states):
+        if dopt.data_parallel_group.rank() != 0:
+            continue  # a chained optimizer's entry is read by its own DP rank 0 only
         if not isinstance(st, dict):
             raise ValueError(f"{path}: not a dict but {type(st).__name__}")
         expected = {"buckets_coalesced"} | set(range(len(dopt.gbuf_ranges)))
@@ -850,7 +885,8 @@ def load_optimizer_state(state: dict, optimizer, scheduler, ckpt_dir, check_file
     """
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
-    steps = {g["step"] for g in state["optimizer"]["optimizer"]["param_groups"]}
+    chained = state["optimizer"] if isinstance(state["optimizer"], list) else [state["optimizer"]]
+    steps = {g["step"] for entry in chained for g in entry["optimizer"]["param_groups"]}
     if len(steps) != 1:
         raise ValueError(f"{ckpt_dir}: param groups have different steps {sorted(steps)}")
     if check_file:
@@ -1038,7 +1074,8 @@ def load_like_megatron_lm(job, layout, chunks, optimizer, scheduler, expected_ar
         if iteration != tracker_iteration:
             raise ValueError(f"{ckpt_dir}: iteration {iteration}, tracker says {tracker_iteration}")
         step = load_optimizer_state(state, optimizer, scheduler, ckpt_dir,
-                                    check_file=ps.get_data_parallel_rank(with_context_parallel=True) == 0)
+                                    check_file=any(o.data_parallel_group.rank() == 0
+                                                   for o in distributed_optimizers(optimizer)))
         restore_rng(state)
         error = None
     except Exception as exc:  # reported, not raised: every rank must reach the collectives

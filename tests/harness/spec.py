@@ -26,9 +26,14 @@ MODEL_DEFAULTS = {
     "norm_eps": 1e-5,
     "rotary_base": 10000,
     "add_qkv_bias": None,  # None: as add_bias_linear (Megatron-LM keeps the two in sync); Qwen2: True
+    # Mixture of experts (None: dense): routed experts of moe_ffn rows each, top-k routing,
+    # SequentialMLP experts, the allgather token dispatcher (gloo has what it needs).
+    "experts": None,
+    "moe_ffn": 32,
+    "topk": 2,
 }
 
-LAYOUT_DEFAULTS = {"tp": 1, "pp": 1, "vpp": None, "first": None, "last": None}
+LAYOUT_DEFAULTS = {"tp": 1, "pp": 1, "vpp": None, "first": None, "last": None, "ep": 1, "etp": None}
 
 # Tensors whose first axis is the padded vocabulary.
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -48,6 +53,8 @@ def layout_spec(layout: dict) -> dict:
     full = {**LAYOUT_DEFAULTS, **layout}
     if full["vpp"] == 1:  # Megatron-LM treats a virtual size of 1 as no VPP
         full["vpp"] = None
+    if full["etp"] is None:  # Megatron-LM's default: the expert tensor parallel size is TP
+        full["etp"] = full["tp"]
     return full
 
 

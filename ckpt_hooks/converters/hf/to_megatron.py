@@ -146,7 +146,7 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
                 **pending_file(target_file, progress)}
 
     total = sum(f.nbytes for f in plan)
-    seconds = write_checkpoint(save_dir, iteration, plan, written.pp, rank_state, None, total, workers=workers,
+    seconds = write_checkpoint(save_dir, iteration, plan, written, rank_state, None, total, workers=workers,
                                quiet=quiet, label=f"{label} -> {written.describe()}",
                                finish=copy_assets if assets else None)
     return Report(label, written.describe(), len(plan), total, time.perf_counter() - started, seconds,

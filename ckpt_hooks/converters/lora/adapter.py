@@ -128,7 +128,7 @@ def read_adapter(lora_dir, spec: ModelSpec | None = None, r: int | None = None, 
     gathered: dict[tuple[str, str], torch.Tensor] = {}
     held: dict[tuple[str, str], set[Box]] = {}
     for f in files:
-        torch_file = ckpt.files[(f.rank.tp, f.rank.pp)]
+        torch_file = ckpt.files[f.rank]
         for vp, chunk in enumerate(legacy.chunk_keys(config.vpp)):
             layers = layout.chunk_layers(spec, config, f.rank.pp, vp)
             for key, meta in f.chunks[chunk].items():

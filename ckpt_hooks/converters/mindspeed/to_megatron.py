@@ -186,7 +186,7 @@ def mindspore_to_megatron(ms_path, megatron_path, target: Target = Target(), *, 
         md5.update((str(p.relative_to(root)), files.tensor_md5(p)) for p in paths)
 
     total = sum(f.nbytes for f in weights) + sum(f.nbytes for plans in state_plans.values() for f in plans.values())
-    data_seconds = write_checkpoint(megatron_path, None if src.release else src.iteration, weights, target.pp,
+    data_seconds = write_checkpoint(megatron_path, None if src.release else src.iteration, weights, target,
                                     rank_state, optimizer_state if state_plans else None, total, workers=workers,
                                     quiet=quiet, label=f"MindSpore {source.describe()} -> {target.describe()}",
                                     written=written)

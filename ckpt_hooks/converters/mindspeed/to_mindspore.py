@@ -98,7 +98,7 @@ def megatron_to_mindspore(load_dir, ms_path, target: Target = Target(), *, cp: i
             # The RNG state belongs to a rank: kept only where the ranks stay the same.
             rng = None
             if same_layout:
-                rank_file = ckpt.files[(rank.tp, rank.pp)]
+                rank_file = ckpt.files[rank]
                 rng = rank_file.materialize(rank_file.obj.get("rng_state"))
             chunks = chunk_metas(target_file)
             files.write_meta(meta_dir, rank, {**entries, "rng_state": rng}, chunks, grad_dtypes)
