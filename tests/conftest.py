@@ -7,6 +7,8 @@ from tests.harness import run_jobs, train_job
 # A vocabulary that pads to 128 rows at TP 1, 2 and 4, so that a TP change keeps the model
 # the same function and a resumed run can continue the loss curve exactly.
 SAME_PADDING = {"vocab_size": 127}
+# A mixture of 4 routed experts (top-2) in every layer.
+MOE = {**SAME_PADDING, "experts": 4}
 
 # name -> (layout, model overrides, steps). Each trains real steps with the DistributedOptimizer
 # on a world of 4 processes (DP fills the rest) and saves a Megatron-LM legacy checkpoint.
@@ -34,6 +36,12 @@ SOURCES = {
     "saved_dist_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
     # torch_dist with bf16 params (fp32 main params in the buckets) and tied embeddings.
     "dist_tied_bf16_tp2pp2": ({"tp": 2, "pp": 2}, {"untie_embeddings": False, "dtype": "bf16"}, 3),
+    # Mixtures of experts: EP2 over PP2 (dense DP2, expert DP1), and EP2 with ETP1 inside TP2
+    # (files mp_rank_00_000 and mp_rank_01_001 only); each with its uninterrupted 5-step run.
+    "moe_pp2ep2": ({"tp": 1, "pp": 2, "ep": 2}, MOE, 3),
+    "moe_pp2ep2_5steps": ({"tp": 1, "pp": 2, "ep": 2}, MOE, 5),
+    "moe_tp2ep2etp1": ({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, MOE, 3),
+    "moe_tp2ep2etp1_5steps": ({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, MOE, 5),
 }
 DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable", "saved_dist_tp2pp2": "dp_reshardable",
         "dist_tied_bf16_tp2pp2": "dp_reshardable"}

@@ -155,10 +155,10 @@ def check_experts(spec: ModelSpec, config: ParallelConfig) -> None:
     if (config.tp * config.dp * config.cp) % (etp * config.ep):
         raise LayoutError(f"expert parallel {config.ep} x expert tensor parallel {etp} does not divide the "
                           f"{config.tp * config.dp * config.cp} ranks of a pipeline stage")
-    if etp > config.tp or etp * config.ep < config.tp:
+    if etp > config.tp or etp * config.ep < config.tp or (etp * config.ep) % config.tp:
         raise LayoutError(f"expert tensor parallel size {etp} with tensor parallel {config.tp} and expert "
                           f"parallel {config.ep}: Megatron-LM's legacy files would lose ranks (it needs "
-                          "ETP <= TP <= EP x ETP)")
+                          "ETP <= TP <= EP x ETP, EP x ETP a multiple of TP)")
 
 
 def check_tensor_parallel(spec: ModelSpec, tp: int) -> None:

@@ -118,13 +118,15 @@ def rebuild(params: list[ParamInfo], *, chunk: int, param_dtype: str, grad_dtype
 
 
 def record(buffer, names: dict, *, chunk: int) -> BufferMap:
-    """The map of a live megatron-core ``_ParamAndGradBuffer``; ``names`` maps param -> name."""
+    """The map of a live megatron-core ``_ParamAndGradBuffer``; ``names`` maps param -> name.
+    An expert buffer holds params megatron-core does not all-reduce over DP (``allreduce`` False)."""
     slots = sorted((ParamSlot(names[p], tuple(p.shape), start, end, bucket)
                     for p, (start, end, bucket) in buffer.param_index_map.items()), key=lambda s: s.start)
     return BufferMap(chunk=chunk, param_dtype=dtype_name(buffer.param_dtype), grad_dtype=dtype_name(buffer.grad_dtype),
                      dp_size=buffer.data_parallel_world_size, params=tuple(slots),
                      bucket_indices=tuple(tuple(b) for b in buffer.bucket_indices),
-                     per_bucket_numel_unpadded=tuple(b.numel_unpadded for b in buffer.buckets))
+                     per_bucket_numel_unpadded=tuple(b.numel_unpadded for b in buffer.buckets),
+                     expert=not all(getattr(p, "allreduce", True) for p in buffer.param_index_map))
 
 
 def dtype_name(dtype) -> str:

@@ -212,10 +212,11 @@ def parallel_config_from_args(args) -> ParallelConfig:
         args.num_layers, pp, getattr(args, "decoder_first_pipeline_num_layers", None),
         getattr(args, "decoder_last_pipeline_num_layers", None))
     tp = getattr(args, "tensor_model_parallel_size", 1) or 1
-    etp = getattr(args, "expert_tensor_parallel_size", None)
+    experts = bool(getattr(args, "num_experts", None))   # a dense model's expert sizes mean nothing
+    etp = getattr(args, "expert_tensor_parallel_size", None) if experts else None
     return ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=getattr(args, "data_parallel_size", 1) or 1,
                           layers_per_stage=stages, cp=getattr(args, "context_parallel_size", 1) or 1,
-                          ep=getattr(args, "expert_model_parallel_size", 1) or 1,
+                          ep=(getattr(args, "expert_model_parallel_size", 1) or 1) if experts else 1,
                           etp=None if etp in (None, tp) else etp)
 
 

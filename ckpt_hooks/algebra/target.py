@@ -11,7 +11,7 @@ names the flag that set it (``FLAGS``: the CLI's spellings, built by ``cli.targe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ckpt_hooks.algebra import layout
 from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, even_or_none
@@ -22,6 +22,14 @@ FLAGS = {"tp": "--target-tensor-parallel-size", "pp": "--target-pipeline-paralle
          "num_layer_list": "--num-layer-list", "ep": "--target-expert-model-parallel-size",
          "etp": "--target-expert-tensor-parallel-size", "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
          "padded_vocab_size": "--padded-vocab-size", "true_vocab_size": "--true-vocab-size"}
+
+
+def _fits_experts(spec: ModelSpec, config: ParallelConfig) -> bool:
+    try:
+        layout.check_experts(spec, config)
+        return True
+    except layout.LayoutError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,11 @@ class Target:
         etp = self.etp or source.etp
         target = ParallelConfig(tp=tp, pp=pp, vpp=vpp, dp=dp, layers_per_stage=stages, cp=source.cp,
                                 ep=self.ep or source.ep, etp=None if etp == tp else etp)
+        if target.etp and not self.etp and not _fits_experts(spec, target):   # Megatron-LM's default then
+            target = replace(target, etp=None)
+            if notes is not None:
+                notes.append(f"expert tensor parallel size {tp} (TP): the source's {etp} does not fit "
+                             f"{FLAGS['ep']} {target.ep} (pass {FLAGS['etp']} to choose another)")
         if vpp > 1 and pp == 1:
             raise self.error("vpp", "virtual pipeline stages need a pipeline parallel size above 1 "
                                     "(Megatron-LM refuses the layout)")

@@ -274,14 +274,14 @@ def source_tensors(files: list[SourceFile], placed: Placed, handle: Callable, dt
     return tensors
 
 
-def rank_rng(src: MegatronSource, tp_rank: int, pp_rank: int) -> list | None:
+def rank_rng(src: MegatronSource, rank: Rank) -> list | None:
     """The RNG state list a source rank saved (legacy rank file or torch_dist object), if any."""
     ckpt = src.ckpt
     if src.ckpt_format == "torch_dist":
         checkpoint = ckpt.dist
-        key = object_key("rng_state", (pp_rank, tp_rank), (src.layout.pp, src.layout.tp))
+        key = object_key("rng_state", (rank.pp, rank.tp), (src.layout.pp, src.layout.tp))
         return checkpoint.read_object(key)[0] if key in checkpoint.objects else None
-    own = ckpt.files.get(Rank(tp_rank, pp_rank))
+    own = ckpt.files.get(rank)
     if own is None or not isinstance(own.obj, dict) or own.obj.get("rng_state") is None:
         return None
     return own.materialize(own.obj["rng_state"])

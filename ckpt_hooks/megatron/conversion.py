@@ -17,7 +17,8 @@ from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron import legacy_names
 from ckpt_hooks.megatron.checkpoint import MegatronSource, pending_file, plan_files, read_source, write_checkpoint
-from ckpt_hooks.megatron.optimizer import SourceOptimizer, chained_param_groups, source_optimizer, target_state
+from ckpt_hooks.megatron.optimizer import (SourceOptimizer, chained_param_groups, held_state, source_optimizer,
+                                           target_state)
 from ckpt_hooks.megatron.torch_dist import mp_rank
 
 # Entries of model_optim_rng.pt that do not depend on the layout and are carried over.
@@ -60,7 +61,8 @@ def plan_megatron(load_dir, target: Target = Target(), *, convert_param_only: bo
     optim = None if convert_param_only else source_optimizer(src)
     if optim is not None:
         optim.check_against_weights(src)
-    optim_plans = {} if optim is None else optim.plans(src.spec, layout)
+    optim_plans = {} if optim is None else {state: {rank: held_state(f, layout) for rank, f in files.items()}
+                                            for state, files in optim.plans(src.spec, layout).items()}
     return Planned(src, layout, weights, optim, optim_plans)
 
 
@@ -171,7 +173,7 @@ def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: 
     src, layout = p.src, p.target
     rngs = {}
     if (src.layout.tp, src.layout.pp) == (layout.tp, layout.pp):
-        rngs = {rank: rank_rng(src, rank.tp, rank.pp) for rank in layout.file_ranks()}
+        rngs = {rank: rank_rng(src, rank) for rank in layout.file_ranks()}
     if not rngs or any(r is None for r in rngs.values()):
         rngs, args.no_save_rng = {}, True
     common = {k: v for k, v in carried.items() if k != "optimizer"}

@@ -19,7 +19,7 @@ from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.megatron_legacy import chunk_keys
 from ckpt_hooks.megatron.checkpoint import MegatronSource, plan_files, rank_rng, read_source
-from ckpt_hooks.megatron.optimizer import source_optimizer
+from ckpt_hooks.megatron.optimizer import chained_param_groups, source_optimizer
 
 
 @dataclass
@@ -37,8 +37,9 @@ class Loaded:
 
     @property
     def resharded(self) -> bool:
-        return (self.source.tp, self.source.pp, self.source.vpp, self.source.layers_per_stage) != \
-            (self.target.tp, self.target.pp, self.target.vpp, self.target.layers_per_stage)
+        def ranks(c: ParallelConfig):
+            return c.tp, c.pp, c.vpp, c.layers_per_stage, c.ep, c.size("etp")
+        return ranks(self.source) != ranks(self.target)
 
 
 def running_layout(model_chunks) -> tuple[ParallelConfig, Rank]:
@@ -49,9 +50,13 @@ def running_layout(model_chunks) -> tuple[ParallelConfig, Rank]:
     pp = ps.get_pipeline_model_parallel_world_size()
     stages = uneven_layers(config.num_layers, pp, config.num_layers_in_first_pipeline_stage,
                            config.num_layers_in_last_pipeline_stage) if pp > 1 else None
-    layout = ParallelConfig(tp=ps.get_tensor_model_parallel_world_size(), pp=pp, vpp=len(model_chunks),
-                            dp=ps.get_data_parallel_world_size(with_context_parallel=True), layers_per_stage=stages)
-    return layout, Rank(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    tp, ep, etp = (ps.get_tensor_model_parallel_world_size(), ps.get_expert_model_parallel_world_size(),
+                   ps.get_expert_tensor_parallel_world_size())
+    layout = ParallelConfig(tp=tp, pp=pp, vpp=len(model_chunks), layers_per_stage=stages,
+                            dp=ps.get_data_parallel_world_size(), cp=ps.get_context_parallel_world_size(),
+                            ep=ep, etp=None if etp == tp else etp)
+    return layout, Rank(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                        ps.get_expert_model_parallel_rank())
 
 
 def unwrap(module):
@@ -66,7 +71,8 @@ def check_same_model(spec: ModelSpec, model, path) -> None:
     checks = {"num_layers": (spec.num_layers, config.num_layers), "hidden_size": (spec.hidden_size, config.hidden_size),
               "ffn_hidden_size": (spec.ffn_hidden_size, config.ffn_hidden_size),
               "num_attention_heads": (spec.num_attention_heads, config.num_attention_heads),
-              "num_query_groups": (spec.num_query_groups, config.num_query_groups or config.num_attention_heads)}
+              "num_query_groups": (spec.num_query_groups, config.num_query_groups or config.num_attention_heads),
+              "num_experts": (spec.num_experts, config.num_moe_experts or None)}
     wrong = [f"{k} {saved} (running {running})" for k, (saved, running) in checks.items() if saved != running]
     if wrong:
         raise CheckpointError(path, "checkpoint of a different model: " + ", ".join(wrong))
@@ -88,7 +94,7 @@ def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Load
         opened += _load_optimizer(optimizer, model_chunks, src, target, rank)
     loaded = Loaded(ckpt.iteration, ckpt.first.obj.get("opt_param_scheduler"), src.layout, target, 0, ckpt.args,
                     ckpt.first.obj.get("num_floating_point_operations_so_far", 0))
-    rng = rank_rng(src, rank.tp, rank.pp) if restore_rng and not loaded.resharded else None
+    rng = rank_rng(src, rank) if restore_rng and not loaded.resharded else None
     if rng:
         _restore_rng(rng[0])
         loaded.rng_restored = True
@@ -160,14 +166,23 @@ def _load_optimizer(optimizer, model_chunks, src: MegatronSource, target: Parall
     optimizer_source = source_optimizer(src)
     plans = {state: {(t.chunk, t.key): t for t in files[rank].tensors}
              for state, files in optimizer_source.plans(src.spec, target, ranks={rank}).items()}
-    groups = optimizer_source.param_groups
-    if groups is None:
+    saved = optimizer_source.param_groups
+    if saved is None:
         raise CheckpointError(ckpt.first.path, "no 'optimizer' entry (param groups, step) to resume from")
-    step = groups["optimizer"]["param_groups"][0]["step"]
+    groups = chained_param_groups(saved, target)
+    groups = groups if isinstance(groups, list) else [groups]
+    step = groups[0]["optimizer"]["param_groups"][0]["step"]
     optimizers = distributed_optimizers(optimizer)
-    if len(optimizers) != 1:
-        raise CheckpointError(ckpt.first.path, "several chained optimizers (MoE) are not supported yet")
-    dopt = optimizers[0]
+    if len(optimizers) != len(groups):
+        raise CheckpointError(ckpt.first.path, f"the running job chains {len(optimizers)} distributed optimizers, "
+                                               f"its layout ({target.describe()}) {len(groups)}")
+    for dopt, entry in zip(optimizers, groups):
+        _load_into(dopt, entry, step, plans, model_chunks, target)
+    return list(optimizer_source.files.values())
+
+
+def _load_into(dopt, groups: dict, step: float, plans: dict, model_chunks, target: ParallelConfig) -> None:
+    """One distributed optimizer's param groups and its DP shard of every parameter it holds."""
     if len(dopt.optimizer.state) == 0:
         _allocate_state(dopt)   # load_state_dict needs allocated state
     dopt.load_state_dict(groups)
@@ -199,4 +214,3 @@ def _load_optimizer(optimizer, model_chunks, src: MegatronSource, target: Parall
         # would advance once per parameter.
         for main_state in dopt.optimizer.state.values():
             main_state["step"] = torch.tensor(float(step))
-    return list(optimizer_source.files.values())

@@ -217,13 +217,14 @@ class SourceOptimizer:
 
     def plans(self, spec, target, ranks=None) -> dict[str, dict[Rank, TargetFile]]:
         """For each state, its target files resharded like the weights: {state: {rank: file}}."""
-        return {state: {t.rank: held_state(t, target) for t in plan_files(self.sources[state], spec, target, ranks=ranks)}
+        return {state: {t.rank: t for t in plan_files(self.sources[state], spec, target, ranks=ranks)}
                 for state in STATES}
 
 
 def held_state(planned: TargetFile, config: ParallelConfig) -> TargetFile:
-    """A target rank's planned optimizer state, less the dense parameters where a chained
-    optimizer's dense state is another rank's to save (``ParallelConfig.holds_dense_optimizer``)."""
+    """A target rank's planned optimizer state as its file holds it: less the dense parameters
+    where a chained optimizer's dense state is another rank's to save
+    (``ParallelConfig.holds_dense_optimizer``)."""
     if config.holds_dense_optimizer(planned.rank):
         return planned
     return replace(planned, tensors=[t for t in planned.tensors if is_expert_param(t.key)])

@@ -4,7 +4,7 @@ trainers built directly on megatron-core.
 Beside the trainer's own files, which stay byte for byte as they were:
 
     iter_XXXXXXX/ckpt_hooks_manifest.json      what every file holds (ckpt_hooks.engine.manifest), global rank 0
-    mp_rank_TT_PPP/param_map.json              recorded BufferMaps of this (tp, pp) rank (DP rank 0)
+    mp_rank_TT_PPP[_EEE]/param_map.json        recorded BufferMaps of this file rank (its writer's)
     mp_rank_TT_PPP/param_map/param_map_buffer{b}_dp{d}tp{t}pp{p}vpp{v}.json   MindSpeed-Core-MS,
                                                one per DP rank, written by that rank
 
@@ -46,12 +46,14 @@ def _write_json(path: Path, data) -> None:
         f.write(json.dumps(data).encode())
 
 
-def write_param_maps(optimizer, rank_dir, rank: Rank, dp_rank: int) -> None:
-    """This rank's share of the param_map files of one checkpoint rank directory."""
+def write_param_maps(optimizer, rank_dir, rank: Rank, dp_rank: int, writer: bool | None = None) -> None:
+    """This rank's share of the param_map files of one checkpoint rank directory: the MindSpeed
+    files of its DP rank and, if it is the directory's ``writer`` (default: DP rank 0), the
+    recorded maps."""
     rank_dir = Path(rank_dir)
     rank_dir.mkdir(parents=True, exist_ok=True)
     maps = record_param_maps(optimizer)
-    if dp_rank == 0:
+    if dp_rank == 0 if writer is None else writer:
         _write_json(rank_dir / legacy.RECORDED_MAP, [m.to_json() for m in maps])
     (rank_dir / legacy.MINDSPEED_DIR).mkdir(parents=True, exist_ok=True)
     per_chunk: dict[int, int] = {}
@@ -126,6 +128,9 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
     root = Path(save_dir)
     iter_dir = root / legacy.iteration_dir_name(iteration)
     if ckpt_format == "torch_dist":
+        if len(distributed_optimizers(optimizer)) > 1:
+            raise NotImplementedError("saving a mixture of experts as torch_dist is not supported yet: "
+                                      "save it as torch (legacy)")
         _save_torch_dist(model_chunks, optimizer, iter_dir, iteration, scheduler, args,
                          num_floating_point_operations_so_far)
         dopt = distributed_optimizers(optimizer)[0]
@@ -136,9 +141,10 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
     rank_dir = iter_dir / legacy.rank_dir_name(rank, layout)
     rank_dir.mkdir(parents=True, exist_ok=True)
     optimizer.save_parameter_state(str(rank_dir / legacy.OPTIMIZER_FILE))  # collective over DP
-    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
-    write_param_maps(optimizer, rank_dir, rank, dp_rank)
-    if dp_rank == 0:
+    # The file's writer is its first expert-data-parallel replica (without experts: DP rank 0).
+    writer = ps.get_expert_data_parallel_rank() == 0
+    write_param_maps(optimizer, rank_dir, rank, ps.get_data_parallel_rank(with_context_parallel=True), writer)
+    if writer:
         state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration}
         for key, chunk in zip(legacy.chunk_keys(layout.vpp), model_chunks):
             state[key] = chunk.state_dict_for_save_checkpoint()

@@ -5,14 +5,21 @@
 
 Job schema (JSON-able dicts; omitted model/layout fields take the defaults in spec.py):
 
-  layout = {"tp": int, "pp": int, "vpp": int|None, "first": int|None, "last": int|None}
-      first/last: layers in the first/last pipeline stage (uneven PP).
+  layout = {"tp": int, "pp": int, "vpp": int|None, "first": int|None, "last": int|None, "ep": 1,
+            "etp": int|None (None: TP)}
+      first/last: layers in the first/last pipeline stage (uneven PP); ep/etp: expert parallel and
+      expert tensor parallel sizes (models with experts).
   model  = {"num_layers": 4, "hidden": 64, "heads": 4, "query_groups": 2, "ffn": 128,
             "swiglu": True, "normalization": "RMSNorm", "position_embedding": "rope",
             "add_bias_linear": False, "untie_embeddings": True, "vocab_size": 99,
             "make_vocab_size_divisible_by": 16, "seq_length": 16, "micro_batch": 2,
             "global_batch": 8, "seed": 1234, "dtype": "fp32" | "bf16", "norm_eps": 1e-5,
-            "rotary_base": 10000, "add_qkv_bias": None (= add_bias_linear)}
+            "rotary_base": 10000, "add_qkv_bias": None (= add_bias_linear),
+            "experts": None | routed experts per layer, "moe_ffn": 32, "topk": 2}
+      A mixture of experts uses SequentialMLP experts and the allgather token dispatcher (the
+      alltoall one needs CUDA events and uneven collectives gloo lacks), aux-loss coefficient 0,
+      and with TP > 1 sequence parallelism (megatron-core's MoE layer demands it; the CPU shim
+      lets the local spec's torch norms run under it).
       vocab_size is Megatron-LM's --vocab-size for NullTokenizer: true vocab = vocab_size + 1.
 
   {"kind": "train", "model": {...}, "layout": {...}, "steps": int, "save_dir": DIR, "truth": PATH}
@@ -36,13 +43,17 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
           own sharded_state_dict for that param (SwiGLU factory included), like the weights.
           (megatron-core 0.16.1's own "fully_sharded_model_space" optimizer.sharded_state_dict
           raises "ShardedTensor.flattened_range is not supported".)
-      "param_map": one entry per model-parallel rank, sorted by (tp_rank, pp_rank), read from the
-          live DDP buffers of its DP rank 0 (all DP ranks are checked to agree):
-          {"tp_rank", "pp_rank", "buffers": [buffer, ...]} with buffers in the optimizer's
+      "param_map": one entry per rank that writes a model file, sorted by (tp_rank, pp_rank,
+          ep_rank), read from the live DDP buffers of its expert-DP rank 0 (all ranks of one
+          (tp, pp, ep) are checked to agree):
+          {"tp_rank", "pp_rank", "ep_rank", "buffers": [buffer, ...]} with buffers in the optimizer's
           gbuf_idx order (DistributedOptimizer.buffers: model chunks, then each chunk's buffers;
           the integer keys of distrib_optim.pt), each
           {"chunk": vp index, "param_dtype": "float32" | "bfloat16", "grad_dtype": ...,
-           "dp_size": the buffer's DP size, "numel": buffer.numel (with padding),
+           "dp_size": the buffer's DP size (expert buffers: the expert-DP size),
+           "expert": whether it is an expert buffer (params megatron-core does not all-reduce: routed
+              experts with EP > 1; their own DistributedOptimizer, the second of the chain),
+           "numel": buffer.numel (with padding),
            "numel_unpadded": buffer.numel_unpadded (= the file's "numel_unpadded"),
            "bucket_indices": [[start, end], ...] (buffer positions, bucket-end padding included),
            "per_bucket_numel_unpadded": [...],
@@ -125,6 +136,9 @@ Truth keys are megatron-core's sharded_state_dict keys, in global (layout-free) 
     mlp.linear_fc1.layer_norm_weight      (= pre_mlp_layernorm.weight in the local spec)
     mlp.linear_fc1.weight                 [2 * ffn, hidden] = [all gate rows; all up rows]
     mlp.linear_fc2.weight                 [hidden, ffn]
+    mlp.router.weight                     [experts, hidden]               (mixtures of experts)
+    mlp.experts.experts.linear_fc1.weight [experts, 2 * moe_ffn, hidden]  leading GLOBAL expert axis
+    mlp.experts.experts.linear_fc2.weight [experts, hidden, moe_ffn]
 This global form equals a TP1·PP1 model's state_dict with the layers stacked.  bf16 runs keep
 every tensor bf16 (Float16Module casts the norms too).
 Vocabulary tensors compare rows [0:min(padded_src, padded_tgt)] bitwise; rows past the source's

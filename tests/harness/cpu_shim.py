@@ -94,3 +94,24 @@ def install() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+    # MoE with TP > 1 needs sequence parallelism, which the local spec's torch norms refuse: build
+    # them without it and mark their params sequence-parallel (their grads are then all-reduced
+    # over TP, as Transformer Engine's norms' are).
+    from megatron.core.transformer import torch_norm
+
+    build_norm = torch_norm.WrappedTorchNorm.__new__
+
+    def norm_with_sequence_parallel(cls, config, *args, **kwargs):
+        if not config.sequence_parallel:
+            return build_norm(cls, config, *args, **kwargs)
+        config.sequence_parallel = False
+        try:
+            norm = build_norm(cls, config, *args, **kwargs)
+        finally:
+            config.sequence_parallel = True
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    torch_norm.WrappedTorchNorm.__new__ = norm_with_sequence_parallel

@@ -146,6 +146,7 @@ def moe_config(m: dict, layout: dict) -> dict:
         moe_aux_loss_coeff=0.0,
         expert_model_parallel_size=layout["ep"],
         expert_tensor_parallel_size=layout["etp"],
+        sequence_parallel=layout["tp"] > 1,  # megatron-core's MoE layer demands it with TP > 1
     )
 
 
@@ -208,7 +209,7 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: s
         context_parallel_size=1,
         expert_model_parallel_size=layout["ep"],
         expert_tensor_parallel_size=layout["etp"],
-        sequence_parallel=False,
+        sequence_parallel=bool(m["experts"]) and tp > 1,
         num_experts=m["experts"],
         moe_ffn_hidden_size=m["moe_ffn"] if m["experts"] else None,
         moe_router_topk=m["topk"],
@@ -512,6 +513,8 @@ def local_param_map(chunks: list, optimizer) -> list:
                     "param_dtype": _dtype_name(buffer.param_dtype),
                     "grad_dtype": _dtype_name(buffer.grad_dtype),
                     "dp_size": buffer.data_parallel_world_size,
+                    # megatron-core's expert buffers hold the params it does not all-reduce over DP
+                    "expert": not all(getattr(p, "allreduce", True) for p in buffer.param_index_map),
                     "numel": buffer.numel,
                     "numel_unpadded": buffer.numel_unpadded,
                     "bucket_indices": [list(b) for b in buffer.bucket_indices],

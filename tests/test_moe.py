@@ -1,0 +1,184 @@
+"""Mixtures of experts in Megatron's legacy format: real megatron-core MoE runs (4 routed experts,
+top-2, SequentialMLP, the allgather token dispatcher on gloo) resharded across EP, ETP, TP, PP and
+VPP together, weights and both optimizers' state (the dense one and the experts' own) bitwise
+against the run's own ground truth, and training resumed at the new layout on the uninterrupted
+run's loss curve."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_hooks import convert
+from ckpt_hooks.algebra.target import Target
+from ckpt_hooks.formats.megatron_legacy import open_checkpoint
+from tests.harness import resume_job, run_jobs
+from tests.util import assert_refused, assert_same, cli
+
+RESUMED_STEPS = 2
+
+# (source, target layout): every pair changes the expert layout, most of them TP or PP too.
+PAIRS = [
+    ("moe_pp2ep2", {"tp": 1, "pp": 2, "ep": 1}),                 # EP2 -> EP1: experts join the dense optimizer
+    ("moe_pp2ep2", {"tp": 1, "pp": 1, "ep": 4}),                 # one expert per rank, PP off
+    ("moe_pp2ep2", {"tp": 2, "pp": 1, "ep": 2, "etp": 1}),       # TP2 with whole experts (ETP1)
+    ("moe_pp2ep2", {"tp": 2, "pp": 2, "ep": 1}),                 # experts split by TP (ETP2)
+    ("moe_pp2ep2", {"tp": 1, "pp": 2, "vpp": 2, "ep": 2}),       # virtual stages
+    ("moe_pp2ep2", {"tp": 2, "pp": 1, "ep": 2}),                 # ETP2 x EP2: expert DP1
+    ("moe_tp2ep2etp1", {"tp": 1, "pp": 1, "ep": 1}),             # everything gathered
+    ("moe_tp2ep2etp1", {"tp": 2, "pp": 1, "ep": 2, "etp": 2}),   # ETP1 -> ETP2
+    ("moe_tp2ep2etp1", {"tp": 1, "pp": 2, "ep": 2}),             # TP -> PP
+    ("moe_tp2ep2etp1", {"tp": 1, "pp": 1, "ep": 4}),             # EP2 -> EP4
+    ("moe_tp2ep2etp1", {"tp": 4, "pp": 1, "ep": 1, "etp": 4}),   # TP4: each expert split 4 ways
+    ("moe_tp2ep2etp1", {"tp": 2, "pp": 1, "ep": 2, "etp": 1}),   # the same layout: must be exact
+]
+
+
+# Resumed on the fly by ckpt_hooks.megatron.load straight from the source checkpoint (each rank
+# reading its own experts' slices), no converted copy.
+ON_THE_FLY = [
+    ("moe_pp2ep2", {"tp": 1, "pp": 1, "ep": 4}),
+    ("moe_pp2ep2", {"tp": 2, "pp": 1, "ep": 2, "etp": 1}),
+    ("moe_tp2ep2etp1", {"tp": 1, "pp": 2, "ep": 2}),
+    ("moe_tp2ep2etp1", {"tp": 2, "pp": 2, "ep": 1}),
+    ("moe_pp2ep2", {"tp": 1, "pp": 2, "ep": 2}),                 # the same layout: RNG restored too
+]
+
+
+def pair_id(pair) -> str:
+    source, target = pair
+    return f"{source}-to-" + "".join(f"{k}{v}" for k, v in target.items())
+
+
+def hook_id(pair) -> str:
+    return "hook-" + pair_id(pair)
+
+
+def target_of(layout: dict) -> Target:
+    return Target(tp=layout["tp"], pp=layout["pp"], vpp=layout.get("vpp"), ep=layout["ep"], etp=layout.get("etp"))
+
+
+@pytest.fixture(scope="module")
+def resumed(sources, tmp_path_factory):
+    """Every pair converted with its optimizer state, loaded as Megatron-LM loads a legacy
+    checkpoint at the target layout, checked against the source run's truth, and trained on."""
+    root = tmp_path_factory.mktemp("moe")
+    jobs, results = [], {}
+    for pair in PAIRS:
+        source, layout = sources[pair[0]], pair[1]
+        out = root / pair_id(pair)
+        convert(source.dir, out, target_of(layout), quiet=True)
+        results[pair_id(pair)] = root / f"{pair_id(pair)}.json"
+        jobs.append(resume_job(layout, out, source.truth, results[pair_id(pair)], model=source.model,
+                               steps=RESUMED_STEPS))
+    for pair in ON_THE_FLY:
+        source, layout = sources[pair[0]], pair[1]
+        results[hook_id(pair)] = root / f"{hook_id(pair)}.json"
+        jobs.append(resume_job(layout, source.dir, source.truth, results[hook_id(pair)], model=source.model,
+                               steps=RESUMED_STEPS, loader="ckpt_hooks"))
+    run_jobs(jobs, root / "logs")
+    return {key: json.loads(path.read_text()) for key, path in results.items()}
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=pair_id)
+def test_experts_reshard_bitwise_and_training_continues(sources, resumed, pair):
+    """Weights, fp32 main params and both Adam moments of every expert and dense parameter equal
+    the source run's, bit for bit (routing flips on the smallest error, so this is the check that
+    matters); the next steps' losses are the uninterrupted run's."""
+    check_resumed(sources, resumed[pair_id(pair)], pair)
+
+
+@pytest.mark.parametrize("pair", ON_THE_FLY, ids=hook_id)
+def test_experts_reshard_on_the_fly_when_training_resumes(sources, resumed, pair):
+    """The load hook, at a new EP/ETP/TP/PP: the same bitwise state and loss curve."""
+    check_resumed(sources, resumed[hook_id(pair)], pair)
+
+
+def check_resumed(sources, result: dict, pair) -> None:
+    assert result["load_error"] is None, result["load_error"]
+    assert result["weight_mismatches"] == [] and result["optim_mismatches"] == [], result
+    assert result["missing"] == [] and result["extra"] == [] and result["args_mismatches"] == [], result
+    assert result["ok"]
+    want = torch.load(sources[pair[0] + "_5steps"].truth, weights_only=False)["train_losses"][3:3 + RESUMED_STEPS]
+    got = result["losses"]
+    assert len(got) == RESUMED_STEPS
+    if pair[1] == sources[pair[0]].layout:
+        assert got == want   # same layout: bit for bit
+    else:
+        assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-5, (got, want)
+
+
+def test_the_files_megatron_lm_names(sources, tmp_path):
+    """mp_rank_TT_EEE without pipeline stages (told from mp_rank_TT_PPP by the args), the
+    three-part name with them; with ETP1 inside TP2 only the first expert-DP replica's files."""
+    assert sorted(p.name for p in (sources["moe_tp2ep2etp1"].dir / "iter_0000003").iterdir()) == \
+        ["mp_rank_00_000", "mp_rank_01_001"]
+    out = tmp_path / "out"
+    convert(sources["moe_tp2ep2etp1"].dir, out, Target(tp=1, pp=2, ep=2), quiet=True, convert_param_only=True)
+    assert sorted(p.name for p in (out / "iter_0000003").iterdir() if p.is_dir()) == \
+        ["mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"]
+
+
+def test_round_trip_gives_back_the_same_files(sources, tmp_path):
+    """TP1·PP2·EP2 -> TP2·EP2·ETP1 -> back: every model tensor and the optimizer's flat buffers
+    are the source's own, in the same order."""
+    source = sources["moe_pp2ep2"].dir
+    convert(source, tmp_path / "a", Target(tp=2, pp=1, ep=2, etp=1), quiet=True)
+    convert(tmp_path / "a", tmp_path / "b", Target(tp=1, pp=2, ep=2, etp=1), quiet=True)
+    original, back = open_checkpoint(source), open_checkpoint(tmp_path / "b")
+    assert list(original.files) == list(back.files)
+    for rank, f in original.files.items():
+        mine = torch.load(f.path, weights_only=False)
+        theirs = torch.load(back.files[rank].path, weights_only=False)
+        assert_same(mine["model"], theirs["model"], str(rank))
+        optim = Path(f.path).parent / "distrib_optim.pt"
+        assert_same(torch.load(optim, weights_only=False),
+                    torch.load(Path(back.files[rank].path).parent / "distrib_optim.pt", weights_only=False), str(rank))
+
+
+# Bad input: one line naming the file or flag, nothing written, the source untouched.
+
+@pytest.fixture
+def ckpt(sources, tmp_path):
+    copy = tmp_path / "ckpt"
+    shutil.copytree(sources["moe_tp2ep2etp1"].dir, copy)
+    return copy
+
+
+def test_a_missing_expert_rank_is_refused(ckpt, tmp_path):
+    victim = ckpt / "iter_0000003" / "mp_rank_01_001"
+    shutil.rmtree(victim)
+    assert_refused(ckpt, tmp_path / "out", "--ep-size", "1", names=victim, says="missing rank directory")
+
+
+def test_an_expert_rank_megatron_lm_would_not_write_is_refused(ckpt, tmp_path):
+    """With ETP1 inside TP2, mp_rank_01_000 is no writer's: a stray copy is named, not read."""
+    stray = ckpt / "iter_0000003" / "mp_rank_01_000"
+    shutil.copytree(ckpt / "iter_0000003" / "mp_rank_01_001", stray)
+    assert_refused(ckpt, tmp_path / "out", "--ep-size", "1", names=stray, says="unexpected rank directory")
+
+
+def test_expert_dense_optimizer_held_by_no_file_is_refused(ckpt, tmp_path):
+    """A chained distrib_optim.pt whose dense entry is None on the dense DP rank 0 leaves the
+    dense parameters without state: refused, naming the file."""
+    victim = ckpt / "iter_0000003" / "mp_rank_01_001" / "distrib_optim.pt"
+    state = torch.load(victim, weights_only=False)
+    assert isinstance(state, list) and state[0] is not None
+    torch.save([None, state[1]], victim)
+    assert_refused(ckpt, tmp_path / "out", "--ep-size", "1", optimizer=True, names=victim,
+                   says="holds the optimizer state")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (("--ep-size", "3"), "does not divide the 4 experts"),
+    (("--tp-size", "2", "--pp-size", "2", "--ep-size", "1", "--etp-size", "1"), "ETP <= TP <= EP x ETP"),
+    (("--tp-size", "1", "--etp-size", "2"), "ETP <= TP <= EP x ETP"),
+])
+def test_expert_layouts_megatron_lm_cannot_save_are_refused(sources, tmp_path, flags, says):
+    result = cli("convert", "--load-dir", sources["moe_tp2ep2etp1"].dir, "--save-dir", tmp_path / "out",
+                 "--quiet", *flags)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert says in result.stderr and "--target-e" in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
