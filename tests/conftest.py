@@ -9,6 +9,8 @@ from tests.harness import run_jobs, train_job
 SAME_PADDING = {"vocab_size": 127}
 # A mixture of 4 routed experts (top-2) in every layer.
 MOE = {**SAME_PADDING, "experts": 4}
+# DeepSeek's shape: a first dense layer, then MoE layers with a shared expert (Qwen2-MoE's gate on it).
+MOE_MIXED = {**MOE, "shared_ffn": 64, "shared_gate": True, "moe_layer_freq": [0, 1, 1, 1]}
 
 # name -> (layout, model overrides, steps). Each trains real steps with the DistributedOptimizer
 # on a world of 4 processes (DP fills the rest) and saves a Megatron-LM legacy checkpoint.
@@ -42,6 +44,8 @@ SOURCES = {
     "moe_pp2ep2_5steps": ({"tp": 1, "pp": 2, "ep": 2}, MOE, 5),
     "moe_tp2ep2etp1": ({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, MOE, 3),
     "moe_tp2ep2etp1_5steps": ({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, MOE, 5),
+    "moe_mixed": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, MOE_MIXED, 3),
+    "moe_mixed_5steps": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, MOE_MIXED, 5),
 }
 DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable", "saved_dist_tp2pp2": "dp_reshardable",
         "dist_tied_bf16_tp2pp2": "dp_reshardable"}

@@ -1,5 +1,6 @@
 """Mixtures of experts in Megatron's legacy format: real megatron-core MoE runs (4 routed experts,
-top-2, SequentialMLP, the allgather token dispatcher on gloo) resharded across EP, ETP, TP, PP and
+top-2, SequentialMLP, the allgather token dispatcher on gloo; one also with a dense first layer and
+gated shared experts) resharded across EP, ETP, TP, PP and
 VPP together, weights and both optimizers' state (the dense one and the experts' own) bitwise
 against the run's own ground truth, and training resumed at the new layout on the uninterrupted
 run's loss curve."""
@@ -33,6 +34,10 @@ PAIRS = [
     ("moe_tp2ep2etp1", {"tp": 1, "pp": 1, "ep": 4}),             # EP2 -> EP4
     ("moe_tp2ep2etp1", {"tp": 4, "pp": 1, "ep": 1, "etp": 4}),   # TP4: each expert split 4 ways
     ("moe_tp2ep2etp1", {"tp": 2, "pp": 1, "ep": 2, "etp": 1}),   # the same layout: must be exact
+    # a dense first layer, shared experts with their gate
+    ("moe_mixed", {"tp": 1, "pp": 1, "ep": 4}),
+    ("moe_mixed", {"tp": 2, "pp": 2, "ep": 1}),
+    ("moe_mixed", {"tp": 4, "pp": 1, "ep": 1, "etp": 4}),
 ]
 
 
@@ -43,6 +48,7 @@ ON_THE_FLY = [
     ("moe_pp2ep2", {"tp": 2, "pp": 1, "ep": 2, "etp": 1}),
     ("moe_tp2ep2etp1", {"tp": 1, "pp": 2, "ep": 2}),
     ("moe_tp2ep2etp1", {"tp": 2, "pp": 2, "ep": 1}),
+    ("moe_mixed", {"tp": 1, "pp": 2, "ep": 2}),
     ("moe_pp2ep2", {"tp": 1, "pp": 2, "ep": 2}),                 # the same layout: RNG restored too
 ]
 

@@ -65,7 +65,8 @@ class Rule:
 
     Shape symbols: H hidden, F ffn, S fc1 parts (2 with SwiGLU, else 1), Q rows of
     linear_qkv (query groups x rows per group), A attention heads x kv channels,
-    K kv channels, V vocab rows, E routed experts, M ffn of one expert.
+    K kv channels, V vocab rows, E routed experts, M ffn of one expert, G ffn of the shared
+    experts, 1 one.
     ``fused``: the stored tensor merges the first two logical axes (fc1's gate and up).
     ``dim``: which named dimension of the layout splits ``axis`` (``tp``); ``also``: splits inside
     each piece of the first, e.g. experts: whole experts over ``ep``, then ``etp`` inside one.
@@ -96,7 +97,8 @@ def _symbol_sizes(spec: ModelSpec, vocab_rows: int) -> dict[str, int]:
     return {"H": spec.hidden_size, "F": spec.ffn_hidden_size, "S": 2 if spec.swiglu else 1,
             "Q": spec.num_query_groups * spec.rows_per_query_group,
             "A": spec.num_attention_heads * spec.kv_channels, "K": spec.kv_channels, "V": vocab_rows,
-            "E": spec.num_experts or 0, "M": spec.moe_ffn_hidden_size or 0}
+            "E": spec.num_experts or 0, "M": spec.moe_ffn_hidden_size or 0,
+            "G": spec.shared_expert_ffn_hidden_size or 0, "1": 1}
 
 
 def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, vocab_rows: int,
@@ -127,7 +129,8 @@ def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, v
 
 
 _DIM_NAMES = {"tp": "tensor parallel", "ep": "expert parallel", "etp": "expert tensor parallel"}
-_AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "M": "expert ffn hidden size", "Q": "linear_qkv rows",
+_AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "M": "expert ffn hidden size",
+               "G": "shared expert ffn hidden size", "Q": "linear_qkv rows",
                "A": "attention heads x kv channels", "V": "padded vocabulary"}
 
 
@@ -149,6 +152,9 @@ def check_experts(spec: ModelSpec, config: ParallelConfig) -> None:
         return
     if spec.num_experts % config.ep:
         raise LayoutError(f"expert parallel size {config.ep} does not divide the {spec.num_experts} experts")
+    if (spec.shared_expert_ffn_hidden_size or 0) % config.tp:
+        raise LayoutError(f"tensor parallel size {config.tp} does not divide shared expert ffn hidden size "
+                          f"{spec.shared_expert_ffn_hidden_size}")
     if spec.moe_ffn_hidden_size % etp:
         raise LayoutError(f"expert tensor parallel size {etp} does not divide expert ffn hidden size "
                           f"{spec.moe_ffn_hidden_size}")

@@ -48,6 +48,11 @@ _TABLE: list[tuple[str, Rule]] = [
     (rf"{_LAYER}{_EXPERT}linear_fc1\.bias", Rule(SPLIT, ("S", "M"), axis=1, fused=True, dim="etp")),
     (rf"{_LAYER}{_EXPERT}linear_fc2\.weight", Rule(SPLIT, ("H", "M"), axis=1, dim="etp")),
     (rf"{_LAYER}{_EXPERT}linear_fc2\.bias", Rule(REPLICATED, ("H",))),
+    (rf"{_LAYER}mlp\.shared_experts\.linear_fc1\.weight", Rule(SPLIT, ("S", "G", "H"), axis=1, fused=True)),
+    (rf"{_LAYER}mlp\.shared_experts\.linear_fc1\.bias", Rule(SPLIT, ("S", "G"), axis=1, fused=True)),
+    (rf"{_LAYER}mlp\.shared_experts\.linear_fc2\.weight", Rule(SPLIT, ("H", "G"), axis=1)),
+    (rf"{_LAYER}mlp\.shared_experts\.linear_fc2\.bias", Rule(REPLICATED, ("H",))),
+    (rf"{_LAYER}mlp\.shared_experts\.gate_weight", Rule(REPLICATED, ("1", "H"))),
 ]
 _COMPILED = [(re.compile(pattern), rule) for pattern, rule in _TABLE]
 _LAYER_NUMBER = re.compile(r"^decoder\.layers\.(\d+)\.")

@@ -31,6 +31,7 @@ class ModelSpec:
     normalization: str = "LayerNorm"
     num_experts: int | None = None           # routed experts of each MoE layer; None: dense
     moe_ffn_hidden_size: int | None = None   # ffn rows of one expert
+    shared_expert_ffn_hidden_size: int | None = None   # ffn rows of the shared experts (all of them)
 
     @property
     def rows_per_query_group(self) -> int:
@@ -52,7 +53,9 @@ class ModelSpec:
                 f"kv_channels {self.kv_channels}, {vocab}, "
                 f"{'tied' if self.tied_embeddings else 'untied'} embeddings, {self.normalization}, "
                 f"{self.position_embedding_type}, {'with' if self.add_bias_linear else 'no'} linear bias"
-                + (f", {self.num_experts} experts of ffn {self.moe_ffn_hidden_size}" if self.num_experts else ""))
+                + (f", {self.num_experts} experts of ffn {self.moe_ffn_hidden_size}" if self.num_experts else "")
+                + (f", shared experts of ffn {self.shared_expert_ffn_hidden_size}"
+                   if self.shared_expert_ffn_hidden_size else ""))
 
 
 @dataclass(frozen=True)
@@ -161,6 +164,7 @@ def model_spec_from_args(args) -> ModelSpec:
         num_experts=getattr(args, "num_experts", None) or None,
         moe_ffn_hidden_size=(getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size)
         if getattr(args, "num_experts", None) else None,
+        shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or None,
     )
 
 

@@ -289,22 +289,23 @@ def rank_rng(src: MegatronSource, rank: Rank) -> list | None:
 
 # ---- the sink: a target layout's rank files --------------------------------------------------
 
-def _key_order(tensors: Source, spec: ModelSpec) -> tuple[list[tuple[str, str]], list[str]]:
-    """The source's entries outside the layers as (key, logical name), and the per-layer key
-    suffixes, each in the order the source holds them."""
-    outer, suffixes = [], []
+def _key_order(tensors: Source, spec: ModelSpec) -> tuple[list[tuple[str, str]], dict[int, list[str]]]:
+    """The source's entries outside the layers as (key, logical name), and each global layer's
+    key suffixes (layers may differ: dense and MoE ones), each in the order the source holds them."""
+    outer, suffixes = [], {}
     for logical in tensors:
         name = names.classify(logical)
         if name.local_layer is None:
             outer.append((logical, logical))
-        elif name.suffix not in suffixes:
-            suffixes.append(name.suffix)
-    # Routed experts in global order, where the first one is (files add theirs one after another).
-    experts = [s for s in suffixes if names.expert_of(s) is not None]
-    if experts:
-        at = suffixes.index(experts[0])
-        others = [s for s in suffixes if names.expert_of(s) is None]
-        suffixes = others[:at] + sorted(experts, key=names.expert_of) + others[at:]
+        elif name.suffix not in suffixes.setdefault(name.local_layer, []):
+            suffixes[name.local_layer].append(name.suffix)
+    for layer, held in suffixes.items():
+        # Routed experts in global order, where the first one is (files add theirs one after another).
+        experts = [s for s in held if names.expert_of(s) is not None]
+        if experts:
+            at = held.index(experts[0])
+            others = [s for s in held if names.expert_of(s) is None]
+            suffixes[layer] = others[:at] + sorted(experts, key=names.expert_of) + others[at:]
     if spec.tied_embeddings:   # the output layer is the embedding: before its other entries, else last
         at = next((i for i, (k, _) in enumerate(outer) if k.startswith("output_layer.")), len(outer))
         outer.insert(at, (names.OUTPUT, names.EMBEDDING))
@@ -318,11 +319,13 @@ def _target_keys(order, spec: ModelSpec, config: ParallelConfig, rank: Rank, vp:
     last = layout.is_last_chunk(config, rank.pp, vp)
     keys = [(k, logical) for k, logical in outer if first and k.startswith("embedding.")]
     experts = layout.expert_range(spec.num_experts, config, rank.ep) if spec.num_experts else range(0)
-    # (local suffix, logical suffix): the rank's own experts, renumbered from its first
-    local_suffixes = [(s if e is None else names.with_expert(s, e - experts.start), s)
-                      for s in suffixes if (e := names.expert_of(s)) is None or e in experts]
     for local, global_layer in enumerate(layout.chunk_layers(spec, config, rank.pp, vp)):
-        keys += [(names.layer_key(local, s), names.layer_key(global_layer, logical)) for s, logical in local_suffixes]
+        # A layer no source file holds gets the first one's keys: then named as missing.
+        held = suffixes.get(global_layer) or next(iter(suffixes.values()), [])
+        # the rank's own experts, renumbered from its first
+        keys += [(names.layer_key(local, s if e is None else names.with_expert(s, e - experts.start)),
+                  names.layer_key(global_layer, s))
+                 for s in held if (e := names.expert_of(s)) is None or e in experts]
     # A tied output layer exists only on a last stage that does not also hold the embedding.
     keys += [(k, logical) for k, logical in outer if last and k.startswith(("decoder.", "output_layer."))
              and not (k == names.OUTPUT and spec.tied_embeddings and first)]

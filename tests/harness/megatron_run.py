@@ -57,7 +57,10 @@ from megatron.core.distributed import (  # noqa: E402
 )
 from megatron.core.enums import ModelType  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import (  # noqa: E402
+    get_gpt_decoder_block_spec,
+    get_gpt_layer_local_spec,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # noqa: E402
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: E402
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
@@ -147,6 +150,9 @@ def moe_config(m: dict, layout: dict) -> dict:
         expert_model_parallel_size=layout["ep"],
         expert_tensor_parallel_size=layout["etp"],
         sequence_parallel=layout["tp"] > 1,  # megatron-core's MoE layer demands it with TP > 1
+        moe_shared_expert_intermediate_size=m["shared_ffn"],
+        moe_shared_expert_gate=m["shared_gate"],
+        moe_layer_freq=m["moe_layer_freq"] or 1,
     )
 
 
@@ -154,10 +160,14 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
     """Model chunks (one per virtual stage), wrapped as Megatron-LM's get_model wraps them."""
     chunks = []
     for vp_stage in range(layout["vpp"]) if layout["vpp"] else [None]:
+        if m["moe_layer_freq"]:  # dense and MoE layers: one spec per layer
+            spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m["normalization"],
+                                              vp_stage=vp_stage)
+        else:
+            spec = get_gpt_layer_local_spec(num_experts=m["experts"], normalization=m["normalization"])
         model = GPTModel(
             config=config,
-            transformer_layer_spec=get_gpt_layer_local_spec(num_experts=m["experts"],
-                                                            normalization=m["normalization"]),
+            transformer_layer_spec=spec,
             vocab_size=padded_vocab(m, layout["tp"]),
             max_sequence_length=m["seq_length"],
             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -215,8 +225,9 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: s
         moe_router_topk=m["topk"],
         moe_grouped_gemm=False,
         moe_token_dispatcher_type="allgather",
-        moe_shared_expert_intermediate_size=None,
-        moe_layer_freq=1,
+        moe_shared_expert_intermediate_size=m["shared_ffn"],
+        moe_shared_expert_gate=m["shared_gate"],
+        moe_layer_freq=m["moe_layer_freq"] or 1,
         moe_router_enable_expert_bias=False,
         num_layers=m["num_layers"],
         encoder_num_layers=m["num_layers"],

@@ -31,6 +31,9 @@ MODEL_DEFAULTS = {
     "experts": None,
     "moe_ffn": 32,
     "topk": 2,
+    "shared_ffn": None,     # shared experts' ffn rows (None: none)
+    "shared_gate": False,   # Qwen2-MoE's sigmoid gate on the shared experts
+    "moe_layer_freq": None,  # per layer 1 (MoE) or 0 (dense MLP); None: every layer MoE
 }
 
 LAYOUT_DEFAULTS = {"tp": 1, "pp": 1, "vpp": None, "first": None, "last": None, "ep": 1, "etp": None}
