@@ -1,5 +1,6 @@
-"""Hugging Face <-> Megatron against two independent implementations: transformers' Llama, Qwen2
-and Mistral, and real megatron-core GPT models loading the converted checkpoints (torchrun, CPU)."""
+"""Hugging Face <-> Megatron against two independent implementations: transformers' Llama, Qwen2,
+Qwen3, Mistral and the mixtures of experts Mixtral, Qwen2-MoE and Qwen3-MoE, and real
+megatron-core GPT models loading the converted checkpoints (torchrun, CPU)."""
 
 import argparse
 import json
@@ -29,15 +30,27 @@ FAMILIES = {
     "qwen2": ("Qwen2Config", {"rope_theta": 1e6, "rms_norm_eps": 1e-6, "tie_word_embeddings": True},
               {"tp": 2, "pp": 2}),
     "mistral": ("MistralConfig", {"rope_theta": 20000.0, "rms_norm_eps": 3e-6}, {"tp": 1, "pp": 2, "vpp": 2}),
+    "qwen3": ("Qwen3Config", {"rope_theta": 1e6, "rms_norm_eps": 2e-6, "head_dim": 16}, {"tp": 2, "pp": 2}),
+    # Mixtures of experts, spread over expert ranks: 4 experts of ffn 32, top 2.
+    "mixtral": ("MixtralConfig", {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_local_experts": 4,
+                                  "num_experts_per_tok": 2, "intermediate_size": 32}, {"tp": 1, "pp": 2, "ep": 2}),
+    # a dense first layer, a gated shared expert, top-k weights not renormalised
+    "qwen2_moe": ("Qwen2MoeConfig", {"rope_theta": 1e6, "rms_norm_eps": 1e-6, "num_experts": 4,
+                                     "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                                     "shared_expert_intermediate_size": 64, "mlp_only_layers": [0],
+                                     "norm_topk_prob": False}, {"tp": 2, "pp": 2, "ep": 2, "etp": 1}),
+    "qwen3_moe": ("Qwen3MoeConfig", {"rope_theta": 1e6, "rms_norm_eps": 4e-6, "head_dim": 16, "num_experts": 4,
+                                     "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True},
+                  {"tp": 2, "pp": 1, "ep": 2}),
 }
 
 
 def hf_model(family: str, seed: int):
     """A tiny random model (no download) whose every weight is non-trivial: biases and norms too."""
     config_class, overrides, _ = FAMILIES[family]
-    config = getattr(transformers, config_class)(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, **overrides)
+    config = getattr(transformers, config_class)(**{
+        "vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, **overrides})
     return random_hf_model(config, seed)
 
 
@@ -49,10 +62,23 @@ def logits_of(model) -> torch.Tensor:
 def harness_model(family: str) -> dict:
     """The megatron-core model of the same architecture, as the harness builds it."""
     _, overrides, _ = FAMILIES[family]
-    return {"vocab_size": VOCAB - 1,  # NullTokenizer's --vocab-size: the true vocabulary is one more
-            "make_vocab_size_divisible_by": 128, "rotary_base": overrides["rope_theta"],
-            "norm_eps": overrides["rms_norm_eps"], "add_qkv_bias": family == "qwen2",
-            "untie_embeddings": not overrides.get("tie_word_embeddings", False)}
+    model = {"vocab_size": VOCAB - 1,  # NullTokenizer's --vocab-size: the true vocabulary is one more
+             "make_vocab_size_divisible_by": 128, "rotary_base": overrides["rope_theta"],
+             "norm_eps": overrides["rms_norm_eps"], "add_qkv_bias": family in ("qwen2", "qwen2_moe"),
+             "untie_embeddings": not overrides.get("tie_word_embeddings", False),
+             "qk_layernorm": family in ("qwen3", "qwen3_moe")}
+    experts = overrides.get("num_local_experts", overrides.get("num_experts"))
+    if experts:
+        dense = overrides.get("mlp_only_layers", [])
+        model.update(experts=experts, topk=overrides["num_experts_per_tok"],
+                     moe_ffn=overrides.get("moe_intermediate_size", overrides.get("intermediate_size")),
+                     shared_ffn=overrides.get("shared_expert_intermediate_size"),
+                     shared_gate="shared_expert_intermediate_size" in overrides,
+                     moe_layer_freq=[int(i not in dense) for i in range(4)] if dense else None,
+                     router_pre_softmax=family != "mixtral" and not overrides["norm_topk_prob"])
+        if family == "mixtral":   # no dense layers: Megatron-LM's --ffn-hidden-size is the experts'
+            model["ffn"] = overrides["intermediate_size"]
+    return model
 
 
 def hf_tensors(directory) -> dict:
@@ -75,7 +101,8 @@ def hf(tmp_path_factory, sources):
         model.save_pretrained(directory, max_shard_size="100KB" if family == "llama" else "1GB")
         megatron = root / f"{family}-megatron"
         hf_to_megatron(directory, megatron, Target(tp=layout["tp"], pp=layout["pp"], vpp=layout.get("vpp"),
-                                                   layer_spec="local"), quiet=True)
+                                                   ep=layout.get("ep"), etp=layout.get("etp"), layer_spec="local"),
+                       quiet=True)
         result = root / f"{family}.logits.pt"
         jobs.append(logits_job(layout, megatron, TOKENS, result, harness_model(family)))
         out[family] = {"dir": directory, "megatron": megatron, "logits": logits_of(model), "result": result}
@@ -91,8 +118,9 @@ def hf(tmp_path_factory, sources):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_to_megatron_gives_transformers_logits(hf, family):
-    """The converted checkpoint, loaded strictly into megatron-core's GPTModel at TP2·PP2 (Mistral:
-    TP1·PP2·VPP2), computes transformers' logits; Megatron-LM's checked args agree."""
+    """The converted checkpoint, loaded strictly into megatron-core's GPTModel at its family's
+    layout (TP2·PP2; Mistral TP1·PP2·VPP2; the mixtures of experts over 2 expert ranks), computes
+    transformers' logits; Megatron-LM's checked args agree."""
     run, want = hf[family]["megatron_run"], hf[family]["logits"]
     assert run["args_mismatches"] == []
     got = run["logits"]
@@ -238,7 +266,7 @@ def edit_config(directory, **changes):
 def test_unknown_family(llama_copy, tmp_path, capsys):
     edit_config(llama_copy, model_type="gpt2")
     assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", names=llama_copy / "config.json",
-                   says="unsupported model_type 'gpt2' (supported: llama, mistral, qwen2)")
+                   says="unsupported model_type 'gpt2' (supported: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe)")
 
 
 def test_unmapped_and_missing_tensors_are_listed(llama_copy, tmp_path, capsys):

@@ -40,6 +40,12 @@ LAYOUTS = {  # 4 processes; DP fills the rest
                       "--num-layers-per-virtual-pipeline-stage", 1],
     "tp1pp1dp4": ["--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 1],
     "tp2pp1dp2": ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 1],
+    "tp1pp2ep2": ["--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 2,
+                  "--expert-model-parallel-size", 2],
+    "tp1pp1ep4": ["--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 1,
+                  "--expert-model-parallel-size", 4],
+    "tp1pp1ep2dp4": ["--tensor-model-parallel-size", 1, "--pipeline-model-parallel-size", 1,
+                     "--expert-model-parallel-size", 2],
 }
 
 
@@ -49,13 +55,13 @@ class Runs(NamedTuple):
     common: list          # the arguments every launch of this format shares
 
 
-def train_and_stop(work: Path, common: list) -> Runs:
+def train_and_stop(work: Path, common: list, layout: str = "tp2pp2") -> Runs:
     """The uninterrupted run (also saving a plain, hook-less checkpoint at STOP) and the hooked
     run that stops at STOP."""
     save = ["--save-interval", STOP]
-    plain = run_megatron_lm(MEGATRON_LM, "plain", common + LAYOUTS["tp2pp2"] + save + ["--save", work / "plain"],
+    plain = run_megatron_lm(MEGATRON_LM, "plain", common + LAYOUTS[layout] + save + ["--save", work / "plain"],
                             work, "uninterrupted")
-    hooked = run_megatron_lm(MEGATRON_LM, "hooks", common + LAYOUTS["tp2pp2"] + save +
+    hooked = run_megatron_lm(MEGATRON_LM, "hooks", common + LAYOUTS[layout] + save +
                              ["--exit-interval", STOP, "--save", work / "hooked"], work, "hooked")
     for rc, losses, log in (plain, hooked):
         assert rc == 0, log[-3000:]
@@ -159,3 +165,35 @@ def test_megatron_lm_alone_refuses_a_torch_dist_tp_change(dist_runs):
     """The negative control: dp_reshardable state cannot change TP/PP in Megatron-LM."""
     rc, losses, log = resume(dist_runs, "tp1pp2dp2", mode="plain")
     assert rc != 0 and losses == {} and "(TP, PP) mismatch after resume" in log
+
+
+# ---- mixtures of experts (legacy format): EP changes ---------------------------------------------
+
+# 4 experts, top-2, the allgather token dispatcher (gloo); TP1 (MoE with TP > 1 needs
+# --sequence-parallel, which the local spec's norms refuse on Megatron-LM's own path).
+MOE = COMMON + "--num-experts 4 --moe-router-topk 2 --moe-ffn-hidden-size 64 --moe-token-dispatcher-type allgather".split()
+
+
+@pytest.fixture(scope="module")
+def moe_runs(tmp_path_factory):
+    return train_and_stop(tmp_path_factory.mktemp("megatron_lm_moe"), MOE, layout="tp1pp2ep2")
+
+
+@pytest.mark.parametrize("layout", ["tp1pp2dp2", "tp1pp1ep4", "tp1pp1ep2dp4"])
+def test_moe_resumes_at_another_expert_layout(moe_runs, layout):
+    """EP2·PP2 resumed at EP1 (experts back in the dense optimizer), EP4 and EP2·DP4 without PP."""
+    rc, losses, log = resume(moe_runs, layout)
+    assert "ckpt_hooks: resharded" in log, log[-3000:]
+    assert_continues(moe_runs, rc, losses, log)
+
+
+def test_moe_same_layout_is_left_to_megatron_lm(moe_runs):
+    rc, losses, log = resume(moe_runs, "tp1pp2ep2")
+    assert "ckpt_hooks: resharded" not in log
+    assert_continues(moe_runs, rc, losses, log)
+
+
+def test_megatron_lm_alone_trains_nothing_after_an_ep_change(moe_runs):
+    """The negative control (the issue's symptom): EP2 -> EP1 'could not load', exit 0, no training."""
+    rc, losses, log = resume(moe_runs, "tp1pp2dp2", mode="plain")
+    assert rc == 0 and losses == {} and "could not load the checkpoint" in log

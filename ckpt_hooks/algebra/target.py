@@ -11,6 +11,7 @@ names the flag that set it (``FLAGS``: the CLI's spellings, built by ``cli.targe
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ckpt_hooks.algebra import layout
@@ -85,6 +86,12 @@ class Target:
             if notes is not None:
                 notes.append(f"expert tensor parallel size {tp} (TP): the source's {etp} does not fit "
                              f"{FLAGS['ep']} {target.ep} (pass {FLAGS['etp']} to choose another)")
+        stage = tp * target.dp * target.cp   # the ranks of a stage must hold whole EP x ETP groups
+        if self.dp is None and spec.num_experts and stage % (target.ep * target.size("etp")):
+            target = replace(target, dp=math.lcm(stage, target.ep * target.size("etp")) // (tp * target.cp))
+            if notes is not None:
+                notes.append(f"data parallel size {target.dp}: each pipeline stage holds whole expert groups "
+                             f"(pass {FLAGS['dp']} to choose another)")
         if vpp > 1 and pp == 1:
             raise self.error("vpp", "virtual pipeline stages need a pipeline parallel size above 1 "
                                     "(Megatron-LM refuses the layout)")

@@ -105,6 +105,8 @@ def resume_hint(save_dir, spec: ModelSpec, layout: ParallelConfig, optimizer: bo
              f"--pipeline-model-parallel-size {layout.pp}")
     if layout.vpp > 1:
         flags += f" --num-layers-per-virtual-pipeline-stage {spec.num_layers // (layout.pp * layout.vpp)}"
+    if spec.num_experts:
+        flags += f" --expert-model-parallel-size {layout.ep} --expert-tensor-parallel-size {layout.size('etp')}"
     return (f"resume with Megatron-LM: {flags} --no-load-rng (RNG states are per rank)"
             + ("" if optimizer else " --finetune --no-load-optim (weights only)"))
 

@@ -15,7 +15,9 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
             "make_vocab_size_divisible_by": 16, "seq_length": 16, "micro_batch": 2,
             "global_batch": 8, "seed": 1234, "dtype": "fp32" | "bf16", "norm_eps": 1e-5,
             "rotary_base": 10000, "add_qkv_bias": None (= add_bias_linear),
-            "experts": None | routed experts per layer, "moe_ffn": 32, "topk": 2}
+            "experts": None | routed experts per layer, "moe_ffn": 32, "topk": 2,
+            "shared_ffn": None | shared experts' ffn, "shared_gate": False,
+            "moe_layer_freq": None | [0 or 1 per layer], "router_pre_softmax": False, "qk_layernorm": False}
       A mixture of experts uses SequentialMLP experts and the allgather token dispatcher (the
       alltoall one needs CUDA events and uneven collectives gloo lacks), aux-loss coefficient 0,
       and with TP > 1 sequence parallelism (megatron-core's MoE layer demands it; the CPU shim

@@ -116,6 +116,7 @@ def transformer_config(m: dict, layout: dict) -> TransformerConfig:
         layernorm_epsilon=m["norm_eps"],
         add_bias_linear=m["add_bias_linear"],
         add_qkv_bias=qkv_bias(m),
+        qk_layernorm=m["qk_layernorm"],
         # No dropout: training must be a deterministic function of data and layout.
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -153,6 +154,7 @@ def moe_config(m: dict, layout: dict) -> dict:
         moe_shared_expert_intermediate_size=m["shared_ffn"],
         moe_shared_expert_gate=m["shared_gate"],
         moe_layer_freq=m["moe_layer_freq"] or 1,
+        moe_router_pre_softmax=m["router_pre_softmax"],
     )
 
 
@@ -164,7 +166,8 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
             spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, normalization=m["normalization"],
                                               vp_stage=vp_stage)
         else:
-            spec = get_gpt_layer_local_spec(num_experts=m["experts"], normalization=m["normalization"])
+            spec = get_gpt_layer_local_spec(num_experts=m["experts"], normalization=m["normalization"],
+                                            qk_layernorm=m["qk_layernorm"])
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -228,6 +231,7 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: s
         moe_shared_expert_intermediate_size=m["shared_ffn"],
         moe_shared_expert_gate=m["shared_gate"],
         moe_layer_freq=m["moe_layer_freq"] or 1,
+        moe_router_pre_softmax=m["router_pre_softmax"],
         moe_router_enable_expert_bias=False,
         num_layers=m["num_layers"],
         encoder_num_layers=m["num_layers"],
@@ -238,7 +242,7 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: s
         num_query_groups=m["query_groups"],
         kv_channels=m["hidden"] // m["heads"],
         multi_latent_attention=False,
-        qk_layernorm=False,
+        qk_layernorm=m["qk_layernorm"],
         seq_length=m["seq_length"],
         max_position_embeddings=m["seq_length"],
         vocab_size=m["vocab_size"],

@@ -34,6 +34,8 @@ MODEL_DEFAULTS = {
     "shared_ffn": None,     # shared experts' ffn rows (None: none)
     "shared_gate": False,   # Qwen2-MoE's sigmoid gate on the shared experts
     "moe_layer_freq": None,  # per layer 1 (MoE) or 0 (dense MLP); None: every layer MoE
+    "router_pre_softmax": False,  # softmax over every expert, then the top k (not renormalised)
+    "qk_layernorm": False,  # per-head RMSNorm of queries and keys (Qwen3)
 }
 
 LAYOUT_DEFAULTS = {"tp": 1, "pp": 1, "vpp": None, "first": None, "last": None, "ep": 1, "etp": None}

@@ -17,7 +17,15 @@ from ckpt_hooks.converters.hf.names import LAYERS
 from ckpt_hooks.algebra.spec import ModelSpec
 
 CONFIG = "config.json"
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+QKV_BIAS = ("qwen2", "qwen2_moe")           # families with q/k/v biases
+QK_NORM = ("qwen3", "qwen3_moe")            # families with per-head q/k RMSNorms
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # mixtures of experts
+SHARED_EXPERT = ("qwen2_moe",)              # ... with a gated shared expert
+# The key that counts the routed experts, as transformers 5 writes it (either is read).
+EXPERT_COUNT = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_local_experts"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # megatron-core's Llama 3 RoPE scaling fixes all but the factor.
 _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -27,7 +35,10 @@ _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_
 MODEL_KEYS = {"architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "head_dim", "hidden_act", "max_position_embeddings",
               "rms_norm_eps", "rope_parameters", "rope_theta", "rope_scaling", "tie_word_embeddings", "vocab_size",
-              "dtype", "torch_dtype", "attention_dropout", "initializer_range", "sliding_window", "use_sliding_window"}
+              "dtype", "torch_dtype", "attention_dropout", "initializer_range", "sliding_window", "use_sliding_window",
+              "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
+              "qkv_bias"}
 # The files beside the weights that travel with a model: tokenizer and generation settings.
 ASSETS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
           "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -61,6 +72,34 @@ def _rope(config: dict, path) -> tuple[float, float | None]:
     raise CheckpointError(path, f"RoPE scaling {params} has no megatron-core equivalent")
 
 
+def moe_layers(config: dict, family: str) -> set[int]:
+    """The layers that are mixtures of experts: every one (Mixtral), or Qwen-MoE's
+    ``decoder_sparse_step`` ones not in ``mlp_only_layers``."""
+    layers = range(config.get("num_hidden_layers") or 0)
+    if family == "mixtral":
+        return set(layers)
+    if family not in MOE or not _expert_count(config):
+        return set()
+    step, dense = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
+    return {i for i in layers if i not in dense and (i + 1) % step == 0}
+
+
+def _expert_count(config: dict):
+    return config.get("num_local_experts", config.get("num_experts"))
+
+
+def _experts(config: dict, family: str, path) -> dict:
+    """The ModelSpec fields of a mixture of experts (none for a dense family)."""
+    if family not in MOE:
+        return {}
+    count = _expert_count(config)
+    ffn = config.get("intermediate_size" if family == "mixtral" else "moe_intermediate_size")
+    if not isinstance(count, int) or not isinstance(ffn, int) or not isinstance(config.get("num_experts_per_tok"), int):
+        raise CheckpointError(path, "the experts' count, ffn size or num_experts_per_tok is missing or not an integer")
+    shared = config.get("shared_expert_intermediate_size") if family in SHARED_EXPERT else None
+    return {"num_experts": count, "moe_ffn_hidden_size": ffn, "shared_expert_ffn_hidden_size": shared or None}
+
+
 def model_spec(config: dict, path, family: str, true_vocab_size: int | None = None,
                make_vocab_size_divisible_by: int = 128) -> ModelSpec:
     """The model a config describes; its vocabulary unpadded (padded_vocab_size = true vocabulary)."""
@@ -90,8 +129,8 @@ def model_spec(config: dict, path, family: str, true_vocab_size: int | None = No
                      kv_channels=config.get("head_dim") or hidden // heads, padded_vocab_size=true_vocab,
                      true_vocab_size=true_vocab, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                      swiglu=True, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
-                     add_bias_linear=False, add_qkv_bias=family == "qwen2", position_embedding_type="rope",
-                     normalization="RMSNorm")
+                     add_bias_linear=False, add_qkv_bias=bool(config.get("qkv_bias", family in QKV_BIAS)),
+                     position_embedding_type="rope", normalization="RMSNorm", **_experts(config, family, path))
 
 
 def megatron_args(config: dict, path, spec: ModelSpec, params_dtype: torch.dtype, layer_spec: str,
@@ -116,20 +155,45 @@ def megatron_args(config: dict, path, spec: ModelSpec, params_dtype: torch.dtype
         # HF's sliding_window w attends to the w - 1 previous tokens: flash attention's (w - 1, 0).
         window_size=(window - 1, 0) if window else None,
         add_bias_linear=False, add_qkv_bias=spec.add_qkv_bias,
-        untie_embeddings_and_output_weights=not spec.tied_embeddings, qk_layernorm=False, num_experts=None,
+        untie_embeddings_and_output_weights=not spec.tied_embeddings, qk_layernorm=config["model_type"] in QK_NORM,
+        **_moe_args(config, spec),
         multi_latent_attention=False, hidden_dropout=0.0, attention_dropout=float(config.get("attention_dropout", 0.0)),
         init_method_std=float(config.get("initializer_range", 0.02)),
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         transformer_impl=layer_spec, ckpt_format="torch", use_dist_ckpt=False, context_parallel_size=1,
-        expert_model_parallel_size=1, sequence_parallel=False,
-        iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
+        sequence_parallel=False, iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
         hf_config=config)   # carried back by from_megatron; Megatron-LM ignores it
 
 
+def _moe_args(config: dict, spec: ModelSpec) -> dict:
+    """Megatron-LM's MoE arguments (num_experts None for a dense model). Routing as HF's: softmax
+    over every expert then the top k, renormalised unless Qwen-MoE's norm_topk_prob is off
+    (megatron-core: top k then softmax, or --moe-router-pre-softmax)."""
+    family = config["model_type"]
+    if family not in MOE:
+        return {"num_experts": None}
+    layers = moe_layers(config, family)
+    return {"num_experts": spec.num_experts, "moe_ffn_hidden_size": spec.moe_ffn_hidden_size,
+            "moe_router_topk": config["num_experts_per_tok"],
+            "moe_router_pre_softmax": family != "mixtral" and not config.get("norm_topk_prob", False),
+            "moe_router_score_function": "softmax", "moe_router_load_balancing_type": "aux_loss",
+            "moe_aux_loss_coeff": float(config.get("router_aux_loss_coef", 0.0)),
+            "moe_shared_expert_intermediate_size": spec.shared_expert_ffn_hidden_size,
+            "moe_shared_expert_gate": family in SHARED_EXPERT and bool(spec.shared_expert_ffn_hidden_size),
+            "moe_layer_freq": [int(i in layers) for i in range(spec.num_layers)],
+            "moe_grouped_gemm": False, "moe_token_dispatcher_type": "alltoall"}
+
+
 def family_of(args, spec: ModelSpec) -> str:
-    """The HF family a Megatron model reads as by default: Qwen2 has q/k/v biases, Mistral a window."""
+    """The HF family a Megatron model reads as by default: Qwen2 has q/k/v biases, Qwen3 q/k norms,
+    Mistral a window; with experts Qwen2-MoE has a shared expert, Qwen3-MoE q/k norms, else Mixtral."""
+    qk_norm = bool(getattr(args, "qk_layernorm", False))
+    if spec.num_experts:
+        return "qwen2_moe" if spec.shared_expert_ffn_hidden_size else ("qwen3_moe" if qk_norm else "mixtral")
     if spec.add_qkv_bias:
         return "qwen2"
+    if qk_norm:
+        return "qwen3"
     return "mistral" if getattr(args, "window_size", None) else "llama"
 
 
@@ -140,9 +204,18 @@ def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) 
               (spec.swiglu, "a non-SwiGLU MLP"), (spec.position_embedding_type == "rope",
                                                   f"{spec.position_embedding_type} position embeddings"),
               (not spec.add_bias_linear, "linear biases"),
-              (spec.add_qkv_bias == (family == "qwen2"), "q/k/v biases" if spec.add_qkv_bias else "no q/k/v biases"),
-              (not getattr(args, "qk_layernorm", False), "QK layer norms"),
-              (not getattr(args, "num_experts", None), "experts"),
+              (spec.add_qkv_bias == (family in QKV_BIAS), "q/k/v biases" if spec.add_qkv_bias else "no q/k/v biases"),
+              (bool(getattr(args, "qk_layernorm", False)) == (family in QK_NORM),
+               "QK layer norms" if getattr(args, "qk_layernorm", False) else "no QK layer norms"),
+              (bool(spec.num_experts) == (family in MOE), "experts" if spec.num_experts else "no experts"),
+              (not spec.shared_expert_ffn_hidden_size or (family in SHARED_EXPERT and getattr(
+                  args, "moe_shared_expert_gate", False)), "ungated shared experts"),
+              (not spec.num_experts or family != "mixtral" or all(_moe_layer_list(args, spec)),
+               "dense layers among the MoE ones"),
+              (not spec.num_experts or family != "mixtral" or not getattr(args, "moe_router_pre_softmax", False),
+               "top-k weights not renormalised (--moe-router-pre-softmax)"),
+              (getattr(args, "moe_router_score_function", "softmax") == "softmax", "a non-softmax router"),
+              (getattr(args, "moe_router_enable_expert_bias", False) is False, "router expert bias"),
               (not getattr(args, "apply_layernorm_1p", False), "layernorm_1p"),
               (not getattr(args, "rotary_interleaved", False), "interleaved RoPE"),
               (getattr(args, "rotary_percent", 1.0) == 1.0, "partial RoPE"),
@@ -170,13 +243,41 @@ def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) 
         "rope_scaling": {k: v for k, v in rope.items() if k != "rope_theta"} if len(rope) > 2 else None,
         "torch_dtype": DTYPE_NAMES[dtype],
     }
+    if family in MOE:
+        config.update(_moe_config(args, spec, family))
     if family == "mistral":
         config["sliding_window"] = window[0] + 1 if window else None
-    if family == "qwen2":
+    if family.startswith("qwen"):
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.num_layers)
+    if family == "qwen2_moe":
+        config["qkv_bias"] = spec.add_qkv_bias
     original = getattr(args, "hf_config", None)
     if isinstance(original, dict) and original.get("model_type") == family:
         config.update({k: v for k, v in original.items() if k not in MODEL_KEYS})
+    return config
+
+
+def _moe_layer_list(args, spec: ModelSpec) -> list[int]:
+    """Megatron-LM's --moe-layer-freq as a per-layer 0/1 list."""
+    freq = getattr(args, "moe_layer_freq", 1) or 1
+    if isinstance(freq, int):
+        return [int(i % freq == 0) for i in range(spec.num_layers)]
+    return list(freq)
+
+
+def _moe_config(args, spec: ModelSpec, family: str) -> dict:
+    """The ``config.json`` keys of a mixture of experts."""
+    config = {"num_experts_per_tok": int(getattr(args, "moe_router_topk", 2)),
+              "router_aux_loss_coef": float(getattr(args, "moe_aux_loss_coeff", 0.0) or 0.0)}
+    config[EXPERT_COUNT[family]] = spec.num_experts
+    if family == "mixtral":
+        return {**config, "intermediate_size": spec.moe_ffn_hidden_size}
+    dense = [i for i, moe in enumerate(_moe_layer_list(args, spec)) if not moe]
+    config.update(moe_intermediate_size=spec.moe_ffn_hidden_size,
+                  norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False), decoder_sparse_step=1,
+                  mlp_only_layers=dense)
+    if family in SHARED_EXPERT:
+        config["shared_expert_intermediate_size"] = spec.shared_expert_ffn_hidden_size or 0
     return config
 
 

@@ -6,7 +6,10 @@ flattened), in order:
 * ``linear_qkv`` is group-major, ``[q_g; k_g; v_g]`` per query group g: q_proj is the q rows of
   every group, k_proj and v_proj their one k / v head each (the same for Qwen2's biases);
 * ``linear_fc1`` is ``[gate; up]``: gate_proj its first ffn rows, up_proj the rest (a tensor
-  may also interleave them, row by row: MindFormers' ``w_gate_hidden``);
+  may also interleave them, row by row: MindFormers' ``w_gate_hidden``); the same for each routed
+  expert's and the shared experts' ``linear_fc1``, with their own ffn sizes;
+* a mixture-of-experts layer's names (``Table.moe``, ``{e}`` the expert) replace the dense MLP's,
+  and its pre-MLP norm is ``pre_mlp_layernorm`` under either layer spec;
 * the vocabulary tensors: the true vocabulary's rows (Megatron pads past them);
 * everything else: all rows.
 """
@@ -44,8 +47,24 @@ LAYER_ORDER = ("input_layernorm.weight", "self_attention.core_attention._extra_s
                "self_attention.linear_proj.weight", "self_attention.linear_proj._extra_state",
                "self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
                "self_attention.linear_qkv.bias", "self_attention.linear_qkv._extra_state",
+               "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
                "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight",
-               "mlp.linear_fc1._extra_state", "mlp.linear_fc2.weight", "mlp.linear_fc2._extra_state")
+               "mlp.linear_fc1._extra_state", "mlp.linear_fc2.weight", "mlp.linear_fc2._extra_state",
+               "mlp.router.weight", "mlp.router.expert_bias",
+               "mlp.experts.local_experts.{e}.linear_fc1.weight", "mlp.experts.local_experts.{e}.linear_fc1._extra_state",
+               "mlp.experts.local_experts.{e}.linear_fc2.weight", "mlp.experts.local_experts.{e}.linear_fc2._extra_state",
+               "mlp.shared_experts.gate_weight", "mlp.shared_experts.linear_fc1.weight",
+               "mlp.shared_experts.linear_fc1._extra_state", "mlp.shared_experts.linear_fc2.weight",
+               "mlp.shared_experts.linear_fc2._extra_state")
+
+
+def layer_position(suffix: str) -> tuple[int, int, int]:
+    """Where a layer entry comes in megatron-core's state dict (each expert's entries together)."""
+    expert = names.expert_of(suffix)
+    if expert is None:
+        return LAYER_ORDER.index(suffix), 0, 0
+    first = LAYER_ORDER.index("mlp.experts.local_experts.{e}.linear_fc1.weight")
+    return first, expert, LAYER_ORDER.index(names.with_expert(suffix, "{e}"))
 
 OUTER_ORDER = (names.EMBEDDING, FINAL_NORM, names.OUTPUT, OUTPUT_EXTRA_STATE)
 
@@ -68,7 +87,39 @@ _QKV_BIAS = {
     "self_attn.k_proj.bias": ("self_attention.linear_qkv.bias", "k"),
     "self_attn.v_proj.bias": ("self_attention.linear_qkv.bias", "v"),
 }
-LAYERS = {"llama": _LLAMA_LAYER, "mistral": _LLAMA_LAYER, "qwen2": {**_LLAMA_LAYER, **_QKV_BIAS}}
+_QK_NORM = {
+    "self_attn.q_norm.weight": ("self_attention.q_layernorm.weight", None),
+    "self_attn.k_norm.weight": ("self_attention.k_layernorm.weight", None),
+}
+LAYERS = {"llama": _LLAMA_LAYER, "mistral": _LLAMA_LAYER, "qwen2": {**_LLAMA_LAYER, **_QKV_BIAS},
+          "qwen3": {**_LLAMA_LAYER, **_QK_NORM}, "mixtral": _LLAMA_LAYER,
+          "qwen2_moe": {**_LLAMA_LAYER, **_QKV_BIAS}, "qwen3_moe": {**_LLAMA_LAYER, **_QK_NORM}}
+
+# A mixture-of-experts layer's MLP: the router, each routed expert {e}, the shared experts.
+_EXPERT = "mlp.experts.local_experts.{e}."
+_QWEN_EXPERTS = {
+    "mlp.gate.weight": ("mlp.router.weight", None),
+    "mlp.experts.{e}.gate_proj.weight": (_EXPERT + "linear_fc1.weight", "gate"),
+    "mlp.experts.{e}.up_proj.weight": (_EXPERT + "linear_fc1.weight", "up"),
+    "mlp.experts.{e}.down_proj.weight": (_EXPERT + "linear_fc2.weight", None),
+}
+MOE = {
+    "mixtral": {
+        "block_sparse_moe.gate.weight": ("mlp.router.weight", None),
+        "block_sparse_moe.experts.{e}.w1.weight": (_EXPERT + "linear_fc1.weight", "gate"),
+        "block_sparse_moe.experts.{e}.w3.weight": (_EXPERT + "linear_fc1.weight", "up"),
+        "block_sparse_moe.experts.{e}.w2.weight": (_EXPERT + "linear_fc2.weight", None),
+    },
+    "qwen2_moe": {
+        **_QWEN_EXPERTS,
+        "mlp.shared_expert.gate_proj.weight": ("mlp.shared_experts.linear_fc1.weight", "gate"),
+        "mlp.shared_expert.up_proj.weight": ("mlp.shared_experts.linear_fc1.weight", "up"),
+        "mlp.shared_expert.down_proj.weight": ("mlp.shared_experts.linear_fc2.weight", None),
+        "mlp.shared_expert_gate.weight": ("mlp.shared_experts.gate_weight", None),
+    },
+    "qwen3_moe": _QWEN_EXPERTS,
+}
+_MOE_NORMS = {"attn_norm": "{attn_norm}", "mlp_norm": "pre_mlp_layernorm.weight"}
 
 # HF entries that hold no weights (older checkpoints saved RoPE's buffer).
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -103,9 +154,10 @@ def part_rows(part: str | None, spec: ModelSpec, key: str) -> tuple[tuple[int, i
         return ((0, spec.true_vocab_size),)
     if part == GATE_UP_INTERLEAVED:
         return ((0, spec.ffn_hidden_size), (spec.ffn_hidden_size, 2 * spec.ffn_hidden_size))
-    if part in ("gate", "up"):
-        start = spec.ffn_hidden_size * (part == "up")
-        return ((start, start + spec.ffn_hidden_size),)
+    if part in ("gate", "up"):   # of a dense MLP's, an expert's or the shared experts' ffn
+        ffn = tp1(key, spec).logical_shape[1]
+        start = ffn * (part == "up")
+        return ((start, start + ffn),)
     if part in ("q", "k", "v"):
         kv, per_group = spec.kv_channels, spec.num_attention_heads // spec.num_query_groups
         start, length = {"q": (0, per_group * kv), "k": (per_group * kv, kv), "v": ((per_group + 1) * kv, kv)}[part]
@@ -124,18 +176,29 @@ class Table:
     layer: dict
     head: dict
     ignored: re.Pattern         # entries that hold no weights of the model, skipped when read
+    moe: dict | None = None     # a mixture-of-experts layer's MLP entries ({e}: the expert)
 
-    def entries(self, spec: ModelSpec, layer_spec: str) -> list[Entry]:
-        """Every tensor of a model, in the table's order."""
-        def entry(name, megatron, part):
-            megatron = megatron.format(**NORMS[layer_spec])
+    def entries(self, spec: ModelSpec, layer_spec: str, moe_layers=()) -> list[Entry]:
+        """Every tensor of a model, in the table's order; ``moe_layers`` are mixtures of experts."""
+        def entry(name, megatron, part, norms=NORMS[layer_spec]):
+            megatron = megatron.format(**norms)
             return Entry(name, megatron, part_rows(part, spec, megatron), part == GATE_UP_INTERLEAVED)
+
+        def layer(i: int) -> list[Entry]:
+            if i not in moe_layers:
+                return [entry(f"model.layers.{i}.{n}", names.layer_key(i, megatron), part)
+                        for n, (megatron, part) in self.layer.items()]
+            norms = {k: v.format(**NORMS[layer_spec]) for k, v in _MOE_NORMS.items()}
+            attention = [entry(f"model.layers.{i}.{n}", names.layer_key(i, megatron), part, norms)
+                         for n, (megatron, part) in self.layer.items() if not n.startswith("mlp.")]
+            return attention + [entry(f"model.layers.{i}.{n.format(e=e)}", names.layer_key(i, megatron.format(e=e)),
+                                      part) for n, (megatron, part) in self.moe.items()
+                                for e in (range(spec.num_experts) if "{e}" in n else [None])]
 
         head = {n: target for n, target in self.head.items()
                 if not (spec.tied_embeddings and target[0] == names.OUTPUT)}
         return ([entry(n, *target) for n, target in self.embedding.items()]
-                + [entry(f"model.layers.{i}.{n}", names.layer_key(i, megatron), part)
-                   for i in range(spec.num_layers) for n, (megatron, part) in self.layer.items()]
+                + [e for i in range(spec.num_layers) for e in layer(i)]
                 + [entry(n, *target) for n, target in head.items()])
 
     def tied_copies(self) -> set[str]:
@@ -143,18 +206,31 @@ class Table:
         return {n for n, (megatron, _) in self.head.items() if megatron == names.OUTPUT}
 
 
-TABLES = {family: Table(family, EMBEDDING, layer, HEAD, IGNORED) for family, layer in LAYERS.items()}
+TABLES = {family: Table(family, EMBEDDING, layer, HEAD, IGNORED, MOE.get(family)) for family, layer in LAYERS.items()}
 
 
-def entries(family: str, spec: ModelSpec, layer_spec: str) -> list[Entry]:
+def entries(family: str, spec: ModelSpec, layer_spec: str, moe_layers=()) -> list[Entry]:
     """Every HF tensor of a model, in Hugging Face's order."""
-    return TABLES[family].entries(spec, layer_spec)
+    return TABLES[family].entries(spec, layer_spec, moe_layers)
 
 
-def extra_states(spec: ModelSpec, layer_spec: str) -> list[str]:
-    """The non-weight entries of a TP1·PP1 model of this layer spec."""
-    return [names.layer_key(i, suffix) for i in range(spec.num_layers)
-            for suffix in EXTRA_STATES[layer_spec]] + [OUTPUT_EXTRA_STATE]
+def extra_states(spec: ModelSpec, layer_spec: str, moe_layers=(), shared_experts: bool = False) -> list[str]:
+    """The non-weight entries of a TP1·PP1 model of this layer spec (a MoE layer's linears are
+    its experts' and shared experts')."""
+    def layer(i: int) -> list[str]:
+        if i not in moe_layers:
+            return list(EXTRA_STATES[layer_spec])
+        attention = [s for s in EXTRA_STATES[layer_spec] if not s.startswith("mlp.")]
+        experts = [f"mlp.experts.local_experts.{e}.{linear}._extra_state"
+                   for e in range(spec.num_experts) for linear in ("linear_fc1", "linear_fc2")]
+        shared = ["mlp.shared_experts.linear_fc1._extra_state", "mlp.shared_experts.linear_fc2._extra_state"]
+        return attention + experts + (shared if shared_experts else [])
+    return [names.layer_key(i, suffix) for i in range(spec.num_layers) for suffix in layer(i)] + [OUTPUT_EXTRA_STATE]
+
+
+def moe_layers_of(keys) -> set[int]:
+    """The layers of a TP1·PP1 Megatron model (its keys) that are mixtures of experts."""
+    return {names.classify(k).local_layer for k in keys if k.endswith(".mlp.router.weight")}
 
 
 def layer_spec_of(keys) -> str:

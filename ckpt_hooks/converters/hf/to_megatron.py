@@ -41,7 +41,7 @@ def _megatron_order(key: str) -> tuple:
     gives the target files."""
     name = megatron_names.classify(key)
     if name.local_layer is not None:
-        return 1, name.local_layer, names.LAYER_ORDER.index(name.suffix)
+        return 1, name.local_layer, *names.layer_position(name.suffix)
     position = names.OUTER_ORDER.index(key)
     return (0 if position == 0 else 2), position
 
@@ -128,8 +128,11 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
                                                     f"vocabulary {spec.true_vocab_size}")
         # What Megatron-LM pads to with this divisor is exactly the requested size.
         spec = replace(spec, make_vocab_size_divisible_by=target.padded_vocab_size // written.tp)
-    source = external_source(tensors, table, table.entries(spec, layer_spec), spec, config["vocab_size"], load_dir,
-                             described_by, names.extra_states(spec, layer_spec), params_dtype)
+    moe = hf_config.moe_layers(config, config["model_type"])
+    source = external_source(tensors, table, table.entries(spec, layer_spec, moe), spec, config["vocab_size"],
+                             load_dir, described_by,
+                             names.extra_states(spec, layer_spec, moe, bool(spec.shared_expert_ffn_hidden_size)),
+                             params_dtype)
     plan = plan_files(source, spec, written, where=load_dir)
     iteration = None if release else 1
     dtype = params_dtype or source[megatron_names.EMBEDDING].dtype
