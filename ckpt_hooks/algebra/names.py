@@ -43,7 +43,7 @@ _TABLE: list[tuple[str, Rule]] = [
     (rf"{_LAYER}mlp\.linear_fc2\.weight", Rule(SPLIT, ("H", "F"), axis=1)),
     (rf"{_LAYER}mlp\.linear_fc2\.bias", Rule(REPLICATED, ("H",))),
     (rf"{_LAYER}mlp\.router\.weight", Rule(REPLICATED, ("E", "H"))),
-    (rf"{_LAYER}mlp\.router\.expert_bias", Rule(REPLICATED, ("E",))),
+    (rf"{_LAYER}mlp\.router\.(bias|expert_bias)", Rule(REPLICATED, ("E",))),
     (rf"{_LAYER}{_EXPERT}linear_fc1\.weight", Rule(SPLIT, ("S", "M", "H"), axis=1, fused=True, dim="etp")),
     (rf"{_LAYER}{_EXPERT}linear_fc1\.bias", Rule(SPLIT, ("S", "M"), axis=1, fused=True, dim="etp")),
     (rf"{_LAYER}{_EXPERT}linear_fc2\.weight", Rule(SPLIT, ("H", "M"), axis=1, dim="etp")),
