@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from ckpt_hooks import convert
+from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json
 from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.formats.megatron_legacy import open_checkpoint
 from tests.harness import resume_job, run_jobs
@@ -188,3 +189,26 @@ def test_expert_layouts_megatron_lm_cannot_save_are_refused(sources, tmp_path, f
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert says in result.stderr and "--target-e" in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_certifies_an_expert_layout_change(sources, tmp_path):
+    """`ckpt-hooks verify` compares every expert's weights and optimizer state across layouts."""
+    out = tmp_path / "out"
+    convert(sources["moe_mixed"].dir, out, Target(tp=1, pp=1, ep=4), quiet=True)
+    result = cli("verify", sources["moe_mixed"].dir, out, "--quiet")
+    assert result.returncode == 0 and "EQUAL" in result.stdout, result.stdout + result.stderr
+
+
+def test_export_param_map_per_expert_rank(sources, tmp_path):
+    """MindSpeed-Core-MS's param_map files of every file rank, dense and expert buffers, each the
+    live buffer's layout recorded in the run (numbered by the expert-DP ranks for experts)."""
+    source = sources["moe_pp2ep2"]
+    result = cli("export-param-map", "--load-dir", source.dir, "--save-dir", tmp_path / "maps")
+    assert result.returncode == 0, result.stderr
+    for rank in torch.load(source.truth, weights_only=False)["param_map"]:
+        directory = tmp_path / "maps" / f"mp_rank_{rank['tp_rank']:02d}_{rank['pp_rank']:03d}_{rank['ep_rank']:03d}"
+        for index, buffer in enumerate(rank["buffers"]):
+            live = mindspeed_json(BufferMap.from_json(buffer))
+            for dp_rank in range(buffer["dp_size"]):
+                name = mindspeed_file_name(index, dp_rank, rank["tp_rank"], rank["pp_rank"], buffer["chunk"])
+                assert json.loads((directory / name).read_text()) == json.loads(json.dumps(live)), name

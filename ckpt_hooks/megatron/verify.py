@@ -20,17 +20,20 @@ from tqdm import tqdm
 
 from ckpt_hooks.algebra import names
 from ckpt_hooks.algebra.layout import VOCAB, Box
+from ckpt_hooks.algebra.spec import ParallelConfig
 from ckpt_hooks.engine.compare import Outcome, common_box, compare
 from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.megatron.checkpoint import MegatronSource, read_source
 from ckpt_hooks.megatron.inspection import holds_optimizer
-from ckpt_hooks.megatron.optimizer import source_optimizer
+from ckpt_hooks.megatron.optimizer import chained_param_groups, source_optimizer
 
 # The run state compared besides the tensors: (what, how to read it from the source).
 _RUN_STATE = {
     "iteration": lambda src: src.ckpt.iteration,
-    "param_groups": lambda src: (src.ckpt.first.obj.get("optimizer") or {}).get("optimizer"),
+    # MoE's chained [dense, expert] groups merged as at EP 1: equal across expert layouts
+    "param_groups": lambda src: (chained_param_groups(src.ckpt.first.obj.get("optimizer"), ParallelConfig())
+                                 or {}).get("optimizer"),
     "scheduler": lambda src: src.ckpt.first.obj.get("opt_param_scheduler"),
     "num_floating_point_operations_so_far": lambda src: src.ckpt.first.obj.get("num_floating_point_operations_so_far"),
 }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import shutil
 import time
+from dataclasses import replace
 
 from ckpt_hooks.algebra import layout
 from ckpt_hooks.algebra.spec import updated_args
@@ -20,6 +21,7 @@ from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile
 from ckpt_hooks.engine.run import run
 from ckpt_hooks.engine.source import STATES, TensorMeta
+from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
 from ckpt_hooks.megatron.conversion import Planned, plan_megatron
@@ -69,6 +71,8 @@ def megatron_to_mindspore(load_dir, ms_path, target: Target = Target(), *, cp: i
     src, target = p.src, p.target
     ckpt, source = src.ckpt, src.layout
     files.check_num_layers(num_layers, src.spec, ckpt.first.path)
+    if src.spec.num_experts:
+        raise CheckpointError(ckpt.first.path, "mixtures of experts cannot be written for MindSpeed-Core-MS yet")
     if param_map_path is not None and p.optimizer is not None:
         files.check_param_maps(param_map_path, p.optimizer.maps)
     iteration = ckpt.iteration or 0
@@ -104,7 +108,7 @@ def megatron_to_mindspore(load_dir, ms_path, target: Target = Target(), *, cp: i
             files.write_meta(meta_dir, rank, {**entries, "rng_state": rng}, chunks, grad_dtypes)
             if p.optimizer is not None:
                 maps = rebuild_maps(src.spec, target, entries["args"], rank.pp, chunks, grad_dtypes)
-                write_mindspeed_maps(meta_dir, {rank: maps}, dp_cp)
+                write_mindspeed_maps(meta_dir, {rank: maps}, replace(target, dp=dp_cp))
 
         total = sum(f.nbytes for plans in p.optimizer_plans.values() for f in plans.values()) if p.optimizer \
             else p.nbytes
