@@ -132,7 +132,6 @@ class Rank:
     ep: int = 0
 
 
-
 def _true_vocab_size(args) -> int | None:
     vocab = getattr(args, "vocab_size", None)
     if vocab is None:

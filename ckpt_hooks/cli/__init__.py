@@ -264,21 +264,28 @@ def _interrupt(signum, frame):
     raise Interrupted(signum)
 
 
+def _error(message: str) -> None:
+    """One error line in one write: torchrun's ranks share a stderr, and print's separate write of
+    the newline let two ranks' lines run together."""
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
 def guarded(run, args) -> int:
     """Run a command; report a checkpoint problem as one line on stderr and a non-zero exit."""
     try:
         run(args)
     except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _error(str(e))
         return 2
     except OSError as e:  # the save directory's, mostly: not writable, no space left
-        print(f"error: {e.filename or '-'}: {e.strerror or e}", file=sys.stderr)
+        _error(f"{e.filename or '-'}: {e.strerror or e}")
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
+        _error("interrupted; nothing was written")
         return 130
     except Interrupted as e:
-        print(f"error: interrupted by {e}; nothing was written", file=sys.stderr)
+        _error(f"interrupted by {e}; nothing was written")
         return 128 + e.signum
     return 0
 
