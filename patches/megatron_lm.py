@@ -133,8 +133,8 @@ def _has_checkpoint(load_dir) -> bool:
 
 
 def _layouts(ddp_model, load_dir):
-    """(saved, running) layouts as (TP, PP, VPP, layer split, EP, ETP), DP being Megatron-LM's
-    business, and whether ckpt_hooks loads it even at the same layout: torch_dist, and experts
+    """(saved, running) model-parallel sizes (``ParallelConfig.model_parallel``: TP, PP, VPP,
+    layer split, EP, ETP; DP being Megatron-LM's business), and whether ckpt_hooks loads it even at the same layout: torch_dist, and experts
     at EP > 1, whose chained optimizers megatron-core 0.16.1 loads without ``torch.no_grad``
     (fp32 params fail). Only the saved args are read."""
     from ckpt_hooks.algebra.spec import parallel_config_from_args
@@ -147,8 +147,7 @@ def _layouts(ddp_model, load_dir):
     args = read_common(iter_dir).get("args") if dist else open_checkpoint(load_dir).args
     saved = parallel_config_from_args(args)
     running, _ = running_layout(ddp_model)
-    return [*((c.tp, c.pp, c.vpp, c.layers_per_stage, c.ep, c.size("etp")) for c in (saved, running)),
-            dist or saved.ep > 1]
+    return [saved.model_parallel, running.model_parallel, dist or saved.ep > 1]
 
 
 def _load_resharded(args, load_dir, ddp_model, optimizer, opt_param_scheduler):

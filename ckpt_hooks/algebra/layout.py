@@ -202,9 +202,11 @@ def chunk_layers(spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp_rank:
     return range(start, start + per_chunk)
 
 
-def expert_range(num_experts: int, config: ParallelConfig, ep_rank: int) -> range:
+def expert_range(num_experts: int | None, config: ParallelConfig, ep_rank: int) -> range:
     """Global indices of the experts expert-parallel rank ``ep_rank`` holds: its local expert i is
-    global expert ``ep_rank * num_experts / ep + i``."""
+    global expert ``ep_rank * num_experts / ep + i`` (none in a dense model)."""
+    if not num_experts:
+        return range(0)
     if num_experts % config.ep:
         raise LayoutError(f"expert parallel size {config.ep} does not divide the {num_experts} experts")
     local = num_experts // config.ep

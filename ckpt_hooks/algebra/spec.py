@@ -113,6 +113,12 @@ class ParallelConfig:
         distrib_optim.pt hold the dense optimizer's state (others None)."""
         return self.coordinate(rank, "etp") + self.size("etp") * rank.ep < self.tp
 
+    @property
+    def model_parallel(self) -> tuple:
+        """What tells a layout's model shards apart (DP and CP only replicate or shard the optimizer):
+        two layouts with the same hold the same tensors in the same files."""
+        return self.tp, self.pp, self.vpp, self.layers_per_stage, self.ep, self.size("etp")
+
     def describe(self) -> str:
         text = f"TP{self.tp}·PP{self.pp}" + (f"·VPP{self.vpp}" if self.vpp > 1 else "") + f"·DP{self.dp}"
         text += (f"·CP{self.cp}" if self.cp > 1 else "") + (f"·EP{self.ep}" if self.ep > 1 else "")

@@ -248,7 +248,7 @@ def _global_expert(spec: ModelSpec, config: ParallelConfig, f: SourceFile, chunk
     """The global number of a file's local expert (None for other tensors)."""
     if local is None:
         return None
-    held = layout.expert_range(spec.num_experts or 0, config, f.rank.ep) if spec.num_experts else range(0)
+    held = layout.expert_range(spec.num_experts, config, f.rank.ep)
     if local >= len(held):
         raise CheckpointError(f.path, f"{chunk}: '{key}' but args give each expert rank {len(held)} experts; "
                                       "the args disagree with the tensors")
@@ -318,7 +318,7 @@ def _target_keys(order, spec: ModelSpec, config: ParallelConfig, rank: Rank, vp:
     first = layout.is_first_chunk(config, rank.pp, vp)
     last = layout.is_last_chunk(config, rank.pp, vp)
     keys = [(k, logical) for k, logical in outer if first and k.startswith("embedding.")]
-    experts = layout.expert_range(spec.num_experts, config, rank.ep) if spec.num_experts else range(0)
+    experts = layout.expert_range(spec.num_experts, config, rank.ep)
     for local, global_layer in enumerate(layout.chunk_layers(spec, config, rank.pp, vp)):
         # A layer no source file holds gets the first one's keys: then named as missing.
         held = suffixes.get(global_layer) or next(iter(suffixes.values()), [])

@@ -37,9 +37,7 @@ class Loaded:
 
     @property
     def resharded(self) -> bool:
-        def ranks(c: ParallelConfig):
-            return c.tp, c.pp, c.vpp, c.layers_per_stage, c.ep, c.size("etp")
-        return ranks(self.source) != ranks(self.target)
+        return self.source.model_parallel != self.target.model_parallel
 
 
 def running_layout(model_chunks) -> tuple[ParallelConfig, Rank]:
