@@ -356,3 +356,10 @@ def test_config_and_tokenizer_files_round_trip(hf, tmp_path, family):
     assert {k: carried.get(k, "absent") for k in original} == original
     for name in ("tokenizer.json", "generation_config.json"):
         assert (back / name).read_bytes() == (source / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_verify_certifies_megatron_against_hf_experts(hf, family):
+    """`ckpt-hooks verify` compares a converted MoE checkpoint with its HF model, expert by expert."""
+    result = cli("verify", hf[family]["megatron"], hf[family]["dir"], "--quiet")
+    assert result.returncode == 0 and "EQUAL" in result.stdout, result.stdout + result.stderr

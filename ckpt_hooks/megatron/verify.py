@@ -186,16 +186,16 @@ def _huggingface(path, megatron: MegatronSource) -> _HuggingFace:
     from ckpt_hooks.converters.hf import config as hf_config
     from ckpt_hooks.converters.hf import names as hf_names
     from ckpt_hooks.converters.hf.files import open_directory
-    from ckpt_hooks.converters.hf.to_megatron import external_source
+    from ckpt_hooks.converters.hf.to_megatron import external_source, model_entries
 
     config_path, config, family = hf_config.read(path)
     spec = hf_config.model_spec(config, config_path, family)
     layer_spec = hf_names.LOCAL if getattr(megatron.ckpt.args, "transformer_impl", None) == "local" \
         else hf_names.TRANSFORMER_ENGINE
     table = hf_names.TABLES[family]
-    return _HuggingFace(external_source(open_directory(path), table, table.entries(spec, layer_spec), spec,
-                                        config["vocab_size"], path, hf_config.CONFIG,
-                                        hf_names.extra_states(spec, layer_spec)))
+    entries, extras = model_entries(table, config, spec, layer_spec)
+    return _HuggingFace(external_source(open_directory(path), table, entries, spec, config["vocab_size"], path,
+                                        hf_config.CONFIG, extras))
 
 
 def verify(first, second, *, weights_only: bool = False, quiet: bool = True) -> Certificate:

@@ -214,7 +214,7 @@ def entries(family: str, spec: ModelSpec, layer_spec: str, moe_layers=()) -> lis
     return TABLES[family].entries(spec, layer_spec, moe_layers)
 
 
-def extra_states(spec: ModelSpec, layer_spec: str, moe_layers=(), shared_experts: bool = False) -> list[str]:
+def extra_states(spec: ModelSpec, layer_spec: str, moe_layers=()) -> list[str]:
     """The non-weight entries of a TP1·PP1 model of this layer spec (a MoE layer's linears are
     its experts' and shared experts')."""
     def layer(i: int) -> list[str]:
@@ -224,7 +224,7 @@ def extra_states(spec: ModelSpec, layer_spec: str, moe_layers=(), shared_experts
         experts = [f"mlp.experts.local_experts.{e}.{linear}._extra_state"
                    for e in range(spec.num_experts) for linear in ("linear_fc1", "linear_fc2")]
         shared = ["mlp.shared_experts.linear_fc1._extra_state", "mlp.shared_experts.linear_fc2._extra_state"]
-        return attention + experts + (shared if shared_experts else [])
+        return attention + experts + (shared if spec.shared_expert_ffn_hidden_size else [])
     return [names.layer_key(i, suffix) for i in range(spec.num_layers) for suffix in layer(i)] + [OUTPUT_EXTRA_STATE]
 
 

@@ -91,6 +91,13 @@ def external_source(tensors: dict[str, StoredTensor], table: names.Table, entrie
     return {key: source[key] for key in sorted(source, key=_megatron_order)}
 
 
+def model_entries(table: names.Table, config: dict, spec, layer_spec: str) -> tuple[list[names.Entry], list[str]]:
+    """The tensors (``table``'s names) and the non-weight entries of the model an HF-style
+    ``config`` describes, its mixture-of-experts layers included."""
+    moe = hf_config.moe_layers(config, config["model_type"])
+    return table.entries(spec, layer_spec, moe), names.extra_states(spec, layer_spec, moe)
+
+
 def hf_to_megatron(load_dir, save_dir, target: Target = Target(), *, release: bool = False, workers: int = 2,
                    quiet: bool = False) -> Report:
     """Write the HF model in ``load_dir`` as a Megatron legacy checkpoint (``iter_0000001``, or
@@ -128,10 +135,8 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
                                                     f"vocabulary {spec.true_vocab_size}")
         # What Megatron-LM pads to with this divisor is exactly the requested size.
         spec = replace(spec, make_vocab_size_divisible_by=target.padded_vocab_size // written.tp)
-    moe = hf_config.moe_layers(config, config["model_type"])
-    source = external_source(tensors, table, table.entries(spec, layer_spec, moe), spec, config["vocab_size"],
-                             load_dir, described_by,
-                             names.extra_states(spec, layer_spec, moe, bool(spec.shared_expert_ffn_hidden_size)),
+    entries, extras = model_entries(table, config, spec, layer_spec)
+    source = external_source(tensors, table, entries, spec, config["vocab_size"], load_dir, described_by, extras,
                              params_dtype)
     plan = plan_files(source, spec, written, where=load_dir)
     iteration = None if release else 1
