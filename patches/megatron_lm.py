@@ -66,19 +66,18 @@ def uninstall() -> None:
 def save_checkpoint(iteration, model, optimizer, opt_param_scheduler, *args, **kwargs):
     result = _originals["save_checkpoint"](iteration, model, optimizer, opt_param_scheduler, *args, **kwargs)
     _write_manifest(iteration, kwargs)
-    _record_dist_param_maps(iteration, optimizer, kwargs)
+    _record_dist_param_maps(iteration, model, optimizer, kwargs)
     return result
 
 
-def _record_dist_param_maps(iteration, optimizer, kwargs) -> None:
+def _record_dist_param_maps(iteration, model, optimizer, kwargs) -> None:
     """Beside a torch_dist save, each rank's param_map (what dp_reshardable does not save), then
     rank 0's manifest of the iteration."""
     import torch
     from megatron.core import parallel_state as ps
     from megatron.training import get_args
 
-    from ckpt_hooks.algebra.spec import Rank
-    from ckpt_hooks.megatron.load import distributed_optimizers
+    from ckpt_hooks.megatron.load import running_layout
     from ckpt_hooks.megatron.save import write_manifest_or_warn, write_param_maps
     from ckpt_hooks.megatron.torch_dist import recorded_maps_dir
 
@@ -86,13 +85,11 @@ def _record_dist_param_maps(iteration, optimizer, kwargs) -> None:
     if args.ckpt_format != "torch_dist" or args.async_save or kwargs.get("non_persistent_ckpt") or \
             not args.use_distributed_optimizer or optimizer is None:
         return
-    optimizers = distributed_optimizers(optimizer)
-    if len(optimizers) != 1:
-        return   # chained optimizers (MoE): not recorded yet
-    rank = Rank(ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank())
+    layout, rank = running_layout(model)
     iter_dir = Path(args.save) / iteration_dir_name(None if kwargs.get("release") else iteration)
-    write_param_maps(optimizers[0], recorded_maps_dir(iter_dir, rank, ps.get_pipeline_model_parallel_world_size()),
-                     rank, optimizers[0].data_parallel_group.rank())
+    # A file rank's param_map is its first expert-data-parallel replica's (without experts: DP rank 0's).
+    write_param_maps(optimizer, recorded_maps_dir(iter_dir, rank, layout), rank,
+                     ps.get_data_parallel_rank(with_context_parallel=True), ps.get_expert_data_parallel_rank() == 0)
     torch.distributed.barrier()   # every rank's param_map is written: the manifest lists them
     if torch.distributed.get_rank() == 0:
         write_manifest_or_warn(iter_dir)

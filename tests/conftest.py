@@ -36,6 +36,9 @@ SOURCES = {
     "distfull_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
     # ... and saved as torch_dist by ckpt_hooks.megatron.save (param_maps recorded).
     "saved_dist_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
+    # The cont_tp1pp2vpp2 run saved as torch_dist by megatron-core: with DP2 each rank writes half
+    # of the records, so the index lists tensors in no model order (no param_map recorded).
+    "dist_tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 3),
     # torch_dist with bf16 params (fp32 main params in the buckets) and tied embeddings.
     "dist_tied_bf16_tp2pp2": ({"tp": 2, "pp": 2}, {"untie_embeddings": False, "dtype": "bf16"}, 3),
     # Mixtures of experts: EP2 over PP2 (dense DP2, expert DP1), and EP2 with ETP1 inside TP2
@@ -46,11 +49,20 @@ SOURCES = {
     "moe_tp2ep2etp1_5steps": ({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, MOE, 5),
     "moe_mixed": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, MOE_MIXED, 3),
     "moe_mixed_5steps": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, MOE_MIXED, 5),
+    # The moe_pp2ep2 run saved as torch_dist by megatron-core (chained optimizers' dp_reshardable
+    # buckets, no param_map: dense DP2 saves each bucket from both DP ranks), and the moe_mixed
+    # run saved as torch_dist by ckpt_hooks.megatron.save (one key per layer: dense and MoE mixed).
+    "dist_moe_pp2ep2": ({"tp": 1, "pp": 2, "ep": 2}, MOE, 3),
+    "saved_dist_moe_mixed": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, MOE_MIXED, 3),
 }
 DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable", "saved_dist_tp2pp2": "dp_reshardable",
-        "dist_tied_bf16_tp2pp2": "dp_reshardable"}
+        "dist_tied_bf16_tp2pp2": "dp_reshardable", "dist_moe_pp2ep2": "dp_reshardable", "dist_tp1pp2vpp2": "dp_reshardable",
+        "saved_dist_moe_mixed": "dp_reshardable"}
 PATCHED = {"hooked_tp1pp2vpp2": ("megatron_core",)}
-SAVED_BY_CKPT_HOOKS = {"saved_tp2pp2", "saved_dist_tp2pp2"}
+SAVED_BY_CKPT_HOOKS = {"saved_tp2pp2", "saved_dist_tp2pp2", "saved_dist_moe_mixed"}
+# The uninterrupted run each source continues (a run saved in another format or by another saver).
+SAME_RUN = {"dist_tp2pp2": "cont_tp2pp2", "distfull_tp2pp2": "cont_tp2pp2", "saved_dist_tp2pp2": "cont_tp2pp2",
+            "dist_tp1pp2vpp2": "cont_tp1pp2vpp2", "dist_moe_pp2ep2": "moe_pp2ep2", "saved_dist_moe_mixed": "moe_mixed"}
 
 
 class Source:

@@ -208,3 +208,37 @@ def test_megatron_lm_alone_trains_nothing_after_an_ep_change(moe_runs):
     """The negative control (the issue's symptom): EP2 -> EP1 'could not load', exit 0, no training."""
     rc, losses, log = resume(moe_runs, "tp1pp2dp2", mode="plain")
     assert rc == 0 and losses == {} and "could not load the checkpoint" in log
+
+
+# ---- mixtures of experts in torch_dist: the chained optimizers' dp_reshardable state ----------
+
+MOE_DIST = [("torch_dist" if a == "torch" and MOE[i - 1] == "--ckpt-format" else a) for i, a in enumerate(MOE)]
+
+
+@pytest.fixture(scope="module")
+def moe_dist_runs(tmp_path_factory):
+    return train_and_stop(tmp_path_factory.mktemp("megatron_lm_moe_dist"), MOE_DIST, layout="tp1pp2ep2")
+
+
+def test_moe_torch_dist_hooked_save_records_each_expert_rank_param_map(moe_dist_runs):
+    iter_dir = moe_dist_runs.work / "hooked" / f"iter_{STOP:07d}"
+    recorded = sorted(p.parent.name for p in (iter_dir / "ckpt_hooks").glob("mp_rank_*/param_map.json"))
+    assert recorded == ["mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"]
+    assert (iter_dir / "ckpt_hooks_manifest.json").is_file()
+
+
+@pytest.mark.parametrize("layout", ["tp1pp2dp2", "tp1pp1ep4", "tp1pp2ep2"])
+def test_moe_torch_dist_resume_continues_the_loss_curve(moe_dist_runs, layout):
+    """EP2·PP2 torch_dist resumed at EP1, EP4 without PP, and the saved layout."""
+    rc, losses, log = resume(moe_dist_runs, layout)
+    assert ("ckpt_hooks: resharded" if layout != "tp1pp2ep2" else "ckpt_hooks: loaded") in log, log[-3000:]
+    assert_continues(moe_dist_runs, rc, losses, log)
+
+
+@pytest.mark.parametrize("layout", ["tp1pp2dp2", "tp1pp2ep2"])
+def test_megatron_lm_alone_cannot_resume_a_torch_dist_moe(moe_dist_runs, layout):
+    """The negative control: Megatron-LM's own load of its torch_dist MoE checkpoint, at EP1 and
+    at the saved layout, stops in the chained optimizers' sharded_state_dict (megatron-core
+    0.16.1's DistributedOptimizer.state_dict asserts one Adam step before any state exists)."""
+    rc, losses, log = resume(moe_dist_runs, layout, mode="plain")
+    assert rc != 0 and losses == {} and "assert len(steps) == 1" in log, log[-3000:]

@@ -1,9 +1,8 @@
-"""Mixtures of experts in Megatron's legacy format: real megatron-core MoE runs (4 routed experts,
-top-2, SequentialMLP, the allgather token dispatcher on gloo; one also with a dense first layer and
-gated shared experts) resharded across EP, ETP, TP, PP and
-VPP together, weights and both optimizers' state (the dense one and the experts' own) bitwise
-against the run's own ground truth, and training resumed at the new layout on the uninterrupted
-run's loss curve."""
+"""Mixtures of experts in Megatron's legacy and torch_dist formats: real megatron-core MoE runs (4
+routed experts, top-2, SequentialMLP, the allgather token dispatcher on gloo; one also with a dense
+first layer and gated shared experts) resharded across EP, ETP, TP, PP and VPP together, weights and
+both optimizers' state (the dense one and the experts' own) bitwise against the run's own ground
+truth, and training resumed at the new layout on the uninterrupted run's loss curve."""
 
 import json
 import shutil
@@ -16,6 +15,8 @@ from ckpt_hooks import convert
 from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json
 from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.formats.megatron_legacy import open_checkpoint
+from ckpt_hooks.formats.torch_dist import DistCheckpoint as open_dist
+from tests.conftest import SAME_RUN
 from tests.harness import resume_job, run_jobs
 from tests.util import assert_refused, assert_same, cli
 
@@ -42,6 +43,17 @@ PAIRS = [
 ]
 
 
+# torch_dist (Megatron-LM's default format) in, out or both; a torch_dist output is loaded by
+# megatron-core's own dist_checkpointing.load at the target layout.
+DIST_PAIRS = [
+    ("dist_moe_pp2ep2", {"tp": 1, "pp": 1, "ep": 4}, "torch_dist"),
+    ("dist_moe_pp2ep2", {"tp": 2, "pp": 1, "ep": 2, "etp": 1}, "torch"),
+    ("dist_moe_pp2ep2", {"tp": 1, "pp": 2, "ep": 2}, "torch_dist"),              # the same layout
+    ("saved_dist_moe_mixed", {"tp": 1, "pp": 2, "ep": 1}, "torch_dist"),
+    ("saved_dist_moe_mixed", {"tp": 2, "pp": 1, "ep": 4, "etp": 1}, "torch_dist"),
+    ("moe_mixed", {"tp": 1, "pp": 1, "ep": 4}, "torch_dist"),                    # legacy -> torch_dist
+]
+
 # Resumed on the fly by ckpt_hooks.megatron.load straight from the source checkpoint (each rank
 # reading its own experts' slices), no converted copy.
 ON_THE_FLY = [
@@ -51,12 +63,15 @@ ON_THE_FLY = [
     ("moe_tp2ep2etp1", {"tp": 2, "pp": 2, "ep": 1}),
     ("moe_mixed", {"tp": 1, "pp": 2, "ep": 2}),
     ("moe_pp2ep2", {"tp": 1, "pp": 2, "ep": 2}),                 # the same layout: RNG restored too
+    ("dist_moe_pp2ep2", {"tp": 2, "pp": 1, "ep": 2, "etp": 1}),
+    ("saved_dist_moe_mixed", {"tp": 1, "pp": 2, "ep": 2}),
+    ("saved_dist_moe_mixed", {"tp": 2, "pp": 2, "ep": 2, "etp": 1}),   # torch_dist, the same layout
 ]
 
 
 def pair_id(pair) -> str:
-    source, target = pair
-    return f"{source}-to-" + "".join(f"{k}{v}" for k, v in target.items())
+    source, target, *ckpt_format = pair
+    return f"{source}-to-" + "".join(f"{k}{v}" for k, v in target.items()) + "".join(f"-{f}" for f in ckpt_format)
 
 
 def hook_id(pair) -> str:
@@ -80,6 +95,14 @@ def resumed(sources, tmp_path_factory):
         results[pair_id(pair)] = root / f"{pair_id(pair)}.json"
         jobs.append(resume_job(layout, out, source.truth, results[pair_id(pair)], model=source.model,
                                steps=RESUMED_STEPS))
+    for pair in DIST_PAIRS:
+        source, layout, ckpt_format = sources[pair[0]], pair[1], pair[2]
+        out = root / pair_id(pair)
+        convert(source.dir, out, target_of(layout), quiet=True, ckpt_format=ckpt_format)
+        results[pair_id(pair)] = root / f"{pair_id(pair)}.json"
+        jobs.append(resume_job(layout, out, source.truth, results[pair_id(pair)], model=source.model,
+                               steps=RESUMED_STEPS, loader="megatron_core_dist" if ckpt_format == "torch_dist"
+                               else "megatron"))
     for pair in ON_THE_FLY:
         source, layout = sources[pair[0]], pair[1]
         results[hook_id(pair)] = root / f"{hook_id(pair)}.json"
@@ -97,6 +120,14 @@ def test_experts_reshard_bitwise_and_training_continues(sources, resumed, pair):
     check_resumed(sources, resumed[pair_id(pair)], pair)
 
 
+@pytest.mark.parametrize("pair", DIST_PAIRS, ids=pair_id)
+def test_torch_dist_experts_reshard_bitwise_and_training_continues(sources, resumed, pair):
+    """Megatron-LM's default format: the chained optimizers' dp_reshardable buckets (dense and
+    expert, each in its own model-parallel group's numbering) read through the param_map, rebuilt
+    or recorded; written so that megatron-core's own loader takes them."""
+    check_resumed(sources, resumed[pair_id(pair)], pair)
+
+
 @pytest.mark.parametrize("pair", ON_THE_FLY, ids=hook_id)
 def test_experts_reshard_on_the_fly_when_training_resumes(sources, resumed, pair):
     """The load hook, at a new EP/ETP/TP/PP: the same bitwise state and loss curve."""
@@ -108,7 +139,8 @@ def check_resumed(sources, result: dict, pair) -> None:
     assert result["weight_mismatches"] == [] and result["optim_mismatches"] == [], result
     assert result["missing"] == [] and result["extra"] == [] and result["args_mismatches"] == [], result
     assert result["ok"]
-    want = torch.load(sources[pair[0] + "_5steps"].truth, weights_only=False)["train_losses"][3:3 + RESUMED_STEPS]
+    run = SAME_RUN.get(pair[0], pair[0])
+    want = torch.load(sources[run + "_5steps"].truth, weights_only=False)["train_losses"][3:3 + RESUMED_STEPS]
     got = result["losses"]
     assert len(got) == RESUMED_STEPS
     if pair[1] == sources[pair[0]].layout:
@@ -126,6 +158,22 @@ def test_the_files_megatron_lm_names(sources, tmp_path):
     convert(sources["moe_tp2ep2etp1"].dir, out, Target(tp=1, pp=2, ep=2), quiet=True, convert_param_only=True)
     assert sorted(p.name for p in (out / "iter_0000003").iterdir() if p.is_dir()) == \
         ["mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"]
+
+
+def test_torch_dist_names_and_recorded_param_maps(sources, tmp_path):
+    """ckpt_hooks.megatron.save records each file rank's param_map under its legacy name
+    (mp_rank_TT_PPP_EEE); a converted torch_dist checkpoint has one .distcp per expert
+    model-parallel rank, the dense and expert buffers under megatron-core's chained keys."""
+    hooks = sources["saved_dist_moe_mixed"].dir / "iter_0000003" / "ckpt_hooks"
+    assert sorted(p.parent.name for p in hooks.glob("*/param_map.json")) == \
+        ["mp_rank_00_000_000", "mp_rank_00_001_000", "mp_rank_01_000_001", "mp_rank_01_001_001"]
+    out = tmp_path / "out"
+    convert(sources["dist_moe_pp2ep2"].dir, out, Target(tp=2, pp=1, ep=4, etp=1), quiet=True)
+    iter_dir = out / "iter_0000003"
+    assert sorted(p.name for p in iter_dir.glob("*.distcp")) == [f"__{i}_0.distcp" for i in range(4)]
+    keys = open_dist(iter_dir).tensors
+    assert {k.split(".optimizer.")[0] for k in keys if ".optimizer." in k} == {"chained_0", "chained_1"}
+    assert "decoder.layers.mlp.experts.experts.linear_fc1.weight" in keys
 
 
 def test_round_trip_gives_back_the_same_files(sources, tmp_path):

@@ -101,6 +101,11 @@ def _symbol_sizes(spec: ModelSpec, vocab_rows: int) -> dict[str, int]:
             "G": spec.shared_expert_ffn_hidden_size or 0, "1": 1}
 
 
+def fused_rows(rule: Rule, spec: ModelSpec) -> int:
+    """The rows of one part of a fused tensor (fc1's gate or up): the size of its second axis."""
+    return _symbol_sizes(spec, 0)[rule.shape[1]]
+
+
 def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, vocab_rows: int,
               file_shape: tuple[int, ...] | None = None) -> Placement:
     """Where ``rank`` of layout ``config`` holds a tensor following ``rule``.

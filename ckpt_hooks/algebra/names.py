@@ -84,6 +84,39 @@ def with_expert(suffix: str, expert: int) -> str:
     return _EXPERT_NUMBER.sub(f"mlp.experts.local_experts.{expert}.", suffix, count=1)
 
 
+# megatron-core's module registration order, which ``named_parameters()`` and ``state_dict()``
+# follow and the optimizer's buffer layout depends on (a torch_dist index or another framework's
+# file does not keep it). Both layer specs, dense and MoE layers, standard and latent attention.
+_MODULES = ["embedding.word_embeddings.", "embedding.position_embeddings.", "input_layernorm.",
+            "self_attention.core_attention.", "self_attention.linear_proj.", "self_attention.linear_qkv.",
+            "self_attention.linear_q_proj.", "self_attention.linear_q_down_proj.",
+            "self_attention.linear_q_up_proj.", "self_attention.linear_kv_down_proj.",
+            "self_attention.linear_kv_up_proj.", "self_attention.q_layernorm.", "self_attention.k_layernorm.",
+            "self_attention.kv_layernorm.", "pre_mlp_layernorm.", "mlp.linear_fc1.", "mlp.linear_fc2.",
+            "mlp.router.", "mlp.experts.local_experts.", "mlp.shared_experts.gate_weight",
+            "mlp.shared_experts.linear_fc1.", "mlp.shared_experts.linear_fc2.", "decoder.final_layernorm.",
+            "output_layer."]
+_ENTRIES = ["layer_norm_weight", "layer_norm_bias", "weight", "bias", "expert_bias", "_extra_state"]
+
+
+def module_order(suffix: str) -> tuple:
+    """Sort key of a key outside the layers, or of a per-layer suffix, in megatron-core's order."""
+    module = next((i for i, prefix in enumerate(_MODULES) if suffix.startswith(prefix)), len(_MODULES))
+    base, _, entry = suffix.rpartition(".")
+    expert = expert_of(suffix)
+    return (module, -1 if expert is None else expert, base if expert is None else with_expert(base, 0),
+            _ENTRIES.index(entry) if entry in _ENTRIES else len(_ENTRIES))
+
+
+def state_dict_order(key: str) -> tuple:
+    """Sort key of a TP1·PP1 model's key (global layer numbers) in megatron-core's state-dict
+    order: the embedding, the layers, the rest."""
+    name = classify(key)
+    if name is not None and name.local_layer is not None:
+        return 1, name.local_layer, module_order(name.suffix)
+    return (0 if key.startswith("embedding.") else 2), 0, module_order(key)
+
+
 def classify(key: str) -> Name | None:
     """The rule for a chunk key, or None when the key is not a known GPT tensor."""
     for pattern, rule in _COMPILED:

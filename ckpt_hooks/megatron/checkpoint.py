@@ -274,12 +274,16 @@ def source_tensors(files: list[SourceFile], placed: Placed, handle: Callable, dt
     return tensors
 
 
-def rank_rng(src: MegatronSource, rank: Rank) -> list | None:
-    """The RNG state list a source rank saved (legacy rank file or torch_dist object), if any."""
+def rank_rng(src: MegatronSource, rank: Rank, dp_rank: int = 0) -> list | None:
+    """The RNG state list a source rank saved (legacy rank file or torch_dist object), if any;
+    torch_dist keeps one per data-parallel rank with experts (EP > 1)."""
     ckpt = src.ckpt
     if src.ckpt_format == "torch_dist":
-        checkpoint = ckpt.dist
-        key = object_key("rng_state", (rank.pp, rank.tp), (src.layout.pp, src.layout.tp))
+        checkpoint, config = ckpt.dist, src.layout
+        at, shape = (rank.pp, rank.tp), (config.pp, config.tp)
+        if config.ep > 1:
+            at, shape = (*at, dp_rank), (*shape, config.dense_dp)
+        key = object_key("rng_state", at, shape)
         return checkpoint.read_object(key)[0] if key in checkpoint.objects else None
     own = ckpt.files.get(rank)
     if own is None or not isinstance(own.obj, dict) or own.obj.get("rng_state") is None:
@@ -289,7 +293,7 @@ def rank_rng(src: MegatronSource, rank: Rank) -> list | None:
 
 # ---- the sink: a target layout's rank files --------------------------------------------------
 
-def _key_order(tensors: Source, spec: ModelSpec) -> tuple[list[tuple[str, str]], dict[int, list[str]]]:
+def key_order(tensors: Source, spec: ModelSpec) -> tuple[list[tuple[str, str]], dict[int, list[str]]]:
     """The source's entries outside the layers as (key, logical name), and each global layer's
     key suffixes (layers may differ: dense and MoE ones), each in the order the source holds them."""
     outer, suffixes = [], {}
@@ -312,7 +316,7 @@ def _key_order(tensors: Source, spec: ModelSpec) -> tuple[list[tuple[str, str]],
     return outer, suffixes
 
 
-def _target_keys(order, spec: ModelSpec, config: ParallelConfig, rank: Rank, vp: int) -> list[tuple[str, str]]:
+def target_keys(order, spec: ModelSpec, config: ParallelConfig, rank: Rank, vp: int) -> list[tuple[str, str]]:
     """(key, logical name) of each entry a target chunk holds, in megatron-core's state-dict order."""
     outer, suffixes = order
     first = layout.is_first_chunk(config, rank.pp, vp)
@@ -338,14 +342,14 @@ def plan_files(tensors: Source, spec: ModelSpec, target: ParallelConfig, *, rank
     ``tensors``. ``where`` names the source in errors."""
     target_vocab = spec.padded_vocab_for(target.tp)
     chunk_keys = legacy.chunk_keys(target.vpp)
-    order = _key_order(tensors, spec)
+    order = key_order(tensors, spec)
     plan = []
     for rank in target.file_ranks():
         if ranks is not None and rank not in ranks:
             continue
         planned = []
         for vp, chunk in enumerate(chunk_keys):
-            for key, logical in _target_keys(order, spec, target, rank, vp):
+            for key, logical in target_keys(order, spec, target, rank, vp):
                 tensor = tensors.get(logical)
                 if tensor is None:
                     raise CheckpointError(where, f"no source file holds '{logical}'")

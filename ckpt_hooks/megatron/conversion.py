@@ -19,7 +19,7 @@ from ckpt_hooks.megatron import legacy_names
 from ckpt_hooks.megatron.checkpoint import MegatronSource, pending_file, plan_files, read_source, write_checkpoint
 from ckpt_hooks.megatron.optimizer import (SourceOptimizer, chained_param_groups, held_state, source_optimizer,
                                            target_state)
-from ckpt_hooks.megatron.torch_dist import mp_rank
+from ckpt_hooks.megatron.torch_dist import distcp_name
 
 # Entries of model_optim_rng.pt that do not depend on the layout and are carried over.
 _CARRIED = ("checkpoint_version", "iteration", "opt_param_scheduler", "num_floating_point_operations_so_far")
@@ -82,7 +82,7 @@ def dry_run(p: Planned, workers: int, ckpt_format: str | None = None) -> str:
     for what, label, files in states:
         for f in files:
             if dist:   # one .distcp file per model-parallel rank holds weights and optimizer state
-                name = f"{iter_name}/__{mp_rank(f.rank, p.target)}_0.distcp ({label})"
+                name = f"{iter_name}/{distcp_name(f.rank, p.target)} ({label})"
             else:
                 name = f"{iter_name}/{legacy.rank_dir_name(f.rank, p.target)}/{what}"
             lines.append(f"  {name}  {f.nbytes / 1e6:.1f} MB")
@@ -167,20 +167,21 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
 def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: bool, label: str,
                 finish) -> float:
     """The plan written as a torch_dist checkpoint. RNG states are per rank: carried rank by rank
-    at an unchanged TP·PP where the source saved them, else none are written and the args say
+    at an unchanged TP·PP without expert parallelism (with it Megatron-LM keeps one per DP rank)
+    where the source saved them, else none are written and the args say
     ``no_save_rng`` (so Megatron-LM does not look for them)."""
     from ckpt_hooks.megatron.checkpoint import rank_rng
     from ckpt_hooks.megatron.torch_dist_writer import write_dist_checkpoint
 
     src, layout = p.src, p.target
     rngs = {}
-    if (src.layout.tp, src.layout.pp) == (layout.tp, layout.pp):
+    if (src.layout.tp, src.layout.pp, src.layout.ep, layout.ep) == (layout.tp, layout.pp, 1, 1):
         rngs = {rank: rank_rng(src, rank) for rank in layout.file_ranks()}
     if not rngs or any(r is None for r in rngs.values()):
         rngs, args.no_save_rng = {}, True
     common = {k: v for k, v in carried.items() if k != "optimizer"}
     if p.optimizer is not None:
-        common["optimizer_param_groups"] = p.optimizer.param_groups
+        common["optimizer_param_groups"] = carried.get("optimizer")
     return write_dist_checkpoint(save_dir, src.ckpt.iteration, p.weights,
                                  p.optimizer_plans if p.optimizer is not None else None, src.spec, layout, args,
                                  common, rngs.get, p.optimizer.grad_dtypes if p.optimizer is not None else None,

@@ -80,6 +80,8 @@ def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Load
     """Fill ``model_chunks`` (and megatron-core's distributed ``optimizer``, if given) from the
     checkpoint in ``load_dir``, resharding from whatever layout it was saved at. At an unchanged
     layout the saved RNG state of this rank is restored too (unless ``restore_rng`` is False)."""
+    from megatron.core import parallel_state as ps
+
     src = read_source(load_dir)
     ckpt = src.ckpt
     target, rank = running_layout(model_chunks)
@@ -92,7 +94,8 @@ def load(model_chunks, optimizer, load_dir, *, restore_rng: bool = True) -> Load
         opened += _load_optimizer(optimizer, model_chunks, src, target, rank)
     loaded = Loaded(ckpt.iteration, ckpt.first.obj.get("opt_param_scheduler"), src.layout, target, 0, ckpt.args,
                     ckpt.first.obj.get("num_floating_point_operations_so_far", 0))
-    rng = rank_rng(src, rank) if restore_rng and not loaded.resharded else None
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    rng = rank_rng(src, rank, dp_rank) if restore_rng and not loaded.resharded else None
     if rng:
         _restore_rng(rng[0])
         loaded.rng_restored = True

@@ -90,7 +90,21 @@ def args_from_model(model_chunks) -> argparse.Namespace:
         decoder_last_pipeline_num_layers=last if layout.pp > 1 else None,
         data_parallel_size=layout.dp, params_dtype=config.params_dtype, ckpt_format="torch",
         transformer_impl=_transformer_impl(model),
-        use_distributed_optimizer=True)
+        use_distributed_optimizer=True, **_moe_args(config, layout))
+
+
+def _moe_args(config, layout) -> dict:
+    """Megatron-LM's mixture-of-experts arguments, from the running TransformerConfig."""
+    if not config.num_moe_experts:
+        return {}
+    return dict(num_experts=config.num_moe_experts, moe_ffn_hidden_size=config.moe_ffn_hidden_size,
+                moe_router_topk=config.moe_router_topk, moe_layer_freq=config.moe_layer_freq,
+                moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
+                moe_shared_expert_gate=config.moe_shared_expert_gate,
+                moe_router_pre_softmax=config.moe_router_pre_softmax,
+                moe_token_dispatcher_type=config.moe_token_dispatcher_type,
+                expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.size("etp"),
+                sequence_parallel=config.sequence_parallel)
 
 
 def _transformer_impl(model) -> str:
@@ -127,23 +141,20 @@ def save(model_chunks, optimizer, save_dir, iteration: int, *, scheduler=None, a
     layout, rank = running_layout(model_chunks)
     root = Path(save_dir)
     iter_dir = root / legacy.iteration_dir_name(iteration)
+    # A file rank's writer is its first expert-data-parallel replica (without experts: DP rank 0).
+    writer = ps.get_expert_data_parallel_rank() == 0
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
     if ckpt_format == "torch_dist":
-        if len(distributed_optimizers(optimizer)) > 1:
-            raise NotImplementedError("saving a mixture of experts as torch_dist is not supported yet: "
-                                      "save it as torch (legacy)")
         _save_torch_dist(model_chunks, optimizer, iter_dir, iteration, scheduler, args,
                          num_floating_point_operations_so_far)
-        dopt = distributed_optimizers(optimizer)[0]
-        write_param_maps(dopt, recorded_maps_dir(iter_dir, rank, layout.pp), rank, dopt.data_parallel_group.rank())
+        write_param_maps(optimizer, recorded_maps_dir(iter_dir, rank, layout), rank, dp_rank, writer)
         return _publish(root, iter_dir, iteration)
     if ckpt_format != "torch":
         raise ValueError(f"unknown checkpoint format {ckpt_format!r} (torch or torch_dist)")
     rank_dir = iter_dir / legacy.rank_dir_name(rank, layout)
     rank_dir.mkdir(parents=True, exist_ok=True)
     optimizer.save_parameter_state(str(rank_dir / legacy.OPTIMIZER_FILE))  # collective over DP
-    # The file's writer is its first expert-data-parallel replica (without experts: DP rank 0).
-    writer = ps.get_expert_data_parallel_rank() == 0
-    write_param_maps(optimizer, rank_dir, rank, ps.get_data_parallel_rank(with_context_parallel=True), writer)
+    write_param_maps(optimizer, rank_dir, rank, dp_rank, writer)
     if writer:
         state = {"args": args, "checkpoint_version": 3.0, "iteration": iteration}
         for key, chunk in zip(legacy.chunk_keys(layout.vpp), model_chunks):
@@ -190,11 +201,14 @@ def _save_torch_dist(model_chunks, optimizer, iter_dir: Path, iteration: int, sc
     state["optimizer"] = optimizer.sharded_state_dict(state, metadata=metadata)
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
-    state["rng_state"] = ShardedObject(
-        "rng_state", rng_state(),
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size())
+    at = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    if ps.get_expert_model_parallel_world_size() > 1:   # Megatron-LM then shards the RNG by DP too
+        state["rng_state"] = ShardedObject("rng_state", rng_state(), (*shape, dp_group.size()), (*at, dp_rank),
+                                           replica_id=0)
+    else:
+        state["rng_state"] = ShardedObject("rng_state", rng_state(), shape, at, replica_id=dp_rank)
     state["num_floating_point_operations_so_far"] = flops
     if dist.get_rank() == 0:
         iter_dir.mkdir(parents=True, exist_ok=True)

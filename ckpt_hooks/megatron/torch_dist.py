@@ -27,7 +27,7 @@ import torch
 from ckpt_hooks.algebra import layout, names
 from ckpt_hooks.algebra.layout import EXTRA, Box, LayoutError
 from ckpt_hooks.algebra.param_map import dtype_name
-from ckpt_hooks.algebra.spec import ParallelConfig, Rank
+from ckpt_hooks.algebra.spec import ParallelConfig, Rank, parallel_config_from_args
 from ckpt_hooks.engine.source import STATES, Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
@@ -38,7 +38,11 @@ LAYERS = "decoder.layers."
 # Megatron saves the local spec's norms under Transformer Engine's names.
 _TE_NORMS = {"self_attention.linear_qkv.layer_norm_": "input_layernorm.",
              "mlp.linear_fc1.layer_norm_": "pre_mlp_layernorm."}
-_BUCKET = re.compile(r"optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_\((torch\.\w+), (torch\.\w+)\)"
+_ONE_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
+# Routed experts (SequentialMLP) in a sharded state dict: one key, a global expert axis.
+_EXPERTS_SAVED = "mlp.experts.experts."
+_EXPERTS_LOCAL = "mlp.experts.local_experts.0."
+_BUCKET = re.compile(r"(?:chained_\d+\.)?optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_\((torch\.\w+), (torch\.\w+)\)"
                      r"\.bucket_idx_(\d+)\.(param|exp_avg|exp_avg_sq)")
 SHARDING = "distrib_optim_sharding_type"
 HOOK_DIR = "ckpt_hooks"
@@ -47,27 +51,45 @@ CONTENT_METADATA = {SHARDING: "dp_reshardable", "singleton_local_shards": False,
 
 
 def mp_rank(rank: Rank, config) -> int:
-    """A rank's place in the model-parallel group: the ``N`` of ``dp_group_idx_N`` and ``__N_0.distcp``."""
+    """A file rank's place in the dense model-parallel group (tensor x pipeline): the ``N`` of
+    the dense optimizer's ``dp_group_idx_N``."""
     return rank.pp * config.tp + rank.tp
 
 
-def optimizer_object(group: int, name: str) -> str:
+def expert_mp_rank(rank: Rank, config) -> int:
+    """A file rank's place in the expert model-parallel group (expert tensor x expert x pipeline,
+    megatron-core's order): the expert optimizer's ``dp_group_idx_N``, and the ``N`` of the
+    ``__N_0.distcp`` a target rank is written to (``mp_rank`` without experts)."""
+    return (rank.pp * config.ep + rank.ep) * config.size("etp") + config.coordinate(rank, "etp")
+
+
+def optimizer_group(rank: Rank, config, expert: bool) -> int:
+    """The ``dp_group_idx`` of a file rank's dense or expert optimizer state."""
+    return expert_mp_rank(rank, config) if expert else mp_rank(rank, config)
+
+
+def distcp_name(rank: Rank, config) -> str:
+    return f"__{expert_mp_rank(rank, config)}_0.distcp"
+
+
+def optimizers_of(config) -> list[tuple[bool, str]]:
+    """(expert, key prefix) of each distributed optimizer: megatron-core chains a dense and an
+    expert one with EP > 1, their dp_reshardable keys prefixed ``chained_{i}.``."""
+    if config.ep == 1:
+        return [(False, "")]
+    return [(False, "chained_0."), (True, "chained_1.")]
+
+
+def optimizer_object(group: int, name: str, prefix: str = "") -> str:
     """The key of a model-parallel rank's optimizer object (``optimizer``, ``per_bucket_numel...``)."""
-    return dist.object_key(f"optimizer.distributed.dp_group_idx_{group}.{name}")
-
-
-def extra_states(checkpoint: dist.DistCheckpoint) -> list[tuple[str, int | None]]:
-    """(saved name, layer) of each ``_extra_state`` object (layer None outside the layers)."""
-    out = []
-    for key in checkpoint.objects:
-        if "._extra_state/" in key and not key.startswith(("optimizer.", "rng_state")):
-            name, shard = key.split("/shard_")
-            out.append((name, int(shard.split("_")[0]) if name.startswith(LAYERS) else None))
-    return out
+    return dist.object_key(f"{prefix}optimizer.distributed.dp_group_idx_{group}.{name}")
 
 
 def local_suffix(suffix: str, transformer_impl: str) -> str:
-    """A saved per-layer suffix under the names the running layer spec uses."""
+    """A saved per-layer suffix under the names the running layer spec uses (routed experts as
+    SequentialMLP's expert 0)."""
+    if suffix.startswith(_EXPERTS_SAVED):
+        suffix = _EXPERTS_LOCAL + suffix[len(_EXPERTS_SAVED):]
     if transformer_impl == "local":
         for te, local in _TE_NORMS.items():
             if suffix.startswith(te):
@@ -76,10 +98,58 @@ def local_suffix(suffix: str, transformer_impl: str) -> str:
 
 
 def dist_suffix(suffix: str) -> str:
+    """Inverse of ``local_suffix``: a per-layer suffix as torch_dist saves it."""
+    if names.expert_of(suffix) is not None:
+        suffix = _EXPERTS_SAVED + suffix.split(".", 4)[4]
     for te, local in _TE_NORMS.items():
         if suffix.startswith(local):
             return te + suffix[len(local):]
     return suffix
+
+
+@dataclass(frozen=True)
+class SavedForm:
+    """How a saved model key holds its logical tensors: ``decoder.layers.<suffix>`` stacks the
+    layers on a leading axis, ``decoder.layers.{i}.<suffix>`` is one layer's (megatron-core's
+    non-homogeneous layers: mixed dense and MoE ones), a routed experts' key adds an expert
+    axis after the layer's; other keys are a tensor each."""
+
+    suffix: str | None      # per-layer suffix, running spec's names (expert 0's); None outside the layers
+    layer: int | None       # the global layer of a per-layer key
+    expert: bool
+
+    @property
+    def leading(self) -> int:
+        """Axes ahead of the tensor's own: the layer (stacked) and the expert."""
+        return (self.suffix is not None and self.layer is None) + self.expert
+
+    def logical(self, key: str, index: tuple[int, ...]) -> str:
+        """The logical tensor at a position of the leading axes."""
+        if self.suffix is None:
+            return key
+        layer = self.layer if self.layer is not None else index[0]
+        return names.layer_key(layer, names.with_expert(self.suffix, index[-1]) if self.expert else self.suffix)
+
+
+def saved_form(key: str, transformer_impl: str) -> SavedForm:
+    if not key.startswith(LAYERS):
+        return SavedForm(None, None, False)
+    one = _ONE_LAYER.match(key)
+    rest = key[one.end():] if one else key[len(LAYERS):]
+    return SavedForm(local_suffix(rest, transformer_impl), int(one.group(1)) if one else None,
+                     rest.startswith(_EXPERTS_SAVED))
+
+
+def extra_states(checkpoint: dist.DistCheckpoint, transformer_impl: str) -> list[str]:
+    """The logical name of each ``_extra_state`` object."""
+    out = []
+    for key in checkpoint.objects:
+        if "._extra_state/" in key and not key.startswith(("optimizer.", "rng_state", "chained_")):
+            name, shard = key.split("/shard_")
+            form = saved_form(name, transformer_impl)
+            index = tuple(int(i) for i in shard.split("_")[0].split("."))
+            out.append(form.logical(name, index[:form.leading]))
+    return out
 
 
 @dataclass
@@ -119,21 +189,25 @@ def open_dist(iter_dir, iteration) -> DistFiles:
     path = Path(iter_dir) / dist.COMMON
     if common.get("args") is None:
         raise CheckpointError(path, "no 'args' saved in the checkpoint; cannot tell its layout")
-    groups = _param_groups(checkpoint)
+    groups = _param_groups(checkpoint, parallel_config_from_args(common["args"]))
     if groups is not None:
         common["optimizer"] = groups
     return DistFiles(checkpoint, iteration, Common(path, common))
 
 
-def _param_groups(checkpoint: dist.DistCheckpoint) -> dict | None:
-    """The optimizer's param groups (with the Adam step) as a legacy file's ``optimizer`` entry."""
+def _param_groups(checkpoint: dist.DistCheckpoint, config) -> dict | list | None:
+    """The optimizer's param groups (with the Adam step) as a legacy file's ``optimizer`` entry
+    (a chained optimizer's: [dense, expert])."""
     saved = checkpoint.common.get("optimizer")
     if isinstance(saved, dict) and "optimizer" in saved:   # fully_reshardable: common to all ranks
         return {"optimizer": saved["optimizer"]}
-    key = optimizer_object(0, "optimizer")
-    if key in checkpoint.objects:
-        return {"optimizer": _unwrap(checkpoint, key)}
-    return None
+    entries = []
+    for _, prefix in optimizers_of(config):
+        key = optimizer_object(0, "optimizer", prefix)
+        if key not in checkpoint.objects:
+            return None
+        entries.append({"optimizer": _unwrap(checkpoint, key)})
+    return entries[0] if len(entries) == 1 else entries
 
 
 def _unwrap(checkpoint: dist.DistCheckpoint, key: str):
@@ -148,19 +222,7 @@ def _unwrap(checkpoint: dist.DistCheckpoint, key: str):
 
 def model_keys(checkpoint: dist.DistCheckpoint) -> list[str]:
     """Saved model tensor keys, in saved order."""
-    return [k for k in checkpoint.tensors if not k.startswith(("optimizer.", "rng_state"))]
-
-
-def layer_suffixes(checkpoint: dist.DistCheckpoint, transformer_impl: str) -> list[str]:
-    """Per-layer key suffixes (under the running spec's names, ``_extra_state`` included) in the
-    order the first rank saved them: its modules' order."""
-    suffixes = []
-    for key in itertools.chain(checkpoint.tensors, checkpoint.objects):
-        if key.startswith(LAYERS):
-            suffix = local_suffix(key[len(LAYERS):].split("/shard_")[0], transformer_impl)
-            if suffix not in suffixes:
-                suffixes.append(suffix)
-    return suffixes
+    return [k for k in checkpoint.tensors if not k.startswith(("optimizer.", "rng_state", "chained_"))]
 
 
 def _to_logical(rule, spec, key: str, box: tuple[tuple[int, ...], tuple[int, ...]]) -> Box:
@@ -168,7 +230,7 @@ def _to_logical(rule, spec, key: str, box: tuple[tuple[int, ...], tuple[int, ...
     offsets, sizes = box
     if not rule.fused:
         return Box(tuple(offsets), tuple(sizes))
-    rows = spec.ffn_hidden_size
+    rows = layout.fused_rows(rule, spec)
     part, start = divmod(offsets[0], rows)
     if start + sizes[0] > rows:
         raise LayoutError(f"'{key}': a saved chunk crosses the gate/up boundary")
@@ -176,97 +238,82 @@ def _to_logical(rule, spec, key: str, box: tuple[tuple[int, ...], tuple[int, ...
 
 
 def from_logical(rule, spec, box: Box) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Inverse of ``_to_logical``: a logical box as saved (offsets, sizes) without the layer axis."""
+    """Inverse of ``_to_logical``: a logical box as saved (offsets, sizes) without the leading axes."""
     if not rule.fused:
         return box.offsets, box.lengths
-    rows = spec.ffn_hidden_size
+    rows = layout.fused_rows(rule, spec)
     if box.lengths[0] != 1:
         raise LayoutError("a fused box spans gate and up")
     return (box.offsets[0] * rows + box.offsets[1], *box.offsets[2:]), box.lengths[1:]
 
 
-def _layer(lazy: LazyTensor, j: int) -> LazyTensor:
-    """Layer ``j`` of a chunk stacked on its leading axis."""
-    return LazyTensor(lazy.storage, lazy.offset + j * lazy.stride[0], lazy.shape[1:], lazy.stride[1:])
+def _select(lazy: LazyTensor, index: tuple[int, ...]) -> LazyTensor:
+    """The sub-tensor at ``index`` of a chunk's leading axes."""
+    offset = lazy.offset + sum(i * stride for i, stride in zip(index, lazy.stride))
+    return LazyTensor(lazy.storage, offset, lazy.shape[len(index):], lazy.stride[len(index):])
 
 
 def dist_weights(checkpoint: dist.DistCheckpoint, spec, transformer_impl: str, prefix: str = "",
                  dtype=None) -> Source:
     """The logical tensors stored under ``prefix`` + each model key, every saved chunk (layer by
-    layer) a piece. ``_extra_state`` objects become entries without data."""
+    layer, expert by expert) a piece. ``_extra_state`` objects become entries without data."""
     tensors: Source = {}
     where = checkpoint.iter_dir / dist.METADATA
     for saved_key in model_keys(checkpoint):
         stored = checkpoint.tensors.get(prefix + saved_key)
         if stored is None:
             raise CheckpointError(where, f"no '{prefix + saved_key}' (the optimizer state of '{saved_key}')")
-        stacked = saved_key.startswith(LAYERS)
-        suffix = local_suffix(saved_key[len(LAYERS):], transformer_impl) if stacked else saved_key
-        name = names.classify(names.layer_key(0, suffix) if stacked else suffix)
-        if name is None:
+        form = saved_form(saved_key, transformer_impl)
+        lead = form.leading
+        name = names.classify(form.logical(saved_key, (0,) * lead))
+        if name is None or len(stored.shape) <= lead:
             raise CheckpointError(where, f"unsupported tensor '{saved_key}'")
         try:   # the logical shape: a single rank's placement is the whole tensor
             shape = layout.placement(name.rule, spec, ParallelConfig(), Rank(0, 0), spec.padded_vocab_size,
-                                     stored.shape[1:] if stacked else stored.shape).logical_shape
+                                     stored.shape[lead:]).logical_shape
         except LayoutError as e:
             raise CheckpointError(where, f"'{saved_key}': {e}") from None
         for chunk in stored.chunks:
-            inner = (chunk.offsets[1:], chunk.sizes[1:]) if stacked else (chunk.offsets, chunk.sizes)
             try:
-                box = _to_logical(name.rule, spec, saved_key, inner)
+                box = _to_logical(name.rule, spec, saved_key, (chunk.offsets[lead:], chunk.sizes[lead:]))
             except LayoutError as e:
                 raise CheckpointError(where, f"'{saved_key}': {e}") from None
-            layers = range(chunk.offsets[0], chunk.offsets[0] + chunk.sizes[0]) if stacked else [None]
-            for j, global_layer in enumerate(layers):
-                logical = names.layer_key(global_layer, suffix) if stacked else suffix
-                tensor = tensors.setdefault(logical, Tensor(shape, dtype or stored.dtype))
-                tensor.add(box, ChunkView(checkpoint, stored.key, chunk, j if stacked else None, box.lengths))
-    for name, layer in extra_states(checkpoint):
-        if layer is not None:
-            name = names.layer_key(layer, local_suffix(name[len(LAYERS):], transformer_impl))
+            for index in itertools.product(*(range(size) for size in chunk.sizes[:lead])):
+                at = tuple(o + i for o, i in zip(chunk.offsets, index))
+                tensor = tensors.setdefault(form.logical(saved_key, at), Tensor(shape, dtype or stored.dtype))
+                tensor.add(box, ChunkView(checkpoint, stored.key, chunk, index, box.lengths))
+    for name in extra_states(checkpoint, transformer_impl):
         tensors.setdefault(name, Tensor((), None))
-    return tensors
+    # In megatron-core's order, which the optimizer's buffers follow and the index does not keep
+    # (it lists what each rank wrote first).
+    return dict(sorted(tensors.items(), key=lambda item: names.state_dict_order(item[0])))
 
 
-def source_files(checkpoint: dist.DistCheckpoint, spec, config, transformer_impl: str, where) -> list:
-    """What each rank file of the saved layout would hold (keys in state-dict order, stored
-    shapes and dtypes): the legacy view the optimizer's param_map and the planner work on."""
-    from ckpt_hooks.megatron.checkpoint import SourceFile
+def source_files(weights: Source, spec, config, where) -> list:
+    """What each rank file of the saved layout would hold (keys in megatron-core's state-dict
+    order, stored shapes and dtypes): the legacy view the optimizer's param_map and the planner
+    work on."""
+    from ckpt_hooks.megatron.checkpoint import SourceFile, key_order, target_keys
 
-    suffixes = layer_suffixes(checkpoint, transformer_impl)
-    dtypes = {k: t.dtype for k, t in checkpoint.tensors.items()}
-    outer = [k for k in model_keys(checkpoint) if not k.startswith(LAYERS)]
-    outer += [name for name, layer in extra_states(checkpoint) if layer is None]
-    if spec.tied_embeddings and config.pp > 1 and names.OUTPUT not in outer:
-        outer.append(names.OUTPUT)   # the last stage holds the shared embedding as its output layer
+    order = key_order(weights, spec)
     files = []
     for rank in config.file_ranks():
         chunks = {}
         for vp, chunk in enumerate(legacy.chunk_keys(config.vpp)):
-            first = layout.is_first_chunk(config, rank.pp, vp)
-            last = layout.is_last_chunk(config, rank.pp, vp)
-            keys = [k for k in outer if first and k.startswith("embedding.")]
-            keys += [names.layer_key(i, s) for i in range(len(layout.chunk_layers(spec, config, rank.pp, vp)))
-                     for s in suffixes]
-            keys += [k for k in outer if last and k.startswith(("decoder.", "output_layer."))
-                     and not (k == names.OUTPUT and spec.tied_embeddings and first)]
             metas = {}
-            for key in keys:
-                name = names.classify(key)
-                if name is None:
-                    raise CheckpointError(where, f"unsupported tensor '{key}'")
-                if name.rule.kind == EXTRA:
+            for key, logical in target_keys(order, spec, config, rank, vp):
+                rule = names.classify(key).rule
+                tensor = weights.get(logical)
+                if rule.kind == EXTRA:
                     metas[key] = None
                     continue
-                saved = names.EMBEDDING if key == names.OUTPUT and spec.tied_embeddings else \
-                    (LAYERS + dist_suffix(name.suffix) if name.local_layer is not None else key)
-                stored = checkpoint.tensors[saved]
-                file_shape = stored.shape[1:] if name.local_layer is not None else stored.shape
+                if tensor is None:
+                    raise CheckpointError(where, f"no '{logical}' saved")
                 try:
-                    where_ = layout.placement(name.rule, spec, config, rank, spec.padded_vocab_size, file_shape)
+                    placed = layout.placement(rule, spec, config, rank, spec.padded_vocab_size, tensor.shape)
                 except LayoutError as e:
-                    raise CheckpointError(where, f"'{saved}': {e}") from None
-                metas[key] = TensorMeta(where_.stored_shape, dtypes[saved])
+                    raise CheckpointError(where, f"'{logical}': {e}") from None
+                metas[key] = TensorMeta(placed.stored_shape, tensor.dtype)
             chunks[chunk] = metas
         files.append(SourceFile(str(where), rank, chunks))
     return files
@@ -275,12 +322,12 @@ def source_files(checkpoint: dist.DistCheckpoint, spec, config, transformer_impl
 # ---- the optimizer -------------------------------------------------------------------------
 
 class ChunkView:
-    """Layer ``layer`` of a saved chunk (None: the whole chunk) seen in ``shape``: the engine's
+    """The sub-tensor at ``index`` of a saved chunk's leading (layer, expert) axes seen in ``shape``: the engine's
     piece handle. Its record is opened on the first read, so that a rank planning its share
     parses only the records it reads."""
 
-    def __init__(self, checkpoint: dist.DistCheckpoint, key: str, chunk: dist.Chunk, layer: int | None, shape):
-        self.checkpoint, self.key, self.chunk, self.layer, self.shape = checkpoint, key, chunk, layer, tuple(shape)
+    def __init__(self, checkpoint: dist.DistCheckpoint, key: str, chunk: dist.Chunk, index: tuple[int, ...], shape):
+        self.checkpoint, self.key, self.chunk, self.index, self.shape = checkpoint, key, chunk, index, tuple(shape)
 
     @property
     def path(self) -> Path:
@@ -288,8 +335,7 @@ class ChunkView:
 
     def read_into(self, slices: tuple[slice, ...], out: torch.Tensor, exact: bool = False) -> None:
         torch_file, lazy = self.checkpoint.chunk_tensor(self.key, self.chunk)
-        part = lazy if self.layer is None else _layer(lazy, self.layer)
-        TensorView(torch_file, part, self.shape).read_into(slices, out, exact)
+        TensorView(torch_file, _select(lazy, self.index), self.shape).read_into(slices, out, exact)
 
 
 class FlatView:
@@ -328,10 +374,10 @@ class FlatView:
             raise CheckpointError(self.path, f"bucket elements [{begin}, {begin + count}) are not all saved")
 
 
-def recorded_maps_dir(iter_dir, rank, pp: int) -> Path:
-    """Where the save hook records a model-parallel rank's param_map beside a torch_dist checkpoint
-    (Megatron's own files unchanged): ``ckpt_hooks/mp_rank_TT[_PPP]/param_map.json``."""
-    return Path(iter_dir) / HOOK_DIR / legacy.rank_dir_name(rank, ParallelConfig(pp=pp))
+def recorded_maps_dir(iter_dir, rank, config) -> Path:
+    """Where the save hook records a file rank's param_map beside a torch_dist checkpoint
+    (Megatron's own files unchanged): ``ckpt_hooks/mp_rank_TT[_PPP][_EEE]/param_map.json``."""
+    return Path(iter_dir) / HOOK_DIR / legacy.rank_dir_name(rank, config)
 
 
 def sharding_type(checkpoint: dist.DistCheckpoint) -> str | None:
@@ -343,8 +389,9 @@ def sharding_type(checkpoint: dist.DistCheckpoint) -> str | None:
     return content.get(SHARDING) or saved.get("param_state_sharding_type")
 
 
-def bucket_key(group: int, index: int, param_dtype: str, grad_dtype: str, bucket: int, state: str) -> str:
-    return (f"optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{index}.dtype_(torch.{param_dtype}, "
+def bucket_key(group: int, index: int, param_dtype: str, grad_dtype: str, bucket: int, state: str,
+               prefix: str = "") -> str:
+    return (f"{prefix}optimizer.distributed.dp_group_idx_{group}.gbuf_idx_{index}.dtype_(torch.{param_dtype}, "
             f"torch.{grad_dtype}).bucket_idx_{bucket}.{state}")
 
 
@@ -391,37 +438,49 @@ class DistOptimizer:
             raise CheckpointError(where, "no dp_reshardable optimizer buckets saved")
         views = {}
         for f in src.files:
-            group = mp_rank(f.rank, config)
-            maps = read_recorded_maps(recorded_maps_dir(checkpoint.iter_dir, f.rank, config.pp)) or \
+            maps = read_recorded_maps(recorded_maps_dir(checkpoint.iter_dir, f.rank, config)) or \
                 rebuild_maps(src.spec, config, src.ckpt.args, f.rank.pp, f.chunks, self.grad_dtypes)
             self.maps[f.rank] = maps
-            saved = _unwrap(checkpoint, optimizer_object(group, "per_bucket_numel_unpadded"))
-            mine = [{(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)): list(m.per_bucket_numel_unpadded)}
-                    for m in maps]
-            if saved != mine:
-                raise CheckpointError(where, f"model-parallel rank {group} (TP rank {f.rank.tp}, PP rank {f.rank.pp}) "
-                                             f"saved buckets {saved}; the model's param_map needs {mine}: its "
-                                             "elements would land misplaced")
-            chunk_keys = list(f.chunks)
-            for index, buffer_map in enumerate(maps):
-                for state in STATES:
-                    buckets = []
-                    for bucket, numel in enumerate(buffer_map.per_bucket_numel_unpadded):
-                        key = bucket_key(group, index, buffer_map.param_dtype, buffer_map.grad_dtype, bucket, state)
-                        stored = checkpoint.tensors.get(key)
-                        if stored is None or stored.shape != (numel,):
-                            raise CheckpointError(where, f"no '{key}' of {numel} elements")
-                        spans = [(c.offsets[0], c.offsets[0] + c.sizes[0], key, c) for c in stored.chunks]
-                        buckets.append(sorted(spans, key=lambda p: p[0]))
-                    for slot in buffer_map.params:
-                        start = slot.start - buffer_map.bucket_indices[slot.bucket][0]
-                        views[(state, f.rank, chunk_keys[buffer_map.chunk], slot.name)] = \
-                            FlatView(checkpoint, buckets[slot.bucket], start, slot.shape)
+            for expert, prefix in optimizers_of(config):
+                if not expert and not config.holds_dense_optimizer(f.rank):
+                    continue   # another file rank holds the dense state of its tensor-parallel rank
+                views.update(self._buffer_views(f, [m for m in maps if m.expert == expert],
+                                                optimizer_group(f.rank, config, expert), prefix, where))
         return {state: source_tensors(src.files, src.placed,
                                       lambda f, chunk, key, where_, state=state: replace_shape(
-                                          views[(state, f.rank, chunk, key)], where_.view_shape),
+                                          views.get((state, f.rank, chunk, key)), where_.view_shape),
                                       dtype=torch.float32)
                 for state in STATES}
+
+    def _buffer_views(self, f, maps, group: int, prefix: str, where) -> dict:
+        """(state, rank, chunk, key) -> FlatView of each parameter of one optimizer's buffers of a
+        file rank, whose saved bucket sizes are checked against the param_map first."""
+        checkpoint, views = self.checkpoint, {}
+        saved = _unwrap(checkpoint, optimizer_object(group, "per_bucket_numel_unpadded", prefix))
+        mine = [{(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)): list(m.per_bucket_numel_unpadded)}
+                for m in maps]
+        if saved != mine:
+            raise CheckpointError(where, f"{prefix}model-parallel rank {group} (TP rank {f.rank.tp}, PP rank "
+                                         f"{f.rank.pp}{f', EP rank {f.rank.ep}' if prefix else ''}) saved buckets "
+                                         f"{saved}; the model's param_map needs {mine}: its elements would land "
+                                         "misplaced")
+        chunk_keys = list(f.chunks)
+        for index, buffer_map in enumerate(maps):
+            for state in STATES:
+                buckets = []
+                for bucket, numel in enumerate(buffer_map.per_bucket_numel_unpadded):
+                    key = bucket_key(group, index, buffer_map.param_dtype, buffer_map.grad_dtype, bucket, state,
+                                     prefix)
+                    stored = checkpoint.tensors.get(key)
+                    if stored is None or stored.shape != (numel,):
+                        raise CheckpointError(where, f"no '{key}' of {numel} elements")
+                    spans = [(c.offsets[0], c.offsets[0] + c.sizes[0], key, c) for c in stored.chunks]
+                    buckets.append(sorted(spans, key=lambda p: p[0]))
+                for slot in buffer_map.params:
+                    start = slot.start - buffer_map.bucket_indices[slot.bucket][0]
+                    views[(state, f.rank, chunk_keys[buffer_map.chunk], slot.name)] = \
+                        FlatView(checkpoint, buckets[slot.bucket], start, slot.shape)
+        return views
 
     def check_against_weights(self, src, sample: int = 64) -> None:
         """Nothing to cross-check file by file: one index (.metadata) names every chunk."""
@@ -432,9 +491,11 @@ class DistOptimizer:
                 for state in STATES}
 
 
-def replace_shape(view: FlatView, shape) -> FlatView:
-    """The same elements seen in the placement's view shape (fc1 fused rows as (2, F/tp, H))."""
-    return FlatView(view.checkpoint, view.pieces, view.start, shape)
+def replace_shape(view: FlatView | None, shape) -> FlatView | None:
+    """The same elements seen in the placement's view shape (fc1 fused rows as (2, F/tp, H));
+    None where the file rank holds no state of the parameter (a chained optimizer's dense state
+    is another file rank's)."""
+    return None if view is None else FlatView(view.checkpoint, view.pieces, view.start, shape)
 
 
 # ---- the source ----------------------------------------------------------------------------
@@ -457,9 +518,9 @@ def read_dist_source(iter_dir, iteration, true_vocab_size=None, make_vocab_size_
         manifest.check_described(saved_manifest, iter_dir, spec, config)
     spec = settled_spec(spec, config, ckpt.args, ckpt.first.path, true_vocab_size, make_vocab_size_divisible_by, notes)
     where = ckpt.iter_dir / dist.METADATA
-    files = source_files(ckpt.dist, spec, config, ckpt.transformer_impl, where)
-    placed = place(spec, config, files)
     weights = dist_weights(ckpt.dist, spec, ckpt.transformer_impl)
     if spec.tied_embeddings and names.OUTPUT in weights:
         raise CheckpointError(where, "tied embeddings, yet an output layer is saved")
+    files = source_files(weights, spec, config, where)
+    placed = place(spec, config, files)
     return MegatronSource(ckpt, spec, config, files, weights, placed, notes)

@@ -22,7 +22,7 @@ import threading
 import torch
 
 from ckpt_hooks.algebra import names
-from ckpt_hooks.algebra.layout import chunk_layers
+from ckpt_hooks.algebra.layout import chunk_layers, expert_range
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, restrict
 from ckpt_hooks.engine.ranks import Ranks
@@ -33,55 +33,62 @@ from ckpt_hooks.formats import torch_dist as dist
 from ckpt_hooks.formats.atomic import staged_directory
 from ckpt_hooks.megatron.checkpoint import write_manifest
 from ckpt_hooks.megatron.optimizer import target_maps
-from ckpt_hooks.megatron.torch_dist import (CONTENT_METADATA, LAYERS, bucket_key, dist_suffix, from_logical, mp_rank,
-                                            optimizer_object)
+from ckpt_hooks.megatron.torch_dist import (CONTENT_METADATA, LAYERS, bucket_key, dist_suffix, distcp_name,
+                                            from_logical, optimizer_group, optimizer_object, optimizers_of)
 
 
-def _weight_items(target: TargetFile, spec, config, seen: set) -> list[dist.Item]:
+def per_layer_keys(args) -> bool:
+    """Whether megatron-core saves each layer under keys of its own ("non-homogeneous" layers:
+    dense and MoE layers mixed by ``--moe-layer-freq``) rather than stacked on a layer axis."""
+    freq = getattr(args, "moe_layer_freq", 1) if getattr(args, "num_experts", None) else 1
+    return isinstance(freq, list) or freq > 1
+
+
+def _saved_place(name, spec, config, rank, chunk: str, per_layer: bool) -> tuple[str, tuple, tuple]:
+    """The saved key of a target tensor, and the offsets and sizes of its leading axes: the
+    global layer (stacked keys) and the global expert (routed experts)."""
+    if name.local_layer is None:
+        return name.suffix, (), ()
+    layer = chunk_layers(spec, config, rank.pp, legacy.chunk_keys(config.vpp).index(chunk))[name.local_layer]
+    suffix = dist_suffix(name.suffix)
+    key, offsets, shape = (names.layer_key(layer, suffix), (), ()) if per_layer else \
+        (LAYERS + suffix, (layer,), (spec.num_layers,))
+    if name.local_expert is not None:
+        offsets += (expert_range(spec.num_experts, config, rank.ep)[name.local_expert],)
+        shape += (spec.num_experts,)
+    return key, offsets, shape
+
+
+def _weight_items(target: TargetFile, spec, config, seen: set, per_layer: bool) -> list[dist.Item]:
     """The weight chunks of one target rank not already written by a lower rank."""
     items = []
     for tensor in target.tensors:
+        name = names.classify(tensor.key)
+        key, leading, outer = _saved_place(name, spec, config, target.rank, tensor.chunk, per_layer)
         if tensor.placement is None:      # _extra_state
-            name = names.classify(tensor.key)
-            if name.local_layer is None:
-                key = dist.object_key(tensor.key)
-            else:
-                layer = _global_layer(spec, config, target.rank.pp, tensor.chunk, name.local_layer)
-                key = dist.object_key(LAYERS + dist_suffix(name.suffix), (layer,), (spec.num_layers,))
+            key = dist.object_key(key, leading or (0,), outer or (1,))
             if key not in seen:
                 seen.add(key)
                 items.append(dist.Item(key, obj=[None]))
             continue
         if tensor.key == names.OUTPUT and spec.tied_embeddings:
             continue   # saved once, as the embedding
-        name = names.classify(tensor.key)
-        stacked = name.local_layer is not None
         lengths = tensor.placement.box.lengths
         # A fused fc1 is saved as its gate and up halves, each a chunk of its own.
         parts = [restrict(tensor, (half,) + (0,) * (len(lengths) - 1), (1,) + lengths[1:])
                  for half in range(lengths[0])] if name.rule.fused else [tensor]
         for part in parts:
             offsets, sizes = from_logical(name.rule, spec, part.placement.box)
-            shape = _saved_shape(name.rule, spec, tensor.placement.logical_shape)
-            if stacked:
-                layer = _global_layer(spec, config, target.rank.pp, tensor.chunk, name.local_layer)
-                key, offsets, sizes, shape = (LAYERS + dist_suffix(name.suffix), (layer, *offsets), (1, *sizes),
-                                              (spec.num_layers, *shape))
-            else:
-                key = tensor.key
+            offsets, sizes = (*leading, *offsets), (*(1,) * len(leading), *sizes)
             if (key, offsets) in seen:
                 continue
             seen.add((key, offsets))
-            items.append(dist.Item(key, tuple(offsets), tuple(shape), tuple(sizes), tensor.dtype,
-                                   produce=_builder(part, tuple(sizes))))
+            shape = (*outer, *_saved_shape(name.rule, tensor.placement.logical_shape))
+            items.append(dist.Item(key, offsets, shape, sizes, tensor.dtype, produce=_builder(part, sizes)))
     return items
 
 
-def _global_layer(spec, config, pp_rank, chunk, local) -> int:
-    return chunk_layers(spec, config, pp_rank, legacy.chunk_keys(config.vpp).index(chunk))[local]
-
-
-def _saved_shape(rule, spec, logical_shape) -> tuple[int, ...]:
+def _saved_shape(rule, logical_shape) -> tuple[int, ...]:
     """The per-layer saved shape: a fused logical (S, F, ...) as (S x F, ...)."""
     if rule.fused:
         return (logical_shape[0] * logical_shape[1], *logical_shape[2:])
@@ -94,30 +101,45 @@ def _builder(tensor, sizes):
 
 def _optimizer_items(target: TargetFile, plans: dict[str, TargetFile], grad_dtypes, param_groups, spec, config,
                      args, progress) -> list[dist.Item]:
+    """A target rank's dp_reshardable state of each distributed optimizer it saves (a chained
+    optimizer's dense state only on dense data-parallel rank 0's file ranks)."""
     maps, chunk_keys = target_maps(target, grad_dtypes, spec, config, args)
     indexed = {state: {(t.chunk, t.key): t for t in plans[state].tensors} for state in STATES}
-    group = mp_rank(target.rank, config)
-    dtypes = [(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)) for m in maps]
-    items = [dist.Item(optimizer_object(group, "optimizer"), obj=[param_groups["optimizer"]]),
-             dist.Item(optimizer_object(group, "per_bucket_numel"),
-                       obj=[[{d: [end - start for start, end in m.bucket_indices]} for d, m in zip(dtypes, maps)]]),
-             dist.Item(optimizer_object(group, "per_bucket_numel_unpadded"),
-                       obj=[[{d: list(m.per_bucket_numel_unpadded)} for d, m in zip(dtypes, maps)]])]
-    for index, buffer_map in enumerate(maps):
-        for bucket, numel in enumerate(buffer_map.per_bucket_numel_unpadded):
-            slots = [s for s in buffer_map.params if s.bucket == bucket]
-            begin = buffer_map.bucket_indices[bucket][0]
-            for state in STATES:
-                def produce(slots=slots, numel=numel, begin=begin, plan=indexed[state], chunk=buffer_map.chunk):
-                    flat = torch.zeros(numel, dtype=torch.float32)
-                    for slot in slots:
-                        tensor = plan[(chunk_keys[chunk], slot.name)]
-                        flat[slot.start - begin:slot.end - begin] = build_tensor(tensor).reshape(-1)
-                        if progress is not None:
-                            progress.update(tensor.nbytes)
-                    return flat
-                key = bucket_key(group, index, buffer_map.param_dtype, buffer_map.grad_dtype, bucket, state)
-                items.append(dist.Item(key, (0,), (numel,), (numel,), torch.float32, produce=produce))
+    groups = param_groups if isinstance(param_groups, list) else [param_groups]
+    items = []
+    for (expert, prefix), saved_groups in zip(optimizers_of(config), groups):
+        if not expert and not config.holds_dense_optimizer(target.rank):
+            continue
+        group = optimizer_group(target.rank, config, expert)
+        kind = [m for m in maps if m.expert == expert]
+        dtypes = [(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)) for m in kind]
+        items += [dist.Item(optimizer_object(group, "optimizer", prefix), obj=[saved_groups["optimizer"]]),
+                  dist.Item(optimizer_object(group, "per_bucket_numel", prefix),
+                            obj=[[{d: [end - start for start, end in m.bucket_indices]} for d, m in zip(dtypes, kind)]]),
+                  dist.Item(optimizer_object(group, "per_bucket_numel_unpadded", prefix),
+                            obj=[[{d: list(m.per_bucket_numel_unpadded)} for d, m in zip(dtypes, kind)]])]
+        for index, buffer_map in enumerate(kind):
+            items += _bucket_items(buffer_map, group, index, prefix, chunk_keys, indexed, progress)
+    return items
+
+
+def _bucket_items(buffer_map, group: int, index: int, prefix: str, chunk_keys, indexed, progress) -> list[dist.Item]:
+    """One buffer's flat buckets, each state packed from its parameters' planned tensors when written."""
+    items = []
+    for bucket, numel in enumerate(buffer_map.per_bucket_numel_unpadded):
+        slots = [s for s in buffer_map.params if s.bucket == bucket]
+        begin = buffer_map.bucket_indices[bucket][0]
+        for state in STATES:
+            def produce(slots=slots, numel=numel, begin=begin, plan=indexed[state], chunk=buffer_map.chunk):
+                flat = torch.zeros(numel, dtype=torch.float32)
+                for slot in slots:
+                    tensor = plan[(chunk_keys[chunk], slot.name)]
+                    flat[slot.start - begin:slot.end - begin] = build_tensor(tensor).reshape(-1)
+                    if progress is not None:
+                        progress.update(tensor.nbytes)
+                return flat
+            key = bucket_key(group, index, buffer_map.param_dtype, buffer_map.grad_dtype, bucket, state, prefix)
+            items.append(dist.Item(key, (0,), (numel,), (numel,), torch.float32, produce=produce))
     return items
 
 
@@ -133,7 +155,7 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
     seen: set = set()
     by_rank = {}
     for target in weights:   # in rank order: the lowest rank writes a replicated chunk
-        by_rank[target.rank] = _weight_items(target, spec, config, seen)
+        by_rank[target.rank] = _weight_items(target, spec, config, seen, per_layer_keys(args))
     lock = threading.Lock()
     written: list = []
     mine = ranks.share(weights)
@@ -150,7 +172,7 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
             if rng is not None:
                 items.append(dist.Item(dist.object_key("rng_state", (target.rank.pp, target.rank.tp),
                                                        (config.pp, config.tp)), obj=[rng]))
-            records = dist.write_records(iter_dir / f"__{mp_rank(target.rank, config)}_0.distcp", items)
+            records = dist.write_records(iter_dir / distcp_name(target.rank, config), items)
             with lock:
                 written.extend(records)
 
@@ -166,9 +188,14 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
             everything.sort(key=lambda entry: (entry[1].relative_path, entry[1].offset))
             dist.write_metadata(iter_dir, everything)
             saved = {k: v for k, v in common.items() if k != "optimizer_param_groups"}
-            dist.write_common(iter_dir, {**saved, "args": args, "content_metadata": dict(CONTENT_METADATA),
-                                         **({"optimizer": {"param_state_sharding_type": "dp_reshardable"}}
-                                            if optimizer_plans is not None else {})})
+            if optimizer_plans is not None:   # as megatron-core's (each of a chain's under its index)
+                # One dict per optimizer: the pickle keeps shared objects shared, and megatron-core's
+                # load merges each optimizer's state into its own.
+                saved["optimizer"] = {i: {"param_state_sharding_type": "dp_reshardable"}
+                                      for i in range(len(optimizers_of(config)))}
+                if config.ep == 1:
+                    saved["optimizer"] = saved["optimizer"][0]
+            dist.write_common(iter_dir, {**saved, "args": args, "content_metadata": dict(CONTENT_METADATA)})
             legacy.write_tracker(root, iteration)
             write_manifest(root)
     return seconds

@@ -27,7 +27,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from tests.harness import cpu_shim  # noqa: E402
-from ckpt_hooks.algebra.spec import Rank  # noqa: E402
+from ckpt_hooks.algebra.spec import ParallelConfig, Rank  # noqa: E402
 from tests.harness.spec import VOCAB_KEYS, layout_spec, model_spec, padded_vocab, true_vocab  # noqa: E402
 
 # Patch before megatron-core modules are imported and look anything up in torch.cuda.
@@ -704,11 +704,15 @@ def torch_dist_state(chunks, optimizer, metadata: dict, is_loading: bool) -> dic
 
 
 def rng_sharded_object(state: list) -> ShardedObject:
-    """Megatron-LM's RNG ShardedObject without expert parallelism."""
-    return ShardedObject("rng_state", state,
-                         (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-                         (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-                         replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+    """Megatron-LM's RNG ShardedObject (get_rng_state): sharded by PP and TP, with expert
+    parallelism by PP, TP and DP."""
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size())
+    at = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank())
+    dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+    if ps.get_expert_model_parallel_world_size() > 1:
+        return ShardedObject("rng_state", state, (*shape, ps.get_data_parallel_world_size(with_context_parallel=True)),
+                             (*at, dp_rank), replica_id=0)
+    return ShardedObject("rng_state", state, shape, at, replica_id=dp_rank)
 
 
 def save_torch_dist_checkpoint(save_dir, iteration, chunks, optimizer, scheduler, args, sharding: str):
@@ -785,7 +789,9 @@ def megatron_core_dist_load(load_dir, layout, chunks, optimizer, scheduler) -> i
     finally:
         for dopt in distributed_optimizers(optimizer):
             del dopt._set_main_param_and_optimizer_states
-    step = {g["step"] for g in state["optimizer"]["optimizer"]["param_groups"]}.pop()
+    chain = state["optimizer"]   # a ChainedOptimizer's (experts with EP > 1): {index: one optimizer's}
+    entries = [chain] if "optimizer" in chain else list(chain.values())
+    step = {g["step"] for entry in entries for g in entry["optimizer"]["param_groups"]}.pop()
     for dopt in distributed_optimizers(optimizer):
         for param_state in dopt.optimizer.state.values():
             param_state["step"] = torch.tensor(float(step))
@@ -1356,7 +1362,8 @@ def dist_save_timing_job(job: dict) -> None:
             save_torch_dist_checkpoint(save_dir, 1, chunks, optimizer, scheduler, args, kind.split("+")[0])
             if kind.startswith("dp"):
                 dopt = distributed_optimizers(optimizer)[0]
-                write_param_maps(dopt, recorded_maps_dir(os.path.join(save_dir, "iter_0000001"), rank, layout["pp"]),
+                write_param_maps(dopt, recorded_maps_dir(os.path.join(save_dir, "iter_0000001"), rank,
+                                                                ParallelConfig(pp=layout["pp"])),
                                  rank, dopt.data_parallel_group.rank())
             times[kind].append(_max_over_ranks(time.perf_counter() - started))
     if dist.get_rank() == 0:

@@ -42,32 +42,6 @@ EXTRA_STATES = {LOCAL: _LINEAR_EXTRA_STATES,
 OUTPUT_EXTRA_STATE = "output_layer._extra_state"
 FINAL_NORM = "decoder.final_layernorm.weight"
 
-# megatron-core's state-dict order of a layer's entries, both layer specs together.
-LAYER_ORDER = ("input_layernorm.weight", "self_attention.core_attention._extra_state",
-               "self_attention.linear_proj.weight", "self_attention.linear_proj._extra_state",
-               "self_attention.linear_qkv.layer_norm_weight", "self_attention.linear_qkv.weight",
-               "self_attention.linear_qkv.bias", "self_attention.linear_qkv._extra_state",
-               "self_attention.q_layernorm.weight", "self_attention.k_layernorm.weight",
-               "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight", "mlp.linear_fc1.weight",
-               "mlp.linear_fc1._extra_state", "mlp.linear_fc2.weight", "mlp.linear_fc2._extra_state",
-               "mlp.router.weight", "mlp.router.expert_bias",
-               "mlp.experts.local_experts.{e}.linear_fc1.weight", "mlp.experts.local_experts.{e}.linear_fc1._extra_state",
-               "mlp.experts.local_experts.{e}.linear_fc2.weight", "mlp.experts.local_experts.{e}.linear_fc2._extra_state",
-               "mlp.shared_experts.gate_weight", "mlp.shared_experts.linear_fc1.weight",
-               "mlp.shared_experts.linear_fc1._extra_state", "mlp.shared_experts.linear_fc2.weight",
-               "mlp.shared_experts.linear_fc2._extra_state")
-
-
-def layer_position(suffix: str) -> tuple[int, int, int]:
-    """Where a layer entry comes in megatron-core's state dict (each expert's entries together)."""
-    expert = names.expert_of(suffix)
-    if expert is None:
-        return LAYER_ORDER.index(suffix), 0, 0
-    first = LAYER_ORDER.index("mlp.experts.local_experts.{e}.linear_fc1.weight")
-    return first, expert, LAYER_ORDER.index(names.with_expert(suffix, "{e}"))
-
-OUTER_ORDER = (names.EMBEDDING, FINAL_NORM, names.OUTPUT, OUTPUT_EXTRA_STATE)
-
 # HF name -> (megatron-core name, part of it). "{attn_norm}"/"{mlp_norm}": see NORMS.
 EMBEDDING = {"model.embed_tokens.weight": (names.EMBEDDING, "vocab")}
 HEAD = {"model.norm.weight": (FINAL_NORM, None), "lm_head.weight": (names.OUTPUT, "vocab")}

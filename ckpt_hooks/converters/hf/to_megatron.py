@@ -36,16 +36,6 @@ from ckpt_hooks.megatron.conversion import resume_hint
 CHECKPOINT_VERSION = 3.0  # Megatron-LM's current legacy format
 
 
-def _megatron_order(key: str) -> tuple:
-    """megatron-core's state-dict order (the embedding, the layers, the rest), which the planner
-    gives the target files."""
-    name = megatron_names.classify(key)
-    if name.local_layer is not None:
-        return 1, name.local_layer, *names.layer_position(name.suffix)
-    position = names.OUTER_ORDER.index(key)
-    return (0 if position == 0 else 2), position
-
-
 def _pieces(stored: StoredTensor, run: tuple[int, slice, int], where: layout.Placement) -> list:
     """(box, handle) of each box of the logical tensor that a run of Megatron rows fills (one,
     unless the run crosses a fused axis part-way)."""
@@ -88,7 +78,7 @@ def external_source(tensors: dict[str, StoredTensor], table: names.Table, entrie
         for run in e.runs():
             for box, handle in _pieces(stored, run, where):
                 tensor.add(box, handle)
-    return {key: source[key] for key in sorted(source, key=_megatron_order)}
+    return {key: source[key] for key in sorted(source, key=megatron_names.state_dict_order)}
 
 
 def model_entries(table: names.Table, config: dict, spec, layer_spec: str) -> tuple[list[names.Entry], list[str]]:
