@@ -11,6 +11,10 @@ SAME_PADDING = {"vocab_size": 127}
 MOE = {**SAME_PADDING, "experts": 4}
 # DeepSeek's shape: a first dense layer, then MoE layers with a shared expert (Qwen2-MoE's gate on it).
 MOE_MIXED = {**MOE, "shared_ffn": 64, "shared_gate": True, "moe_layer_freq": [0, 1, 1, 1]}
+# DeepSeek-V2's shape: Multi-Latent Attention (a q latent too), a first dense layer, ungated shared experts.
+LATENT_MOE = {**MOE, "query_groups": 4, "shared_ffn": 64, "moe_layer_freq": [0, 1, 1, 1],
+              "mla": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_head_dim": 16, "qk_pos_emb_head_dim": 8,
+                      "v_head_dim": 16}}
 
 # name -> (layout, model overrides, steps). Each trains real steps with the DistributedOptimizer
 # on a world of 4 processes (DP fills the rest) and saves a Megatron-LM legacy checkpoint.
@@ -54,15 +58,19 @@ SOURCES = {
     # run saved as torch_dist by ckpt_hooks.megatron.save (one key per layer: dense and MoE mixed).
     "dist_moe_pp2ep2": ({"tp": 1, "pp": 2, "ep": 2}, MOE, 3),
     "saved_dist_moe_mixed": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, MOE_MIXED, 3),
+    # Latent attention with experts, saved as torch_dist, and the same run trained 5 steps.
+    "dist_latent_moe": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, LATENT_MOE, 3),
+    "latent_moe_5steps": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, LATENT_MOE, 5),
 }
 DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable", "saved_dist_tp2pp2": "dp_reshardable",
         "dist_tied_bf16_tp2pp2": "dp_reshardable", "dist_moe_pp2ep2": "dp_reshardable", "dist_tp1pp2vpp2": "dp_reshardable",
-        "saved_dist_moe_mixed": "dp_reshardable"}
+        "saved_dist_moe_mixed": "dp_reshardable", "dist_latent_moe": "dp_reshardable"}
 PATCHED = {"hooked_tp1pp2vpp2": ("megatron_core",)}
 SAVED_BY_CKPT_HOOKS = {"saved_tp2pp2", "saved_dist_tp2pp2", "saved_dist_moe_mixed"}
 # The uninterrupted run each source continues (a run saved in another format or by another saver).
 SAME_RUN = {"dist_tp2pp2": "cont_tp2pp2", "distfull_tp2pp2": "cont_tp2pp2", "saved_dist_tp2pp2": "cont_tp2pp2",
-            "dist_tp1pp2vpp2": "cont_tp1pp2vpp2", "dist_moe_pp2ep2": "moe_pp2ep2", "saved_dist_moe_mixed": "moe_mixed"}
+            "dist_tp1pp2vpp2": "cont_tp1pp2vpp2", "dist_moe_pp2ep2": "moe_pp2ep2", "saved_dist_moe_mixed": "moe_mixed",
+            "dist_latent_moe": "latent_moe"}
 
 
 class Source:

@@ -23,6 +23,13 @@ transformers = pytest.importorskip("transformers")
 
 VOCAB = 250
 TOKENS = torch.randint(0, VOCAB, (4, 16), generator=torch.Generator().manual_seed(7))
+_DEEPSEEK = {"rope_theta": 30000.0, "rms_norm_eps": 1e-6, "num_key_value_heads": 4, "n_routed_experts": 4,
+             "n_shared_experts": 2, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "first_k_dense_replace": 1,
+             "kv_lora_rank": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+             "topk_method": "greedy", "norm_topk_prob": False}
+# DeepSeek-V2-Lite's YaRN RoPE, its original context cut to 8 so that 16 tokens reach past it.
+_YARN = {"rope_type": "yarn", "rope_theta": 30000.0, "factor": 40.0, "original_max_position_embeddings": 8,
+         "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
 # family -> (config class, config overrides, target layout). Distinct RoPE bases and norm eps
 # so that a value not carried over shows; Qwen2 has q/k/v biases and tied embeddings.
 FAMILIES = {
@@ -42,6 +49,13 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", {"rope_theta": 1e6, "rms_norm_eps": 4e-6, "head_dim": 16, "num_experts": 4,
                                      "num_experts_per_tok": 2, "moe_intermediate_size": 32, "norm_topk_prob": True},
                   {"tp": 2, "pp": 1, "ep": 2}),
+    # DeepSeek-V2-Lite's shape: latent attention with one q projection, a first dense layer, two
+    # ungated shared experts, top-k weights not renormalised but scaled; the latents' down
+    # projections split over TP2 as the local layer spec splits them.
+    "deepseek_v2": ("DeepseekV2Config", {**_DEEPSEEK, "q_lora_rank": None, "routed_scaling_factor": 1.5,
+                                         "rope_parameters": _YARN}, {"tp": 2, "pp": 2, "ep": 2, "etp": 1}),
+    # ... and DeepSeek-V2's: a q latent too.
+    "deepseek_v2-q_lora": ("DeepseekV2Config", {**_DEEPSEEK, "q_lora_rank": 32}, {"tp": 2, "pp": 1, "ep": 4, "etp": 1}),
 }
 
 
@@ -67,13 +81,28 @@ def harness_model(family: str) -> dict:
              "norm_eps": overrides["rms_norm_eps"], "add_qkv_bias": family in ("qwen2", "qwen2_moe"),
              "untie_embeddings": not overrides.get("tie_word_embeddings", False),
              "qk_layernorm": family in ("qwen3", "qwen3_moe")}
-    experts = overrides.get("num_local_experts", overrides.get("num_experts"))
+    experts = overrides.get("num_local_experts", overrides.get("num_experts", overrides.get("n_routed_experts")))
+    if family.startswith("deepseek_v2"):
+        model.update(query_groups=4, shared_gate=False, topk_scaling=overrides.get("routed_scaling_factor", 1.0),
+                     shared_ffn=overrides["n_shared_experts"] * overrides["moe_intermediate_size"],
+                     mla={k: overrides[h] for k, h in (("q_lora_rank", "q_lora_rank"), ("kv_lora_rank", "kv_lora_rank"),
+                                                       ("qk_head_dim", "qk_nope_head_dim"),
+                                                       ("qk_pos_emb_head_dim", "qk_rope_head_dim"),
+                                                       ("v_head_dim", "v_head_dim"))})
+        rope = overrides.get("rope_parameters") or {}
+        if rope.get("rope_type") == "yarn":
+            model["mla"].update(rope_type="yarn", rotary_scaling_factor=rope["factor"],
+                                **{k: rope[k] for k in ("original_max_position_embeddings", "beta_fast", "beta_slow",
+                                                        "mscale", "mscale_all_dim")})
+            model["rotary_base"] = rope["rope_theta"]
+        overrides = {**overrides, "mlp_only_layers": list(range(overrides["first_k_dense_replace"])),
+                     "shared_expert_intermediate_size": model["shared_ffn"]}
     if experts:
         dense = overrides.get("mlp_only_layers", [])
         model.update(experts=experts, topk=overrides["num_experts_per_tok"],
                      moe_ffn=overrides.get("moe_intermediate_size", overrides.get("intermediate_size")),
                      shared_ffn=overrides.get("shared_expert_intermediate_size"),
-                     shared_gate="shared_expert_intermediate_size" in overrides,
+                     shared_gate=model.get("shared_gate", "shared_expert_intermediate_size" in overrides),
                      moe_layer_freq=[int(i not in dense) for i in range(4)] if dense else None,
                      router_pre_softmax=family != "mixtral" and not overrides["norm_topk_prob"])
         if family == "mixtral":   # no dense layers: Megatron-LM's --ffn-hidden-size is the experts'
@@ -266,7 +295,8 @@ def edit_config(directory, **changes):
 def test_unknown_family(llama_copy, tmp_path, capsys):
     edit_config(llama_copy, model_type="gpt2")
     assert_refused(capsys, "hf-to-megatron", llama_copy, tmp_path / "out", names=llama_copy / "config.json",
-                   says="unsupported model_type 'gpt2' (supported: llama, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe)")
+                   says="unsupported model_type 'gpt2' (supported: deepseek_v2, llama, mistral, mixtral, qwen2, "
+                        "qwen2_moe, qwen3, qwen3_moe)")
 
 
 def test_unmapped_and_missing_tensors_are_listed(llama_copy, tmp_path, capsys):

@@ -242,3 +242,27 @@ def test_megatron_lm_alone_cannot_resume_a_torch_dist_moe(moe_dist_runs, layout)
     0.16.1's DistributedOptimizer.state_dict asserts one Adam step before any state exists)."""
     rc, losses, log = resume(moe_dist_runs, layout, mode="plain")
     assert rc != 0 and losses == {} and "assert len(steps) == 1" in log, log[-3000:]
+
+
+# ---- DeepSeek-V2's shape: latent attention and experts, torch_dist ---------------------------
+
+# Multi-Latent Attention with a q latent (its core attention the CPU shim's), a first dense layer,
+# shared experts; resumed with TP2 and sequence parallelism (megatron-core's MoE needs it at TP > 1).
+LATENT_MOE = MOE_DIST + """--multi-latent-attention --q-lora-rank 32 --kv-lora-rank 16 --qk-head-dim 16
+ --qk-pos-emb-head-dim 8 --v-head-dim 16 --qk-layernorm --rope-type rope --position-embedding-type rope
+ --moe-layer-freq [0,1,1,1] --moe-shared-expert-intermediate-size 64""".split()
+LAYOUTS["tp2pp1ep2etp1sp"] = ["--tensor-model-parallel-size", 2, "--pipeline-model-parallel-size", 1,
+                              "--expert-model-parallel-size", 2, "--expert-tensor-parallel-size", 1,
+                              "--sequence-parallel"]
+
+
+@pytest.fixture(scope="module")
+def latent_runs(tmp_path_factory):
+    return train_and_stop(tmp_path_factory.mktemp("megatron_lm_latent"), LATENT_MOE, layout="tp1pp2ep2")
+
+
+@pytest.mark.parametrize("layout", ["tp1pp1ep4", "tp2pp1ep2etp1sp"])
+def test_latent_attention_moe_resumes_at_another_layout(latent_runs, layout):
+    rc, losses, log = resume(latent_runs, layout)
+    assert "ckpt_hooks: resharded" in log, log[-3000:]
+    assert_continues(latent_runs, rc, losses, log)

@@ -67,6 +67,9 @@ class Rule:
     linear_qkv (query groups x rows per group), A attention heads x kv channels,
     K kv channels, V vocab rows, E routed experts, M ffn of one expert, G ffn of the shared
     experts, 1 one.
+    Latent attention: QD q latent (QN: q_layernorm's, K without MLA), KD kv latent, KR kv latent
+    and rotary key, QH heads x query head (with its rotary part), KV heads x (key head without
+    RoPE + value head); A is then heads x value head.
     ``fused``: the stored tensor merges the first two logical axes (fc1's gate and up).
     ``dim``: which named dimension of the layout splits ``axis`` (``tp``); ``also``: splits inside
     each piece of the first, e.g. experts: whole experts over ``ep``, then ``etp`` inside one.
@@ -78,6 +81,7 @@ class Rule:
     fused: bool = False
     dim: str = "tp"                        # the parallel dimension that splits ``axis``
     also: tuple[tuple[int, str], ...] = ()  # further (axis, dimension) splits, inside the first's pieces
+    local_only: bool = False               # split only in the local layer spec (Transformer Engine: whole)
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,18 @@ class Placement:
 
 
 def _symbol_sizes(spec: ModelSpec, vocab_rows: int) -> dict[str, int]:
-    return {"H": spec.hidden_size, "F": spec.ffn_hidden_size, "S": 2 if spec.swiglu else 1,
-            "Q": spec.num_query_groups * spec.rows_per_query_group,
-            "A": spec.num_attention_heads * spec.kv_channels, "K": spec.kv_channels, "V": vocab_rows,
-            "E": spec.num_experts or 0, "M": spec.moe_ffn_hidden_size or 0,
-            "G": spec.shared_expert_ffn_hidden_size or 0, "1": 1}
+    heads, latent = spec.num_attention_heads, spec.latent_attention
+    sizes = {"H": spec.hidden_size, "F": spec.ffn_hidden_size, "S": 2 if spec.swiglu else 1,
+             "Q": spec.num_query_groups * spec.rows_per_query_group,
+             "A": heads * (spec.v_head_dim if latent else spec.kv_channels), "K": spec.kv_channels,
+             "V": vocab_rows, "E": spec.num_experts or 0, "M": spec.moe_ffn_hidden_size or 0,
+             "G": spec.shared_expert_ffn_hidden_size or 0, "1": 1,
+             "QN": (spec.q_lora_rank or 0) if latent else spec.kv_channels}
+    if latent:
+        sizes.update(QD=spec.q_lora_rank or 0, KD=spec.kv_lora_rank, KR=spec.kv_lora_rank + spec.qk_pos_emb_head_dim,
+                     QH=heads * (spec.qk_head_dim + spec.qk_pos_emb_head_dim),
+                     KV=heads * (spec.qk_head_dim + spec.v_head_dim))
+    return sizes
 
 
 def fused_rows(rule: Rule, spec: ModelSpec) -> int:
@@ -119,7 +130,8 @@ def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, v
         sizes = _symbol_sizes(spec, vocab_rows)
         logical = tuple(sizes[s] for s in rule.shape)
     axis = 0 if rule.kind == VOCAB else rule.axis
-    if rule.kind in (REPLICATED, EXTRA) or axis is None:
+    whole = rule.local_only and spec.transformer_impl != "local"
+    if rule.kind in (REPLICATED, EXTRA) or axis is None or whole:
         return Placement(logical, Box((0,) * len(logical), logical), logical)
     view, offsets = list(logical), [0] * len(logical)
     for axis, dim in ((axis, rule.dim), *rule.also):
@@ -136,7 +148,8 @@ def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, v
 _DIM_NAMES = {"tp": "tensor parallel", "ep": "expert parallel", "etp": "expert tensor parallel"}
 _AXIS_NAMES = {"H": "hidden size", "F": "ffn hidden size", "M": "expert ffn hidden size",
                "G": "shared expert ffn hidden size", "Q": "linear_qkv rows",
-               "A": "attention heads x kv channels", "V": "padded vocabulary"}
+               "A": "attention heads x kv channels", "V": "padded vocabulary", "QD": "q_lora_rank",
+               "KR": "kv_lora_rank + qk_pos_emb_head_dim"}
 
 
 def check_divisible(spec: ModelSpec, config: ParallelConfig) -> None:

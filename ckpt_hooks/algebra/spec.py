@@ -32,6 +32,20 @@ class ModelSpec:
     num_experts: int | None = None           # routed experts of each MoE layer; None: dense
     moe_ffn_hidden_size: int | None = None   # ffn rows of one expert
     shared_expert_ffn_hidden_size: int | None = None   # ffn rows of the shared experts (all of them)
+    # Multi-Latent Attention (DeepSeek-V2/V3): queries through a q_lora_rank latent (None: one
+    # projection), keys and values from a kv_lora_rank latent plus one shared rotary key head.
+    kv_lora_rank: int | None = None          # None: standard attention
+    q_lora_rank: int | None = None
+    qk_head_dim: int | None = None           # per head: the part of q and k without RoPE
+    qk_pos_emb_head_dim: int | None = None   # ... with RoPE
+    v_head_dim: int | None = None
+    # The layer spec: the local one splits MLA's down projections over TP (column-parallel),
+    # Transformer Engine's keeps them whole on every rank.
+    transformer_impl: str = "transformer_engine"
+
+    @property
+    def latent_attention(self) -> bool:
+        return self.kv_lora_rank is not None
 
     @property
     def rows_per_query_group(self) -> int:
@@ -45,17 +59,20 @@ class ModelSpec:
         return round_up(self.true_vocab_size, self.make_vocab_size_divisible_by * tp)
 
     def describe(self) -> str:
-        gqa = f" (GQA, {self.num_query_groups} groups)" if self.num_query_groups != self.num_attention_heads else ""
+        gqa = f" (GQA, {self.num_query_groups} groups)" if self.num_query_groups != self.num_attention_heads and \
+            not self.latent_attention else ""
         vocab = f"vocab {self.true_vocab_size} padded to {self.padded_vocab_size}" if self.true_vocab_size \
             else f"vocab {self.padded_vocab_size} (padded)"
         return (f"{self.num_layers} layers, hidden {self.hidden_size}, ffn {self.ffn_hidden_size}"
                 f"{' SwiGLU' if self.swiglu else ''}, {self.num_attention_heads} heads{gqa}, "
-                f"kv_channels {self.kv_channels}, {vocab}, "
+                + ("" if self.latent_attention else f"kv_channels {self.kv_channels}, ") + f"{vocab}, "
                 f"{'tied' if self.tied_embeddings else 'untied'} embeddings, {self.normalization}, "
                 f"{self.position_embedding_type}, {'with' if self.add_bias_linear else 'no'} linear bias"
                 + (f", {self.num_experts} experts of ffn {self.moe_ffn_hidden_size}" if self.num_experts else "")
                 + (f", shared experts of ffn {self.shared_expert_ffn_hidden_size}"
-                   if self.shared_expert_ffn_hidden_size else ""))
+                   if self.shared_expert_ffn_hidden_size else "")
+                + (f", latent attention (q rank {self.q_lora_rank}, kv rank {self.kv_lora_rank})"
+                   if self.latent_attention else ""))
 
 
 @dataclass(frozen=True)
@@ -170,6 +187,10 @@ def model_spec_from_args(args) -> ModelSpec:
         moe_ffn_hidden_size=(getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size)
         if getattr(args, "num_experts", None) else None,
         shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or None,
+        **(dict(kv_lora_rank=args.kv_lora_rank, q_lora_rank=getattr(args, "q_lora_rank", None),
+                qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim)
+           if getattr(args, "multi_latent_attention", False) else {}),
+        transformer_impl=getattr(args, "transformer_impl", None) or "transformer_engine",
     )
 
 

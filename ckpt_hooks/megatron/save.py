@@ -90,7 +90,16 @@ def args_from_model(model_chunks) -> argparse.Namespace:
         decoder_last_pipeline_num_layers=last if layout.pp > 1 else None,
         data_parallel_size=layout.dp, params_dtype=config.params_dtype, ckpt_format="torch",
         transformer_impl=_transformer_impl(model),
-        use_distributed_optimizer=True, **_moe_args(config, layout))
+        use_distributed_optimizer=True, **_moe_args(config, layout), **_latent_args(config))
+
+
+def _latent_args(config) -> dict:
+    """Megatron-LM's Multi-Latent Attention arguments, from the running TransformerConfig."""
+    if not getattr(config, "multi_latent_attention", False):
+        return {}
+    return dict(multi_latent_attention=True, q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
+                qk_head_dim=config.qk_head_dim, qk_pos_emb_head_dim=config.qk_pos_emb_head_dim,
+                v_head_dim=config.v_head_dim, rope_type=config.rope_type)
 
 
 def _moe_args(config, layout) -> dict:

@@ -97,10 +97,13 @@ def local_suffix(suffix: str, transformer_impl: str) -> str:
     return suffix
 
 
-def dist_suffix(suffix: str) -> str:
-    """Inverse of ``local_suffix``: a per-layer suffix as torch_dist saves it."""
+def dist_suffix(suffix: str, spec) -> str:
+    """Inverse of ``local_suffix``: a per-layer suffix as torch_dist saves it (megatron-core's
+    local spec renames its norms for standard attention, not for latent attention's layers)."""
     if names.expert_of(suffix) is not None:
         suffix = _EXPERTS_SAVED + suffix.split(".", 4)[4]
+    if spec.latent_attention:
+        return suffix
     for te, local in _TE_NORMS.items():
         if suffix.startswith(local):
             return te + suffix[len(local):]

@@ -50,7 +50,7 @@ def _saved_place(name, spec, config, rank, chunk: str, per_layer: bool) -> tuple
     if name.local_layer is None:
         return name.suffix, (), ()
     layer = chunk_layers(spec, config, rank.pp, legacy.chunk_keys(config.vpp).index(chunk))[name.local_layer]
-    suffix = dist_suffix(name.suffix)
+    suffix = dist_suffix(name.suffix, spec)
     key, offsets, shape = (names.layer_key(layer, suffix), (), ()) if per_layer else \
         (LAYERS + suffix, (layer,), (spec.num_layers,))
     if name.local_expert is not None:

@@ -38,7 +38,8 @@ _RUN_STATE = {
     "num_floating_point_operations_so_far": lambda src: src.ckpt.first.obj.get("num_floating_point_operations_so_far"),
 }
 # Model settings that may differ between two equivalent checkpoints (the padding depends on TP).
-_LAYOUT_DEPENDENT = {"padded_vocab_size", "make_vocab_size_divisible_by"}
+# Spec fields two checkpoints of one model may differ in: the padding and the layer spec (names, splits).
+_LAYOUT_DEPENDENT = {"padded_vocab_size", "make_vocab_size_divisible_by", "transformer_impl"}
 
 
 @dataclass

@@ -17,11 +17,17 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
             "rotary_base": 10000, "add_qkv_bias": None (= add_bias_linear),
             "experts": None | routed experts per layer, "moe_ffn": 32, "topk": 2,
             "shared_ffn": None | shared experts' ffn, "shared_gate": False,
-            "moe_layer_freq": None | [0 or 1 per layer], "router_pre_softmax": False, "qk_layernorm": False}
+            "moe_layer_freq": None | [0 or 1 per layer], "router_pre_softmax": False, "topk_scaling": None,
+            "qk_layernorm": False, "mla": None | {"q_lora_rank", "kv_lora_rank", "qk_head_dim",
+            "qk_pos_emb_head_dim", "v_head_dim", YaRN's "rope_type": "yarn", ... (spec.py)}}
       A mixture of experts uses SequentialMLP experts and the allgather token dispatcher (the
       alltoall one needs CUDA events and uneven collectives gloo lacks), aux-loss coefficient 0,
       and with TP > 1 sequence parallelism (megatron-core's MoE layer demands it; the CPU shim
       lets the local spec's torch norms run under it).
+      Multi-Latent Attention ("mla") uses megatron-core's MLASelfAttention (local spec: its down
+      projections column-parallel) with plain RoPE or YaRN and its latents RMS-normed; its core attention is
+      cpu_shim.CpuAttention (megatron-core 0.16.1's local DotProductAttention takes one head size,
+      MLA's keys and values differ; Transformer Engine's does it on GPUs).
       vocab_size is Megatron-LM's --vocab-size for NullTokenizer: true vocab = vocab_size + 1.
 
   {"kind": "train", "model": {...}, "layout": {...}, "steps": int, "save_dir": DIR, "truth": PATH}

@@ -115,3 +115,40 @@ def install() -> None:
         return norm
 
     torch_norm.WrappedTorchNorm.__new__ = norm_with_sequence_parallel
+    _latent_attention_on_cpu()
+
+
+class CpuAttention(torch.nn.Module):
+    """Causal softmax attention whose keys and values may have different head sizes, as
+    Multi-Latent Attention needs: on a GPU Transformer Engine's DotProductAttention does this;
+    megatron-core 0.16.1's local one takes a single head size. No parameters of its own."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, softmax_scale=None, k_channels=None,
+                 v_channels=None, cp_comm_type=None, pg_collection=None):
+        super().__init__()
+        self.softmax_scale = softmax_scale or (k_channels or config.kv_channels) ** -0.5
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        seq, batch, heads, _ = query.shape   # [s, b, n, d] each
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale
+        scores = scores.masked_fill(torch.ones(seq, k.shape[2], dtype=torch.bool).triu(1), float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        return torch.matmul(probs, v).permute(2, 0, 1, 3).reshape(seq, batch, heads * v.shape[-1])
+
+
+def _latent_attention_on_cpu() -> None:
+    """Multi-Latent Attention runnable here: CpuAttention as its core attention, whatever spec
+    built it (ours or Megatron-LM's), and megatron-core told that Transformer Engine is absent
+    (its stand-in classes are mocks, which isinstance() refuses)."""
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = False
+    build = multi_latent_attention.MLASelfAttention.__init__
+
+    def init(self, config, submodules, *args, **kwargs):
+        submodules.core_attention = CpuAttention
+        build(self, config, submodules, *args, **kwargs)
+
+    multi_latent_attention.MLASelfAttention.__init__ = init

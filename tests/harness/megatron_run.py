@@ -65,7 +65,7 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer  # n
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # noqa: E402
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig  # noqa: E402
 from megatron.core.transformer.module import Float16Module  # noqa: E402
 from megatron.core.utils import unwrap_model  # noqa: E402
 
@@ -104,7 +104,9 @@ def qkv_bias(m: dict) -> bool:
 def transformer_config(m: dict, layout: dict) -> TransformerConfig:
     bf16 = m["dtype"] == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    return TransformerConfig(
+    latent = {"multi_latent_attention": True, "rotary_base": m["rotary_base"], "rope_type": "rope", **m["mla"]} \
+        if m["mla"] else {}
+    return (MLATransformerConfig if m["mla"] else TransformerConfig)(
         num_layers=m["num_layers"],
         hidden_size=m["hidden"],
         ffn_hidden_size=m["ffn"],
@@ -116,7 +118,7 @@ def transformer_config(m: dict, layout: dict) -> TransformerConfig:
         layernorm_epsilon=m["norm_eps"],
         add_bias_linear=m["add_bias_linear"],
         add_qkv_bias=qkv_bias(m),
-        qk_layernorm=m["qk_layernorm"],
+        qk_layernorm=m["qk_layernorm"] or bool(m["mla"]),
         # No dropout: training must be a deterministic function of data and layout.
         hidden_dropout=0.0,
         attention_dropout=0.0,
@@ -133,6 +135,7 @@ def transformer_config(m: dict, layout: dict) -> TransformerConfig:
         batch_p2p_comm=False,
         deallocate_pipeline_outputs=True,  # as Megatron-LM sets it
         **moe_config(m, layout),
+        **latent,
     )
 
 
@@ -155,6 +158,7 @@ def moe_config(m: dict, layout: dict) -> dict:
         moe_shared_expert_gate=m["shared_gate"],
         moe_layer_freq=m["moe_layer_freq"] or 1,
         moe_router_pre_softmax=m["router_pre_softmax"],
+        moe_router_topk_scaling_factor=m["topk_scaling"],
     )
 
 
@@ -167,7 +171,8 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
                                               vp_stage=vp_stage)
         else:
             spec = get_gpt_layer_local_spec(num_experts=m["experts"], normalization=m["normalization"],
-                                            qk_layernorm=m["qk_layernorm"])
+                                            qk_layernorm=config.qk_layernorm,
+                                            multi_latent_attention=bool(m["mla"]))
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -232,6 +237,7 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: s
         moe_shared_expert_gate=m["shared_gate"],
         moe_layer_freq=m["moe_layer_freq"] or 1,
         moe_router_pre_softmax=m["router_pre_softmax"],
+        moe_router_topk_scaling_factor=m["topk_scaling"],
         moe_router_enable_expert_bias=False,
         num_layers=m["num_layers"],
         encoder_num_layers=m["num_layers"],
@@ -241,8 +247,9 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: s
         group_query_attention=m["query_groups"] != m["heads"],
         num_query_groups=m["query_groups"],
         kv_channels=m["hidden"] // m["heads"],
-        multi_latent_attention=False,
-        qk_layernorm=m["qk_layernorm"],
+        multi_latent_attention=bool(m["mla"]),
+        **({"rope_type": "rope", **m["mla"]} if m["mla"] else {}),
+        qk_layernorm=m["qk_layernorm"] or bool(m["mla"]),
         seq_length=m["seq_length"],
         max_position_embeddings=m["seq_length"],
         vocab_size=m["vocab_size"],

@@ -35,7 +35,14 @@ MODEL_DEFAULTS = {
     "shared_gate": False,   # Qwen2-MoE's sigmoid gate on the shared experts
     "moe_layer_freq": None,  # per layer 1 (MoE) or 0 (dense MLP); None: every layer MoE
     "router_pre_softmax": False,  # softmax over every expert, then the top k (not renormalised)
+    "topk_scaling": None,   # the top-k weights' scale (DeepSeek's routed_scaling_factor); None: 1
     "qk_layernorm": False,  # per-head RMSNorm of queries and keys (Qwen3)
+    # Multi-Latent Attention (DeepSeek-V2/V3), None: standard attention. A dict of
+    # q_lora_rank (None: one q projection), kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim, v_head_dim,
+    # optionally YaRN's rope_type "yarn", rotary_scaling_factor, original_max_position_embeddings,
+    # beta_fast, beta_slow, mscale, mscale_all_dim (default: plain RoPE); the latents RMS-normed
+    # (Megatron-LM's --qk-layernorm).
+    "mla": None,
 }
 
 LAYOUT_DEFAULTS = {"tp": 1, "pp": 1, "vpp": None, "first": None, "last": None, "ep": 1, "etp": None}

@@ -19,13 +19,16 @@ from ckpt_hooks.algebra.spec import ModelSpec
 CONFIG = "config.json"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "deepseek_v2": "DeepseekV2ForCausalLM"}
 QKV_BIAS = ("qwen2", "qwen2_moe")           # families with q/k/v biases
 QK_NORM = ("qwen3", "qwen3_moe")            # families with per-head q/k RMSNorms
-MOE = ("mixtral", "qwen2_moe", "qwen3_moe")  # mixtures of experts
+MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2")  # mixtures of experts
 SHARED_EXPERT = ("qwen2_moe",)              # ... with a gated shared expert
+UNGATED_SHARED_EXPERTS = ("deepseek_v2",)   # ... with shared experts, no gate
+LATENT = ("deepseek_v2",)                   # Multi-Latent Attention
 # The key that counts the routed experts, as transformers 5 writes it (either is read).
-EXPERT_COUNT = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_local_experts"}
+EXPERT_COUNT = {"mixtral": "num_local_experts", "qwen2_moe": "num_experts", "qwen3_moe": "num_local_experts",
+                "deepseek_v2": "n_routed_experts"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # megatron-core's Llama 3 RoPE scaling fixes all but the factor.
 _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -38,7 +41,9 @@ MODEL_KEYS = {"architectures", "model_type", "hidden_size", "intermediate_size",
               "dtype", "torch_dtype", "attention_dropout", "initializer_range", "sliding_window", "use_sliding_window",
               "num_local_experts", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
               "shared_expert_intermediate_size", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-              "qkv_bias"}
+              "qkv_bias", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "qk_head_dim",
+              "v_head_dim", "n_routed_experts", "n_shared_experts", "first_k_dense_replace", "moe_layer_freq",
+              "routed_scaling_factor", "topk_method", "n_group", "topk_group"}
 # The files beside the weights that travel with a model: tokenizer and generation settings.
 ASSETS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "vocab.json",
           "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
@@ -60,16 +65,25 @@ def read(directory) -> tuple[Path, dict, str]:
     return path, config, family
 
 
-def _rope(config: dict, path) -> tuple[float, float | None]:
-    """(rotary base, Llama 3 scaling factor or None), from transformers 5's rope_parameters or 4's keys."""
+def _rope(config: dict, path) -> tuple[float, dict]:
+    """(rotary base, Megatron-LM's RoPE scaling arguments), from transformers 5's rope_parameters
+    or 4's keys: Llama 3's scaling, or YaRN for latent attention (megatron-core's MLA has it)."""
     params = config.get("rope_parameters") or config.get("rope_scaling") or {}
     base = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     kind = params.get("rope_type", params.get("type", "default"))
     if kind == "default":
-        return base, None
+        return base, {}
     if kind == "llama3" and all(float(params.get(k, -1)) == v for k, v in _LLAMA3_FIXED.items()):
-        return base, float(params["factor"])
+        return base, {"use_rope_scaling": True, "rope_scaling_factor": float(params["factor"])}
+    if kind == "yarn" and config.get("model_type") in LATENT and params.get("truncate", True):
+        return base, {"rope_type": "yarn", "rotary_scaling_factor": float(params["factor"]),
+                      **{k: type(default)(params.get(k, default)) for k, default in _YARN.items()}}
     raise CheckpointError(path, f"RoPE scaling {params} has no megatron-core equivalent")
+
+
+# YaRN's parameters (and transformers' defaults) under megatron-core's MLA names.
+_YARN = {"original_max_position_embeddings": 4096, "beta_fast": 32.0, "beta_slow": 1.0, "mscale": 1.0,
+         "mscale_all_dim": 0.0}
 
 
 def moe_layers(config: dict, family: str) -> set[int]:
@@ -78,6 +92,8 @@ def moe_layers(config: dict, family: str) -> set[int]:
     layers = range(config.get("num_hidden_layers") or 0)
     if family == "mixtral":
         return set(layers)
+    if family == "deepseek_v2":   # transformers: every layer from first_k_dense_replace on
+        return set(layers[config.get("first_k_dense_replace") or 0:])
     if family not in MOE or not _expert_count(config):
         return set()
     step, dense = config.get("decoder_sparse_step") or 1, set(config.get("mlp_only_layers") or ())
@@ -85,7 +101,7 @@ def moe_layers(config: dict, family: str) -> set[int]:
 
 
 def _expert_count(config: dict):
-    return config.get("num_local_experts", config.get("num_experts"))
+    return config.get("num_local_experts", config.get("num_experts", config.get("n_routed_experts")))
 
 
 def _experts(config: dict, family: str, path) -> dict:
@@ -97,7 +113,22 @@ def _experts(config: dict, family: str, path) -> dict:
     if not isinstance(count, int) or not isinstance(ffn, int) or not isinstance(config.get("num_experts_per_tok"), int):
         raise CheckpointError(path, "the experts' count, ffn size or num_experts_per_tok is missing or not an integer")
     shared = config.get("shared_expert_intermediate_size") if family in SHARED_EXPERT else None
+    if family in UNGATED_SHARED_EXPERTS:
+        shared = (config.get("n_shared_experts") or 0) * ffn
     return {"num_experts": count, "moe_ffn_hidden_size": ffn, "shared_expert_ffn_hidden_size": shared or None}
+
+
+def _latent(config: dict, family: str, path) -> dict:
+    """The ModelSpec fields of Multi-Latent Attention (none for other families)."""
+    if family not in LATENT:
+        return {}
+    dims = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+    q_lora_rank = config.get("q_lora_rank")
+    if not all(isinstance(config.get(k), int) for k in dims) or not isinstance(q_lora_rank, (int, type(None))):
+        raise CheckpointError(path, f"{', '.join(dims)} must be integers (q_lora_rank an integer or null)")
+    return {"kv_lora_rank": config["kv_lora_rank"], "q_lora_rank": q_lora_rank,
+            "qk_head_dim": config["qk_nope_head_dim"], "qk_pos_emb_head_dim": config["qk_rope_head_dim"],
+            "v_head_dim": config["v_head_dim"], "kv_channels": config["v_head_dim"]}
 
 
 def model_spec(config: dict, path, family: str, true_vocab_size: int | None = None,
@@ -111,32 +142,39 @@ def model_spec(config: dict, path, family: str, true_vocab_size: int | None = No
     refusals = [("hidden_act", config.get("hidden_act", "silu") != "silu", "only SwiGLU (silu) MLPs are supported"),
                 ("attention_bias", config.get("attention_bias"), "q/k/v/o biases have no megatron-core form"),
                 ("mlp_bias", config.get("mlp_bias"), "MLP biases alone have no megatron-core form"),
-                ("use_sliding_window", config.get("use_sliding_window"), "Qwen2's sliding window is not supported")]
+                ("use_sliding_window", config.get("use_sliding_window"), "Qwen2's sliding window is not supported"),
+                ("topk_method", config.get("topk_method", "greedy") != "greedy",
+                 "only greedy top-k routing is supported (not group-limited)"),
+                ("moe_layer_freq", (config.get("moe_layer_freq") or 1) != 1, "only every layer past "
+                                                                           "first_k_dense_replace as MoE")]
     for key, refused, why in refusals:
         if refused:
             raise CheckpointError(path, f"{key} {config[key]!r}: {why}")
     _rope(config, path)
     heads, hidden, vocab = need("num_attention_heads"), need("hidden_size"), need("vocab_size")
     groups = config.get("num_key_value_heads") or heads
+    if family in LATENT and groups != heads:
+        raise CheckpointError(path, f"num_key_value_heads {groups}: latent attention has one key per head ({heads})")
     if heads % groups:
         raise CheckpointError(path, f"num_key_value_heads {groups} does not divide num_attention_heads {heads}")
     true_vocab = true_vocab_size or vocab
     if true_vocab > vocab:
         raise CheckpointError(path, f"true vocabulary {true_vocab} is larger than vocab_size {vocab}")
+    fields = {"kv_channels": config.get("head_dim") or hidden // heads, **_experts(config, family, path),
+              **_latent(config, family, path)}
     return ModelSpec(num_layers=need("num_hidden_layers"), hidden_size=hidden,
                      ffn_hidden_size=need("intermediate_size"),
-                     num_attention_heads=heads, num_query_groups=groups,
-                     kv_channels=config.get("head_dim") or hidden // heads, padded_vocab_size=true_vocab,
+                     num_attention_heads=heads, num_query_groups=groups, padded_vocab_size=true_vocab,
                      true_vocab_size=true_vocab, make_vocab_size_divisible_by=make_vocab_size_divisible_by,
                      swiglu=True, tied_embeddings=bool(config.get("tie_word_embeddings", False)),
                      add_bias_linear=False, add_qkv_bias=bool(config.get("qkv_bias", family in QKV_BIAS)),
-                     position_embedding_type="rope", normalization="RMSNorm", **_experts(config, family, path))
+                     position_embedding_type="rope", normalization="RMSNorm", **fields)
 
 
 def megatron_args(config: dict, path, spec: ModelSpec, params_dtype: torch.dtype, layer_spec: str,
                   tokenizer: str | None, iteration: int) -> argparse.Namespace:
     """Megatron-LM's ``args`` for the model (the layout is set by spec.updated_args)."""
-    base, factor = _rope(config, path)
+    base, scaling = _rope(config, path)
     window = config.get("sliding_window") if config["model_type"] == "mistral" else None
     max_positions = config.get("max_position_embeddings") or 4096
     return argparse.Namespace(
@@ -151,18 +189,28 @@ def megatron_args(config: dict, path, spec: ModelSpec, params_dtype: torch.dtype
         swiglu=True, normalization="RMSNorm", norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
         apply_layernorm_1p=False, position_embedding_type="rope", add_position_embedding=False,
         use_rotary_position_embeddings=True, rotary_base=base, rotary_percent=1.0, rotary_interleaved=False,
-        use_rope_scaling=factor is not None, rope_scaling_factor=factor or 8.0,
+        use_rope_scaling=False, rope_scaling_factor=8.0,
         # HF's sliding_window w attends to the w - 1 previous tokens: flash attention's (w - 1, 0).
         window_size=(window - 1, 0) if window else None,
         add_bias_linear=False, add_qkv_bias=spec.add_qkv_bias,
-        untie_embeddings_and_output_weights=not spec.tied_embeddings, qk_layernorm=config["model_type"] in QK_NORM,
-        **_moe_args(config, spec),
-        multi_latent_attention=False, hidden_dropout=0.0, attention_dropout=float(config.get("attention_dropout", 0.0)),
+        untie_embeddings_and_output_weights=not spec.tied_embeddings,
+        qk_layernorm=config["model_type"] in QK_NORM or spec.latent_attention,
+        **_moe_args(config, spec), **{**_latent_args(spec), **scaling},
+        hidden_dropout=0.0, attention_dropout=float(config.get("attention_dropout", 0.0)),
         init_method_std=float(config.get("initializer_range", 0.02)),
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         transformer_impl=layer_spec, ckpt_format="torch", use_dist_ckpt=False, context_parallel_size=1,
         sequence_parallel=False, iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
         hf_config=config)   # carried back by from_megatron; Megatron-LM ignores it
+
+
+def _latent_args(spec: ModelSpec) -> dict:
+    """Megatron-LM's Multi-Latent Attention arguments (its latents RMS-normed: --qk-layernorm)."""
+    if not spec.latent_attention:
+        return {"multi_latent_attention": False}
+    return {"multi_latent_attention": True, "q_lora_rank": spec.q_lora_rank, "kv_lora_rank": spec.kv_lora_rank,
+            "qk_head_dim": spec.qk_head_dim, "qk_pos_emb_head_dim": spec.qk_pos_emb_head_dim,
+            "v_head_dim": spec.v_head_dim, "rope_type": "rope"}
 
 
 def _moe_args(config: dict, spec: ModelSpec) -> dict:
@@ -180,6 +228,7 @@ def _moe_args(config: dict, spec: ModelSpec) -> dict:
             "moe_aux_loss_coeff": float(config.get("router_aux_loss_coef", 0.0)),
             "moe_shared_expert_intermediate_size": spec.shared_expert_ffn_hidden_size,
             "moe_shared_expert_gate": family in SHARED_EXPERT and bool(spec.shared_expert_ffn_hidden_size),
+            "moe_router_topk_scaling_factor": float(config.get("routed_scaling_factor") or 1.0),
             "moe_layer_freq": [int(i in layers) for i in range(spec.num_layers)],
             "moe_grouped_gemm": False, "moe_token_dispatcher_type": "alltoall"}
 
@@ -188,6 +237,8 @@ def family_of(args, spec: ModelSpec) -> str:
     """The HF family a Megatron model reads as by default: Qwen2 has q/k/v biases, Qwen3 q/k norms,
     Mistral a window; with experts Qwen2-MoE has a shared expert, Qwen3-MoE q/k norms, else Mixtral."""
     qk_norm = bool(getattr(args, "qk_layernorm", False))
+    if spec.latent_attention:
+        return "deepseek_v2"
     if spec.num_experts:
         return "qwen2_moe" if spec.shared_expert_ffn_hidden_size else ("qwen3_moe" if qk_norm else "mixtral")
     if spec.add_qkv_bias:
@@ -200,16 +251,23 @@ def family_of(args, spec: ModelSpec) -> str:
 def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) -> dict:
     """The ``config.json`` of a Megatron model as HF ``family``; refused where it does not fit."""
     window = getattr(args, "window_size", None)
+    gated = bool(getattr(args, "moe_shared_expert_gate", False))
     checks = [(spec.normalization == "RMSNorm", f"normalization {spec.normalization}"),
               (spec.swiglu, "a non-SwiGLU MLP"), (spec.position_embedding_type == "rope",
                                                   f"{spec.position_embedding_type} position embeddings"),
               (not spec.add_bias_linear, "linear biases"),
               (spec.add_qkv_bias == (family in QKV_BIAS), "q/k/v biases" if spec.add_qkv_bias else "no q/k/v biases"),
-              (bool(getattr(args, "qk_layernorm", False)) == (family in QK_NORM),
+              (spec.latent_attention == (family in LATENT),
+               "latent attention" if spec.latent_attention else "no latent attention"),
+              (bool(getattr(args, "qk_layernorm", False)) == (family in QK_NORM + LATENT),
                "QK layer norms" if getattr(args, "qk_layernorm", False) else "no QK layer norms"),
               (bool(spec.num_experts) == (family in MOE), "experts" if spec.num_experts else "no experts"),
-              (not spec.shared_expert_ffn_hidden_size or (family in SHARED_EXPERT and getattr(
-                  args, "moe_shared_expert_gate", False)), "ungated shared experts"),
+              (not spec.shared_expert_ffn_hidden_size or family in (SHARED_EXPERT if gated else UNGATED_SHARED_EXPERTS),
+               f"{'gated' if gated else 'ungated'} shared experts"),
+              (not spec.num_experts or family != "deepseek_v2" or _moe_layer_list(args, spec) == sorted(
+                  _moe_layer_list(args, spec)), "dense layers after the first MoE one"),
+              (family not in LATENT or getattr(args, "moe_router_pre_softmax", False),
+               "top-k weights renormalised (without --moe-router-pre-softmax)"),
               (not spec.num_experts or family != "mixtral" or all(_moe_layer_list(args, spec)),
                "dense layers among the MoE ones"),
               (not spec.num_experts or family != "mixtral" or not getattr(args, "moe_router_pre_softmax", False),
@@ -227,11 +285,15 @@ def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) 
     rope = {"rope_type": "default", "rope_theta": base}
     if getattr(args, "use_rope_scaling", False):
         rope = {"rope_type": "llama3", "rope_theta": base, "factor": float(args.rope_scaling_factor), **_LLAMA3_FIXED}
+    if spec.latent_attention and getattr(args, "rope_type", "rope") == "yarn":
+        rope = {"rope_type": "yarn", "rope_theta": base, "factor": float(args.rotary_scaling_factor),
+                **{k: type(default)(getattr(args, k)) for k, default in _YARN.items()}}
     config = {
         "architectures": [ARCHITECTURES[family]], "model_type": family,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_hidden_size,
         "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_attention_heads,
-        "num_key_value_heads": spec.num_query_groups, "head_dim": spec.kv_channels, "hidden_act": "silu",
+        "num_key_value_heads": spec.num_query_groups,
+        "head_dim": spec.qk_pos_emb_head_dim if spec.latent_attention else spec.kv_channels, "hidden_act": "silu",
         "max_position_embeddings": getattr(args, "max_position_embeddings", None) or args.seq_length,
         "rms_norm_eps": float(getattr(args, "norm_epsilon", 1e-5)), "rope_parameters": rope,
         "tie_word_embeddings": spec.tied_embeddings, "vocab_size": spec.true_vocab_size,
@@ -251,6 +313,10 @@ def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) 
         config.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.num_layers)
     if family == "qwen2_moe":
         config["qkv_bias"] = spec.add_qkv_bias
+    if family in LATENT:
+        config.update(q_lora_rank=spec.q_lora_rank, kv_lora_rank=spec.kv_lora_rank, qk_nope_head_dim=spec.qk_head_dim,
+                      qk_rope_head_dim=spec.qk_pos_emb_head_dim, v_head_dim=spec.v_head_dim,
+                      qk_head_dim=spec.qk_head_dim + spec.qk_pos_emb_head_dim)
     original = getattr(args, "hf_config", None)
     if isinstance(original, dict) and original.get("model_type") == family:
         config.update({k: v for k, v in original.items() if k not in MODEL_KEYS})
@@ -273,6 +339,11 @@ def _moe_config(args, spec: ModelSpec, family: str) -> dict:
     if family == "mixtral":
         return {**config, "intermediate_size": spec.moe_ffn_hidden_size}
     dense = [i for i, moe in enumerate(_moe_layer_list(args, spec)) if not moe]
+    if family == "deepseek_v2":
+        return {**config, "moe_intermediate_size": spec.moe_ffn_hidden_size, "first_k_dense_replace": len(dense),
+                "n_shared_experts": (spec.shared_expert_ffn_hidden_size or 0) // spec.moe_ffn_hidden_size,
+                "topk_method": "greedy", "norm_topk_prob": False, "n_group": None, "topk_group": None,
+                "routed_scaling_factor": float(getattr(args, "moe_router_topk_scaling_factor", None) or 1.0)}
     config.update(moe_intermediate_size=spec.moe_ffn_hidden_size,
                   norm_topk_prob=not getattr(args, "moe_router_pre_softmax", False), decoder_sparse_step=1,
                   mlp_only_layers=dense)

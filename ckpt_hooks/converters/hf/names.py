@@ -27,18 +27,26 @@ from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank
 GATE_UP_INTERLEAVED = "gate/up interleaved"
 LOCAL, TRANSFORMER_ENGINE = "local", "transformer_engine"
 
-# The layer norms' megatron-core names under each layer spec.
+# The layer norms' megatron-core names under each layer spec. Latent attention keeps its input
+# norm apart in both (Transformer Engine fuses the latents' norms into the up projections).
 NORMS = {
-    LOCAL: {"attn_norm": "input_layernorm.weight", "mlp_norm": "pre_mlp_layernorm.weight"},
+    LOCAL: {"attn_norm": "input_layernorm.weight", "mlp_norm": "pre_mlp_layernorm.weight",
+            "q_norm": "self_attention.q_layernorm.weight", "kv_norm": "self_attention.kv_layernorm.weight"},
     TRANSFORMER_ENGINE: {"attn_norm": "self_attention.linear_qkv.layer_norm_weight",
-                         "mlp_norm": "mlp.linear_fc1.layer_norm_weight"},
+                         "mlp_norm": "mlp.linear_fc1.layer_norm_weight",
+                         "q_norm": "self_attention.linear_q_up_proj.layer_norm_weight",
+                         "kv_norm": "self_attention.linear_kv_up_proj.layer_norm_weight"},
 }
+_LATENT_NORMS = {"attn_norm": "input_layernorm.weight"}
 # The ``_extra_state`` entries (no weights; None without FP8) megatron-core saves per layer:
 # its own linears' (optional on load) and Transformer Engine's modules' (required).
 _LINEAR_EXTRA_STATES = ("self_attention.linear_proj._extra_state", "self_attention.linear_qkv._extra_state",
                         "mlp.linear_fc1._extra_state", "mlp.linear_fc2._extra_state")
 EXTRA_STATES = {LOCAL: _LINEAR_EXTRA_STATES,
                 TRANSFORMER_ENGINE: ("self_attention.core_attention._extra_state", *_LINEAR_EXTRA_STATES)}
+# Latent attention's linears instead of linear_qkv (q_proj, or q_down_proj and q_up_proj).
+_LATENT_LINEARS = ("linear_q_proj", "linear_q_down_proj", "linear_q_up_proj", "linear_kv_down_proj",
+                   "linear_kv_up_proj")
 OUTPUT_EXTRA_STATE = "output_layer._extra_state"
 FINAL_NORM = "decoder.final_layernorm.weight"
 
@@ -65,9 +73,23 @@ _QK_NORM = {
     "self_attn.q_norm.weight": ("self_attention.q_layernorm.weight", None),
     "self_attn.k_norm.weight": ("self_attention.k_layernorm.weight", None),
 }
+# DeepSeek's Multi-Latent Attention: q_proj without a q latent, else q_a_proj / q_b_proj around it.
+_LATENT_LAYER = {
+    "input_layernorm.weight": ("{attn_norm}", None),
+    "self_attn.q_proj.weight": ("self_attention.linear_q_proj.weight", None),
+    "self_attn.q_a_proj.weight": ("self_attention.linear_q_down_proj.weight", None),
+    "self_attn.q_a_layernorm.weight": ("{q_norm}", None),
+    "self_attn.q_b_proj.weight": ("self_attention.linear_q_up_proj.weight", None),
+    "self_attn.kv_a_proj_with_mqa.weight": ("self_attention.linear_kv_down_proj.weight", None),
+    "self_attn.kv_a_layernorm.weight": ("{kv_norm}", None),
+    "self_attn.kv_b_proj.weight": ("self_attention.linear_kv_up_proj.weight", None),
+    "self_attn.o_proj.weight": ("self_attention.linear_proj.weight", None),
+    **{k: v for k, v in _LLAMA_LAYER.items() if not k.startswith(("self_attn.", "input_layernorm."))},
+}
 LAYERS = {"llama": _LLAMA_LAYER, "mistral": _LLAMA_LAYER, "qwen2": {**_LLAMA_LAYER, **_QKV_BIAS},
           "qwen3": {**_LLAMA_LAYER, **_QK_NORM}, "mixtral": _LLAMA_LAYER,
-          "qwen2_moe": {**_LLAMA_LAYER, **_QKV_BIAS}, "qwen3_moe": {**_LLAMA_LAYER, **_QK_NORM}}
+          "qwen2_moe": {**_LLAMA_LAYER, **_QKV_BIAS}, "qwen3_moe": {**_LLAMA_LAYER, **_QK_NORM},
+          "deepseek_v2": _LATENT_LAYER}
 
 # A mixture-of-experts layer's MLP: the router, each routed expert {e}, the shared experts.
 _EXPERT = "mlp.experts.local_experts.{e}."
@@ -92,6 +114,12 @@ MOE = {
         "mlp.shared_expert_gate.weight": ("mlp.shared_experts.gate_weight", None),
     },
     "qwen3_moe": _QWEN_EXPERTS,
+    "deepseek_v2": {   # shared experts without a gate
+        **_QWEN_EXPERTS,
+        "mlp.shared_experts.gate_proj.weight": ("mlp.shared_experts.linear_fc1.weight", "gate"),
+        "mlp.shared_experts.up_proj.weight": ("mlp.shared_experts.linear_fc1.weight", "up"),
+        "mlp.shared_experts.down_proj.weight": ("mlp.shared_experts.linear_fc2.weight", None),
+    },
 }
 _MOE_NORMS = {"attn_norm": "{attn_norm}", "mlp_norm": "pre_mlp_layernorm.weight"}
 
@@ -154,17 +182,21 @@ class Table:
 
     def entries(self, spec: ModelSpec, layer_spec: str, moe_layers=()) -> list[Entry]:
         """Every tensor of a model, in the table's order; ``moe_layers`` are mixtures of experts."""
-        def entry(name, megatron, part, norms=NORMS[layer_spec]):
+        dense_norms = {**NORMS[layer_spec], **(_LATENT_NORMS if spec.latent_attention else {})}
+
+        def entry(name, megatron, part, norms=dense_norms):
             megatron = megatron.format(**norms)
             return Entry(name, megatron, part_rows(part, spec, megatron), part == GATE_UP_INTERLEAVED)
+
+        layer_names = {n: target for n, target in self.layer.items() if _held(n, spec)}
 
         def layer(i: int) -> list[Entry]:
             if i not in moe_layers:
                 return [entry(f"model.layers.{i}.{n}", names.layer_key(i, megatron), part)
-                        for n, (megatron, part) in self.layer.items()]
-            norms = {k: v.format(**NORMS[layer_spec]) for k, v in _MOE_NORMS.items()}
+                        for n, (megatron, part) in layer_names.items()]
+            norms = {**dense_norms, **{k: v.format(**dense_norms) for k, v in _MOE_NORMS.items()}}
             attention = [entry(f"model.layers.{i}.{n}", names.layer_key(i, megatron), part, norms)
-                         for n, (megatron, part) in self.layer.items() if not n.startswith("mlp.")]
+                         for n, (megatron, part) in layer_names.items() if not n.startswith("mlp.")]
             return attention + [entry(f"model.layers.{i}.{n.format(e=e)}", names.layer_key(i, megatron.format(e=e)),
                                       part) for n, (megatron, part) in self.moe.items()
                                 for e in (range(spec.num_experts) if "{e}" in n else [None])]
@@ -180,6 +212,16 @@ class Table:
         return {n for n, (megatron, _) in self.head.items() if megatron == names.OUTPUT}
 
 
+def _held(name: str, spec: ModelSpec) -> bool:
+    """Whether a model holds a layer tensor of its table: latent attention has q_proj without a
+    q latent, q_a_proj / q_a_layernorm / q_b_proj with one."""
+    if not spec.latent_attention:
+        return True
+    if name.startswith("self_attn.q_proj."):
+        return not spec.q_lora_rank
+    return bool(spec.q_lora_rank) or not name.startswith(("self_attn.q_a_", "self_attn.q_b_"))
+
+
 TABLES = {family: Table(family, EMBEDDING, layer, HEAD, IGNORED, MOE.get(family)) for family, layer in LAYERS.items()}
 
 
@@ -191,10 +233,16 @@ def entries(family: str, spec: ModelSpec, layer_spec: str, moe_layers=()) -> lis
 def extra_states(spec: ModelSpec, layer_spec: str, moe_layers=()) -> list[str]:
     """The non-weight entries of a TP1·PP1 model of this layer spec (a MoE layer's linears are
     its experts' and shared experts')."""
+    own = list(EXTRA_STATES[layer_spec])
+    if spec.latent_attention:
+        linears = [n for n in _LATENT_LINEARS if (n == "linear_q_proj") != bool(spec.q_lora_rank)]
+        at = own.index("self_attention.linear_qkv._extra_state")
+        own[at:at + 1] = [f"self_attention.{n}._extra_state" for n in linears]
+
     def layer(i: int) -> list[str]:
         if i not in moe_layers:
-            return list(EXTRA_STATES[layer_spec])
-        attention = [s for s in EXTRA_STATES[layer_spec] if not s.startswith("mlp.")]
+            return own
+        attention = [s for s in own if not s.startswith("mlp.")]
         experts = [f"mlp.experts.local_experts.{e}.{linear}._extra_state"
                    for e in range(spec.num_experts) for linear in ("linear_fc1", "linear_fc2")]
         shared = ["mlp.shared_experts.linear_fc1._extra_state", "mlp.shared_experts.linear_fc2._extra_state"]
@@ -208,5 +256,6 @@ def moe_layers_of(keys) -> set[int]:
 
 
 def layer_spec_of(keys) -> str:
-    """The layer spec a set of Megatron keys was saved with."""
-    return TRANSFORMER_ENGINE if any(k.endswith(NORMS[TRANSFORMER_ENGINE]["attn_norm"]) for k in keys) else LOCAL
+    """The layer spec a set of Megatron keys was saved with (its norms fused into linears)."""
+    fused = [NORMS[TRANSFORMER_ENGINE][n] for n in ("attn_norm", "q_norm", "kv_norm")]
+    return TRANSFORMER_ENGINE if any(k.endswith(n) for k in keys for n in fused) else LOCAL

@@ -71,8 +71,9 @@ def megatron_to_mindspore(load_dir, ms_path, target: Target = Target(), *, cp: i
     src, target = p.src, p.target
     ckpt, source = src.ckpt, src.layout
     files.check_num_layers(num_layers, src.spec, ckpt.first.path)
-    if src.spec.num_experts:
-        raise CheckpointError(ckpt.first.path, "mixtures of experts cannot be written for MindSpeed-Core-MS yet")
+    if src.spec.num_experts or src.spec.latent_attention:
+        what = "mixtures of experts" if src.spec.num_experts else "latent attention"
+        raise CheckpointError(ckpt.first.path, f"{what} cannot be written for MindSpeed-Core-MS yet")
     if param_map_path is not None and p.optimizer is not None:
         files.check_param_maps(param_map_path, p.optimizer.maps)
     iteration = ckpt.iteration or 0
