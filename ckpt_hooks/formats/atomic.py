@@ -95,6 +95,9 @@ def staged_directory(save_dir: str | os.PathLike, resume: bool = False, ranks=No
         try:
             yield staging
             _publish(staging, target)
+        except OSError as e:   # a full disk, mostly: named as the file it was to become
+            shutil.rmtree(staging, ignore_errors=True)
+            raise _as_published(e, staging, target) from None
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -126,6 +129,15 @@ def staged_directory(save_dir: str | os.PathLike, resume: bool = False, ranks=No
         raise failure
     if agreed is not None:
         raise CheckpointError(*agreed)
+
+
+def _as_published(error: OSError, staging: Path, target: Path) -> OSError:
+    """An I/O error on a staged file, naming the file it was to become (the staged one is gone; the
+    save directory where the error names none)."""
+    name = Path(error.filename) if error.filename else staging
+    if not name.is_relative_to(staging):
+        return error
+    return OSError(error.errno, f"{error.strerror}; nothing was written", str(target / name.relative_to(staging)))
 
 
 def _staging(target: Path, resume: bool) -> Path:

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.torch_pickle import LazyTensor, TorchFile, _allowed_global
+from ckpt_hooks.formats.torch_pickle import LazyTensor, TorchFile, WriteSink, _allowed_global
 
 METADATA = ".metadata"
 COMMON = "common.pt"
@@ -246,7 +246,8 @@ def write_records(path, items: list[Item]) -> list[tuple[Item, Record]]:
     """Write ``items`` into one .distcp file, one built tensor at a time, and fsync it (by the
     worker that wrote it, beside the others' writing)."""
     written = []
-    with open(path, "wb") as f:
+    f = WriteSink(path)
+    try:
         for item in items:
             start = f.tell()
             if item.produce is not None:
@@ -260,8 +261,9 @@ def write_records(path, items: list[Item]) -> list[tuple[Item, Record]]:
                 torch.save(item.obj, buffer)
                 f.write(buffer.getbuffer())
             written.append((item, Record(Path(path).name, start, f.tell() - start)))
-        f.flush()
-        os.fsync(f.fileno())
+        f.sync()
+    finally:
+        f.close()
     return written
 
 

@@ -403,26 +403,72 @@ def save(obj, path) -> dict[str, int]:
     buffer = io.BytesIO()
     pickler = _StreamingPickler(buffer)
     pickler.dump(obj)
-    writer = torch._C.PyTorchFileWriter(str(path), False)
-    data = buffer.getvalue()
-    writer.write_record("data.pkl", data, len(data))
-    writer.write_record(".format_version", "1", 1)
-    writer.write_record(".storage_alignment", "64", 2)
-    writer.write_record("byteorder", "little", 6)
-    # Build the next tensor while this one is written: two tensors in memory at most.
-    crcs = {}
-    with ThreadPoolExecutor(max_workers=1) as producer, ThreadPoolExecutor(max_workers=1) as checksummer:
-        upcoming = producer.submit(_produce, pickler.storages[0].tensor) if pickler.storages else None
-        for i, storage in enumerate(pickler.storages):
-            tensor = upcoming.result()
-            upcoming = producer.submit(_produce, pickler.storages[i + 1].tensor) \
-                if i + 1 < len(pickler.storages) else None
-            crc = checksummer.submit(crc32_of, tensor)
-            writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
-            crcs[f"data/{storage.key}"] = crc.result()
-            del tensor
-    writer.write_end_of_file()
+    sink = WriteSink(path)
+    writer = torch._C.PyTorchFileWriter(sink, False)
+    try:
+        data = buffer.getvalue()
+        writer.write_record("data.pkl", data, len(data))
+        writer.write_record(".format_version", "1", 1)
+        writer.write_record(".storage_alignment", "64", 2)
+        writer.write_record("byteorder", "little", 6)
+        # Build the next tensor while this one is written: two tensors in memory at most.
+        crcs = {}
+        with ThreadPoolExecutor(max_workers=1) as producer, ThreadPoolExecutor(max_workers=1) as checksummer:
+            upcoming = producer.submit(_produce, pickler.storages[0].tensor) if pickler.storages else None
+            for i, storage in enumerate(pickler.storages):
+                tensor = upcoming.result()
+                upcoming = producer.submit(_produce, pickler.storages[i + 1].tensor) \
+                    if i + 1 < len(pickler.storages) else None
+                crc = checksummer.submit(crc32_of, tensor)
+                writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
+                crcs[f"data/{storage.key}"] = crc.result()
+                del tensor
+        writer.write_end_of_file()
+    finally:
+        del writer   # an unfinished writer writes its end of file now, while the sink is open
+        sink.close()
     return crcs
+
+
+class WriteSink:
+    """A file torch's zip writer (``PyTorchFileWriter``, ``torch.save``) writes to, through Python:
+    the first write error (a full disk) is kept, and raised naming the file by ``close``, once the
+    writer is done. Raised inside torch's C++ writer it would abort the process (the writer's
+    destructor finishes the zip and throws again) or be replaced by a RuntimeError."""
+
+    def __init__(self, path):
+        self.path, self.file, self.error, self.position = str(path), open(path, "wb"), None, 0
+
+    def write(self, data) -> int:
+        if self.error is None:
+            try:
+                self.file.write(data)
+            except OSError as e:
+                self.error = e
+        self.position += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.position
+
+    def flush(self) -> None:
+        """Nothing until ``sync``: torch.save flushes after every archive."""
+
+    def sync(self) -> None:
+        """Flush and fsync what was written (an error kept, as a write's)."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        except OSError as e:
+            self.error = self.error or e
+
+    def close(self) -> None:
+        try:
+            self.file.close()
+        except OSError as e:
+            self.error = self.error or e
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror, self.path)
 
 
 def iter_lazy_tensors(obj, prefix=""):
