@@ -27,7 +27,7 @@ import torch
 from ckpt_hooks.algebra import layout, names
 from ckpt_hooks.algebra.layout import EXTRA, Box, LayoutError
 from ckpt_hooks.algebra.param_map import dtype_name
-from ckpt_hooks.algebra.spec import ParallelConfig, Rank, parallel_config_from_args
+from ckpt_hooks.algebra.spec import ParallelConfig, Rank
 from ckpt_hooks.engine.source import STATES, Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
@@ -42,8 +42,8 @@ _ONE_LAYER = re.compile(r"decoder\.layers\.(\d+)\.")
 # Routed experts (SequentialMLP) in a sharded state dict: one key, a global expert axis.
 _EXPERTS_SAVED = "mlp.experts.experts."
 _EXPERTS_LOCAL = "mlp.experts.local_experts.0."
-_BUCKET = re.compile(r"(?:chained_\d+\.)?optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)\.dtype_\((torch\.\w+), (torch\.\w+)\)"
-                     r"\.bucket_idx_(\d+)\.(param|exp_avg|exp_avg_sq)")
+_BUCKET = re.compile(r"(?:chained_\d+\.)?optimizer\.distributed\.dp_group_idx_(\d+)\.gbuf_idx_(\d+)"
+                     r"\.dtype_\((torch\.\w+), (torch\.\w+)\)\.bucket_idx_(\d+)\.(param|exp_avg|exp_avg_sq)")
 SHARDING = "distrib_optim_sharding_type"
 HOOK_DIR = "ckpt_hooks"
 # What Megatron-LM's _build_sharded_state_dict_metadata says of a dp_reshardable save.
@@ -192,25 +192,24 @@ def open_dist(iter_dir, iteration) -> DistFiles:
     path = Path(iter_dir) / dist.COMMON
     if common.get("args") is None:
         raise CheckpointError(path, "no 'args' saved in the checkpoint; cannot tell its layout")
-    groups = _param_groups(checkpoint, parallel_config_from_args(common["args"]))
+    groups = _param_groups(checkpoint)
     if groups is not None:
         common["optimizer"] = groups
     return DistFiles(checkpoint, iteration, Common(path, common))
 
 
-def _param_groups(checkpoint: dist.DistCheckpoint, config) -> dict | list | None:
+def _param_groups(checkpoint: dist.DistCheckpoint) -> dict | list | None:
     """The optimizer's param groups (with the Adam step) as a legacy file's ``optimizer`` entry
     (a chained optimizer's: [dense, expert])."""
     saved = checkpoint.common.get("optimizer")
     if isinstance(saved, dict) and "optimizer" in saved:   # fully_reshardable: common to all ranks
         return {"optimizer": saved["optimizer"]}
-    entries = []
-    for _, prefix in optimizers_of(config):
-        key = optimizer_object(0, "optimizer", prefix)
-        if key not in checkpoint.objects:
-            return None
-        entries.append({"optimizer": _unwrap(checkpoint, key)})
-    return entries[0] if len(entries) == 1 else entries
+    for prefixes in ([""], ["chained_0.", "chained_1."]):
+        keys = [optimizer_object(0, "optimizer", prefix) for prefix in prefixes]
+        if all(key in checkpoint.objects for key in keys):
+            entries = [{"optimizer": _unwrap(checkpoint, key)} for key in keys]
+            return entries[0] if len(entries) == 1 else entries
+    return None
 
 
 def _unwrap(checkpoint: dist.DistCheckpoint, key: str):
@@ -325,9 +324,9 @@ def source_files(weights: Source, spec, config, where) -> list:
 # ---- the optimizer -------------------------------------------------------------------------
 
 class ChunkView:
-    """The sub-tensor at ``index`` of a saved chunk's leading (layer, expert) axes seen in ``shape``: the engine's
-    piece handle. Its record is opened on the first read, so that a rank planning its share
-    parses only the records it reads."""
+    """The sub-tensor at ``index`` of a saved chunk's leading (layer, expert) axes, seen in
+    ``shape``: the engine's piece handle. Its record is opened on the first read, so that a rank
+    planning its share parses only the records it reads."""
 
     def __init__(self, checkpoint: dist.DistCheckpoint, key: str, chunk: dist.Chunk, index: tuple[int, ...], shape):
         self.checkpoint, self.key, self.chunk, self.index, self.shape = checkpoint, key, chunk, index, tuple(shape)
