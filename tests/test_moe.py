@@ -272,6 +272,13 @@ def test_verify_certifies_an_expert_layout_change(sources, tmp_path):
     assert result.returncode == 0 and "EQUAL" in result.stdout, result.stdout + result.stderr
 
 
+def test_verify_certifies_the_same_run_saved_in_both_formats(sources):
+    """The moe_mixed run saved as legacy files by megatron-core and as torch_dist by
+    ckpt_hooks.megatron.save: two readers agree on every weight and both optimizers' state."""
+    result = cli("verify", sources["moe_mixed"].dir, sources["saved_dist_moe_mixed"].dir, "--quiet")
+    assert result.returncode == 0 and "EQUAL" in result.stdout, result.stdout + result.stderr
+
+
 def test_export_param_map_per_expert_rank(sources, tmp_path):
     """MindSpeed-Core-MS's param_map files of every file rank, dense and expert buffers, each the
     live buffer's layout recorded in the run (numbered by the expert-DP ranks for experts)."""
