@@ -103,8 +103,10 @@ def _states(src: MegatronSource, weights_only: bool) -> dict:
 
 def _check_same_model(a: MegatronSource, b: MegatronSource) -> None:
     first, second = dataclasses.asdict(a.spec), dataclasses.asdict(b.spec)
+    # A true vocabulary one side does not know (args without vocab_size) contradicts none.
+    unknown = {"true_vocab_size"} if None in (first["true_vocab_size"], second["true_vocab_size"]) else set()
     wrong = [f"{k} {first[k]!r} vs {second[k]!r}" for k in first
-             if k not in _LAYOUT_DEPENDENT and first[k] != second.get(k)]
+             if k not in _LAYOUT_DEPENDENT | unknown and first[k] != second.get(k)]
     if wrong:
         raise CheckpointError(b.ckpt.first.path, "a checkpoint of another model than "
                                                  f"{a.ckpt.first.path}: " + ", ".join(wrong))
