@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import atexit
 import os
+from datetime import timedelta
 
 
 class Ranks:
@@ -80,4 +81,8 @@ class Ranks:
 
 def _leave(dist) -> None:
     if dist.is_initialized():
+        try:   # every rank has written its last line before one exits (torchrun then stops the rest)
+            dist.monitored_barrier(timeout=timedelta(seconds=30))
+        except RuntimeError:   # a rank that does not come: leave anyway
+            pass
         dist.destroy_process_group()
