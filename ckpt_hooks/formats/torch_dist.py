@@ -246,8 +246,7 @@ def write_records(path, items: list[Item]) -> list[tuple[Item, Record]]:
     """Write ``items`` into one .distcp file, one built tensor at a time, and fsync it (by the
     worker that wrote it, beside the others' writing)."""
     written = []
-    f = WriteSink(path)
-    try:
+    with WriteSink(path) as f:
         for item in items:
             start = f.tell()
             if item.produce is not None:
@@ -262,8 +261,6 @@ def write_records(path, items: list[Item]) -> list[tuple[Item, Record]]:
                 f.write(buffer.getbuffer())
             written.append((item, Record(Path(path).name, start, f.tell() - start)))
         f.sync()
-    finally:
-        f.close()
     return written
 
 

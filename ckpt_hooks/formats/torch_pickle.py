@@ -289,9 +289,14 @@ class TorchFile:
             out = torch.empty(t.shape, dtype=t.dtype)
             self.read_runs(t, [0], t.numel, out)
             return out
-        flat = torch.empty(t.storage.numel, dtype=t.dtype)
-        self._pread_into(flat, self._data_offset(t.storage))
-        return flat.as_strided(t.shape, t.stride, t.offset).clone()
+        # A strided view (a transposed block of a grouped tensor): read the span it covers.
+        span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride)) if t.numel else 0
+        if min(t.stride, default=0) < 0 or t.offset < 0 or t.offset + span > t.storage.numel:
+            raise CheckpointError(self.path, f"a tensor of shape {t.shape} and strides {t.stride} at offset "
+                                             f"{t.offset} reaches beyond its storage of {t.storage.numel} elements")
+        flat = torch.empty(span, dtype=t.dtype)
+        self._pread_into(flat, self._data_offset(t.storage) + t.offset * t.dtype.itemsize)
+        return flat.as_strided(t.shape, t.stride, 0).clone()
 
     def materialize(self, obj):
         """``obj`` (nested dicts/lists/tuples) with every LazyTensor read into a tensor."""
@@ -403,38 +408,38 @@ def save(obj, path) -> dict[str, int]:
     buffer = io.BytesIO()
     pickler = _StreamingPickler(buffer)
     pickler.dump(obj)
-    sink = WriteSink(path)
-    writer = torch._C.PyTorchFileWriter(sink, False)
-    try:
-        data = buffer.getvalue()
-        writer.write_record("data.pkl", data, len(data))
-        writer.write_record(".format_version", "1", 1)
-        writer.write_record(".storage_alignment", "64", 2)
-        writer.write_record("byteorder", "little", 6)
-        # Build the next tensor while this one is written: two tensors in memory at most.
-        crcs = {}
-        with ThreadPoolExecutor(max_workers=1) as producer, ThreadPoolExecutor(max_workers=1) as checksummer:
-            upcoming = producer.submit(_produce, pickler.storages[0].tensor) if pickler.storages else None
-            for i, storage in enumerate(pickler.storages):
-                tensor = upcoming.result()
-                upcoming = producer.submit(_produce, pickler.storages[i + 1].tensor) \
-                    if i + 1 < len(pickler.storages) else None
-                crc = checksummer.submit(crc32_of, tensor)
-                writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
-                crcs[f"data/{storage.key}"] = crc.result()
-                del tensor
-        writer.write_end_of_file()
-    finally:
-        del writer   # an unfinished writer writes its end of file now, while the sink is open
-        sink.close()
+    crcs = {}
+    with WriteSink(path) as sink:
+        writer = torch._C.PyTorchFileWriter(sink, False)
+        try:
+            data = buffer.getvalue()
+            writer.write_record("data.pkl", data, len(data))
+            writer.write_record(".format_version", "1", 1)
+            writer.write_record(".storage_alignment", "64", 2)
+            writer.write_record("byteorder", "little", 6)
+            # Build the next tensor while this one is written: two tensors in memory at most.
+            storages = pickler.storages
+            with ThreadPoolExecutor(max_workers=1) as producer, ThreadPoolExecutor(max_workers=1) as checksummer:
+                upcoming = producer.submit(_produce, storages[0].tensor) if storages else None
+                for i, storage in enumerate(storages):
+                    tensor = upcoming.result()
+                    upcoming = producer.submit(_produce, storages[i + 1].tensor) if i + 1 < len(storages) else None
+                    crc = checksummer.submit(crc32_of, tensor)
+                    writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
+                    crcs[f"data/{storage.key}"] = crc.result()
+                    del tensor
+            writer.write_end_of_file()
+        finally:
+            del writer   # an unfinished writer writes its end of file now, while the sink is open
     return crcs
 
 
 class WriteSink:
     """A file torch's zip writer (``PyTorchFileWriter``, ``torch.save``) writes to, through Python:
-    the first write error (a full disk) is kept, and raised naming the file by ``close``, once the
-    writer is done. Raised inside torch's C++ writer it would abort the process (the writer's
-    destructor finishes the zip and throws again) or be replaced by a RuntimeError."""
+    the first write error (a full disk) is kept, and raised naming the file when the ``with`` block
+    completes, once the writer is done (an exception already leaving the block wins). Raised inside
+    torch's C++ writer it would abort the process (the writer's destructor finishes the zip and
+    throws again) or be replaced by a RuntimeError."""
 
     def __init__(self, path):
         self.path, self.file, self.error, self.position = str(path), open(path, "wb"), None, 0
@@ -462,12 +467,15 @@ class WriteSink:
         except OSError as e:
             self.error = self.error or e
 
-    def close(self) -> None:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
         try:
             self.file.close()
         except OSError as e:
             self.error = self.error or e
-        if self.error is not None:
+        if self.error is not None and exc_type is None:
             raise OSError(self.error.errno, self.error.strerror, self.path)
 
 
