@@ -29,6 +29,14 @@ class ParamSlot:
     start: int
     end: int
     bucket: int
+    # The range holds the 2-D tensor transposed: an expert's block of a grouped tensor
+    # (``megatron.grouped_experts.unpacked``); never recorded.
+    transposed: bool = False
+
+    @property
+    def stored_shape(self) -> tuple[int, ...]:
+        """The shape the range holds row-major."""
+        return self.shape[::-1] if self.transposed else self.shape
 
 
 @dataclass(frozen=True)

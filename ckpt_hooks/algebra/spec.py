@@ -32,6 +32,9 @@ class ModelSpec:
     num_experts: int | None = None           # routed experts of each MoE layer; None: dense
     moe_ffn_hidden_size: int | None = None   # ffn rows of one expert
     shared_expert_ffn_hidden_size: int | None = None   # ffn rows of the shared experts (all of them)
+    # The routed experts as megatron-core's legacy GroupedMLP (two tensors a layer) instead of
+    # SequentialMLP (two per expert): the same numbers, stored transposed (megatron.grouped_experts).
+    moe_grouped_gemm: bool = False
     # Multi-Latent Attention (DeepSeek-V2/V3): queries through a q_lora_rank latent (None: one
     # projection), keys and values from a kv_lora_rank latent plus one shared rotary key head.
     kv_lora_rank: int | None = None          # None: standard attention
@@ -187,6 +190,7 @@ def model_spec_from_args(args) -> ModelSpec:
         moe_ffn_hidden_size=(getattr(args, "moe_ffn_hidden_size", None) or args.ffn_hidden_size)
         if getattr(args, "num_experts", None) else None,
         shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or None,
+        moe_grouped_gemm=bool(getattr(args, "num_experts", None) and getattr(args, "moe_grouped_gemm", False)),
         **(dict(kv_lora_rank=args.kv_lora_rank, q_lora_rank=getattr(args, "q_lora_rank", None),
                 qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim)
            if getattr(args, "multi_latent_attention", False) else {}),
@@ -267,4 +271,6 @@ def updated_args(args, spec: ModelSpec, config: ParallelConfig):
     new.data_parallel_size = config.dp
     new.expert_model_parallel_size = config.ep
     new.expert_tensor_parallel_size = config.size("etp")
+    if spec.num_experts:
+        new.moe_grouped_gemm = spec.moe_grouped_gemm
     return new

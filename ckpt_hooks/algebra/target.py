@@ -2,7 +2,7 @@
 
     Target(tp, pp, vpp, dp, num_layer_list, ep, etp,                 the layout; None: as the source
            make_vocab_size_divisible_by, padded_vocab_size, true_vocab_size,       vocabulary rows
-           params_dtype, layer_spec)                                                 what is written
+           params_dtype, layer_spec, moe_grouped_gemm)                               what is written
 
 Sizes left None keep the source's where they still apply (``layout``); every size is checked
 against the model and against what Megatron-LM runs before anything is read, and a problem
@@ -22,7 +22,8 @@ FLAGS = {"tp": "--target-tensor-parallel-size", "pp": "--target-pipeline-paralle
          "vpp": "--target-virtual-pipeline-parallel-size", "dp": "--target-data-parallel-size",
          "num_layer_list": "--num-layer-list", "ep": "--target-expert-model-parallel-size",
          "etp": "--target-expert-tensor-parallel-size", "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
-         "padded_vocab_size": "--padded-vocab-size", "true_vocab_size": "--true-vocab-size"}
+         "padded_vocab_size": "--padded-vocab-size", "true_vocab_size": "--true-vocab-size",
+         "moe_grouped_gemm": "--moe-grouped-gemm"}
 
 
 def _fits_experts(spec: ModelSpec, config: ParallelConfig) -> bool:
@@ -47,6 +48,7 @@ class Target:
     layer_spec: str | None = None      # "transformer_engine" or "local"; None: the converter's default
     ep: int | None = None              # expert parallel
     etp: int | None = None             # expert tensor parallel (None: the source's, or TP where that was TP)
+    moe_grouped_gemm: bool | None = None   # experts as the legacy GroupedMLP or SequentialMLP; None: the source's
 
     def __post_init__(self):
         for name in ("tp", "pp", "vpp", "dp", "ep", "etp", "make_vocab_size_divisible_by", "padded_vocab_size",
@@ -62,6 +64,14 @@ class Target:
         value = getattr(self, name)
         shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
         return CheckpointError(f"{FLAGS.get(name, name)} {shown}", message)
+
+    def model(self, spec: ModelSpec) -> ModelSpec:
+        """The source's model as the target stores it (its experts grouped or not)."""
+        if self.moe_grouped_gemm is None or self.moe_grouped_gemm == spec.moe_grouped_gemm:
+            return spec
+        if not spec.num_experts:
+            raise self.error("moe_grouped_gemm", "the model has no experts")
+        return replace(spec, moe_grouped_gemm=self.moe_grouped_gemm)
 
     def layout(self, source: ParallelConfig, spec: ModelSpec, notes: list | None = None) -> ParallelConfig:
         """The target layout: the sizes given, the rest kept from ``source`` where they still apply

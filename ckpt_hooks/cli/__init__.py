@@ -30,6 +30,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-ckpt-format", choices=("torch", "torch_dist"),
                         help="Megatron format to write: legacy torch (mp_rank_* files) or torch_dist "
                              "(Megatron-LM's default; optimizer state as dp_reshardable). Default: the source's")
+    parser.add_argument("--moe-grouped-gemm", action=argparse.BooleanOptionalAction,
+                        help="experts as megatron-core's legacy GroupedMLP (weight1/weight2, Megatron-LM's "
+                             "--moe-grouped-gemm with the local layer spec), or with --no-moe-grouped-gemm as "
+                             "SequentialMLP (local_experts.*). Default: the source's")
     add_vocab_arguments(parser, padding=False)
     parser.add_argument("--make-vocab-size-divisible-by", type=positive,
                         help="the source's vocabulary divisor, when its args lack it and the inferred one is wrong")
@@ -56,7 +60,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 # The flags of one framework's conversion, refused for the other's checkpoints.
 _MEGATRON_ONLY = ("tp", "pp", "vpp", "dp", "num_layer_list", "convert_param_only", "true_vocab_size",
-                  "make_vocab_size_divisible_by", "target_ckpt_format", "resume")
+                  "make_vocab_size_divisible_by", "target_ckpt_format", "resume", "moe_grouped_gemm")
 _MINDSPORE_ONLY = ("prefix", "format")
 
 

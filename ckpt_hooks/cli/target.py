@@ -75,7 +75,7 @@ def target_from(args, **more):
     """The Target the parsed flags give (those a command does not have stay unset)."""
     given = {name: getattr(args, name, None) for name in
              ("tp", "pp", "vpp", "dp", "ep", "etp", "num_layer_list", "make_vocab_size_divisible_by", "padded_vocab_size",
-              "true_vocab_size")}
+              "true_vocab_size", "moe_grouped_gemm")}
     return Target(**given, **more)
 
 

@@ -36,7 +36,7 @@ from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import staged_directory
 from ckpt_hooks.formats.torch_dist import is_dist_checkpoint, object_key
 from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, iter_lazy_tensors
-from ckpt_hooks.megatron import legacy_names, manifest
+from ckpt_hooks.megatron import grouped_experts, legacy_names, manifest
 
 
 @dataclass
@@ -94,7 +94,22 @@ def open_checkpoint(load_dir: str | os.PathLike) -> legacy.LegacyCheckpoint:
     ckpt = legacy.open_checkpoint(load_dir)
     if len({legacy_names.flatten_file(f) for f in ckpt.files.values()}) > 1:
         raise CheckpointError(ckpt.iter_dir, "some rank files hold a Megatron-LM legacy model, others megatron-core's")
+    for torch_file in ckpt.files.values():
+        _ungroup_experts(torch_file, ckpt.args)
     return ckpt
+
+
+def _ungroup_experts(torch_file, args) -> None:
+    """A GroupedMLP model's chunks seen as SequentialMLP's (``grouped_experts``)."""
+    experts, ep = getattr(args, "num_experts", None) or 0, getattr(args, "expert_model_parallel_size", None) or 1
+    obj = torch_file.obj if isinstance(torch_file.obj, dict) else {}
+    for chunk in [k for k, v in obj.items() if isinstance(k, str) and k.startswith("model") and isinstance(v, dict)]:
+        try:
+            ungrouped = grouped_experts.ungroup_chunk(obj[chunk], experts // ep if experts % ep == 0 else 0)
+        except ValueError as e:
+            raise CheckpointError(torch_file.path, f"{chunk}: {e}") from None
+        if ungrouped is not None:
+            obj[chunk] = ungrouped
 
 
 def read_source(load_dir, true_vocab_size: int | None = None, check_manifest: bool = True,
@@ -375,23 +390,34 @@ def plan_files(tensors: Source, spec: ModelSpec, target: ParallelConfig, *, rank
     return plan
 
 
-def pending_file(target: TargetFile, progress=None) -> "OrderedDict[str, OrderedDict]":
+def pending_file(target: TargetFile, progress=None, grouped: bool = False) -> "OrderedDict[str, OrderedDict]":
     """{chunk: {key: PendingTensor}} for one target file: each tensor is built only when the
-    writer asks for it, so one tensor of the file is in memory at a time."""
-    def produce(tensor):
-        def build():
-            out = build_tensor(tensor)
-            if progress is not None:
-                progress.update(tensor.nbytes)
-            return out
-        return build
+    writer asks for it, so one tensor of the file is in memory at a time. ``grouped``: the routed
+    experts as GroupedMLP holds them (``grouped_experts``)."""
+    def build(tensor):
+        out = build_tensor(tensor)
+        if progress is not None:
+            progress.update(tensor.nbytes)
+        return out
 
     chunks: OrderedDict[str, OrderedDict] = OrderedDict()
+    planned = {}
     for tensor in target.tensors:
         entry = None if tensor.placement is None else \
-            PendingTensor(tensor.placement.stored_shape, tensor.dtype, produce(tensor))
+            PendingTensor(tensor.placement.stored_shape, tensor.dtype, lambda tensor=tensor: build(tensor))
         chunks.setdefault(tensor.chunk, OrderedDict())[tensor.key] = entry
-    return chunks
+        planned[(tensor.chunk, tensor.key)] = tensor
+    if not grouped:
+        return chunks
+
+    def group(chunk, entries):
+        def pending(key, members):
+            tensors = [planned[(chunk, m)] for m in members]
+            shape = grouped_experts.grouped_shape(key, tensors[0].placement.stored_shape, len(tensors))
+            return PendingTensor(shape, tensors[0].dtype,
+                                 lambda: grouped_experts.group(key, [build(t) for t in tensors]))
+        return grouped_experts.grouped_entries(entries, pending)
+    return OrderedDict((chunk, group(chunk, entries)) for chunk, entries in chunks.items())
 
 
 def write_manifest(load_dir, checksums: dict | None = None) -> Path:

@@ -32,6 +32,7 @@ class Planned:
 
     src: MegatronSource
     target: ParallelConfig
+    spec: ModelSpec                 # the model as the target stores it (grouped experts or not)
     weights: list[TargetFile]
     optimizer: SourceOptimizer | None
     optimizer_plans: dict[str, dict[Rank, TargetFile]]
@@ -63,7 +64,7 @@ def plan_megatron(load_dir, target: Target = Target(), *, convert_param_only: bo
         optim.check_against_weights(src)
     optim_plans = {} if optim is None else {state: {rank: held_state(f, layout) for rank, f in files.items()}
                                             for state, files in optim.plans(src.spec, layout).items()}
-    return Planned(src, layout, weights, optim, optim_plans)
+    return Planned(src, layout, target.model(src.spec), weights, optim, optim_plans)
 
 
 def dry_run(p: Planned, workers: int, ckpt_format: str | None = None) -> str:
@@ -128,7 +129,7 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
     p = plan_megatron(load_dir, target, convert_param_only=convert_param_only)
     src, layout, optim = p.src, p.target, p.optimizer
     ckpt_format = ckpt_format or src.ckpt_format
-    args = updated_args(src.ckpt.args, src.spec, layout)
+    args = updated_args(src.ckpt.args, p.spec, layout)
     args.ckpt_format = ckpt_format
     carried = p.carried()
     label = f"{src.layout.describe()} -> {layout.describe()}"
@@ -146,12 +147,13 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
     form = legacy_names.source_form(src.ckpt.first.obj)   # a legacy model is written as one
 
     def rank_state(target_file: TargetFile, progress) -> dict:
-        model = legacy_names.nest_like(form, pending_file(target_file, progress), src.spec.tied_embeddings)
+        model = legacy_names.nest_like(form, pending_file(target_file, progress, p.spec.moe_grouped_gemm),
+                                       src.spec.tied_embeddings)
         return {"args": args, **carried, **model}
 
     def optimizer_state(target_file: TargetFile, progress) -> dict:
         plans = {s: p.optimizer_plans[s][target_file.rank] for s in STATES}
-        return target_state(target_file, plans, optim.grad_dtypes, src.spec, layout, args, progress)
+        return target_state(target_file, plans, optim.grad_dtypes, p.spec, layout, args, progress)
 
     reused: list = []
     data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout, rank_state,
@@ -183,6 +185,6 @@ def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: 
     if p.optimizer is not None:
         common["optimizer_param_groups"] = carried.get("optimizer")
     return write_dist_checkpoint(save_dir, src.ckpt.iteration, p.weights,
-                                 p.optimizer_plans if p.optimizer is not None else None, src.spec, layout, args,
+                                 p.optimizer_plans if p.optimizer is not None else None, p.spec, layout, args,
                                  common, rngs.get, p.optimizer.grad_dtypes if p.optimizer is not None else None,
                                  total=p.nbytes, workers=workers, quiet=quiet, label=label, finish=finish)

@@ -18,8 +18,9 @@ from ckpt_hooks.engine.plan import restrict
 from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.megatron_legacy import chunk_keys
+from ckpt_hooks.megatron import grouped_experts
 from ckpt_hooks.megatron.checkpoint import MegatronSource, plan_files, rank_rng, read_source
-from ckpt_hooks.megatron.optimizer import chained_param_groups, source_optimizer
+from ckpt_hooks.megatron.optimizer import chained_param_groups, local_experts, source_optimizer
 
 
 @dataclass
@@ -110,6 +111,13 @@ def _load_weights(model, planned: list) -> None:
     shapes and dtypes all match (the usual case: no copy); otherwise built and handed to
     ``load_state_dict(strict=True)``, which says what does not fit."""
     own = model.state_dict(keep_vars=True)
+    if any(grouped_experts.is_grouped(k) for k in own):   # GroupedMLP experts: built from their experts'
+        by_key = {t.key: t for t in planned}
+        state = grouped_experts.grouped_entries(by_key, lambda key, members: grouped_experts.group(
+            key, [build_tensor(by_key[m], exact=True) for m in members]))
+        model.load_state_dict({k: v if grouped_experts.is_grouped(k) else build_tensor(v, exact=True)
+                               for k, v in state.items()}, strict=True)
+        return
     fits = {t.key for t in planned} == set(own) and all(
         t.placement is None or (isinstance(own[t.key], torch.Tensor) and own[t.key].dtype == t.dtype and
                                 tuple(own[t.key].shape) == t.placement.stored_shape and own[t.key].is_contiguous())
@@ -178,12 +186,14 @@ def _load_optimizer(optimizer, model_chunks, src: MegatronSource, target: Parall
         raise CheckpointError(ckpt.first.path, f"the running job chains {len(optimizers)} distributed optimizers, "
                                                f"its layout ({target.describe()}) {len(groups)}")
     for dopt, entry in zip(optimizers, groups):
-        _load_into(dopt, entry, step, plans, model_chunks, target)
+        _load_into(dopt, entry, step, plans, model_chunks, target, local_experts(src.spec, target))
     return list(optimizer_source.files.values())
 
 
-def _load_into(dopt, groups: dict, step: float, plans: dict, model_chunks, target: ParallelConfig) -> None:
-    """One distributed optimizer's param groups and its DP shard of every parameter it holds."""
+def _load_into(dopt, groups: dict, step: float, plans: dict, model_chunks, target: ParallelConfig,
+               experts: int) -> None:
+    """One distributed optimizer's param groups and its DP shard of every parameter it holds (a
+    GroupedMLP tensor's built whole from its ``experts`` experts' tensors, then cut)."""
     if len(dopt.optimizer.state) == 0:
         _allocate_state(dopt)   # load_state_dict needs allocated state
     dopt.load_state_dict(groups)
@@ -201,13 +211,16 @@ def _load_into(dopt, groups: dict, step: float, plans: dict, model_chunks, targe
                              own[s].numel() == piece.size for s in STATES)
                 tensors = {}
                 for state in STATES:
-                    tensor = plans[state][(chunk, name)]
                     flat = own[state].view(-1) if direct else torch.empty(piece.size, dtype=torch.float32)
-                    at = 0
-                    for box in element_range_boxes(tensor.placement.view_shape, piece.start, piece.end):
-                        part = restrict(tensor, *box)
-                        build_tensor(part, exact=True, out=flat[at:at + part.placement.box.numel])
-                        at += part.placement.box.numel
+                    if grouped_experts.is_grouped(name):
+                        blocks = [build_tensor(plans[state][(chunk, m)]) for m in grouped_experts.members(name, experts)]
+                        flat.copy_(grouped_experts.group(name, blocks).reshape(-1)[piece.start:piece.end])
+                    else:
+                        tensor, at = plans[state][(chunk, name)], 0
+                        for box in element_range_boxes(tensor.placement.view_shape, piece.start, piece.end):
+                            part = restrict(tensor, *box)
+                            build_tensor(part, exact=True, out=flat[at:at + part.placement.box.numel])
+                            at += part.placement.box.numel
                     tensors[state] = flat
                 if not direct:
                     dopt._set_main_param_and_optimizer_states(model_param, tensors)

@@ -30,7 +30,8 @@ from ckpt_hooks.engine.plan import TargetFile
 from ckpt_hooks.engine.source import STATES, Source, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE, RECORDED_MAP
-from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, TorchFile, contiguous_strides
+from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, TorchFile
+from ckpt_hooks.megatron import grouped_experts
 from ckpt_hooks.megatron.checkpoint import plan_files, source_tensors
 
 
@@ -63,16 +64,19 @@ def chunk_params(spec: ModelSpec, config: ParallelConfig, pp_rank: int, vp: int,
 
 
 def is_expert_param(key: str) -> bool:
-    """Whether a chunk key is a routed expert's."""
+    """Whether a chunk key is a routed expert's (SequentialMLP's or GroupedMLP's)."""
     name = names.classify(key)
-    return name is not None and name.local_expert is not None
+    return (name is not None and name.local_expert is not None) or grouped_experts.is_grouped(key)
 
 
 def rebuild_maps(spec, config, args, pp_rank: int, chunks: dict, grad_dtypes: dict) -> list[BufferMap]:
     """The buffers of every chunk of one file rank, in the optimizers' order: the dense ones
     (sharded over DP x CP), then, with EP > 1, the routed experts' (over the expert-data-parallel
     group). megatron-core keeps experts apart only with EP > 1 (their params' ``allreduce``
-    flag); at EP 1 they share the dense buffers and optimizer."""
+    flag); at EP 1 they share the dense buffers and optimizer. ``chunks`` hold SequentialMLP's
+    keys; a GroupedMLP model's buffers (``spec.moe_grouped_gemm``) hold its grouped tensors."""
+    if spec.moe_grouped_gemm:
+        chunks = {chunk: grouped_experts.grouped_metas(tensors) for chunk, tensors in chunks.items()}
     maps = []
     for expert, dp in ((False, config.dense_dp), (True, config.expert_dp)):
         for vp, tensors in enumerate(chunks.values()):
@@ -98,8 +102,9 @@ def read_recorded_maps(rank_dir) -> list[BufferMap] | None:
         raise CheckpointError(path, f"unreadable recorded param_map ({type(e).__name__}: {e})") from None
 
 
-def _contiguous_view(flat: LazyTensor, offset: int, shape) -> LazyTensor:
-    return LazyTensor(flat.storage, flat.offset + offset, tuple(shape), contiguous_strides(shape))
+def local_experts(spec: ModelSpec, config: ParallelConfig) -> int:
+    """Routed experts per expert-parallel rank (0 in a dense model)."""
+    return len(layout.expert_range(spec.num_experts, config, 0))
 
 
 class SourceOptimizer:
@@ -172,9 +177,10 @@ class SourceOptimizer:
             if len(kind) != len(stored):
                 raise CheckpointError(torch_file.path, f"holds {len(stored)} {'expert ' if expert else ''}grad "
                                                        f"buffers; the model file {f.path} implies {len(kind)}")
-            self._index_buffers(torch_file, f, chunk_keys, kind, stored)
+            self._index_buffers(torch_file, f, chunk_keys, kind, stored, local_experts(spec, source))
 
-    def _index_buffers(self, torch_file: TorchFile, f, chunk_keys: list, maps: list[BufferMap], flat: list) -> None:
+    def _index_buffers(self, torch_file: TorchFile, f, chunk_keys: list, maps: list[BufferMap], flat: list,
+                       experts: int) -> None:
         for buffer_map, (index, param_dtype, states) in zip(maps, flat):
             stored = states.get("numel_unpadded")
             if buffer_map.param_dtype != param_dtype or stored != buffer_map.numel_unpadded:
@@ -186,9 +192,10 @@ class SourceOptimizer:
                 if not isinstance(tensor, LazyTensor) or tensor.shape != (stored,):
                     raise CheckpointError(torch_file.path, f"buffer {index} '{state}' is not a flat tensor of {stored}")
                 torch_file.check_complete([tensor])
-                for slot in buffer_map.params:
+                for slot in grouped_experts.unpacked(buffer_map, experts):
                     key = (state, f.rank, chunk_keys[buffer_map.chunk], slot.name)
-                    self.views[key] = _contiguous_view(tensor, buffer_map.legacy_offset(slot), slot.shape)
+                    self.views[key] = grouped_experts.view(tensor, buffer_map.legacy_offset(slot), slot.shape,
+                                                           slot.transposed)
 
     def check_against_weights(self, src, sample: int = 64) -> None:
         """Each file's fp32 main params are its model file's weights (bitwise for fp32 weights,
@@ -277,14 +284,15 @@ def target_state(target_file: TargetFile, plans: dict[str, TargetFile], grad_dty
     state: each flat buffer is produced when it is written."""
     maps, chunk_keys = target_maps(target_file, grad_dtypes, spec, config, args)
     indexed = {name: {(t.chunk, t.key): t for t in plans[name].tensors} for name in STATES}
-    optimizers = [_optimizer_state([m for m in maps if not m.expert], chunk_keys, indexed, progress)
+    experts = local_experts(spec, config)
+    optimizers = [_optimizer_state([m for m in maps if not m.expert], chunk_keys, indexed, experts, progress)
                   if config.holds_dense_optimizer(target_file.rank) else None]
     if any(m.expert for m in maps):   # megatron-core's ChainedOptimizer: [dense, expert]
-        optimizers.append(_optimizer_state([m for m in maps if m.expert], chunk_keys, indexed, progress))
+        optimizers.append(_optimizer_state([m for m in maps if m.expert], chunk_keys, indexed, experts, progress))
     return optimizers[0] if len(optimizers) == 1 else optimizers
 
 
-def _optimizer_state(maps: list[BufferMap], chunk_keys: list, indexed: dict, progress) -> dict:
+def _optimizer_state(maps: list[BufferMap], chunk_keys: list, indexed: dict, experts: int, progress) -> dict:
     """One distributed optimizer's ``distrib_optim.pt`` entry: each flat buffer produced when written."""
     state = {"buckets_coalesced": True}
     for index, buffer_map in enumerate(maps):
@@ -292,10 +300,10 @@ def _optimizer_state(maps: list[BufferMap], chunk_keys: list, indexed: dict, pro
         for name in STATES:
             def produce(buffer_map=buffer_map, plan=indexed[name]):
                 flat = torch.zeros(buffer_map.numel_unpadded, dtype=torch.float32)
-                for slot in buffer_map.params:
+                for slot in grouped_experts.unpacked(buffer_map, experts):
                     tensor = plan[(chunk_keys[buffer_map.chunk], slot.name)]
                     offset = buffer_map.legacy_offset(slot)
-                    flat[offset:offset + tensor.placement.box.numel] = build_tensor(tensor).reshape(-1)
+                    flat[offset:offset + tensor.placement.box.numel] = grouped_experts.packed(slot, build_tensor(tensor))
                     if progress is not None:
                         progress.update(tensor.nbytes)
                 return flat

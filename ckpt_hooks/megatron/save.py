@@ -111,7 +111,7 @@ def _moe_args(config, layout) -> dict:
                 moe_shared_expert_intermediate_size=config.moe_shared_expert_intermediate_size,
                 moe_shared_expert_gate=config.moe_shared_expert_gate,
                 moe_router_pre_softmax=config.moe_router_pre_softmax,
-                moe_token_dispatcher_type=config.moe_token_dispatcher_type,
+                moe_token_dispatcher_type=config.moe_token_dispatcher_type, moe_grouped_gemm=config.moe_grouped_gemm,
                 expert_model_parallel_size=layout.ep, expert_tensor_parallel_size=layout.size("etp"),
                 sequence_parallel=config.sequence_parallel)
 

@@ -33,6 +33,7 @@ from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats import torch_dist as dist
 from ckpt_hooks.formats.torch_pickle import LazyTensor, TensorView, contiguous_runs
+from ckpt_hooks.megatron import grouped_experts
 
 LAYERS = "decoder.layers."
 # Megatron saves the local spec's norms under Transformer Engine's names.
@@ -346,16 +347,23 @@ class FlatView:
     (begin, end, key, chunk) of the bucket's chunks, opened on the first read."""
 
     def __init__(self, checkpoint: dist.DistCheckpoint, pieces: list[tuple[int, int, str, dist.Chunk]], start: int,
-                 shape: tuple):
+                 shape: tuple, transposed: tuple | None = None):
         self.checkpoint, self.pieces, self.start, self.shape = checkpoint, pieces, start, tuple(shape)
+        self.transposed = transposed   # the 2-D shape whose transpose the elements hold (a grouped expert's block)
 
     @property
     def path(self) -> Path:
         return self.checkpoint.iter_dir / self.pieces[0][3].record.relative_path
 
     def read_into(self, slices: tuple[slice, ...], out: torch.Tensor, exact: bool = False) -> None:
-        starts, run = contiguous_runs(self.shape, slices)
         dtype = self.checkpoint.tensors[self.pieces[0][2]].dtype
+        if self.transposed is not None:   # the whole block, transposed
+            rows, cols = self.transposed
+            block = torch.empty(rows * cols, dtype=dtype)
+            self._read(self.start, rows * cols, block)
+            out.copy_(block.view(cols, rows).t().reshape(self.shape)[slices])
+            return
+        starts, run = contiguous_runs(self.shape, slices)
         direct = out.is_contiguous() and out.dtype == dtype   # read into ``out`` itself
         buffer = out.view(-1) if direct else torch.empty(len(starts) * run, dtype=dtype)
         for n, at in enumerate(starts):
@@ -429,7 +437,7 @@ class DistOptimizer:
 
     def _dp_reshardable(self, src, where) -> dict[str, Source]:
         from ckpt_hooks.megatron.checkpoint import source_tensors
-        from ckpt_hooks.megatron.optimizer import read_recorded_maps, rebuild_maps
+        from ckpt_hooks.megatron.optimizer import local_experts, read_recorded_maps, rebuild_maps
 
         checkpoint, config = self.checkpoint, src.layout
         for key in checkpoint.tensors:
@@ -447,14 +455,15 @@ class DistOptimizer:
                 if not expert and not config.holds_dense_optimizer(f.rank):
                     continue   # another file rank holds the dense state of its tensor-parallel rank
                 views.update(self._buffer_views(f, [m for m in maps if m.expert == expert],
-                                                optimizer_group(f.rank, config, expert), prefix, where))
+                                                optimizer_group(f.rank, config, expert), prefix, where,
+                                                local_experts(src.spec, config)))
         return {state: source_tensors(src.files, src.placed,
                                       lambda f, chunk, key, where_, state=state: replace_shape(
                                           views.get((state, f.rank, chunk, key)), where_.view_shape),
                                       dtype=torch.float32)
                 for state in STATES}
 
-    def _buffer_views(self, f, maps, group: int, prefix: str, where) -> dict:
+    def _buffer_views(self, f, maps, group: int, prefix: str, where, experts: int) -> dict:
         """(state, rank, chunk, key) -> FlatView of each parameter of one optimizer's buffers of a
         file rank, whose saved bucket sizes are checked against the param_map first."""
         checkpoint, views = self.checkpoint, {}
@@ -478,10 +487,11 @@ class DistOptimizer:
                         raise CheckpointError(where, f"no '{key}' of {numel} elements")
                     spans = [(c.offsets[0], c.offsets[0] + c.sizes[0], key, c) for c in stored.chunks]
                     buckets.append(sorted(spans, key=lambda p: p[0]))
-                for slot in buffer_map.params:
+                for slot in grouped_experts.unpacked(buffer_map, experts):
                     start = slot.start - buffer_map.bucket_indices[slot.bucket][0]
                     views[(state, f.rank, chunk_keys[buffer_map.chunk], slot.name)] = \
-                        FlatView(checkpoint, buckets[slot.bucket], start, slot.shape)
+                        FlatView(checkpoint, buckets[slot.bucket], start, slot.shape,
+                                 slot.shape if slot.transposed else None)
         return views
 
     def check_against_weights(self, src, sample: int = 64) -> None:
@@ -497,7 +507,7 @@ def replace_shape(view: FlatView | None, shape) -> FlatView | None:
     """The same elements seen in the placement's view shape (fc1 fused rows as (2, F/tp, H));
     None where the file rank holds no state of the parameter (a chained optimizer's dense state
     is another file rank's)."""
-    return None if view is None else FlatView(view.checkpoint, view.pieces, view.start, shape)
+    return None if view is None else FlatView(view.checkpoint, view.pieces, view.start, shape, view.transposed)
 
 
 # ---- the source ----------------------------------------------------------------------------

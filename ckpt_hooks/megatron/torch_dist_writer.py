@@ -32,7 +32,8 @@ from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats import torch_dist as dist
 from ckpt_hooks.formats.atomic import staged_directory
 from ckpt_hooks.megatron.checkpoint import write_manifest
-from ckpt_hooks.megatron.optimizer import target_maps
+from ckpt_hooks.megatron import grouped_experts
+from ckpt_hooks.megatron.optimizer import local_experts, target_maps
 from ckpt_hooks.megatron.torch_dist import (CONTENT_METADATA, LAYERS, bucket_key, dist_suffix, distcp_name,
                                             from_logical, optimizer_group, optimizer_object, optimizers_of)
 
@@ -119,22 +120,24 @@ def _optimizer_items(target: TargetFile, plans: dict[str, TargetFile], grad_dtyp
                   dist.Item(optimizer_object(group, "per_bucket_numel_unpadded", prefix),
                             obj=[[{d: list(m.per_bucket_numel_unpadded)} for d, m in zip(dtypes, kind)]])]
         for index, buffer_map in enumerate(kind):
-            items += _bucket_items(buffer_map, group, index, prefix, chunk_keys, indexed, progress)
+            items += _bucket_items(buffer_map, group, index, prefix, chunk_keys, indexed,
+                                   local_experts(spec, config), progress)
     return items
 
 
-def _bucket_items(buffer_map, group: int, index: int, prefix: str, chunk_keys, indexed, progress) -> list[dist.Item]:
+def _bucket_items(buffer_map, group: int, index: int, prefix: str, chunk_keys, indexed, experts: int,
+                  progress) -> list[dist.Item]:
     """One buffer's flat buckets, each state packed from its parameters' planned tensors when written."""
     items = []
     for bucket, numel in enumerate(buffer_map.per_bucket_numel_unpadded):
-        slots = [s for s in buffer_map.params if s.bucket == bucket]
+        slots = [s for s in grouped_experts.unpacked(buffer_map, experts) if s.bucket == bucket]
         begin = buffer_map.bucket_indices[bucket][0]
         for state in STATES:
             def produce(slots=slots, numel=numel, begin=begin, plan=indexed[state], chunk=buffer_map.chunk):
                 flat = torch.zeros(numel, dtype=torch.float32)
                 for slot in slots:
                     tensor = plan[(chunk_keys[chunk], slot.name)]
-                    flat[slot.start - begin:slot.end - begin] = build_tensor(tensor).reshape(-1)
+                    flat[slot.start - begin:slot.end - begin] = grouped_experts.packed(slot, build_tensor(tensor))
                     if progress is not None:
                         progress.update(tensor.nbytes)
                 return flat

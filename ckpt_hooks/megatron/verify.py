@@ -39,7 +39,7 @@ _RUN_STATE = {
 }
 # Model settings that may differ between two equivalent checkpoints (the padding depends on TP).
 # Spec fields two checkpoints of one model may differ in: the padding and the layer spec (names, splits).
-_LAYOUT_DEPENDENT = {"padded_vocab_size", "make_vocab_size_divisible_by", "transformer_impl"}
+_LAYOUT_DEPENDENT = {"padded_vocab_size", "make_vocab_size_divisible_by", "transformer_impl", "moe_grouped_gemm"}
 
 
 @dataclass
