@@ -1,6 +1,7 @@
 """Real Megatron checkpoints for the tests: trained once per session, in one torchrun launch."""
 
 import pytest
+import torch
 
 from tests.harness import run_jobs, train_job
 
@@ -11,13 +12,17 @@ SAME_PADDING = {"vocab_size": 127}
 MOE = {**SAME_PADDING, "experts": 4}
 # DeepSeek's shape: a first dense layer, then MoE layers with a shared expert (Qwen2-MoE's gate on it).
 MOE_MIXED = {**MOE, "shared_ffn": 64, "shared_gate": True, "moe_layer_freq": [0, 1, 1, 1]}
+# The experts as megatron-core's legacy GroupedMLP (--moe-grouped-gemm; in fp32 through the
+# harness's grouped_gemm stand-in, bf16 in the Megatron-LM tests).
+MOE_GROUPED = {**MOE, "grouped_gemm": True}
 # DeepSeek-V2's shape: Multi-Latent Attention (a q latent too), a first dense layer, ungated shared experts.
 LATENT_MOE = {**MOE, "query_groups": 4, "shared_ffn": 64, "moe_layer_freq": [0, 1, 1, 1],
               "mla": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_head_dim": 16, "qk_pos_emb_head_dim": 8,
                       "v_head_dim": 16}}
 
 # name -> (layout, model overrides, steps). Each trains real steps with the DistributedOptimizer
-# on a world of 4 processes (DP fills the rest) and saves a Megatron-LM legacy checkpoint.
+# on a world of 4 processes (DP fills the rest) and saves a Megatron-LM legacy checkpoint; those
+# in TRAINED_ON train on after the save, the uninterrupted run a resumed one must follow.
 SOURCES = {
     "tp2pp2": ({"tp": 2, "pp": 2}, {}, 3),
     "tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, {}, 3),
@@ -25,11 +30,10 @@ SOURCES = {
     "tp1pp4": ({"tp": 1, "pp": 4}, {}, 3),
     "uneven13": ({"tp": 1, "pp": 2, "first": 1, "last": 3}, {}, 3),
     "tied_bf16_tp2pp2": ({"tp": 2, "pp": 2}, {"untie_embeddings": False, "dtype": "bf16"}, 3),
-    # Loss continuity: 3 steps to resume from, and the same run trained 5 steps uninterrupted.
+    # Loss continuity: 3 steps to resume from, then on to step 5 (and that run saved at step 5).
     "cont_tp2pp2": ({"tp": 2, "pp": 2}, SAME_PADDING, 3),
     "cont_tp2pp2_5steps": ({"tp": 2, "pp": 2}, SAME_PADDING, 5),
     "cont_tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 3),
-    "cont_tp1pp2vpp2_5steps": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 5),
     # The same run as cont_tp1pp2vpp2, saved with ckpt_hooks.patches.megatron_core installed.
     "hooked_tp1pp2vpp2": ({"tp": 1, "pp": 2, "vpp": 2}, SAME_PADDING, 3),
     # The same run as cont_tp2pp2, saved by ckpt_hooks.megatron.save (manifest, param_maps).
@@ -46,31 +50,33 @@ SOURCES = {
     # torch_dist with bf16 params (fp32 main params in the buckets) and tied embeddings.
     "dist_tied_bf16_tp2pp2": ({"tp": 2, "pp": 2}, {"untie_embeddings": False, "dtype": "bf16"}, 3),
     # Mixtures of experts: EP2 over PP2 (dense DP2, expert DP1), and EP2 with ETP1 inside TP2
-    # (files mp_rank_00_000 and mp_rank_01_001 only); each with its uninterrupted 5-step run.
+    # (files mp_rank_00_000 and mp_rank_01_001 only).
     "moe_pp2ep2": ({"tp": 1, "pp": 2, "ep": 2}, MOE, 3),
-    "moe_pp2ep2_5steps": ({"tp": 1, "pp": 2, "ep": 2}, MOE, 5),
     "moe_tp2ep2etp1": ({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, MOE, 3),
-    "moe_tp2ep2etp1_5steps": ({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, MOE, 5),
     "moe_mixed": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, MOE_MIXED, 3),
-    "moe_mixed_5steps": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, MOE_MIXED, 5),
+    # Grouped-GEMM experts (weight1/weight2), legacy, and as torch_dist by megatron-core (DP2: no
+    # param_map, each dense bucket saved from both DP ranks).
+    "moe_grouped": ({"tp": 1, "pp": 2, "ep": 2}, MOE_GROUPED, 3),
+    "dist_moe_grouped": ({"tp": 1, "pp": 2, "ep": 2}, MOE_GROUPED, 3),
     # The moe_pp2ep2 run saved as torch_dist by megatron-core (chained optimizers' dp_reshardable
     # buckets, no param_map: dense DP2 saves each bucket from both DP ranks), and the moe_mixed
     # run saved as torch_dist by ckpt_hooks.megatron.save (one key per layer: dense and MoE mixed).
     "dist_moe_pp2ep2": ({"tp": 1, "pp": 2, "ep": 2}, MOE, 3),
     "saved_dist_moe_mixed": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, MOE_MIXED, 3),
-    # Latent attention with experts, saved as torch_dist, and the same run trained 5 steps.
+    # Latent attention with experts, saved as torch_dist.
     "dist_latent_moe": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, LATENT_MOE, 3),
-    "latent_moe_5steps": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, LATENT_MOE, 5),
 }
+TRAINED_ON = {"cont_tp1pp2vpp2", "moe_pp2ep2", "moe_tp2ep2etp1", "moe_mixed", "moe_grouped", "dist_latent_moe"}
 DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable", "saved_dist_tp2pp2": "dp_reshardable",
         "dist_tied_bf16_tp2pp2": "dp_reshardable", "dist_moe_pp2ep2": "dp_reshardable", "dist_tp1pp2vpp2": "dp_reshardable",
-        "saved_dist_moe_mixed": "dp_reshardable", "dist_latent_moe": "dp_reshardable"}
+        "saved_dist_moe_mixed": "dp_reshardable", "dist_latent_moe": "dp_reshardable",
+        "dist_moe_grouped": "dp_reshardable"}
 PATCHED = {"hooked_tp1pp2vpp2": ("megatron_core",)}
 SAVED_BY_CKPT_HOOKS = {"saved_tp2pp2", "saved_dist_tp2pp2", "saved_dist_moe_mixed"}
 # The uninterrupted run each source continues (a run saved in another format or by another saver).
 SAME_RUN = {"dist_tp2pp2": "cont_tp2pp2", "distfull_tp2pp2": "cont_tp2pp2", "saved_dist_tp2pp2": "cont_tp2pp2",
             "dist_tp1pp2vpp2": "cont_tp1pp2vpp2", "dist_moe_pp2ep2": "moe_pp2ep2", "saved_dist_moe_mixed": "moe_mixed",
-            "dist_latent_moe": "latent_moe"}
+            "dist_moe_grouped": "moe_grouped"}
 
 
 class Source:
@@ -88,6 +94,15 @@ def sources(tmp_path_factory):
     run_jobs([train_job(s.layout, s.dir, s.truth, model=s.model, steps=s.steps, patches=PATCHED.get(s.name, ()),
                       saver="ckpt_hooks" if s.name in SAVED_BY_CKPT_HOOKS else "megatron",
                       ckpt_format="torch_dist" if s.name in DIST else "torch",
-                      optim_format=DIST.get(s.name, "dp_reshardable"))
+                      optim_format=DIST.get(s.name, "dp_reshardable"),
+                      train_on_to=5 if s.name in TRAINED_ON else None)
               for s in trained.values()], root / "logs")
     return trained
+
+
+def uninterrupted_losses(sources, run: str, steps: int = 2) -> list:
+    """The losses of the ``steps`` steps after step 3 of run ``run`` (a source, or one saved from
+    the same run: SAME_RUN), trained on without interruption."""
+    run = SAME_RUN.get(run, run)
+    reference = sources[run] if run in TRAINED_ON else sources[run + "_5steps"]
+    return torch.load(reference.truth, weights_only=False)["train_losses"][3:3 + steps]

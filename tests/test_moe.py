@@ -17,7 +17,7 @@ from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspe
 from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.formats.megatron_legacy import open_checkpoint
 from ckpt_hooks.formats.torch_dist import DistCheckpoint as open_dist
-from tests.conftest import SAME_RUN
+from tests.conftest import uninterrupted_losses
 from tests.harness import resume_job, run_jobs
 from tests.util import assert_refused, assert_same, cli
 
@@ -68,6 +68,20 @@ LATENT_TP = [
     ("dist_latent_moe", {"tp": 1, "pp": 1, "ep": 4}, "torch"),
 ]
 
+# The experts as megatron-core's legacy GroupedMLP (--moe-grouped-gemm, bf16): two tensors a layer
+# holding the local experts' weights transposed, to and from SequentialMLP's. (source, the
+# conversions [(target layout, grouped?, format)]); the last output is loaded and trained on.
+GROUPED = [
+    ("moe_grouped", [({"tp": 1, "pp": 1, "ep": 4}, True, "torch")]),
+    ("moe_grouped", [({"tp": 2, "pp": 2, "ep": 1}, True, "torch")]),               # EP1: dense buffers, ETP2
+    ("moe_grouped", [({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, False, "torch")]),    # to SequentialMLP
+    ("moe_grouped", [({"tp": 1, "pp": 1, "ep": 4}, False, "torch"),                # ... and back, elsewhere
+                     ({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, True, "torch")]),
+    ("moe_grouped", [({"tp": 1, "pp": 2, "ep": 2}, True, "torch_dist")]),          # megatron-core loads it
+    ("dist_moe_grouped", [({"tp": 2, "pp": 1, "ep": 2, "etp": 1}, True, "torch")]),
+    ("dist_moe_grouped", [({"tp": 1, "pp": 1, "ep": 4}, False, "torch_dist")]),
+]
+
 # Resumed on the fly by ckpt_hooks.megatron.load straight from the source checkpoint (each rank
 # reading its own experts' slices), no converted copy.
 ON_THE_FLY = [
@@ -81,6 +95,8 @@ ON_THE_FLY = [
     ("saved_dist_moe_mixed", {"tp": 1, "pp": 2, "ep": 2}),
     ("saved_dist_moe_mixed", {"tp": 2, "pp": 2, "ep": 2, "etp": 1}),   # torch_dist, the same layout
     ("dist_latent_moe", {"tp": 2, "pp": 1, "ep": 4, "etp": 1}),
+    ("moe_grouped", {"tp": 2, "pp": 1, "ep": 2, "etp": 1}),
+    ("dist_moe_grouped", {"tp": 1, "pp": 1, "ep": 4}),
 ]
 
 
@@ -89,12 +105,20 @@ def pair_id(pair) -> str:
     return f"{source}-to-" + "".join(f"{k}{v}" for k, v in target.items()) + "".join(f"-{f}" for f in ckpt_format)
 
 
+def grouped_id(case) -> str:
+    source, conversions = case
+    return source + "".join(f"-to-" + "".join(f"{k}{v}" for k, v in layout.items())
+                            + ("-grouped" if grouped else "-sequential") + ("-torch_dist" if fmt == "torch_dist" else "")
+                            for layout, grouped, fmt in conversions)
+
+
 def hook_id(pair) -> str:
     return "hook-" + pair_id(pair)
 
 
-def target_of(layout: dict) -> Target:
-    return Target(tp=layout["tp"], pp=layout["pp"], vpp=layout.get("vpp"), ep=layout["ep"], etp=layout.get("etp"))
+def target_of(layout: dict, grouped: bool | None = None) -> Target:
+    return Target(tp=layout["tp"], pp=layout["pp"], vpp=layout.get("vpp"), ep=layout["ep"], etp=layout.get("etp"),
+                  moe_grouped_gemm=grouped)
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +141,16 @@ def resumed(sources, tmp_path_factory):
         results[pair_id(pair)] = root / f"{pair_id(pair)}.json"
         jobs.append(resume_job(layout, out, source.truth, results[pair_id(pair)], model=source.model,
                                steps=0 if pair in LATENT_TP else RESUMED_STEPS,
+                               loader="megatron_core_dist" if ckpt_format == "torch_dist" else "megatron"))
+    for case in GROUPED:
+        source, load_dir = sources[case[0]], sources[case[0]].dir
+        for n, (layout, grouped, ckpt_format) in enumerate(case[1]):
+            out = root / f"{grouped_id(case)}.{n}"
+            convert(load_dir, out, target_of(layout, grouped), quiet=True, ckpt_format=ckpt_format)
+            load_dir = out
+        results[grouped_id(case)] = root / f"{grouped_id(case)}.json"
+        jobs.append(resume_job(layout, out, source.truth, results[grouped_id(case)],
+                               model={**source.model, "grouped_gemm": grouped}, steps=RESUMED_STEPS,
                                loader="megatron_core_dist" if ckpt_format == "torch_dist" else "megatron"))
     for pair in ON_THE_FLY:
         source, layout = sources[pair[0]], pair[1]
@@ -148,6 +182,15 @@ def test_latent_attention_reshards_across_tp_bitwise(resumed, pair):
     check_state(resumed[pair_id(pair)])
 
 
+@pytest.mark.parametrize("case", GROUPED, ids=grouped_id)
+def test_grouped_experts_reshard_bitwise_and_training_continues(sources, resumed, case):
+    """GroupedMLP's transposed blocks, in the weights and in the optimizer's buckets, become
+    SequentialMLP's tensors and back: bitwise, and the loss curve goes on."""
+    source, conversions = case
+    layout, grouped, _ = conversions[-1]
+    check_resumed(sources, resumed[grouped_id(case)], (source, layout))
+
+
 @pytest.mark.parametrize("pair", ON_THE_FLY, ids=hook_id)
 def test_experts_reshard_on_the_fly_when_training_resumes(sources, resumed, pair):
     """The load hook, at a new EP/ETP/TP/PP: the same bitwise state and loss curve."""
@@ -164,8 +207,7 @@ def check_state(result: dict) -> None:
 
 def check_resumed(sources, result: dict, pair) -> None:
     check_state(result)
-    run = SAME_RUN.get(pair[0], pair[0])
-    want = torch.load(sources[run + "_5steps"].truth, weights_only=False)["train_losses"][3:3 + RESUMED_STEPS]
+    want = uninterrupted_losses(sources, pair[0], RESUMED_STEPS)
     got = result["losses"]
     assert len(got) == RESUMED_STEPS
     if pair[1] == sources[pair[0]].layout:
@@ -249,6 +291,23 @@ def test_expert_dense_optimizer_held_by_no_file_is_refused(ckpt, tmp_path):
     torch.save([None, state[1]], victim)
     assert_refused(ckpt, tmp_path / "out", "--ep-size", "1", optimizer=True, names=victim,
                    says="holds the optimizer state")
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda model: model.pop("decoder.layers.0.mlp.experts.weight2"), "without 'decoder.layers.0.mlp.experts.weight2'"),
+    (lambda model: model.update({"decoder.layers.0.mlp.experts.weight1": torch.zeros(64, 63)}),
+     "does not hold 2 experts"),
+])
+def test_malformed_grouped_experts_are_refused(sources, tmp_path, change, says):
+    """A GroupedMLP layer with one of its two tensors, or a tensor that does not split into the
+    args' experts per rank: one line naming the file."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(sources["moe_grouped"].dir, ckpt)
+    victim = ckpt / "iter_0000003" / "mp_rank_00_000_001" / "model_optim_rng.pt"
+    state = torch.load(victim, weights_only=False)
+    change(state["model"])
+    torch.save(state, victim)
+    assert_refused(ckpt, tmp_path / "out", "--ep-size", "1", names=victim, says=says)
 
 
 @pytest.mark.parametrize("flags, says", [

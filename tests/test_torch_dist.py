@@ -27,7 +27,7 @@ from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.torch_dist import DistCheckpoint
 from ckpt_hooks.formats.torch_pickle import TorchFile, iter_lazy_tensors
 from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
-from tests.conftest import SAME_RUN
+from tests.conftest import uninterrupted_losses
 from tests.harness import resume_job, run_jobs
 from tests.util import cli, tree_digest
 
@@ -103,7 +103,7 @@ def test_resume_is_bitwise_and_continues_the_loss(sources, resumed, case):
     if name == "dist_tied_bf16_tp2pp2":   # no uninterrupted bf16 run to compare with: trained on
         assert len(result["losses"]) == STEPS
         return
-    want = torch.load(sources[SAME_RUN.get(name, name) + "_5steps"].truth, weights_only=False)["train_losses"][3:3 + STEPS]
+    want = uninterrupted_losses(sources, name, STEPS)
     assert max(abs(a - b) for a, b in zip(result["losses"], want)) <= 1e-5, (result["losses"], want)
     if layout == sources[name].layout:
         assert result["losses"] == want

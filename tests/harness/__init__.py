@@ -184,10 +184,12 @@ def bench_model(layers: int, hidden: int) -> dict:
 
 def train_job(layout: dict, save_dir, truth, model: dict | None = None, steps: int = 3,
               patches: tuple = (), saver: str = "megatron", ckpt_format: str = "torch",
-              optim_format: str = "dp_reshardable") -> dict:
+              optim_format: str = "dp_reshardable", train_on_to: int | None = None) -> dict:
+    """Train ``steps`` steps and save; with ``train_on_to`` train on after the save (the truth's
+    ``train_losses`` then hold the uninterrupted run's losses up to that step)."""
     return {"kind": "train", "model": model or {}, "layout": layout, "steps": steps,
             "save_dir": str(save_dir), "truth": str(truth), "patches": list(patches), "saver": saver,
-            "format": ckpt_format, "optim_format": optim_format}
+            "format": ckpt_format, "optim_format": optim_format, "train_on_to": train_on_to}
 
 
 def verify_job(layout: dict, load_dir, truth, result, model: dict | None = None) -> dict:

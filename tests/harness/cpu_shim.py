@@ -8,6 +8,7 @@ Never import this from library code.
 """
 
 import contextlib
+import types
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -62,6 +63,24 @@ def _set_rng_state(new_state, *args, **kwargs):
     torch.set_rng_state(new_state)
 
 
+def _in_any_dtype(forward):
+    def run(self, *args, **kwargs):
+        if self.config.bf16:
+            return forward(self, *args, **kwargs)
+        self.config.bf16 = True   # read by the forward's assertion alone
+        try:
+            return forward(self, *args, **kwargs)
+        finally:
+            self.config.bf16 = False
+    return run
+
+
+def _grouped_matmul(a, b, batch_sizes, trans_b=False):
+    """grouped_gemm.ops.gmm: the rows of ``a`` in groups of ``batch_sizes``, group i times b[i]."""
+    groups = torch.split(a, batch_sizes.tolist())
+    return torch.cat([x @ (w.t() if trans_b else w) for x, w in zip(groups, b)])
+
+
 def install() -> None:
     """Idempotently apply all patches to this process."""
     global _installed
@@ -74,6 +93,7 @@ def install() -> None:
     torch.cuda.current_stream = lambda *a, **k: _NoStream()
     torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_device_capability = lambda *a, **k: (8, 0)   # Megatron-LM's --moe-grouped-gemm check
     # model_parallel_cuda_manual_seed and the RNG tracker call these directly.
     torch.cuda.manual_seed = torch.manual_seed
     torch.cuda.get_rng_state = _get_rng_state
@@ -94,6 +114,17 @@ def install() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+    # The legacy GroupedMLP calls the grouped_gemm package's CUDA kernels: a plain-torch stand-in.
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    if grouped_gemm_util.grouped_gemm is None:
+        grouped_gemm_util.grouped_gemm = grouped_gemm_util.ops = types.SimpleNamespace(gmm=_grouped_matmul)
+    # GroupedMLP asserts bf16, which those kernels need; the stand-in computes in any dtype, so the
+    # tests may run it in fp32 (bf16 matmuls are ~8x slower on these CPUs).
+    from megatron.core.transformer.moe.experts import GroupedMLP
+
+    GroupedMLP.forward = _in_any_dtype(GroupedMLP.forward)
 
     # MoE with TP > 1 needs sequence parallelism, which the local spec's torch norms refuse: build
     # them without it and mark their params sequence-parallel (their grads are then all-reduced

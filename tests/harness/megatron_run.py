@@ -9,6 +9,7 @@ state is destroyed and re-initialised between jobs.  The schema is in tests/harn
 
 import argparse
 import dataclasses
+import gc
 import importlib
 import json
 import os
@@ -34,7 +35,8 @@ from tests.harness.spec import VOCAB_KEYS, layout_spec, model_spec, padded_vocab
 cpu_shim.install()
 
 from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core import parallel_state as ps  # noqa: E402
+from megatron.core import parallel_state as ps
+from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402
 from megatron.core.dist_checkpointing.serialization import (  # noqa: E402
@@ -78,8 +80,7 @@ WEIGHT_DECAY = 0.01  # Megatron-LM's default --weight-decay
 
 def init_parallel(m: dict, layout: dict) -> int:
     """(Re)initialise model parallel state and seeds as Megatron-LM's initialize does."""
-    if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+    destroy_groups()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout["tp"],
         pipeline_model_parallel_size=layout["pp"],
@@ -94,6 +95,29 @@ def init_parallel(m: dict, layout: dict) -> int:
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return ps.get_data_parallel_world_size()
+
+
+def destroy_groups() -> None:
+    """Destroy the previous job's process groups (megatron-core's destroy_model_parallel only
+    forgets them) and free its model (see _BUILT)."""
+    from torch.distributed import distributed_c10d as c10d
+
+    default = c10d._get_default_group()
+    for group in [g for g in list(c10d._world.pg_map) if g is not default]:
+        dist.destroy_process_group(group)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    for chunk in _BUILT:
+        chunk.config.grad_scale_func = chunk.config.finalize_model_grads_func = None
+        for module in chunk.modules():   # tensors kept from the last forward, with their graph
+            holders = [module] + [v for v in vars(module).values() if type(v).__name__.endswith("TokenDispatcher")]
+            for holder in holders:
+                for name, value in list(vars(holder).items()):
+                    if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                        setattr(holder, name, None)
+    _BUILT.clear()
+    get_moe_layer_wise_logging_tracker().clear()   # it keeps the last job's groups
+    gc.collect()   # the groups' threads end with their last reference (the previous job's model, optimizer)
 
 
 def qkv_bias(m: dict) -> bool:
@@ -159,6 +183,7 @@ def moe_config(m: dict, layout: dict) -> dict:
         moe_layer_freq=m["moe_layer_freq"] or 1,
         moe_router_pre_softmax=m["router_pre_softmax"],
         moe_router_topk_scaling_factor=m["topk_scaling"],
+        moe_grouped_gemm=m["grouped_gemm"],
     )
 
 
@@ -172,7 +197,7 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
         else:
             spec = get_gpt_layer_local_spec(num_experts=m["experts"], normalization=m["normalization"],
                                             qk_layernorm=config.qk_layernorm,
-                                            multi_latent_attention=bool(m["mla"]))
+                                            multi_latent_attention=bool(m["mla"]), moe_grouped_gemm=m["grouped_gemm"])
         model = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -194,10 +219,20 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
     ddp_config = DistributedDataParallelConfig(
         use_distributed_optimizer=True, overlap_grad_reduce=False, grad_reduce_in_fp32=True
     )
-    return [
-        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
-        for i, chunk in enumerate(chunks)
-    ]
+    wrapped = [DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=i > 0)
+               for i, chunk in enumerate(chunks)]
+    _BUILT.extend(wrapped)
+    return wrapped
+
+
+# Every job's DDP chunks, whose references out of gc's sight destroy_groups cuts: their
+# TransformerConfig outlives the job (torch.compile's guards on megatron-core's fused functions
+# hold it) and holds the optimizer (scale_loss, set by build_training); MoE token dispatchers keep
+# their last training forward's routing tensors, whose autograd graph reaches the params' grad
+# accumulators and DDP's hooks on them. Otherwise each job's model stays alive with its ~18 gloo
+# process groups, whose threads poll: a launch of 35 MoE jobs spent more CPU in the kernel than
+# in training.
+_BUILT: list = []
 
 
 def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: str = "torch") -> argparse.Namespace:
@@ -231,7 +266,7 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: s
         num_experts=m["experts"],
         moe_ffn_hidden_size=m["moe_ffn"] if m["experts"] else None,
         moe_router_topk=m["topk"],
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=m["grouped_gemm"],
         moe_token_dispatcher_type="allgather",
         moe_shared_expert_intermediate_size=m["shared_ffn"],
         moe_shared_expert_gate=m["shared_gate"],
@@ -412,8 +447,9 @@ def local_shards(chunks: list, data_of: dict | None = None) -> list:
                     item = dataclasses.replace(item, data=new, dtype=new.dtype)
                 else:
                     item = dataclasses.replace(item, data=new)
-            if isinstance(item, ShardedTensorFactory):  # SwiGLU fc1: gate and up halves
-                pieces = item.build()
+            if isinstance(item, ShardedTensorFactory):  # SwiGLU fc1: gate and up halves; grouped experts
+                built = item.build()
+                pieces = built if isinstance(built, list) else [built]
             elif isinstance(item, ShardedTensor):
                 pieces = [item]
             elif isinstance(item, ShardedObject) and item.data is None:
@@ -1030,25 +1066,28 @@ def train_steps(chunks, optimizer, scheduler, m: dict, first: int, count: int) -
 
 def train_job(job: dict) -> None:
     m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
-    dp, config, chunks, optimizer, scheduler = build_training(m, layout, job["steps"])
-    train_losses = train_steps(chunks, optimizer, scheduler, m, 1, job["steps"])
+    total, steps = job.get("train_on_to") or job["steps"], job["steps"]   # saved at `steps`, trained on to `total`
+    dp, config, chunks, optimizer, scheduler = build_training(m, layout, steps)   # the scheduler a `steps` run saves
+    train_losses = train_steps(chunks, optimizer, scheduler, m, 1, steps)
 
     if job.get("saver") == "ckpt_hooks":  # the library's save, describing the model itself
         from ckpt_hooks.megatron import save
 
-        save(chunks, optimizer, job["save_dir"], job["steps"], scheduler=scheduler,
+        save(chunks, optimizer, job["save_dir"], steps, scheduler=scheduler,
              ckpt_format=job.get("format", "torch"))
     elif job.get("format") == "torch_dist":
-        args = megatron_args(m, layout, dp, job["steps"], ckpt_format="torch_dist")
-        save_torch_dist_checkpoint(job["save_dir"], job["steps"], chunks, optimizer, scheduler, args,
+        args = megatron_args(m, layout, dp, steps, ckpt_format="torch_dist")
+        save_torch_dist_checkpoint(job["save_dir"], steps, chunks, optimizer, scheduler, args,
                                    job.get("optim_format", "dp_reshardable"))
     else:
-        args = megatron_args(m, layout, dp, job["steps"])
-        save_legacy_checkpoint(job["save_dir"], job["steps"], layout, chunks, optimizer, scheduler, args)
+        args = megatron_args(m, layout, dp, steps)
+        save_legacy_checkpoint(job["save_dir"], steps, layout, chunks, optimizer, scheduler, args)
     loss = eval_loss(chunks, m)
     tensors, bad = gather_global(chunks)
     optim, optim_bad = gather_optimizer(chunks, optimizer)
     param_map = gather_param_map(chunks, optimizer)
+    # The uninterrupted run's next losses, which a run resumed from the checkpoint must repeat.
+    train_losses += train_steps(chunks, optimizer, scheduler, m, steps + 1, total - steps)
     if dist.get_rank() == 0:
         if bad:
             raise RuntimeError(f"megatron's own shards are inconsistent for {sorted(bad)}")
@@ -1412,9 +1451,12 @@ def main() -> None:
         jobs = json.load(f)
     dist.init_process_group("gloo")
     try:
+        started = time.perf_counter()
         for i, job in enumerate(jobs):
             if dist.get_rank() == 0:
-                print(f"[megatron_run] job {i}: {job['kind']} {job.get('layout')}", flush=True)
+                threads = len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else "?"
+                print(f"[megatron_run] {time.perf_counter() - started:7.1f} s  {threads} threads  job {i}: "
+                      f"{job['kind']} {job.get('layout')}", flush=True)
             patches = [importlib.import_module(f"ckpt_hooks.patches.{name}") for name in job.get("patches", [])]
             for patch in patches:
                 patch.install()
@@ -1427,7 +1469,7 @@ def main() -> None:
         # torchrun then stops the other ranks; the traceback lands in run_jobs' error.
         traceback.print_exc()
         sys.exit(1)
-    ps.destroy_model_parallel()
+    destroy_groups()
     dist.destroy_process_group()
 
 

@@ -35,7 +35,8 @@ MODEL_DEFAULTS = {
     "shared_gate": False,   # Qwen2-MoE's sigmoid gate on the shared experts
     "moe_layer_freq": None,  # per layer 1 (MoE) or 0 (dense MLP); None: every layer MoE
     "router_pre_softmax": False,  # softmax over every expert, then the top k (not renormalised)
-    "topk_scaling": None,   # the top-k weights' scale (DeepSeek's routed_scaling_factor); None: 1
+    "topk_scaling": None,
+    "grouped_gemm": False,  # the legacy GroupedMLP experts (weight1/weight2; megatron-core wants bf16)   # the top-k weights' scale (DeepSeek's routed_scaling_factor); None: 1
     "qk_layernorm": False,  # per-head RMSNorm of queries and keys (Qwen3)
     # Multi-Latent Attention (DeepSeek-V2/V3), None: standard attention. A dict of
     # q_lora_rank (None: one q projection), kv_lora_rank, qk_head_dim, qk_pos_emb_head_dim, v_head_dim,
