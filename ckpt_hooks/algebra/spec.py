@@ -5,7 +5,7 @@ Pure: no I/O, no framework imports. Both can be read from a Megatron ``args`` Na
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -35,6 +35,9 @@ class ModelSpec:
     # The routed experts as megatron-core's legacy GroupedMLP (two tensors a layer) instead of
     # SequentialMLP (two per expert): the same numbers, stored transposed (megatron.grouped_experts).
     moe_grouped_gemm: bool = False
+    # MindSpeed-LLM's noop layers (--noop-layers): global layers built as parameter-less pass-throughs,
+    # which pad the layer count for the pipeline; an external model's (HF) layers are the others.
+    noop_layers: tuple[int, ...] = ()
     # Multi-Latent Attention (DeepSeek-V2/V3): queries through a q_lora_rank latent (None: one
     # projection), keys and values from a kv_lora_rank latent plus one shared rotary key head.
     kv_lora_rank: int | None = None          # None: standard attention
@@ -45,6 +48,20 @@ class ModelSpec:
     # The layer spec: the local one splits MLA's down projections over TP (column-parallel),
     # Transformer Engine's keeps them whole on every rank.
     transformer_impl: str = "transformer_engine"
+
+    @property
+    def real_layers(self) -> tuple[int, ...]:
+        """The global layers that hold weights, in order: an external model's layer i is
+        Megatron's layer ``real_layers[i]``."""
+        return tuple(i for i in range(self.num_layers) if i not in self.noop_layers)
+
+    def with_noop_layers(self, noop: tuple[int, ...]) -> "ModelSpec":
+        """This model padded with noop layers at the global layers ``noop`` (of the padded count)."""
+        total = self.num_layers + len(set(noop))
+        if any(not 0 <= i < total for i in noop):
+            raise ValueError(f"noop layers {','.join(map(str, noop))} must lie in the {total} layers "
+                             f"({self.num_layers} and {len(set(noop))} noop)")
+        return replace(self, num_layers=total, noop_layers=tuple(sorted(set(noop))))
 
     @property
     def latent_attention(self) -> bool:
@@ -75,7 +92,8 @@ class ModelSpec:
                 + (f", shared experts of ffn {self.shared_expert_ffn_hidden_size}"
                    if self.shared_expert_ffn_hidden_size else "")
                 + (f", latent attention (q rank {self.q_lora_rank}, kv rank {self.kv_lora_rank})"
-                   if self.latent_attention else ""))
+                   if self.latent_attention else "")
+                + (f", noop layers {','.join(map(str, self.noop_layers))}" if self.noop_layers else ""))
 
 
 @dataclass(frozen=True)
@@ -191,11 +209,18 @@ def model_spec_from_args(args) -> ModelSpec:
         if getattr(args, "num_experts", None) else None,
         shared_expert_ffn_hidden_size=getattr(args, "moe_shared_expert_intermediate_size", None) or None,
         moe_grouped_gemm=bool(getattr(args, "num_experts", None) and getattr(args, "moe_grouped_gemm", False)),
+        noop_layers=noop_layers_of(args),
         **(dict(kv_lora_rank=args.kv_lora_rank, q_lora_rank=getattr(args, "q_lora_rank", None),
                 qk_head_dim=args.qk_head_dim, qk_pos_emb_head_dim=args.qk_pos_emb_head_dim, v_head_dim=args.v_head_dim)
            if getattr(args, "multi_latent_attention", False) else {}),
         transformer_impl=getattr(args, "transformer_impl", None) or "transformer_engine",
     )
+
+
+def noop_layers_of(args) -> tuple[int, ...]:
+    """MindSpeed-LLM's ``noop_layers``: a set of global layers once parsed, ``"1,2"`` as given."""
+    noop = getattr(args, "noop_layers", None) or ()
+    return tuple(sorted({int(i) for i in (noop.split(",") if isinstance(noop, str) else noop)}))
 
 
 def vocab_divisor(true_vocab: int, padded: int, tp: int) -> int | None:

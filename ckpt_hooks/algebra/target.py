@@ -2,7 +2,7 @@
 
     Target(tp, pp, vpp, dp, num_layer_list, ep, etp,                 the layout; None: as the source
            make_vocab_size_divisible_by, padded_vocab_size, true_vocab_size,       vocabulary rows
-           params_dtype, layer_spec, moe_grouped_gemm)                               what is written
+           params_dtype, layer_spec, moe_grouped_gemm, noop_layers)                  what is written
 
 Sizes left None keep the source's where they still apply (``layout``); every size is checked
 against the model and against what Megatron-LM runs before anything is read, and a problem
@@ -23,7 +23,7 @@ FLAGS = {"tp": "--target-tensor-parallel-size", "pp": "--target-pipeline-paralle
          "num_layer_list": "--num-layer-list", "ep": "--target-expert-model-parallel-size",
          "etp": "--target-expert-tensor-parallel-size", "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
          "padded_vocab_size": "--padded-vocab-size", "true_vocab_size": "--true-vocab-size",
-         "moe_grouped_gemm": "--moe-grouped-gemm"}
+         "moe_grouped_gemm": "--moe-grouped-gemm", "noop_layers": "--noop-layers"}
 
 
 def _fits_experts(spec: ModelSpec, config: ParallelConfig) -> bool:
@@ -49,6 +49,7 @@ class Target:
     ep: int | None = None              # expert parallel
     etp: int | None = None             # expert tensor parallel (None: the source's, or TP where that was TP)
     moe_grouped_gemm: bool | None = None   # experts as the legacy GroupedMLP or SequentialMLP; None: the source's
+    noop_layers: tuple[int, ...] | None = None   # MindSpeed-LLM's noop layers an external model is padded with
 
     def __post_init__(self):
         for name in ("tp", "pp", "vpp", "dp", "ep", "etp", "make_vocab_size_divisible_by", "padded_vocab_size",
@@ -72,6 +73,15 @@ class Target:
         if not spec.num_experts:
             raise self.error("moe_grouped_gemm", "the model has no experts")
         return replace(spec, moe_grouped_gemm=self.moe_grouped_gemm)
+
+    def padded(self, spec: ModelSpec) -> ModelSpec:
+        """An external model (HF: no noop layers) padded with the noop layers asked for."""
+        if not self.noop_layers:
+            return spec
+        try:
+            return spec.with_noop_layers(self.noop_layers)
+        except ValueError as e:
+            raise self.error("noop_layers", str(e)) from None
 
     def layout(self, source: ParallelConfig, spec: ModelSpec, notes: list | None = None) -> ParallelConfig:
         """The target layout: the sizes given, the rest kept from ``source`` where they still apply

@@ -24,8 +24,16 @@ def add_common_arguments(parser: argparse.ArgumentParser, load_help: str, paddin
 
 
 def target(args):
-    """The Target the flags give (layout, vocabulary, dtype, layer spec)."""
-    return target_from(args, params_dtype=args.params_dtype, layer_spec=getattr(args, "transformer_impl", None))
+    """The Target the flags give (layout, vocabulary, dtype, layer spec, noop layers)."""
+    return target_from(args, params_dtype=args.params_dtype, layer_spec=getattr(args, "transformer_impl", None),
+                       noop_layers=getattr(args, "noop_layers", None))
+
+
+def layer_indices(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers, got {text!r}") from None
 
 
 def add_hf_to_megatron_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +48,9 @@ def add_megatron_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-impl", choices=(TRANSFORMER_ENGINE, LOCAL), default=TRANSFORMER_ENGINE,
                         help="the layer spec whose names to write (as Megatron-LM's --transformer-impl)")
     parser.add_argument("--release", action="store_true", help="write release/ instead of iter_0000001/")
+    parser.add_argument("--noop-layers", type=layer_indices,
+                        help="MindSpeed-LLM's noop layers to pad the model with, global layer numbers of the "
+                             "padded model (e.g. 46,47 turn 46 layers into 48)")
 
 
 def to_megatron_options(args) -> dict:

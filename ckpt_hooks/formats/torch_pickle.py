@@ -101,6 +101,8 @@ _ALLOWED = {
     ("signal", "Signals"): signal.Signals,   # Megatron-LM's --exit-signal
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "set"): set,             # protocol 2's name (torch.save's): MindSpeed-LLM's noop_layers
+    ("__builtin__", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
     ("builtins", "complex"): complex,
     ("_codecs", "encode"): lambda text, encoding="latin1": text.encode(encoding),

@@ -175,6 +175,8 @@ def _described(args, path) -> tuple[ModelSpec, ParallelConfig]:
         return model_spec_from_args(args), parallel_config_from_args(args)
     except AttributeError as e:
         raise CheckpointError(path, f"saved args lack a model setting ({e})") from None
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(path, f"saved args: unreadable noop_layers ({e})") from None
 
 
 def _check_same_args(ckpt: legacy.LegacyCheckpoint, spec: ModelSpec, config: ParallelConfig) -> None:
@@ -239,6 +241,9 @@ def place(spec: ModelSpec, config: ParallelConfig, files: list[SourceFile]) -> P
                     raise CheckpointError(f.path, f"{chunk}: '{key}' but args give this stage {len(layers)} "
                                                   "layers; the args disagree with the tensors")
                 global_layer = layers[name.local_layer] if name.local_layer is not None else None
+                if global_layer in spec.noop_layers:
+                    raise CheckpointError(f.path, f"{chunk}: '{key}' of layer {global_layer}, which the args "
+                                                  "make a noop layer (no weights)")
                 logical = names.logical_name(name, global_layer, spec.tied_embeddings,
                                              _global_expert(spec, config, f, chunk, key, name.local_expert))
                 if name.rule.kind == EXTRA:
@@ -339,8 +344,10 @@ def target_keys(order, spec: ModelSpec, config: ParallelConfig, rank: Rank, vp: 
     keys = [(k, logical) for k, logical in outer if first and k.startswith("embedding.")]
     experts = layout.expert_range(spec.num_experts, config, rank.ep)
     for local, global_layer in enumerate(layout.chunk_layers(spec, config, rank.pp, vp)):
-        # A layer no source file holds gets the first one's keys: then named as missing.
-        held = suffixes.get(global_layer) or next(iter(suffixes.values()), [])
+        # A layer no source file holds gets the first one's keys: then named as missing. A noop
+        # layer holds none.
+        held = [] if global_layer in spec.noop_layers else \
+            suffixes.get(global_layer) or next(iter(suffixes.values()), [])
         # the rank's own experts, renumbered from its first
         keys += [(names.layer_key(local, s if e is None else names.with_expert(s, e - experts.start)),
                   names.layer_key(global_layer, s))

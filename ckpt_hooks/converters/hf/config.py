@@ -201,6 +201,7 @@ def megatron_args(config: dict, path, spec: ModelSpec, params_dtype: torch.dtype
         params_dtype=params_dtype, bf16=params_dtype == torch.bfloat16, fp16=params_dtype == torch.float16,
         transformer_impl=layer_spec, ckpt_format="torch", use_dist_ckpt=False, context_parallel_size=1,
         sequence_parallel=False, iteration=iteration, consumed_train_samples=0, consumed_valid_samples=0,
+        noop_layers=set(spec.noop_layers) or None,   # MindSpeed-LLM's, parsed
         hf_config=config)   # carried back by from_megatron; Megatron-LM ignores it
 
 
@@ -220,7 +221,7 @@ def _moe_args(config: dict, spec: ModelSpec) -> dict:
     family = config["model_type"]
     if family not in MOE:
         return {"num_experts": None}
-    layers = moe_layers(config, family)
+    layers = {spec.real_layers[i] for i in moe_layers(config, family)}   # as Megatron numbers them
     return {"num_experts": spec.num_experts, "moe_ffn_hidden_size": spec.moe_ffn_hidden_size,
             "moe_router_topk": config["num_experts_per_tok"],
             "moe_router_pre_softmax": family != "mixtral" and not config.get("norm_topk_prob", False),
@@ -229,7 +230,7 @@ def _moe_args(config: dict, spec: ModelSpec) -> dict:
             "moe_shared_expert_intermediate_size": spec.shared_expert_ffn_hidden_size,
             "moe_shared_expert_gate": family in SHARED_EXPERT and bool(spec.shared_expert_ffn_hidden_size),
             "moe_router_topk_scaling_factor": float(config.get("routed_scaling_factor") or 1.0),
-            "moe_layer_freq": [int(i in layers) for i in range(spec.num_layers)],
+            "moe_layer_freq": 1 if set(spec.real_layers) <= layers else [int(i in layers) for i in range(spec.num_layers)],
             "moe_grouped_gemm": False, "moe_token_dispatcher_type": "alltoall"}
 
 
@@ -291,7 +292,7 @@ def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) 
     config = {
         "architectures": [ARCHITECTURES[family]], "model_type": family,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_hidden_size,
-        "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_attention_heads,
+        "num_hidden_layers": len(spec.real_layers), "num_attention_heads": spec.num_attention_heads,
         "num_key_value_heads": spec.num_query_groups,
         "head_dim": spec.qk_pos_emb_head_dim if spec.latent_attention else spec.kv_channels, "hidden_act": "silu",
         "max_position_embeddings": getattr(args, "max_position_embeddings", None) or args.seq_length,
@@ -310,7 +311,7 @@ def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) 
     if family == "mistral":
         config["sliding_window"] = window[0] + 1 if window else None
     if family.startswith("qwen"):
-        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=spec.num_layers)
+        config.update(use_sliding_window=False, sliding_window=None, max_window_layers=len(spec.real_layers))
     if family == "qwen2_moe":
         config["qkv_bias"] = spec.add_qkv_bias
     if family in LATENT:
@@ -338,7 +339,8 @@ def _moe_config(args, spec: ModelSpec, family: str) -> dict:
     config[EXPERT_COUNT[family]] = spec.num_experts
     if family == "mixtral":
         return {**config, "intermediate_size": spec.moe_ffn_hidden_size}
-    dense = [i for i, moe in enumerate(_moe_layer_list(args, spec)) if not moe]
+    per_layer = _moe_layer_list(args, spec)
+    dense = [i for i, g in enumerate(spec.real_layers) if not per_layer[g]]
     if family == "deepseek_v2":
         return {**config, "moe_intermediate_size": spec.moe_ffn_hidden_size, "first_k_dense_replace": len(dense),
                 "n_shared_experts": (spec.shared_expert_ffn_hidden_size or 0) // spec.moe_ffn_hidden_size,

@@ -181,7 +181,9 @@ class Table:
     moe: dict | None = None     # a mixture-of-experts layer's MLP entries ({e}: the expert)
 
     def entries(self, spec: ModelSpec, layer_spec: str, moe_layers=()) -> list[Entry]:
-        """Every tensor of a model, in the table's order; ``moe_layers`` are mixtures of experts."""
+        """Every tensor of a model, in the table's order; ``moe_layers`` (the table's layer
+        numbers) are mixtures of experts. The table's layer i is Megatron's ``spec.real_layers[i]``
+        (MindSpeed's noop layers have no weights)."""
         dense_norms = {**NORMS[layer_spec], **(_LATENT_NORMS if spec.latent_attention else {})}
 
         def entry(name, megatron, part, norms=dense_norms):
@@ -190,21 +192,21 @@ class Table:
 
         layer_names = {n: target for n, target in self.layer.items() if _held(n, spec)}
 
-        def layer(i: int) -> list[Entry]:
+        def layer(i: int, g: int) -> list[Entry]:
             if i not in moe_layers:
-                return [entry(f"model.layers.{i}.{n}", names.layer_key(i, megatron), part)
+                return [entry(f"model.layers.{i}.{n}", names.layer_key(g, megatron), part)
                         for n, (megatron, part) in layer_names.items()]
             norms = {**dense_norms, **{k: v.format(**dense_norms) for k, v in _MOE_NORMS.items()}}
-            attention = [entry(f"model.layers.{i}.{n}", names.layer_key(i, megatron), part, norms)
+            attention = [entry(f"model.layers.{i}.{n}", names.layer_key(g, megatron), part, norms)
                          for n, (megatron, part) in layer_names.items() if not n.startswith("mlp.")]
-            return attention + [entry(f"model.layers.{i}.{n.format(e=e)}", names.layer_key(i, megatron.format(e=e)),
+            return attention + [entry(f"model.layers.{i}.{n.format(e=e)}", names.layer_key(g, megatron.format(e=e)),
                                       part) for n, (megatron, part) in self.moe.items()
                                 for e in (range(spec.num_experts) if "{e}" in n else [None])]
 
         head = {n: target for n, target in self.head.items()
                 if not (spec.tied_embeddings and target[0] == names.OUTPUT)}
         return ([entry(n, *target) for n, target in self.embedding.items()]
-                + [e for i in range(spec.num_layers) for e in layer(i)]
+                + [e for i, g in enumerate(spec.real_layers) for e in layer(i, g)]
                 + [entry(n, *target) for n, target in head.items()])
 
     def tied_copies(self) -> set[str]:
@@ -247,12 +249,15 @@ def extra_states(spec: ModelSpec, layer_spec: str, moe_layers=()) -> list[str]:
                    for e in range(spec.num_experts) for linear in ("linear_fc1", "linear_fc2")]
         shared = ["mlp.shared_experts.linear_fc1._extra_state", "mlp.shared_experts.linear_fc2._extra_state"]
         return attention + experts + (shared if spec.shared_expert_ffn_hidden_size else [])
-    return [names.layer_key(i, suffix) for i in range(spec.num_layers) for suffix in layer(i)] + [OUTPUT_EXTRA_STATE]
+    return [names.layer_key(g, suffix) for i, g in enumerate(spec.real_layers) for suffix in layer(i)] \
+        + [OUTPUT_EXTRA_STATE]
 
 
-def moe_layers_of(keys) -> set[int]:
-    """The layers of a TP1·PP1 Megatron model (its keys) that are mixtures of experts."""
-    return {names.classify(k).local_layer for k in keys if k.endswith(".mlp.router.weight")}
+def moe_layers_of(keys, spec: ModelSpec) -> set[int]:
+    """The layers of a TP1·PP1 Megatron model (its keys) that are mixtures of experts, numbered as
+    an external model's (without noop layers)."""
+    moe = {names.classify(k).local_layer for k in keys if k.endswith(".mlp.router.weight")}
+    return {i for i, g in enumerate(spec.real_layers) if g in moe}
 
 
 def layer_spec_of(keys) -> str:

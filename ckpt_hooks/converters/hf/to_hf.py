@@ -127,7 +127,7 @@ def megatron_to_hf(load_dir, save_dir, target: Target = Target(), *, model_type:
                                          f"(supported: {', '.join(sorted(names.LAYERS))})")
     dtype = params_dtype or model.tensors[megatron_names.EMBEDDING].dtype
     config = hf_config.from_megatron(model.ckpt.args, model.spec, family, dtype, args_path)
-    entries = names.entries(family, model.spec, names.layer_spec_of(model.tensors), names.moe_layers_of(model.tensors))
+    entries = names.entries(family, model.spec, names.layer_spec_of(model.tensors), names.moe_layers_of(model.tensors, model.spec))
     planned = external_tensors(entries, model.tensors, params_dtype, f"Hugging Face {family}", args_path)
     label = f"{model.source.describe()} -> HF {family}"
     count, total = write_hf(save_dir, planned, config, max_bytes, workers=workers, quiet=quiet, label=label,

@@ -116,8 +116,9 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
     tokenizer_model = str(Path(save_dir).absolute() / hf_config.ASSETS_DIR) if assets else None
     layer_spec = target.layer_spec or names.TRANSFORMER_ENGINE
     params_dtype = hf_config.torch_dtype(target.params_dtype)
-    spec = replace(hf_config.model_spec(config, config_path, config["model_type"], target.true_vocab_size,
-                                        target.make_vocab_size_divisible_by or 128), transformer_impl=layer_spec)
+    spec = target.padded(replace(hf_config.model_spec(config, config_path, config["model_type"],
+                                                      target.true_vocab_size, target.make_vocab_size_divisible_by or 128),
+                                 transformer_impl=layer_spec))
     written = target.layout(ParallelConfig(), spec)
     if target.padded_vocab_size:
         if target.padded_vocab_size % written.tp or target.padded_vocab_size < spec.true_vocab_size:
