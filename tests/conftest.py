@@ -15,6 +15,8 @@ MOE_MIXED = {**MOE, "shared_ffn": 64, "shared_gate": True, "moe_layer_freq": [0,
 # The experts as megatron-core's legacy GroupedMLP (--moe-grouped-gemm; in fp32 through the
 # harness's grouped_gemm stand-in, bf16 in the Megatron-LM tests).
 MOE_GROUPED = {**MOE, "grouped_gemm": True}
+# MindSpeed-LLM's noop layers (--noop-layers): the last of the 4 layers has no weights.
+MOE_NOOP = {**MOE, "noop_layers": [3]}
 # DeepSeek-V2's shape: Multi-Latent Attention (a q latent too), a first dense layer, ungated shared experts.
 LATENT_MOE = {**MOE, "query_groups": 4, "shared_ffn": 64, "moe_layer_freq": [0, 1, 1, 1],
               "mla": {"q_lora_rank": 32, "kv_lora_rank": 16, "qk_head_dim": 16, "qk_pos_emb_head_dim": 8,
@@ -57,6 +59,7 @@ SOURCES = {
     # Grouped-GEMM experts (weight1/weight2), legacy, and as torch_dist by megatron-core (DP2: no
     # param_map, each dense bucket saved from both DP ranks).
     "moe_grouped": ({"tp": 1, "pp": 2, "ep": 2}, MOE_GROUPED, 3),
+    "moe_noop": ({"tp": 1, "pp": 2, "ep": 2}, MOE_NOOP, 3),
     "dist_moe_grouped": ({"tp": 1, "pp": 2, "ep": 2}, MOE_GROUPED, 3),
     # The moe_pp2ep2 run saved as torch_dist by megatron-core (chained optimizers' dp_reshardable
     # buckets, no param_map: dense DP2 saves each bucket from both DP ranks), and the moe_mixed
@@ -66,7 +69,8 @@ SOURCES = {
     # Latent attention with experts, saved as torch_dist.
     "dist_latent_moe": ({"tp": 2, "pp": 2, "ep": 2, "etp": 1}, LATENT_MOE, 3),
 }
-TRAINED_ON = {"cont_tp1pp2vpp2", "moe_pp2ep2", "moe_tp2ep2etp1", "moe_mixed", "moe_grouped", "dist_latent_moe"}
+TRAINED_ON = {"cont_tp1pp2vpp2", "moe_pp2ep2", "moe_tp2ep2etp1", "moe_mixed", "moe_grouped", "moe_noop",
+              "dist_latent_moe"}
 DIST = {"dist_tp2pp2": "dp_reshardable", "distfull_tp2pp2": "fully_reshardable", "saved_dist_tp2pp2": "dp_reshardable",
         "dist_tied_bf16_tp2pp2": "dp_reshardable", "dist_moe_pp2ep2": "dp_reshardable", "dist_tp1pp2vpp2": "dp_reshardable",
         "saved_dist_moe_mixed": "dp_reshardable", "dist_latent_moe": "dp_reshardable",

@@ -54,9 +54,15 @@ FAMILIES = {
     # projections split over TP2 as the local layer spec splits them.
     "deepseek_v2": ("DeepseekV2Config", {**_DEEPSEEK, "q_lora_rank": None, "routed_scaling_factor": 1.5,
                                          "rope_parameters": _YARN}, {"tp": 2, "pp": 2, "ep": 2, "etp": 1}),
+    # MindSpeed-LLM's noop layers: 3 layers padded to 4 for the pipeline (NOOP_LAYERS), the last one noop.
+    "mixtral-noop": ("MixtralConfig", {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_local_experts": 4,
+                                       "num_experts_per_tok": 2, "intermediate_size": 32, "num_hidden_layers": 3},
+                     {"tp": 1, "pp": 2, "ep": 2}),
     # ... and DeepSeek-V2's: a q latent too.
     "deepseek_v2-q_lora": ("DeepseekV2Config", {**_DEEPSEEK, "q_lora_rank": 32}, {"tp": 2, "pp": 1, "ep": 4, "etp": 1}),
 }
+
+NOOP_LAYERS = {"mixtral-noop": [3]}
 
 
 def hf_model(family: str, seed: int):
@@ -104,8 +110,9 @@ def harness_model(family: str) -> dict:
                      shared_ffn=overrides.get("shared_expert_intermediate_size"),
                      shared_gate=model.get("shared_gate", "shared_expert_intermediate_size" in overrides),
                      moe_layer_freq=[int(i not in dense) for i in range(4)] if dense else None,
-                     router_pre_softmax=family != "mixtral" and not overrides["norm_topk_prob"])
-        if family == "mixtral":   # no dense layers: Megatron-LM's --ffn-hidden-size is the experts'
+                     router_pre_softmax=not family.startswith("mixtral") and not overrides["norm_topk_prob"],
+                     noop_layers=NOOP_LAYERS.get(family))
+        if family.startswith("mixtral"):   # no dense layers: Megatron-LM's --ffn-hidden-size is the experts'
             model["ffn"] = overrides["intermediate_size"]
     return model
 
@@ -129,8 +136,10 @@ def hf(tmp_path_factory, sources):
         directory = root / family
         model.save_pretrained(directory, max_shard_size="100KB" if family == "llama" else "1GB")
         megatron = root / f"{family}-megatron"
+        noop = NOOP_LAYERS.get(family)
         hf_to_megatron(directory, megatron, Target(tp=layout["tp"], pp=layout["pp"], vpp=layout.get("vpp"),
-                                                   ep=layout.get("ep"), etp=layout.get("etp"), layer_spec="local"),
+                                                   ep=layout.get("ep"), etp=layout.get("etp"), layer_spec="local",
+                                                   noop_layers=tuple(noop) if noop else None),
                        quiet=True)
         result = root / f"{family}.logits.pt"
         jobs.append(logits_job(layout, megatron, TOKENS, result, harness_model(family)))
@@ -388,7 +397,7 @@ def test_config_and_tokenizer_files_round_trip(hf, tmp_path, family):
         assert (back / name).read_bytes() == (source / name).read_bytes(), name
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "mixtral-noop"])
 def test_verify_certifies_megatron_against_hf_experts(hf, family):
     """`ckpt-hooks verify` compares a converted MoE checkpoint with its HF model, expert by expert."""
     result = cli("verify", hf[family]["megatron"], hf[family]["dir"], "--quiet")

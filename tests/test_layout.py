@@ -121,3 +121,22 @@ def test_a_rule_over_two_dimensions_places_experts():
     assert list(expert_range(8, ParallelConfig(ep=4), 3)) == [6, 7]
     with pytest.raises(LayoutError):
         placement(rule, SPEC, ParallelConfig(tp=3, ep=2, etp=3), Rank(), vocab_rows=128, file_shape=(4, 8, 6))
+
+
+@pytest.mark.parametrize("saved, want", [("3,1", (1, 3)), ({2}, (2,)), (None, ())])
+def test_noop_layers_as_mindspeed_llm_saves_them(saved, want):
+    """MindSpeed-LLM's args hold noop_layers as given ("3,1") or parsed (a set): the same layers."""
+    import argparse
+
+    from ckpt_hooks.algebra.spec import noop_layers_of
+
+    assert noop_layers_of(argparse.Namespace(noop_layers=saved)) == want
+
+
+def test_an_external_model_padded_with_noop_layers():
+    """7 HF layers padded with noop layer 3 are Megatron's 8; HF layer i is Megatron's real_layers[i]."""
+    seven = dataclasses.replace(SPEC, num_layers=7)
+    padded = seven.with_noop_layers((3,))
+    assert padded.num_layers == 8 and padded.real_layers == (0, 1, 2, 4, 5, 6, 7)
+    with pytest.raises(ValueError, match="must lie in the 8 layers"):
+        seven.with_noop_layers((8,))

@@ -41,6 +41,10 @@ PAIRS = [
     ("moe_mixed", {"tp": 1, "pp": 1, "ep": 4}),
     ("moe_mixed", {"tp": 2, "pp": 2, "ep": 1}),
     ("moe_mixed", {"tp": 4, "pp": 1, "ep": 1, "etp": 4}),
+    # MindSpeed-LLM's noop layers: layer 3 holds no weights wherever it lands
+    ("moe_noop", {"tp": 1, "pp": 1, "ep": 4}),
+    ("moe_noop", {"tp": 1, "pp": 4, "ep": 1}),                     # a stage of the noop layer alone
+    ("moe_noop", {"tp": 2, "pp": 1, "ep": 2, "etp": 1}),
 ]
 
 
@@ -308,6 +312,17 @@ def test_malformed_grouped_experts_are_refused(sources, tmp_path, change, says):
     change(state["model"])
     torch.save(state, victim)
     assert_refused(ckpt, tmp_path / "out", "--ep-size", "1", names=victim, says=says)
+
+
+def test_weights_of_a_noop_layer_are_refused(sources, tmp_path):
+    """A rank file holding a tensor of a layer its args make a noop layer: one line naming it."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(sources["moe_noop"].dir, ckpt)
+    victim = ckpt / "iter_0000003" / "mp_rank_00_001_000" / "model_optim_rng.pt"   # layers 2 and 3 (noop)
+    state = torch.load(victim, weights_only=False)
+    state["model"]["decoder.layers.1.input_layernorm.weight"] = state["model"]["decoder.layers.0.input_layernorm.weight"]
+    torch.save(state, victim)
+    assert_refused(ckpt, tmp_path / "out", "--ep-size", "1", names=victim, says="of layer 3, which the args make a noop")
 
 
 @pytest.mark.parametrize("flags, says", [

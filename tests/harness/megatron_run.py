@@ -68,7 +68,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer  # no
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
 from megatron.core.transformer import MLATransformerConfig, TransformerConfig  # noqa: E402
-from megatron.core.transformer.module import Float16Module  # noqa: E402
+from megatron.core.transformer.module import Float16Module, MegatronModule  # noqa: E402
 from megatron.core.utils import unwrap_model  # noqa: E402
 
 LR = 1e-2
@@ -158,6 +158,8 @@ def transformer_config(m: dict, layout: dict) -> TransformerConfig:
         # gloo mixes up activations and gradients with batched p2p under VPP.
         batch_p2p_comm=False,
         deallocate_pipeline_outputs=True,  # as Megatron-LM sets it
+        # One sharded key per layer (no stacked layer axis with holes at noop layers).
+        hetereogenous_dist_checkpoint=bool(m["noop_layers"]),
         **moe_config(m, layout),
         **latent,
     )
@@ -211,6 +213,8 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
             vp_stage=vp_stage,
         )
         model.model_type = ModelType.encoder_or_decoder
+        if m["noop_layers"]:
+            with_noop_layers(model, m["noop_layers"])
         for param in model.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
         if config.bf16:
@@ -223,6 +227,27 @@ def build_model(m: dict, layout: dict, config: TransformerConfig) -> list:
                for i, chunk in enumerate(chunks)]
     _BUILT.extend(wrapped)
     return wrapped
+
+
+class NoopLayer(MegatronModule):
+    """MindSpeed's NoopTransformerLayer (MindSpeed does not install here): a layer without weights
+    that passes its input on."""
+
+    def __init__(self, layer_number: int):
+        super().__init__(config=None)
+        self.layer_number = layer_number
+
+    def forward(self, hidden_states, context=None, **kwargs):
+        return hidden_states, context
+
+
+def with_noop_layers(model, noop: list) -> None:
+    """As MindSpeed builds a model with --noop-layers: those global layers are NoopLayers, every
+    layer keeping its number (and its place in the chunk's layer list)."""
+    layers = model.decoder.layers
+    for i, layer in enumerate(layers):
+        if layer.layer_number - 1 in noop:
+            layers[i] = NoopLayer(layer.layer_number)
 
 
 # Every job's DDP chunks, whose references out of gc's sight destroy_groups cuts: their
@@ -267,6 +292,7 @@ def megatron_args(m: dict, layout: dict, dp: int, iteration: int, ckpt_format: s
         moe_ffn_hidden_size=m["moe_ffn"] if m["experts"] else None,
         moe_router_topk=m["topk"],
         moe_grouped_gemm=m["grouped_gemm"],
+        noop_layers=set(m["noop_layers"]) if m["noop_layers"] else None,   # MindSpeed-LLM's, parsed
         moe_token_dispatcher_type="allgather",
         moe_shared_expert_intermediate_size=m["shared_ffn"],
         moe_shared_expert_gate=m["shared_gate"],

@@ -36,6 +36,7 @@ MODEL_DEFAULTS = {
     "moe_layer_freq": None,  # per layer 1 (MoE) or 0 (dense MLP); None: every layer MoE
     "router_pre_softmax": False,  # softmax over every expert, then the top k (not renormalised)
     "topk_scaling": None,
+    "noop_layers": None,    # MindSpeed-LLM's noop layers: global layers without weights (a list)
     "grouped_gemm": False,  # the legacy GroupedMLP experts (weight1/weight2; megatron-core wants bf16)   # the top-k weights' scale (DeepSeek's routed_scaling_factor); None: 1
     "qk_layernorm": False,  # per-head RMSNorm of queries and keys (Qwen3)
     # Multi-Latent Attention (DeepSeek-V2/V3), None: standard attention. A dict of
