@@ -1,6 +1,8 @@
 """MindSpore .ckpt and safetensors files against real MindSpore: our writers produce its bytes,
 our readers agree with its loader bit for bit, and damaged files are refused in one line."""
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -126,6 +128,28 @@ def test_safetensors_both_ways(tmp_path):
     crc_file = tmp_path / "crc.safetensors"
     ms.save_checkpoint({"fp32": _parameters(arrays)["fp32"]}, str(crc_file), format="safetensors", crc_check=True)
     assert "crc_num" in SafetensorsFile(crc_file, check_crc=True).metadata
+
+
+@pytest.mark.parametrize("suffix", ["safetensors", "ckpt"])
+def test_arrays_are_produced_one_at_a_time_when_written(tmp_path, suffix):
+    """PendingArrays (what a conversion writes) are made one at a time, each released before the
+    next is made, and the file is byte-identical to the one written from the arrays themselves."""
+    arrays = _arrays()
+    made = []
+
+    def pending(name):
+        def produce():
+            assert all(ref() is None for ref in made), "an earlier array is still held"
+            array = arrays[name].copy()
+            made.append(weakref.ref(array))
+            return array
+        return mindspore_ckpt.PendingArray(arrays[name].shape, arrays[name].dtype, produce)
+
+    writer = ms_safetensors if suffix == "safetensors" else mindspore_ckpt
+    streamed, whole = tmp_path / f"streamed.{suffix}", tmp_path / f"whole.{suffix}"
+    writer.save(streamed, {name: pending(name) for name in arrays})
+    writer.save(whole, arrays)
+    assert len(made) == len(arrays) and streamed.read_bytes() == whole.read_bytes()
 
 
 def _damaged(tmp_path, damage):

@@ -24,7 +24,7 @@ import math
 import mmap
 import os
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -230,8 +230,27 @@ def _length_delimited(number: int, data: bytes) -> bytes:
     return bytes([number << 3 | 2]) + _varint_bytes(len(data)) + data
 
 
+@dataclass(frozen=True)
+class PendingArray:
+    """An array of a file being written, produced (``produce()``) only when its bytes are written:
+    a writer that needs every shape first (safetensors' header) keeps one array in memory."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    produce: Callable[[], np.ndarray]
+
+    def array(self, path, name: str) -> np.ndarray:
+        array = np.asarray(self.produce())
+        if tuple(array.shape) != tuple(self.shape) or array.dtype != self.dtype:
+            raise ValueError(f"{path}: {name}: produced {array.dtype} {list(array.shape)}, planned "
+                             f"{self.dtype} {list(self.shape)}")
+        return array
+
+
 def _encode(path, name: str, value) -> Iterable:
     """The records of one tensor or string, as save_checkpoint writes them: header, content, ..."""
+    if isinstance(value, PendingArray):
+        value = value.array(path, name)
     if isinstance(value, str):
         array, tensor_type, dims = np.array(value), "str", [0]
     else:
@@ -253,7 +272,7 @@ def _encode(path, name: str, value) -> Iterable:
 
 
 def save(path, items: Mapping | Iterable, crc: bool = False) -> None:
-    """Write ``items`` (name -> array or str, as a mapping or (name, value) pairs) the way
+    """Write ``items`` (name -> array, PendingArray or str, as a mapping or (name, value) pairs) the way
     ``mindspore.save_checkpoint(..., crc_check=crc)`` does, to the byte. Values are taken one at
     a time (pairs may come from a generator), written to a temporary file renamed into place
     when complete. bfloat16 arrays have dtype BF16 (or any NumPy dtype named "bfloat16")."""
@@ -264,5 +283,6 @@ def save(path, items: Mapping | Iterable, crc: bool = False) -> None:
                 f.write(chunk)
                 if crc:
                     crc_num = zlib.crc32(chunk, crc_num)
+            chunk = None   # a view of the array: released before the next one is made
         if crc:
             f.write(b"crc_num" + crc_num.to_bytes(10, "big"))

@@ -11,6 +11,7 @@ to 8 bytes), so its output is byte-identical to MindSpore's.
 from __future__ import annotations
 
 import json
+import math
 import struct
 import zlib
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ import numpy as np
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import safetensors
 from ckpt_hooks.formats.atomic import atomic_write
-from ckpt_hooks.formats.mindspore_ckpt import DTYPES, dtype_index, raw_bytes
+from ckpt_hooks.formats.mindspore_ckpt import DTYPES, PendingArray, dtype_index, raw_bytes
 
 
 class SafetensorsFile(safetensors.SafetensorsFile):
@@ -42,17 +43,18 @@ class SafetensorsFile(safetensors.SafetensorsFile):
 
 
 def save(path, items: Mapping) -> None:
-    """Write ``items`` (name -> array) as ``save_checkpoint(..., format="safetensors")`` does,
-    to the byte: one tensor made contiguous at a time, into a temporary file renamed into place
-    when complete. bfloat16 arrays have dtype BF16 (or any NumPy dtype named "bfloat16")."""
-    arrays = {name: np.asarray(value) for name, value in items.items()}
-    index = {name: dtype_index(array.dtype, path, name) for name, array in arrays.items()}
-    order = sorted(arrays, key=lambda name: (index[name], name))
+    """Write ``items`` (name -> array, or PendingArray) as ``save_checkpoint(..., format="safetensors")``
+    does, to the byte, streamed: the header from the shapes and dtypes, then one array produced and
+    written at a time, into a temporary file renamed into place when complete. bfloat16 arrays
+    have dtype BF16 (or any NumPy dtype named "bfloat16")."""
+    items = {name: value if isinstance(value, PendingArray) else np.asarray(value) for name, value in items.items()}
+    index = {name: dtype_index(np.dtype(value.dtype), path, name) for name, value in items.items()}
+    order = sorted(items, key=lambda name: (index[name], name))
     entries, offset = {}, 0
     for name in order:
-        nbytes = arrays[name].nbytes
-        entries[name] = {"dtype": DTYPES[index[name]][2], "shape": list(arrays[name].shape),
-                         "data_offsets": [offset, offset + nbytes]}
+        shape = tuple(items[name].shape)
+        nbytes = math.prod(shape) * np.dtype(items[name].dtype).itemsize
+        entries[name] = {"dtype": DTYPES[index[name]][2], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header = {"__metadata__": {"format": "ms"}, **entries} if entries else {}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -60,4 +62,7 @@ def save(path, items: Mapping) -> None:
     with atomic_write(path) as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for name in order:
-            f.write(raw_bytes(arrays[name]))  # a copy only for a non-contiguous view
+            value = items.pop(name)   # held no longer than its write
+            array = value.array(path, name) if isinstance(value, PendingArray) else value
+            f.write(raw_bytes(array))  # a copy only for a non-contiguous view
+            del array                  # before the next one is produced

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.mindspore_ckpt import PendingArray
 
 STATES = ("", "exp_avg", "exp_avg_sq")  # the fp32 param, then Adam's moments: name prefixes
 _BUCKET = re.compile(r"(exp_avg(_sq)?\.)?buffer_\d+_bucket_\d+")
@@ -104,10 +105,11 @@ def read_shard_info(path) -> ShardInfo:
 
 
 def combined_tensors(info: ShardInfo, shards: list, states=STATES, carry_training_state: bool = True):
-    """Yield (name, array) of the combined checkpoint, one tensor in flight: every parameter's
-    fp32 value and moments (``states``), the zero3 parameters, then the other entries of DP
-    rank 0's file (step, learning rate, ..., unless ``carry_training_state`` is False).
-    ``shards``: the DP ranks' opened files, in ``dp_rank_list`` order (CkptFile / SafetensorsFile)."""
+    """Yield (name, value) of the combined checkpoint: every parameter's fp32 value and moments
+    (``states``) and the zero3 parameters as PendingArrays (merged when written: one in memory),
+    then the other entries of DP rank 0's file (step, learning rate, ..., unless
+    ``carry_training_state`` is False). ``shards``: the DP ranks' opened files, in
+    ``dp_rank_list`` order (CkptFile / SafetensorsFile)."""
     if len(shards) != len(info.dp_ranks):
         raise CheckpointError(info.path, f"{len(shards)} shard files for DP group {info.dp_ranks}")
     for shard in shards:
@@ -115,17 +117,24 @@ def combined_tensors(info: ShardInfo, shards: list, states=STATES, carry_trainin
             for bucket, size in enumerate(sizes):
                 for state in states:
                     _check_bucket(shard, state_name(state, bucket_name(buffer, bucket)), size // len(shards))
+    def merged(state: str, param: ParamRange) -> np.ndarray:
+        out = np.empty(param.end - param.start, np.float32)
+        at = 0
+        for dp, bucket, lo, hi in info.pieces(param):
+            out[at:at + hi - lo] = shards[dp].read(state_name(state, bucket_name(param.buffer, bucket)),
+                                                   rows=slice(lo, hi))
+            at += hi - lo
+        return out.reshape(param.shape)
+
     for state in states:
         for name, param in info.params.items():
-            out = np.empty(param.end - param.start, np.float32)
-            at = 0
-            for dp, bucket, lo, hi in info.pieces(param):
-                out[at:at + hi - lo] = shards[dp].read(state_name(state, bucket_name(param.buffer, bucket)),
-                                                       rows=slice(lo, hi))
-                at += hi - lo
-            yield state_name(state, name), out.reshape(param.shape)
+            yield state_name(state, name), PendingArray(param.shape, np.dtype(np.float32),
+                                                        lambda state=state, param=param: merged(state, param))
     for name in info.zero3:
-        yield name, np.concatenate([_read(shard, name) for shard in shards])
+        parts = [_stored(shard, name) for shard in shards]
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        yield name, PendingArray(shape, parts[0].dtype,
+                                 lambda name=name: np.concatenate([shard.read(name) for shard in shards]))
     for name in shards[0].names:  # buckets are all consumed (or unknown to the shard info)
         if name not in info.zero3 and not _BUCKET.fullmatch(name) and (carry_training_state or not _training_state(name)):
             yield name, shards[0].read(name)
@@ -141,10 +150,11 @@ def _check_bucket(shard, name: str, numel: int) -> None:
                                           f"[{numel}] float32")
 
 
-def _read(shard, name: str) -> np.ndarray:
+def _stored(shard, name: str):
+    """A zero3 parameter's stored tensor (shape, dtype) in one DP rank's file."""
     if name not in shard.tensors:
         raise CheckpointError(shard.path, f"no zero3 parameter {name!r}")
-    return shard.read(name)
+    return shard.tensors[name]
 
 
 def write_checkpoint(path, items) -> None:

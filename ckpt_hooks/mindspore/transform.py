@@ -33,7 +33,7 @@ from ckpt_hooks.engine.source import Source, Tensor
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors
 from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
-from ckpt_hooks.formats.mindspore_ckpt import MappedFile
+from ckpt_hooks.formats.mindspore_ckpt import MappedFile, PendingArray
 from ckpt_hooks.formats.mindspore_strategy import read_strategy
 from ckpt_hooks.mindspore.files import READERS, RANK_DIR, MappedTensor, latest_checkpoint, open_checkpoint, rank_dirs
 
@@ -194,16 +194,20 @@ def plan_files(source: MindSporeSource, dst: Strategy | None, ranks: list[int] |
 def write_target(target: TargetFile, strings: dict, path: Path, progress=None, build=build_tensor) -> None:
     """One target file, in the format its suffix names, written atomically; each tensor made by
     ``build(tensor)`` (ckpt_hooks.converters.lora's merges adapters in), then ``strings``."""
-    def tensors():
-        for tensor in target.tensors:
-            yield tensor.key, build(tensor)
+    def made(tensor):
+        def make():
+            # A source view may be strided (a column piece). Not ascontiguousarray: it makes scalars 1-D.
+            array = np.require(build(tensor), requirements="C")
             if progress is not None:
                 progress.update(tensor.nbytes)
+            return array
+        return PendingArray(tensor.placement.stored_shape, tensor.dtype, make)
 
+    pending = {tensor.key: made(tensor) for tensor in target.tensors}
     if path.suffix == ".ckpt":
-        mindspore_ckpt.save(path, itertools.chain(tensors(), strings.items()))
-    else:  # a source view may be strided (a column piece). Not ascontiguousarray: it makes scalars 1-D
-        ms_safetensors.save(path, {name: np.require(array, requirements="C") for name, array in tensors()})
+        mindspore_ckpt.save(path, itertools.chain(pending.items(), strings.items()))
+    else:
+        ms_safetensors.save(path, pending)
 
 
 def check_format(source: MindSporeSource, output_format: str, load_dir) -> None:
