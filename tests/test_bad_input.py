@@ -49,6 +49,10 @@ def test_target_tp_that_does_not_divide(ckpt, tmp_path, tp):
     (("--num-layer-list", "1,2"), "--num-layer-list 1,2", "does not split 4 layers"),
     (("--target-pipeline-parallel-size", "4", "--num-layer-list", "1,3"), "--num-layer-list 1,3",
      "lists 2 stages, the pipeline has 4"),
+    (("--target-pipeline-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"),
+     "--num-layers-per-virtual-pipeline-stage 3", "does not split 4 layers over 2 stages"),
+    (("--num-layers-per-virtual-pipeline-stage", "1", "--target-virtual-pipeline-parallel-size", "2"),
+     "--num-layers-per-virtual-pipeline-stage 1", "both give the virtual stages"),
 ])
 def test_target_sizes_are_validated(ckpt, tmp_path, flags, names, says):
     """Sizes the target framework would refuse are refused before anything is read, naming the flag

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from ckpt_hooks.megatron.checkpoint import open_checkpoint
-from tests.util import cli
+from tests.util import tree_digest, cli
 
 
 def test_inspect_describes_layout_model_and_files(sources):
@@ -58,6 +58,19 @@ def test_round_trip_through_other_layouts_is_lossless(sources, tmp_path):
                     assert torch.equal(value, back[rank][chunk][key]), (rank, key)
                 else:
                     assert value == back[rank][chunk][key] or value is None, (rank, key)
+
+
+def test_virtual_stages_given_as_layers_per_stage(sources, tmp_path):
+    """--num-layers-per-virtual-pipeline-stage 1 at PP2 (4 layers) is VPP2: the same files."""
+    outputs = {}
+    for name, flag in (("vpp", ["--target-virtual-pipeline-parallel-size", 2]),
+                       ("per-stage", ["--num-layers-per-virtual-pipeline-stage", 1])):
+        outputs[name] = tmp_path / name
+        result = cli("convert", "--load-dir", sources["tp2pp2"].dir, "--save-dir", outputs[name], "--quiet",
+                     "--target-tensor-parallel-size", 1, "--target-pipeline-parallel-size", 2, *flag)
+        assert result.returncode == 0, result.stderr
+    assert tree_digest(outputs["vpp"]) == tree_digest(outputs["per-stage"])
+    assert (outputs["vpp"] / "iter_0000003" / "mp_rank_00_001").is_dir()
 
 
 def test_quiet_prints_nothing(sources, tmp_path):

@@ -58,11 +58,16 @@ FAMILIES = {
     "mixtral-noop": ("MixtralConfig", {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_local_experts": 4,
                                        "num_experts_per_tok": 2, "intermediate_size": 32, "num_hidden_layers": 3},
                      {"tp": 1, "pp": 2, "ep": 2}),
+    # The experts as megatron-core's legacy GroupedMLP (--moe-grouped-gemm: GROUPED_GEMM).
+    "mixtral-grouped": ("MixtralConfig", {"rope_theta": 1e6, "rms_norm_eps": 1e-5, "num_local_experts": 4,
+                                          "num_experts_per_tok": 2, "intermediate_size": 32},
+                        {"tp": 2, "pp": 1, "ep": 2, "etp": 1}),
     # ... and DeepSeek-V2's: a q latent too.
     "deepseek_v2-q_lora": ("DeepseekV2Config", {**_DEEPSEEK, "q_lora_rank": 32}, {"tp": 2, "pp": 1, "ep": 4, "etp": 1}),
 }
 
 NOOP_LAYERS = {"mixtral-noop": [3]}
+GROUPED_GEMM = {"mixtral-grouped"}
 
 
 def hf_model(family: str, seed: int):
@@ -111,7 +116,7 @@ def harness_model(family: str) -> dict:
                      shared_gate=model.get("shared_gate", "shared_expert_intermediate_size" in overrides),
                      moe_layer_freq=[int(i not in dense) for i in range(4)] if dense else None,
                      router_pre_softmax=not family.startswith("mixtral") and not overrides["norm_topk_prob"],
-                     noop_layers=NOOP_LAYERS.get(family))
+                     noop_layers=NOOP_LAYERS.get(family), grouped_gemm=family in GROUPED_GEMM)
         if family.startswith("mixtral"):   # no dense layers: Megatron-LM's --ffn-hidden-size is the experts'
             model["ffn"] = overrides["intermediate_size"]
     return model
@@ -139,7 +144,8 @@ def hf(tmp_path_factory, sources):
         noop = NOOP_LAYERS.get(family)
         hf_to_megatron(directory, megatron, Target(tp=layout["tp"], pp=layout["pp"], vpp=layout.get("vpp"),
                                                    ep=layout.get("ep"), etp=layout.get("etp"), layer_spec="local",
-                                                   noop_layers=tuple(noop) if noop else None),
+                                                   noop_layers=tuple(noop) if noop else None,
+                                                   moe_grouped_gemm=family in GROUPED_GEMM or None),
                        quiet=True)
         result = root / f"{family}.logits.pt"
         jobs.append(logits_job(layout, megatron, TOKENS, result, harness_model(family)))

@@ -1,6 +1,6 @@
 """What a conversion writes, as one value: the target's layout, vocabulary padding, dtype and layer spec.
 
-    Target(tp, pp, vpp, dp, num_layer_list, ep, etp,                 the layout; None: as the source
+    Target(tp, pp, vpp | layers_per_virtual_stage, dp, num_layer_list, ep, etp,  the layout; None: the source's
            make_vocab_size_divisible_by, padded_vocab_size, true_vocab_size,       vocabulary rows
            params_dtype, layer_spec, moe_grouped_gemm, noop_layers)                  what is written
 
@@ -23,7 +23,8 @@ FLAGS = {"tp": "--target-tensor-parallel-size", "pp": "--target-pipeline-paralle
          "num_layer_list": "--num-layer-list", "ep": "--target-expert-model-parallel-size",
          "etp": "--target-expert-tensor-parallel-size", "make_vocab_size_divisible_by": "--make-vocab-size-divisible-by",
          "padded_vocab_size": "--padded-vocab-size", "true_vocab_size": "--true-vocab-size",
-         "moe_grouped_gemm": "--moe-grouped-gemm", "noop_layers": "--noop-layers"}
+         "moe_grouped_gemm": "--moe-grouped-gemm", "noop_layers": "--noop-layers",
+         "layers_per_virtual_stage": "--num-layers-per-virtual-pipeline-stage"}
 
 
 def _fits_experts(spec: ModelSpec, config: ParallelConfig) -> bool:
@@ -50,6 +51,7 @@ class Target:
     etp: int | None = None             # expert tensor parallel (None: the source's, or TP where that was TP)
     moe_grouped_gemm: bool | None = None   # experts as the legacy GroupedMLP or SequentialMLP; None: the source's
     noop_layers: tuple[int, ...] | None = None   # MindSpeed-LLM's noop layers an external model is padded with
+    layers_per_virtual_stage: int | None = None  # Megatron-LM's way to give VPP: layers per virtual stage
 
     def __post_init__(self):
         for name in ("tp", "pp", "vpp", "dp", "ep", "etp", "make_vocab_size_divisible_by", "padded_vocab_size",
@@ -83,6 +85,17 @@ class Target:
         except ValueError as e:
             raise self.error("noop_layers", str(e)) from None
 
+    def _virtual_stages(self, spec: ModelSpec, pp: int) -> int | None:
+        """VPP from --num-layers-per-virtual-pipeline-stage (MindSpeed-LLM's and Megatron-LM's spelling)."""
+        per_stage = self.layers_per_virtual_stage
+        if per_stage is None:
+            return None
+        if self.vpp is not None:
+            raise self.error("layers_per_virtual_stage", f"and {FLAGS['vpp']} both give the virtual stages: pass one")
+        if spec.num_layers % (pp * per_stage):
+            raise self.error("layers_per_virtual_stage", f"does not split {spec.num_layers} layers over {pp} stages")
+        return spec.num_layers // (pp * per_stage)
+
     def layout(self, source: ParallelConfig, spec: ModelSpec, notes: list | None = None) -> ParallelConfig:
         """The target layout: the sizes given, the rest kept from ``source`` where they still apply
         (VPP and uneven stages only with the same PP; context parallelism as the source's; DP by
@@ -90,7 +103,7 @@ class Target:
         to the source's TP follows the target's TP), checked against ``spec`` and Megatron-LM's
         own rules."""
         pp = self.pp or (len(self.num_layer_list) if self.num_layer_list else source.pp)
-        vpp = self.vpp or (source.vpp if pp == source.pp else 1)
+        vpp = self._virtual_stages(spec, pp) or self.vpp or (source.vpp if pp == source.pp else 1)
         tp = self.tp or source.tp
         stages = even_or_none(self.num_layer_list) if self.num_layer_list else \
             (source.layers_per_stage if pp == source.pp else None)

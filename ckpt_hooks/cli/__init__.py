@@ -60,7 +60,8 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
 
 # The flags of one framework's conversion, refused for the other's checkpoints.
 _MEGATRON_ONLY = ("tp", "pp", "vpp", "dp", "num_layer_list", "convert_param_only", "true_vocab_size",
-                  "make_vocab_size_divisible_by", "target_ckpt_format", "resume", "moe_grouped_gemm")
+                  "make_vocab_size_divisible_by", "target_ckpt_format", "resume", "moe_grouped_gemm",
+                  "layers_per_virtual_stage")
 _MINDSPORE_ONLY = ("prefix", "format")
 
 

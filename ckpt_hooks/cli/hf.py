@@ -48,6 +48,9 @@ def add_megatron_target_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--transformer-impl", choices=(TRANSFORMER_ENGINE, LOCAL), default=TRANSFORMER_ENGINE,
                         help="the layer spec whose names to write (as Megatron-LM's --transformer-impl)")
     parser.add_argument("--release", action="store_true", help="write release/ instead of iter_0000001/")
+    parser.add_argument("--moe-grouped-gemm", action="store_true", default=None,
+                        help="write the experts as megatron-core's legacy GroupedMLP (weight1/weight2, "
+                             "Megatron-LM's --moe-grouped-gemm with the local layer spec)")
     parser.add_argument("--noop-layers", type=layer_indices,
                         help="MindSpeed-LLM's noop layers to pad the model with, global layer numbers of the "
                              "padded model (e.g. 46,47 turn 46 layers into 48)")

@@ -1,7 +1,8 @@
 """The target flags every converting command shares, and the ``Target`` they build.
 
     --target-tensor-parallel-size (--tp-size)      --target-pipeline-parallel-size (--pp-size)
-    --target-virtual-pipeline-parallel-size (--vpp-size)   --target-data-parallel-size (--dp-size)
+    --target-virtual-pipeline-parallel-size (--vpp-size) | --num-layers-per-virtual-pipeline-stage
+    --target-data-parallel-size (--dp-size)
     --num-layer-list 1,3                                     uneven pipeline stages
     --target-expert-model-parallel-size (--target-expert-parallel-size, --ep-size)
     --target-expert-tensor-parallel-size (--etp-size)        mixtures of experts
@@ -48,6 +49,8 @@ def add_layout_arguments(parser: argparse.ArgumentParser, default: str = "the so
                        help=f"default: {default}")
     group.add_argument("--target-virtual-pipeline-parallel-size", "--vpp-size", dest="vpp", type=positive,
                        help="virtual pipeline chunks per stage (default: the source's if PP is unchanged, else 1)")
+    group.add_argument("--num-layers-per-virtual-pipeline-stage", dest="layers_per_virtual_stage", type=positive,
+                       help="virtual pipeline stages given as layers per virtual stage (MindSpeed-LLM's spelling)")
     group.add_argument("--target-data-parallel-size", "--dp-size", dest="dp", type=positive,
                        help="shapes the optimizer's buckets when there are several (default: fill the source's world)")
     group.add_argument("--num-layer-list", type=layer_list, help="layers per pipeline stage for uneven splits, e.g. 1,3")
@@ -75,7 +78,7 @@ def target_from(args, **more):
     """The Target the parsed flags give (those a command does not have stay unset)."""
     given = {name: getattr(args, name, None) for name in
              ("tp", "pp", "vpp", "dp", "ep", "etp", "num_layer_list", "make_vocab_size_divisible_by", "padded_vocab_size",
-              "true_vocab_size", "moe_grouped_gemm")}
+              "true_vocab_size", "moe_grouped_gemm", "layers_per_virtual_stage")}
     return Target(**given, **more)
 
 

@@ -231,7 +231,7 @@ def _moe_args(config: dict, spec: ModelSpec) -> dict:
             "moe_shared_expert_gate": family in SHARED_EXPERT and bool(spec.shared_expert_ffn_hidden_size),
             "moe_router_topk_scaling_factor": float(config.get("routed_scaling_factor") or 1.0),
             "moe_layer_freq": 1 if set(spec.real_layers) <= layers else [int(i in layers) for i in range(spec.num_layers)],
-            "moe_grouped_gemm": False, "moe_token_dispatcher_type": "alltoall"}
+            "moe_grouped_gemm": spec.moe_grouped_gemm, "moe_token_dispatcher_type": "alltoall"}
 
 
 def family_of(args, spec: ModelSpec) -> str:

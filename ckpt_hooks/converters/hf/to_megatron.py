@@ -116,9 +116,9 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
     tokenizer_model = str(Path(save_dir).absolute() / hf_config.ASSETS_DIR) if assets else None
     layer_spec = target.layer_spec or names.TRANSFORMER_ENGINE
     params_dtype = hf_config.torch_dtype(target.params_dtype)
-    spec = target.padded(replace(hf_config.model_spec(config, config_path, config["model_type"],
-                                                      target.true_vocab_size, target.make_vocab_size_divisible_by or 128),
-                                 transformer_impl=layer_spec))
+    spec = target.model(target.padded(replace(
+        hf_config.model_spec(config, config_path, config["model_type"], target.true_vocab_size,
+                             target.make_vocab_size_divisible_by or 128), transformer_impl=layer_spec)))
     written = target.layout(ParallelConfig(), spec)
     if target.padded_vocab_size:
         if target.padded_vocab_size % written.tp or target.padded_vocab_size < spec.true_vocab_size:
@@ -142,7 +142,7 @@ def external_to_megatron(tensors: dict, table: names.Table, config: dict, config
 
     def rank_state(target_file, progress) -> dict:
         return {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration or 0,
-                **pending_file(target_file, progress)}
+                **pending_file(target_file, progress, spec.moe_grouped_gemm)}
 
     total = sum(f.nbytes for f in plan)
     seconds = write_checkpoint(save_dir, iteration, plan, written, rank_state, None, total, workers=workers,
