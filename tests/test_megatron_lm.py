@@ -256,32 +256,23 @@ LAYOUTS["tp2pp1ep2etp1sp"] = ["--tensor-model-parallel-size", 2, "--pipeline-mod
                               "--sequence-parallel"]
 
 
-@pytest.fixture(scope="module")
-def latent_runs(tmp_path_factory):
-    return train_and_stop(tmp_path_factory.mktemp("megatron_lm_latent"), LATENT_MOE, layout="tp1pp2ep2")
-
-
-@pytest.mark.parametrize("layout", ["tp1pp1ep4", "tp2pp1ep2etp1sp"])
-def test_latent_attention_moe_resumes_at_another_layout(latent_runs, layout):
-    rc, losses, log = resume(latent_runs, layout)
-    assert "ckpt_hooks: resharded" in log, log[-3000:]
-    assert_continues(latent_runs, rc, losses, log)
-
-
 # ---- grouped-GEMM experts: megatron-core's legacy GroupedMLP (--moe-grouped-gemm) -------------------
 
 # Its weight1/weight2 hold each expert's weights transposed, in the model file and in the optimizer's
 # buckets. The grouped_gemm kernels are the harness's plain-torch stand-in, which runs fp32 too.
 GROUPED = MOE + ["--moe-grouped-gemm"]
+VARIANTS = {"latent_moe": LATENT_MOE, "grouped": GROUPED}
 
 
-@pytest.fixture(scope="module")
-def grouped_runs(tmp_path_factory):
-    return train_and_stop(tmp_path_factory.mktemp("megatron_lm_grouped"), GROUPED, layout="tp1pp2ep2")
+@pytest.fixture(scope="module", params=VARIANTS)
+def variant_runs(request, tmp_path_factory):
+    """A MoE variant (latent attention; grouped experts) trained at TP1·PP2·EP2 and stopped."""
+    return train_and_stop(tmp_path_factory.mktemp(f"megatron_lm_{request.param}"), VARIANTS[request.param],
+                          layout="tp1pp2ep2")
 
 
 @pytest.mark.parametrize("layout", ["tp1pp1ep4", "tp2pp1ep2etp1sp"])
-def test_grouped_experts_resume_at_another_layout(grouped_runs, layout):
-    rc, losses, log = resume(grouped_runs, layout)
+def test_moe_variant_resumes_at_another_layout(variant_runs, layout):
+    rc, losses, log = resume(variant_runs, layout)
     assert "ckpt_hooks: resharded" in log, log[-3000:]
-    assert_continues(grouped_runs, rc, losses, log)
+    assert_continues(variant_runs, rc, losses, log)

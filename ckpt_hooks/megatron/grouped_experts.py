@@ -24,6 +24,7 @@ import torch
 
 from ckpt_hooks.algebra.param_map import BufferMap, ParamSlot
 from ckpt_hooks.engine.source import TensorMeta
+from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.torch_pickle import LazyTensor, contiguous_strides
 
 _GROUPED = re.compile(r"(?P<prefix>(?:.*\.)?mlp\.experts\.)weight(?P<n>[12])")
@@ -64,9 +65,10 @@ def view(flat: LazyTensor, offset: int, shape: tuple, transposed: bool = False) 
     return LazyTensor(flat.storage, flat.offset + offset, tuple(shape), strides)
 
 
-def unpacked(buffer_map: BufferMap, experts: int) -> list[ParamSlot]:
+def unpacked(buffer_map: BufferMap, experts: int, where=None) -> list[ParamSlot]:
     """A buffer's parameters with each grouped tensor replaced by its ``experts`` blocks, each the
-    range of one expert's SequentialMLP tensor, stored transposed."""
+    range of one expert's SequentialMLP tensor, stored transposed. ``where`` names the param_map's
+    file in the error for a grouped tensor that does not hold ``experts`` blocks."""
     slots = []
     for slot in buffer_map.params:
         if not is_grouped(slot.name):
@@ -74,7 +76,8 @@ def unpacked(buffer_map: BufferMap, experts: int) -> list[ParamSlot]:
             continue
         shape = block_shape(slot.name, slot.shape, experts)
         if shape is None:
-            raise ValueError(f"param_map: '{slot.name}' of shape {slot.shape} does not hold {experts} experts")
+            raise CheckpointError(where, f"param_map: '{slot.name}' of shape {list(slot.shape)} does not hold "
+                                         f"{experts} experts")
         size = shape[0] * shape[1]
         slots += [replace(slot, name=name, shape=shape, start=slot.start + i * size,
                           end=slot.start + (i + 1) * size, transposed=True)

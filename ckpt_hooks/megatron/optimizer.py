@@ -192,7 +192,7 @@ class SourceOptimizer:
                 if not isinstance(tensor, LazyTensor) or tensor.shape != (stored,):
                     raise CheckpointError(torch_file.path, f"buffer {index} '{state}' is not a flat tensor of {stored}")
                 torch_file.check_complete([tensor])
-                for slot in grouped_experts.unpacked(buffer_map, experts):
+                for slot in grouped_experts.unpacked(buffer_map, experts, torch_file.path):
                     key = (state, f.rank, chunk_keys[buffer_map.chunk], slot.name)
                     self.views[key] = grouped_experts.view(tensor, buffer_map.legacy_offset(slot), slot.shape,
                                                            slot.transposed)

@@ -487,7 +487,7 @@ class DistOptimizer:
                         raise CheckpointError(where, f"no '{key}' of {numel} elements")
                     spans = [(c.offsets[0], c.offsets[0] + c.sizes[0], key, c) for c in stored.chunks]
                     buckets.append(sorted(spans, key=lambda p: p[0]))
-                for slot in grouped_experts.unpacked(buffer_map, experts):
+                for slot in grouped_experts.unpacked(buffer_map, experts, where):
                     start = slot.start - buffer_map.bucket_indices[slot.bucket][0]
                     views[(state, f.rank, chunk_keys[buffer_map.chunk], slot.name)] = \
                         FlatView(checkpoint, buckets[slot.bucket], start, slot.shape,
