@@ -33,11 +33,6 @@ class ParamSlot:
     # (``megatron.grouped_experts.unpacked``); never recorded.
     transposed: bool = False
 
-    @property
-    def stored_shape(self) -> tuple[int, ...]:
-        """The shape the range holds row-major."""
-        return self.shape[::-1] if self.transposed else self.shape
-
 
 @dataclass(frozen=True)
 class ParamInfo:

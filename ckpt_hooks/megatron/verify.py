@@ -37,8 +37,8 @@ _RUN_STATE = {
     "scheduler": lambda src: src.ckpt.first.obj.get("opt_param_scheduler"),
     "num_floating_point_operations_so_far": lambda src: src.ckpt.first.obj.get("num_floating_point_operations_so_far"),
 }
-# Model settings that may differ between two equivalent checkpoints (the padding depends on TP).
-# Spec fields two checkpoints of one model may differ in: the padding and the layer spec (names, splits).
+# Spec fields two checkpoints of one model may differ in: the vocabulary padding (it depends on
+# TP), the layer spec (names, splits) and the experts' form (grouped or not).
 _LAYOUT_DEPENDENT = {"padded_vocab_size", "make_vocab_size_divisible_by", "transformer_impl", "moe_grouped_gemm"}
 
 

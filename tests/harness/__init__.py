@@ -19,7 +19,8 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
             "shared_ffn": None | shared experts' ffn, "shared_gate": False,
             "moe_layer_freq": None | [0 or 1 per layer], "router_pre_softmax": False, "topk_scaling": None,
             "qk_layernorm": False, "mla": None | {"q_lora_rank", "kv_lora_rank", "qk_head_dim",
-            "qk_pos_emb_head_dim", "v_head_dim", YaRN's "rope_type": "yarn", ... (spec.py)}}
+            "qk_pos_emb_head_dim", "v_head_dim", YaRN's "rope_type": "yarn", ... (spec.py)},
+            "grouped_gemm": False (the legacy GroupedMLP), "noop_layers": None | [global layers]}
       A mixture of experts uses SequentialMLP experts and the allgather token dispatcher (the
       alltoall one needs CUDA events and uneven collectives gloo lacks), aux-loss coefficient 0,
       and with TP > 1 sequence parallelism (megatron-core's MoE layer demands it; the CPU shim
@@ -39,6 +40,7 @@ Job schema (JSON-able dicts; omitted model/layout fields take the defaults in sp
       --ckpt-format torch_dist (megatron-core's dist_checkpointing.save, fully parallel over DP,
       iter_{steps:07d}/{.metadata, __*_*.distcp, common.pt, metadata.json}), the optimizer as
       "optim_format" says ("dp_reshardable", Megatron-LM's default, or "fully_reshardable").
+      With "train_on_to": N it trains on to step N after the save (the run a resumed one continues).
       PATH gets (torch.save) {"tensors": {sharded key: full global tensor}, "optimizer": {...},
       "param_map": [...], "loss": eval loss, "train_losses": [loss of step 1, 2, ...], "layout",
       "model", "padded_vocab"}.

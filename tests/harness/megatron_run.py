@@ -35,7 +35,7 @@ from tests.harness.spec import VOCAB_KEYS, layout_spec, model_spec, padded_vocab
 cpu_shim.install()
 
 from megatron.core import dist_checkpointing  # noqa: E402
-from megatron.core import parallel_state as ps
+from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.dist_checkpointing.dict_utils import nested_values  # noqa: E402
