@@ -73,10 +73,10 @@ def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
     tracker = root / TRACKER
     if not tracker.is_file():
         raise CheckpointError(tracker, "missing: not a Megatron legacy checkpoint directory")
-    text = tracker.read_text().strip()
+    text = tracker.read_bytes().decode(errors="replace").strip()
     if text == "release":
         iteration = None
-    elif text.isdigit():
+    elif text.isascii() and text.isdigit():   # str.isdigit alone admits "²", which int() refuses
         iteration = int(text)
     else:
         raise CheckpointError(tracker, f"expected an iteration number or 'release', found {text[:40]!r}")
