@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.torch_pickle import LazyTensor, TorchFile, WriteSink, _allowed_global
+from ckpt_hooks.formats.torch_pickle import BoundedUnpickler, LazyTensor, TorchFile, WriteSink, _allowed_global
 
 METADATA = ".metadata"
 COMMON = "common.pt"
@@ -54,7 +54,7 @@ def _layout(name: str) -> torch.layout:
     return layout
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(BoundedUnpickler):
     """DCP's metadata classes, torch.Size, dtypes and layouts, and the torch-file allowlist; nothing else."""
 
     def __init__(self, file):

@@ -82,7 +82,14 @@ def contiguous_strides(shape) -> tuple[int, ...]:
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    return LazyTensor(storage, int(storage_offset), tuple(size), tuple(stride))
+    size, stride = tuple(size), tuple(stride)
+    if not isinstance(storage, LazyStorage) or len(size) != len(stride) or \
+            not all(type(n) is int and n >= 0 for n in (storage_offset, *size, *stride)):
+        raise pickle.UnpicklingError("a tensor with no storage, or a malformed size or stride")
+    if math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
+        raise pickle.UnpicklingError(f"a tensor of size {size} and stride {stride} at offset {storage_offset} "
+                                     f"reaches beyond its storage of {storage.numel} elements")
+    return LazyTensor(storage, storage_offset, size, stride)
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
@@ -136,7 +143,19 @@ def _allowed_global(module: str, name: str):
     return None
 
 
-class _Unpickler(pickle.Unpickler):
+def _refuse_bytearray8(unpickler):
+    raise pickle.UnpicklingError("BYTEARRAY8 (pickle protocol 5), which torch files do not use")
+
+
+class BoundedUnpickler(pickle._Unpickler):
+    """An unpickler whose memory follows the pickle's size, not sizes it declares: Python's own,
+    not the C one (that grows its memo to any index a LONG_BINPUT names, and writes all of it),
+    without BYTEARRAY8 (which allocates its declared length before reading)."""
+
+    dispatch = {**pickle._Unpickler.dispatch, pickle.BYTEARRAY8[0]: _refuse_bytearray8}
+
+
+class _Unpickler(BoundedUnpickler):
     def __init__(self, file, path: str):
         super().__init__(file, encoding="utf-8")
         self._path = path
@@ -154,6 +173,8 @@ class _Unpickler(pickle.Unpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, torch.dtype):   # find_class maps storage names to dtypes
+            raise pickle.UnpicklingError(f"unexpected storage type {storage_type!r}")
         return LazyStorage(self._path, str(key), storage_type, int(numel))
 
 
