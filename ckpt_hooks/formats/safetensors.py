@@ -44,6 +44,8 @@ class SafetensorsFile(MappedFile):
                 raise ValueError(f"header of {length} bytes runs past the end of the file")
             header = json.loads(bytes(buf[_HEADER:_HEADER + length]))
             self.metadata = header.pop("__metadata__", None) or {}
+            if not isinstance(self.metadata, dict):
+                raise ValueError("__metadata__ is not a map")
             for name in sorted(header):
                 self._add(name, header[name], _HEADER + length, size)
         except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
@@ -58,16 +60,24 @@ class SafetensorsFile(MappedFile):
         code = fields["dtype"]
         if code not in DTYPES:
             raise CheckpointError(self.path, f"{name}: unsupported dtype {code}")
-        shape = tuple(int(d) for d in fields["shape"])
+        shape, offsets = fields["shape"], fields["data_offsets"]
+        if not _integers(shape) or not _integers(offsets) or len(offsets) != 2:
+            raise CheckpointError(self.path, f"{name}: shape {shape} and data_offsets {offsets} must be lists of "
+                                             "integers")
+        shape = tuple(shape)
         if any(d < 0 for d in shape):
             raise CheckpointError(self.path, f"{name}: negative dimension in shape {list(shape)}")
-        start, stop = (int(o) for o in fields["data_offsets"])
+        start, stop = offsets
         if stop - start != math.prod(shape) * DTYPES[code].itemsize or start < 0:
             raise CheckpointError(self.path, f"{name}: data_offsets {[start, stop]} do not fit shape {list(shape)}")
         if base + stop > size:
             raise CheckpointError(self.path, f"{name}: data runs past the end of the file (truncated)")
         self.tensors[name] = StoredTensor(DTYPES[code], shape, ((base + start, stop - start),))
         self.codes[name] = code
+
+
+def _integers(values) -> bool:
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 @dataclass(frozen=True)
