@@ -67,6 +67,9 @@ def open_directory(directory) -> dict[str, StoredTensor]:
             files = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(index, f"unreadable index ({type(e).__name__}: {e})") from None
+        for name in files:
+            if not isinstance(name, str) or Path(name).name != name or "\0" in name:
+                raise CheckpointError(index, f"weight_map names {name!r}, not a file of the directory")
         opened = {name: open_file(root / name) for name in files}
         tensors = {}
         for name, file in weight_map.items():
