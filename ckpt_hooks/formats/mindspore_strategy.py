@@ -124,12 +124,34 @@ def _dims(buf, fields: dict, number: int, signed: bool = False) -> list[list[int
 
 def _json_entries(path: Path) -> tuple[list[int], list[_Entry]]:
     content = json.loads(path.read_text())
-    stages = [item["stage"] for item in (content.get("parallel_strategy_item") or {}).values()]
-    entries = [_Entry(name, item["dev_matrix"], item["tensor_map"], item.get("param_split_shape", []),
-                      item.get("field", 0), item.get("opt_weight_shard_step", 0), item.get("opt_weight_shard_size", 0),
-                      item.get("tensor_shape"))
+    stages = [_integer(item["stage"], "a strategy's stage")
+              for item in (content.get("parallel_strategy_item") or {}).values()]
+    entries = [_Entry(name, _integers(item["dev_matrix"], f"{name}: dev_matrix"),
+                      [_integers(d, f"{name}: tensor_map") if isinstance(d, list) else _integer(d, f"{name}: tensor_map")
+                       for d in _list(item["tensor_map"], f"{name}: tensor_map")],
+                      item.get("param_split_shape", []),
+                      *(_integer(item.get(key, 0), f"{name}: {key}")
+                        for key in ("field", "opt_weight_shard_step", "opt_weight_shard_size")),
+                      None if item.get("tensor_shape") is None else _integers(item["tensor_shape"], f"{name}: tensor_shape"))
                for name, item in (content.get("parallel_layout_item") or {}).items()]
     return stages, entries
+
+
+# A JSON file's values, checked to be of the types the protobuf grammar gives.
+def _integer(value, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{what} is not an integer")
+    return value
+
+
+def _list(value, what: str) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} is not a list")
+    return value
+
+
+def _integers(values, what: str) -> list[int]:
+    return [_integer(v, what) for v in _list(values, what)]
 
 
 def _layout(entry: _Entry) -> ParamLayout:
@@ -165,6 +187,6 @@ def _strategy(path: Path, placed: dict[str, dict[int, ParamLayout]]) -> Strategy
         raise CheckpointError(path, f"parameters disagree on the ranks per pipeline stage {sorted(per_stage)}")
     stages = sorted({s for layout in params.values() for s in layout.stages})
     if stages != list(range(len(stages))):
-        missing = sorted(set(range(stages[-1] + 1)) - set(stages))
-        raise CheckpointError(path, f"no layouts for pipeline stage {missing[0]} (stages present: {stages})")
+        missing = next(s for s in range(len(stages) + 1) if s not in stages)   # not range(stages[-1]): it may be huge
+        raise CheckpointError(path, f"no layouts for pipeline stage {missing} (stages present: {stages})")
     return Strategy(str(path), params, per_stage.pop(), len(stages))
