@@ -97,17 +97,35 @@ def read(path, framework: str) -> dict | None:
 
 
 def _readable(manifest: dict, layout_keys) -> bool:
-    """Whether the manifest has the entries a reader relies on."""
+    """Whether the manifest has the entries a reader relies on, of the types it relies on."""
     layout, files = manifest.get("layout"), manifest.get("files")
-    if not isinstance(layout, dict) or any(k not in layout for k in layout_keys) or not isinstance(files, dict):
+    if not isinstance(layout, dict) or not all(_is_int(layout.get(k)) for k in layout_keys) or \
+            not isinstance(files, dict):
         return False
-    return all(isinstance(f, dict) and isinstance(f.get("bytes"), int) and _readable_tensors(f.get("tensors", {}))
-               for f in files.values())
+    return all(isinstance(f, dict) and _is_int(f.get("bytes")) and _readable_tensors(f.get("tensors", {}))
+               and _readable_crcs(f.get("crc32", {})) for f in files.values())
 
 
 def _readable_tensors(tensors) -> bool:
-    return isinstance(tensors, dict) and all(t is None or isinstance(t, dict) and all(k in t for k in _TENSOR_KEYS)
-                                             for t in tensors.values())
+    return isinstance(tensors, dict) and all(t is None or _readable_tensor(t) for t in tensors.values())
+
+
+def _readable_tensor(t) -> bool:
+    return isinstance(t, dict) and all(k in t for k in _TENSOR_KEYS) and isinstance(t["dtype"], str) \
+        and _is_ints(t["shape"]) and all(t[k] is None or _is_ints(t[k]) for k in ("global_shape", "offsets")) \
+        and _is_ints(t.get("box_shape", []))
+
+
+def _readable_crcs(crcs) -> bool:
+    return isinstance(crcs, dict) and all(_is_int(crc) for crc in crcs.values())
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_ints(values) -> bool:
+    return isinstance(values, list) and all(_is_int(v) and v >= 0 for v in values)
 
 
 def _from_version_1(manifest: dict) -> dict:
