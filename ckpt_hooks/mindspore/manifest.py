@@ -110,3 +110,10 @@ def check(described: dict, ckpt: MappedFile) -> None:
     manifest.check_files(described, path.parent, its)
     found = {name: (t.shape, dtype_name(t.dtype, path, name)) for name, t in ckpt.tensors.items()}
     manifest.check_tensors(path, tensors(described), found, f"disagrees with {its}: ")
+    for name, t in tensors(described).items():
+        offsets, whole = t["offsets"], t["global_shape"]
+        if (offsets is None) != (whole is None) or offsets is not None and not (
+                len(offsets) == len(whole) == len(t["shape"])
+                and all(o + n <= w for o, n, w in zip(offsets, t["shape"], whole))):
+            raise CheckpointError(path, f"{its}: {name}: offsets {offsets} and global_shape {whole} do not place "
+                                        f"its shape {t['shape']}")
