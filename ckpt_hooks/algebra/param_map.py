@@ -77,11 +77,33 @@ class BufferMap:
 
     @classmethod
     def from_json(cls, data: dict) -> "BufferMap":
-        return cls(chunk=data["chunk"], param_dtype=data["param_dtype"], grad_dtype=data["grad_dtype"],
-                   dp_size=data["dp_size"], expert=data.get("expert", False),
-                   bucket_indices=tuple(tuple(b) for b in data["bucket_indices"]),
-                   per_bucket_numel_unpadded=tuple(data["per_bucket_numel_unpadded"]),
-                   params=tuple(ParamSlot(n, tuple(s), a, b, k) for n, s, a, b, k in data["params"]))
+        """A map as ``to_json`` wrote it; ValueError unless it is one (a file read may be damaged)."""
+        buffer = cls(chunk=data["chunk"], param_dtype=data["param_dtype"], grad_dtype=data["grad_dtype"],
+                     dp_size=data["dp_size"], expert=data.get("expert", False),
+                     bucket_indices=tuple(tuple(b) for b in data["bucket_indices"]),
+                     per_bucket_numel_unpadded=tuple(data["per_bucket_numel_unpadded"]),
+                     params=tuple(ParamSlot(n, tuple(s), a, b, k) for n, s, a, b, k in data["params"]))
+        buffer.check()
+        return buffer
+
+    def check(self) -> None:
+        """ValueError unless every field has its type and every param lies in its bucket's unpadded part."""
+        def naturals(*values) -> bool:
+            return all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)
+
+        buckets = self.bucket_indices
+        if not (naturals(self.chunk, self.dp_size, *self.per_bucket_numel_unpadded) and self.dp_size > 0
+                and isinstance(self.param_dtype, str) and isinstance(self.grad_dtype, str)
+                and isinstance(self.expert, bool) and buckets and len(self.per_bucket_numel_unpadded) == len(buckets)
+                and all(len(b) == 2 and naturals(*b) and b[0] + n <= b[1]
+                        for b, n in zip(buckets, self.per_bucket_numel_unpadded))):
+            raise ValueError("malformed buffer: chunk, dp_size, dtypes or buckets")
+        for slot in self.params:
+            if not (isinstance(slot.name, str) and naturals(*slot.shape, slot.start, slot.bucket)
+                    and slot.bucket < len(buckets) and slot.end == slot.start + math.prod(slot.shape)
+                    and buckets[slot.bucket][0] <= slot.start
+                    and slot.end <= buckets[slot.bucket][0] + self.per_bucket_numel_unpadded[slot.bucket]):
+                raise ValueError(f"param {slot.name!r} does not lie in its bucket")
 
 
 def _pad(value: int, divisor: int) -> int:

@@ -16,6 +16,7 @@ target rank is packed from its parameters' planned tensors when it is written.
 from __future__ import annotations
 
 import json
+import math
 from collections import OrderedDict
 from dataclasses import replace
 from pathlib import Path
@@ -91,15 +92,27 @@ def rebuild_maps(spec, config, args, pp_rank: int, chunks: dict, grad_dtypes: di
     return maps
 
 
-def read_recorded_maps(rank_dir) -> list[BufferMap] | None:
-    """The param_maps the save hook recorded for a rank directory, if it did."""
+def read_recorded_maps(rank_dir, chunks: int) -> list[BufferMap] | None:
+    """The param_maps the save hook recorded for a rank directory of ``chunks`` model chunks, if it did."""
     path = Path(rank_dir) / RECORDED_MAP
     if not path.is_file():
         return None
     try:
-        return [BufferMap.from_json(entry) for entry in json.loads(path.read_text())]
+        maps = [BufferMap.from_json(entry) for entry in json.loads(path.read_text())]
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(path, f"unreadable recorded param_map ({type(e).__name__}: {e})") from None
+    if any(m.chunk >= chunks for m in maps):
+        raise CheckpointError(path, f"a buffer of model chunk {max(m.chunk for m in maps)}; the model has {chunks}")
+    return maps
+
+
+def check_slot(slot, f, chunk: str, path) -> None:
+    """A param_map's parameter is one of the model chunk's tensors, with as many elements (a
+    recorded map is read from a file of its own, which may be another model's)."""
+    meta = f.chunks[chunk].get(slot.name)
+    if meta is None or math.prod(meta.shape) != math.prod(slot.shape):
+        raise CheckpointError(path, f"the param_map places '{slot.name}' {list(slot.shape)}, which model chunk "
+                                    f"'{chunk}' of {f.path} does not hold")
 
 
 def local_experts(spec: ModelSpec, config: ParallelConfig) -> int:
@@ -149,7 +162,7 @@ class SourceOptimizer:
 
     def _index(self, torch_file: TorchFile, spec, source, f, args) -> None:
         obj = torch_file.obj
-        maps = read_recorded_maps(Path(torch_file.path).parent)
+        maps = read_recorded_maps(Path(torch_file.path).parent, len(f.chunks))
         entries = obj if isinstance(obj, list) else [obj]
         flat = {}
         for expert, entry in enumerate(entries):
@@ -193,6 +206,7 @@ class SourceOptimizer:
                     raise CheckpointError(torch_file.path, f"buffer {index} '{state}' is not a flat tensor of {stored}")
                 torch_file.check_complete([tensor])
                 for slot in grouped_experts.unpacked(buffer_map, experts, torch_file.path):
+                    check_slot(slot, f, chunk_keys[buffer_map.chunk], torch_file.path)
                     key = (state, f.rank, chunk_keys[buffer_map.chunk], slot.name)
                     self.views[key] = grouped_experts.view(tensor, buffer_map.legacy_offset(slot), slot.shape,
                                                            slot.transposed)

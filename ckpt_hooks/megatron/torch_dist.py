@@ -448,7 +448,7 @@ class DistOptimizer:
             raise CheckpointError(where, "no dp_reshardable optimizer buckets saved")
         views = {}
         for f in src.files:
-            maps = read_recorded_maps(recorded_maps_dir(checkpoint.iter_dir, f.rank, config)) or \
+            maps = read_recorded_maps(recorded_maps_dir(checkpoint.iter_dir, f.rank, config), len(f.chunks)) or \
                 rebuild_maps(src.spec, config, src.ckpt.args, f.rank.pp, f.chunks, self.grad_dtypes)
             self.maps[f.rank] = maps
             for expert, prefix in optimizers_of(config):
@@ -466,6 +466,8 @@ class DistOptimizer:
     def _buffer_views(self, f, maps, group: int, prefix: str, where, experts: int) -> dict:
         """(state, rank, chunk, key) -> FlatView of each parameter of one optimizer's buffers of a
         file rank, whose saved bucket sizes are checked against the param_map first."""
+        from ckpt_hooks.megatron.optimizer import check_slot
+
         checkpoint, views = self.checkpoint, {}
         saved = _unwrap(checkpoint, optimizer_object(group, "per_bucket_numel_unpadded", prefix))
         mine = [{(getattr(torch, m.param_dtype), getattr(torch, m.grad_dtype)): list(m.per_bucket_numel_unpadded)}
@@ -488,6 +490,7 @@ class DistOptimizer:
                     spans = [(c.offsets[0], c.offsets[0] + c.sizes[0], key, c) for c in stored.chunks]
                     buckets.append(sorted(spans, key=lambda p: p[0]))
                 for slot in grouped_experts.unpacked(buffer_map, experts, where):
+                    check_slot(slot, f, chunk_keys[buffer_map.chunk], where)
                     start = slot.start - buffer_map.bucket_indices[slot.bucket][0]
                     views[(state, f.rank, chunk_keys[buffer_map.chunk], slot.name)] = \
                         FlatView(checkpoint, buckets[slot.bucket], start, slot.shape,
