@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import mmap
 import os
-import zlib
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -31,6 +30,7 @@ import numpy as np
 
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.atomic import atomic_write
+from ckpt_hooks.formats.checksum import crc32
 from ckpt_hooks.formats.protobuf_wire import field, message, text
 
 # NumPy has no bfloat16 without ml_dtypes. Our bfloat16 arrays have this 2-byte structured dtype
@@ -160,7 +160,7 @@ class CkptFile(MappedFile):
         self.has_crc = end >= _CRC_TRAILER and buf[end - _CRC_TRAILER:end - 10] == b"crc_num"
         if self.has_crc:
             end -= _CRC_TRAILER
-            if check_crc and zlib.crc32(memoryview(buf)[:end]) != int.from_bytes(buf[end + 7:], "big"):
+            if check_crc and crc32(memoryview(buf)[:end]) != int.from_bytes(buf[end + 7:], "big"):
                 raise CheckpointError(self.path, "CRC mismatch: the file is damaged")
         try:
             for tag, tensor_type, dims, pieces in self._records(end):
@@ -282,7 +282,7 @@ def save(path, items: Mapping | Iterable, crc: bool = False) -> None:
             for chunk in _encode(path, name, value):
                 f.write(chunk)
                 if crc:
-                    crc_num = zlib.crc32(chunk, crc_num)
+                    crc_num = crc32(chunk, crc_num)
             chunk = None   # a view of the array: released before the next one is made
         if crc:
             f.write(b"crc_num" + crc_num.to_bytes(10, "big"))

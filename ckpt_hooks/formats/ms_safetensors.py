@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import zlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -21,6 +20,7 @@ import numpy as np
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import safetensors
 from ckpt_hooks.formats.atomic import atomic_write
+from ckpt_hooks.formats.checksum import crc32
 from ckpt_hooks.formats.mindspore_ckpt import DTYPES, PendingArray, dtype_index, raw_bytes
 
 
@@ -36,8 +36,8 @@ class SafetensorsFile(safetensors.SafetensorsFile):
         if check_crc and "crc_num" in self.metadata:
             crc = 0
             for name, t in self.tensors.items():
-                crc = zlib.crc32(name.encode(), crc)
-                crc = zlib.crc32(memoryview(self._map)[t.pieces[0][0]:sum(t.pieces[0])], crc)
+                crc = crc32(name.encode(), crc)
+                crc = crc32(memoryview(self._map)[t.pieces[0][0]:sum(t.pieces[0])], crc)
             if str(crc) != self.metadata["crc_num"]:
                 raise CheckpointError(self.path, "CRC mismatch: the file is damaged")
 
