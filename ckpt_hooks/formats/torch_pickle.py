@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 from concurrent.futures import ThreadPoolExecutor
 import enum
 import importlib
 import io
 import itertools
+import json
 import math
+import mmap
 import os
 import pickle
 import signal
@@ -23,12 +26,14 @@ import struct
 import threading
 import warnings
 import zipfile
-import zlib
 from dataclasses import dataclass
 
+import numpy
 import torch
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats import torch_zip
+from ckpt_hooks.formats.checksum import crc32
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
@@ -211,6 +216,9 @@ class _Window(io.RawIOBase):
         super().close()
 
 
+_IOV_MAX = os.sysconf("SC_IOV_MAX")   # buffers one preadv fills
+
+
 class TorchFile:
     """A ``torch.save`` zip file opened lazily: ``obj`` holds LazyTensors in place of tensors.
     ``base``/``length``: the archive is that byte range of ``path`` (a torch_dist item)."""
@@ -298,7 +306,7 @@ class TorchFile:
                 size = min(1 << 24, info.file_size - start)
                 chunk = torch.empty(size, dtype=torch.uint8)
                 self._pread_into(chunk, offset + start)
-                crc = zlib.crc32(chunk.numpy(), crc)
+                crc = crc32(chunk.numpy(), crc)
             if crc != want:
                 raise CheckpointError(self.path, f"record {record}: CRC-32 {crc:08x}, "
                                                  f"{'the manifest' if recorded and record in recorded else 'the zip'} "
@@ -341,6 +349,32 @@ class TorchFile:
         for i, start in enumerate(starts):
             self._pread_into(flat[i * run_numel:(i + 1) * run_numel], base + start * t.dtype.itemsize)
 
+    def read_scattered(self, t: LazyTensor, pieces, out: torch.Tensor) -> None:
+        """Read ``(element in t, element of out's storage, elements)`` pieces straight into
+        ``out``'s storage: one ``preadv`` for each stretch of ``t`` the pieces read in a row."""
+        size = t.dtype.itemsize
+        storage = torch.empty(0, dtype=torch.uint8).set_(out.untyped_storage()).numpy()
+        base = self._data_offset(t.storage) + t.offset * size
+        position, views, next_at = None, [], None
+        for at, place, n in pieces:
+            if views and (at != next_at or len(views) == _IOV_MAX):
+                self._preadv(views, base + position * size)
+                views = []
+            if not views:
+                position = at
+            views.append(storage[place * size:(place + n) * size])
+            next_at = at + n
+        if views:
+            self._preadv(views, base + position * size)
+
+    def _preadv(self, views: list, position: int) -> None:
+        done = os.preadv(self._descriptor(), views, position)
+        self.bytes_read += done
+        for view in views:
+            if done < view.nbytes:   # a short read (rare for a file): the rest of this view alone
+                self._pread_into(torch.from_numpy(view[done:]), position + done)
+            position, done = position + view.nbytes, max(0, done - view.nbytes)
+
     def _pread_into(self, out: torch.Tensor, position: int) -> None:
         view = memoryview(out.view(torch.uint8).numpy()) if out.numel() else memoryview(b"")
         done = 0
@@ -359,9 +393,9 @@ class TorchFile:
                     self._fd = os.open(self.path, os.O_RDONLY)
         return self._fd
 
-    def close(self) -> None:
+    def close(self, _close=os.close) -> None:   # (os may be gone when __del__ runs at exit)
         if self._fd is not None:
-            os.close(self._fd)
+            _close(self._fd)
             self._fd = None
 
     def __del__(self):
@@ -369,10 +403,16 @@ class TorchFile:
 
 
 class PendingTensor:
-    """A tensor of a file being written, produced only when its bytes are written."""
+    """A tensor of a file being written, made only when its bytes are written: ``fill(out)``
+    builds it into ``out`` (contiguous, of its shape and dtype: a buffer the writer reuses), or
+    ``produce()`` returns it made."""
 
-    def __init__(self, shape, dtype: torch.dtype, produce):
-        self.shape, self.dtype, self.produce = tuple(shape), dtype, produce
+    def __init__(self, shape, dtype: torch.dtype, produce=None, *, fill=None):
+        self.shape, self.dtype, self.produce, self.fill = tuple(shape), dtype, produce, fill
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 class _PendingStorage:
@@ -410,50 +450,84 @@ def _produce(pending: PendingTensor) -> torch.Tensor:
     tensor = pending.produce().contiguous()
     if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
         raise ValueError(f"produced {tuple(tensor.shape)} {tensor.dtype}, promised {pending.shape} {pending.dtype}")
-    if tensor.untyped_storage().nbytes() != tensor.nbytes:  # a view into a larger storage
-        tensor = tensor.clone()
     return tensor
 
 
-def crc32_of(tensor: torch.Tensor) -> int:
-    """CRC-32 (zip's) of a contiguous tensor's bytes."""
-    return zlib.crc32(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else 0
+def _pwrite(fd: int, data, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
-def save(obj, path) -> dict[str, int]:
-    """Write ``obj`` like ``torch.save`` (any ``torch.load`` reads it), producing its tensors one
-    at a time: PendingTensor leaves are built just before their bytes are written and freed after,
-    so memory holds two tensors (one being written, the next being built), not the file.
-    Returns each data record's CRC-32 ({"data/0": crc, ...}) for the manifest, computed by a
-    thread of its own while the tensor is written (zlib releases the GIL); the zip's own CRC
-    fields stay 0 (torch's writer computing them in line halves the speed, and torch.load
-    ignores them)."""
-    buffer = io.BytesIO()
-    pickler = _StreamingPickler(buffer)
+_PAGE = mmap.ALLOCATIONGRANULARITY
+
+
+def _write_tensor(fd: int, record: torch_zip.Record, pending: PendingTensor) -> None:
+    """Make one tensor straight into its place in the file, mapped (its pages only, while it is
+    made): the reads land in the file's page cache, with no buffer between, and its CRC-32 is
+    taken there."""
+    if record.size == 0:
+        return
+    if pending.fill is None:
+        data = _produce(pending).reshape(-1).view(torch.uint8).numpy()
+        record.crc = crc32(data)
+        _pwrite(fd, data, record.data_offset)
+        return
+    start = record.data_offset - record.data_offset % _PAGE
+    with mmap.mmap(fd, record.data_offset + record.size - start, offset=start) as mapped:
+        place = numpy.frombuffer(mapped, numpy.uint8, record.size, record.data_offset - start)
+        pending.fill(torch.from_numpy(place).view(pending.dtype).view(pending.shape))
+        record.crc = crc32(place)
+        del place   # (the map closes only once nothing points into it)
+
+
+def save(obj, path, threads: int = 2) -> dict[str, int]:
+    """Write ``obj`` as ``torch.save`` does (any ``torch.load`` reads it), making its tensors only
+    as they are written: the zip is laid out first (``torch_zip``) and its space allocated (a full
+    disk fails here, before any byte), then ``threads`` threads each make one PendingTensor leaf at
+    a time into its place (``_write_tensor``); headers last. Memory: ``threads`` tensors' pages.
+    Returns each data record's CRC-32 ({"data/0": crc, ...}) for the manifest; the zip holds
+    them too. A write error (a full disk) is raised as an OSError naming ``path``."""
+    pickled = io.BytesIO()
+    pickler = _StreamingPickler(pickled)
     pickler.dump(obj)
-    crcs = {}
-    with WriteSink(path) as sink:
-        writer = torch._C.PyTorchFileWriter(sink, False)
+    head = {"data.pkl": pickled.getvalue(), ".format_version": b"1", ".storage_alignment": b"64",
+            "byteorder": b"little"}
+    storages = pickler.storages
+    records, directory = torch_zip.layout([(name, len(data)) for name, data in head.items()]
+                                          + [(f"data/{s.key}", s.tensor.nbytes) for s in storages]
+                                          + [("version", 2), (".data/serialization_id", 40)])
+    tensors = records[len(head):len(head) + len(storages)]
+    path = str(path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            data = buffer.getvalue()
-            writer.write_record("data.pkl", data, len(data))
-            writer.write_record(".format_version", "1", 1)
-            writer.write_record(".storage_alignment", "64", 2)
-            writer.write_record("byteorder", "little", 6)
-            # Build the next tensor while this one is written: two tensors in memory at most.
-            storages = pickler.storages
-            with ThreadPoolExecutor(max_workers=1) as producer, ThreadPoolExecutor(max_workers=1) as checksummer:
-                upcoming = producer.submit(_produce, storages[0].tensor) if storages else None
-                for i, storage in enumerate(storages):
-                    tensor = upcoming.result()
-                    upcoming = producer.submit(_produce, storages[i + 1].tensor) if i + 1 < len(storages) else None
-                    crc = checksummer.submit(crc32_of, tensor)
-                    writer.write_record(f"data/{storage.key}", tensor.untyped_storage(), tensor.nbytes)
-                    crcs[f"data/{storage.key}"] = crc.result()
-                    del tensor
-            writer.write_end_of_file()
+            central = torch_zip.central_directory(records, directory)   # CRCs aside, its size is known
+            os.posix_fallocate(fd, 0, directory + len(central))
+            with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
+                futures = [pool.submit(_write_tensor, fd, record, storage.tensor)
+                           for record, storage in zip(tensors, storages)]
+                try:
+                    for future in futures:
+                        future.result()
+                finally:   # on a failure the queued tensors are not started
+                    pool.shutdown(cancel_futures=True)
+            crcs = {r.name: r.crc for r in tensors}
+            # An id of the content (torch's is random): the same content, the same bytes.
+            identity = crc32(json.dumps(crcs).encode())
+            tail = {"version": b"3\n", ".data/serialization_id": f"{identity:020d}{directory:020d}".encode()}
+            for record in records:
+                data = head.get(record.name, tail.get(record.name))
+                if data is not None:
+                    record.crc = crc32(data)
+                    _pwrite(fd, data, record.data_offset)
+                _pwrite(fd, torch_zip.local_header(record), record.header_offset)
+            _pwrite(fd, torch_zip.central_directory(records, directory), directory)
         finally:
-            del writer   # an unfinished writer writes its end of file now, while the sink is open
+            os.close(fd)
+    except OSError as e:   # a full disk: named as the file it would have been
+        raise OSError(e.errno, e.strerror, path) from None
     return crcs
 
 
@@ -530,6 +604,39 @@ def contiguous_runs(shape, slices: tuple[slice, ...]) -> tuple[list[int], int]:
     return starts, run
 
 
+def strided_runs(t: torch.Tensor) -> tuple[list[int], int] | None:
+    """The elements of a strided tensor as runs of its storage (element offsets, elements per
+    run), in its row-major order; None where its innermost axis is not contiguous."""
+    shape, stride, inner, run = t.shape, t.stride(), t.dim(), 1
+    while inner > 0 and (shape[inner - 1] == 1 or stride[inner - 1] == run):
+        inner -= 1
+        run *= shape[inner]
+    if inner == t.dim() and t.dim() > 0 and shape[-1] > 1:
+        return None
+    base = t.storage_offset()
+    starts = [base + sum(i * st for i, st in zip(index, stride))
+              for index in itertools.product(*(range(n) for n in shape[:inner]))]
+    return starts, run
+
+
+# Runs shorter than this (bytes) are read covered, gaps included, and copied: fewer syscalls.
+_SHORT_RUN = 1024
+
+
+def _pieces(a_starts: list[int], a_run: int, b_starts: list[int], b_run: int):
+    """(a offset, b offset, elements) where two run lists of one element stream meet."""
+    i = j = a_used = b_used = 0
+    while i < len(a_starts) and j < len(b_starts):
+        n = min(a_run - a_used, b_run - b_used)
+        if n:
+            yield a_starts[i] + a_used, b_starts[j] + b_used, n
+        a_used, b_used = a_used + n, b_used + n
+        if a_used == a_run:
+            i, a_used = i + 1, 0
+        if b_used == b_run:
+            j, b_used = j + 1, 0
+
+
 @dataclass(frozen=True)
 class TensorView:
     """A stored tensor seen in ``shape`` (its own, or a fused form with as many elements): reads
@@ -544,16 +651,20 @@ class TensorView:
         return self.file.path
 
     def read_into(self, slices: tuple[slice, ...], out: torch.Tensor, exact: bool = False) -> None:
-        """The elements ``slices`` into ``out``: one run of elements per index of the axes before
-        the innermost partial axis. ``exact`` reads just those runs (a rank reading its share);
-        otherwise one read covers them all, gaps included: much faster for many short runs."""
+        """The elements ``slices`` into ``out``. Where the runs of both are long enough (or
+        ``exact``: a rank reading just its share), each run is read straight to its place in
+        ``out`` (scattered by ``preadv``: one copy, from the page cache); otherwise one read
+        covers them all, gaps included, into a buffer, and is copied from there."""
         if not self.tensor.is_contiguous():
             out.copy_(self.file.read(self.tensor).view(self.shape)[slices])
             return
         starts, run_numel = contiguous_runs(self.shape, slices)
+        places = strided_runs(out) if out.dtype == self.tensor.dtype else None
+        if places is not None and (exact or min(run_numel, places[1]) * out.element_size() >= _SHORT_RUN):
+            self.file.read_scattered(self.tensor, _pieces(starts, run_numel, *places), out)
+            return
         if exact or len(starts) == 1:
-            buffer = out if out.is_contiguous() and out.dtype == self.tensor.dtype else \
-                torch.empty(out.shape, dtype=self.tensor.dtype)
+            buffer = torch.empty(out.shape, dtype=self.tensor.dtype)
             self.file.read_runs(self.tensor, starts, run_numel, buffer)
         else:
             covering = torch.empty(starts[-1] + run_numel - starts[0], dtype=self.tensor.dtype)
@@ -561,5 +672,4 @@ class TensorView:
             inner = _innermost_partial(self.shape, slices)
             shape = [s.stop - s.start for s in slices[:inner + 1]] + list(self.shape[inner + 1:])
             buffer = covering.as_strided(shape, contiguous_strides(self.shape), 0)
-        if buffer is not out:
-            out.copy_(buffer.reshape(out.shape))
+        out.copy_(buffer.reshape(out.shape))

@@ -401,8 +401,8 @@ def pending_file(target: TargetFile, progress=None, grouped: bool = False) -> "O
     """{chunk: {key: PendingTensor}} for one target file: each tensor is built only when the
     writer asks for it, so one tensor of the file is in memory at a time. ``grouped``: the routed
     experts as GroupedMLP holds them (``grouped_experts``)."""
-    def build(tensor):
-        out = build_tensor(tensor)
+    def build(tensor, out=None):
+        out = build_tensor(tensor, out=out)
         if progress is not None:
             progress.update(tensor.nbytes)
         return out
@@ -411,7 +411,7 @@ def pending_file(target: TargetFile, progress=None, grouped: bool = False) -> "O
     planned = {}
     for tensor in target.tensors:
         entry = None if tensor.placement is None else \
-            PendingTensor(tensor.placement.stored_shape, tensor.dtype, lambda tensor=tensor: build(tensor))
+            PendingTensor(tensor.placement.stored_shape, tensor.dtype, fill=lambda out, tensor=tensor: build(tensor, out))
         chunks.setdefault(tensor.chunk, OrderedDict())[tensor.key] = entry
         planned[(tensor.chunk, tensor.key)] = tensor
     if not grouped:

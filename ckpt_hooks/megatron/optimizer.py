@@ -312,16 +312,19 @@ def _optimizer_state(maps: list[BufferMap], chunk_keys: list, indexed: dict, exp
     for index, buffer_map in enumerate(maps):
         flats = {}
         for name in STATES:
-            def produce(buffer_map=buffer_map, plan=indexed[name]):
-                flat = torch.zeros(buffer_map.numel_unpadded, dtype=torch.float32)
+            def fill(flat, buffer_map=buffer_map, plan=indexed[name]):
+                flat.zero_()
                 for slot in grouped_experts.unpacked(buffer_map, experts):
                     tensor = plan[(chunk_keys[buffer_map.chunk], slot.name)]
                     offset = buffer_map.legacy_offset(slot)
-                    flat[offset:offset + tensor.placement.box.numel] = grouped_experts.packed(slot, build_tensor(tensor))
+                    place = flat[offset:offset + tensor.placement.box.numel]
+                    if slot.transposed:
+                        place.copy_(grouped_experts.packed(slot, build_tensor(tensor)))
+                    else:   # straight into the file's buffer
+                        build_tensor(tensor, out=place.view(tensor.placement.stored_shape))
                     if progress is not None:
                         progress.update(tensor.nbytes)
-                return flat
-            flats[name] = PendingTensor((buffer_map.numel_unpadded,), torch.float32, produce)
+            flats[name] = PendingTensor((buffer_map.numel_unpadded,), torch.float32, fill=fill)
         flats["numel_unpadded"] = buffer_map.numel_unpadded
         key = (getattr(torch, buffer_map.param_dtype), getattr(torch, buffer_map.grad_dtype))
         state[index] = {key: flats}
