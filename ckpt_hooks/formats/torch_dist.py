@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.torch_pickle import LazyTensor, TorchFile, WriteSink, _allowed_global
+from ckpt_hooks.formats.torch_pickle import LazyTensor, SafeUnpickler, TorchFile, WriteSink, _allowed_global
 
 METADATA = ".metadata"
 COMMON = "common.pt"
@@ -54,25 +54,20 @@ def _layout(name: str) -> torch.layout:
     return layout
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _MetadataUnpickler(SafeUnpickler):
     """DCP's metadata classes, torch.Size, dtypes and layouts, and the torch-file allowlist; nothing else."""
 
-    def __init__(self, file):
-        super().__init__(file)
-        self._classes = _dcp_classes()
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self._dcp = _dcp_classes()
 
-    def find_class(self, module, name):
-        obj = self._classes.get((module, name))
+    def allowed_global(self, module, name):
+        obj = self._dcp.get((module, name))
         if obj is None and module == "torch" and name == "Size":
             obj = torch.Size
         if obj is None and (module, name) == ("torch.serialization", "_get_layout"):
             obj = _layout
-        if obj is None:
-            obj = _allowed_global(module, name)
-        if obj is None:
-            raise pickle.UnpicklingError(f"refused to load: the pickle needs '{module}.{name}', "
-                                         "which is not on the allowlist")
-        return obj
+        return obj if obj is not None else _allowed_global(module, name)
 
 
 @dataclass(frozen=True)
@@ -128,7 +123,7 @@ class DistCheckpoint:
         path = self.iter_dir / METADATA
         try:
             # From memory: a declared length is then checked against the bytes there are.
-            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+            metadata = _MetadataUnpickler(path.read_bytes()).load()
         except FileNotFoundError:
             raise CheckpointError(path, "missing: the checkpoint's index of chunks (an interrupted save?)") from None
         except pickle.UnpicklingError as e:

@@ -136,19 +136,60 @@ def _allowed_global(module: str, name: str):
     return None
 
 
-class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, path: str):
-        super().__init__(file, encoding="utf-8")
-        self._path = path
+class SafeUnpickler(pickle._Unpickler):
+    """pickle's own Python unpickler, with what a hostile pickle could use shut off: globals only
+    from ``allowed_global`` (subclasses'), BUILD only on instances of the classes found there
+    (on a class, a function or an enum member it would change them for every later load in the
+    process), and no bytearray larger than the pickle (``bytearray(n)`` is zeroed before it is
+    read into). Its memo is a dict: the C unpickler grows an array to whatever index a PUT names."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, data: bytes, **kwargs):
+        super().__init__(io.BytesIO(data), **kwargs)
+        self._size = len(data)
+        self._classes: tuple[type, ...] = ()
+
+    def allowed_global(self, module: str, name: str):
+        raise NotImplementedError
 
     def find_class(self, module, name):
-        if module == "torch" and name in _STORAGE_DTYPES:  # named inside persistent ids
-            return _STORAGE_DTYPES[name]
-        obj = _allowed_global(module, name)
+        obj = self.allowed_global(module, name)
         if obj is None:
             raise pickle.UnpicklingError(f"refused to load: the pickle needs '{module}.{name}', "
                                          "which is not on the allowlist")
+        if isinstance(obj, type) and not issubclass(obj, enum.Enum) and obj not in self._classes:
+            self._classes += (obj,)
         return obj
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) > 1 else None
+        if isinstance(target, type) or not isinstance(target, self._classes):
+            raise pickle.UnpicklingError(f"refused to load: the pickle sets the state of {target!r:.60}, "
+                                         "not an object of an allowlisted class")
+        super().load_build()
+
+    def load_bytearray8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > self._size:
+            raise pickle.UnpicklingError(f"a bytearray of {n} bytes in a pickle of {self._size}")
+        data = bytearray(n)
+        self.readinto(data)
+        self.append(data)
+
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+
+
+class _Unpickler(SafeUnpickler):
+    def __init__(self, data: bytes, path: str):
+        super().__init__(data, encoding="utf-8")
+        self._path = path
+
+    def allowed_global(self, module, name):
+        if module == "torch" and name in _STORAGE_DTYPES:  # named inside persistent ids
+            return _STORAGE_DTYPES[name]
+        return _allowed_global(module, name)
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -210,7 +251,7 @@ class TorchFile:
             self._prefix = pkl[: -len("data.pkl")]
             if self._prefix + "byteorder" in self._records and self._read_record("byteorder") != b"little":
                 raise CheckpointError(self.path, "big-endian torch files are not supported")
-            self.obj = _Unpickler(io.BytesIO(self._read_record("data.pkl")), self.path).load()
+            self.obj = _Unpickler(self._read_record("data.pkl"), self.path).load()
         except CheckpointError:
             raise
         except FileNotFoundError:
