@@ -20,6 +20,7 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import threading
 import warnings
 import zipfile
@@ -112,7 +113,11 @@ _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
 }
-# Enums defined by the trainers appear in saved ``args`` (e.g. AttnBackend).
+# Enums defined by the trainers appear in saved ``args`` (e.g. AttnBackend): those of the modules
+# listed, or of a trainer's module already imported. No other module is imported on a pickle's
+# word: an import runs code, and a namespace package (megatron) takes modules from the working
+# directory, which may be the checkpoint's.
+_ENUM_MODULES = ("megatron.core.enums", "megatron.core.transformer.enums")
 _ENUM_MODULE_PREFIXES = ("megatron.", "mindspeed.", "mindformers.")
 
 
@@ -124,7 +129,7 @@ def _allowed_global(module: str, name: str):
     if (module, name) in _NUMPY_GLOBALS or (module == "numpy" and name.endswith("DType")) \
             or module == "numpy.dtypes":
         return getattr(importlib.import_module(module), name)
-    if module.startswith(_ENUM_MODULE_PREFIXES):
+    if module in _ENUM_MODULES or module.startswith(_ENUM_MODULE_PREFIXES) and module in sys.modules:
         try:
             with warnings.catch_warnings():  # megatron's "Transformer Engine and Apex are not installed" & co.
                 warnings.simplefilter("ignore")
