@@ -126,9 +126,11 @@ def _allowed_global(module: str, name: str):
         return _ALLOWED[(module, name)]
     if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
-    if (module, name) in _NUMPY_GLOBALS or (module == "numpy" and name.endswith("DType")) \
-            or module == "numpy.dtypes":
+    if (module, name) in _NUMPY_GLOBALS:
         return getattr(importlib.import_module(module), name)
+    if module in ("numpy", "numpy.dtypes") and name.endswith("DType"):  # not numpy.dtypes' helpers
+        obj = getattr(importlib.import_module(module), name, None)
+        return obj if isinstance(obj, type) else None
     if module in _ENUM_MODULES or module.startswith(_ENUM_MODULE_PREFIXES) and module in sys.modules:
         try:
             with warnings.catch_warnings():  # megatron's "Transformer Engine and Apex are not installed" & co.
