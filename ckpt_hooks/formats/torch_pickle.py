@@ -202,7 +202,10 @@ class _Unpickler(SafeUnpickler):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
-        return LazyStorage(self._path, str(key), storage_type, int(numel))
+        if not (isinstance(storage_type, torch.dtype) and isinstance(key, str) and isinstance(numel, int)
+                and numel >= 0):
+            raise pickle.UnpicklingError(f"persistent id {pid!r:.100} is not a storage")
+        return LazyStorage(self._path, key, storage_type, numel)
 
 
 class _Window(io.RawIOBase):
@@ -238,6 +241,10 @@ class _Window(io.RawIOBase):
         super().close()
 
 
+_MAX_DEPTH = 100          # a Megatron rank file nests about 8 deep
+_MAX_ITEMS = 10_000_000  # ... and holds some thousands of objects
+
+
 class TorchFile:
     """A ``torch.save`` zip file opened lazily: ``obj`` holds LazyTensors in place of tensors.
     ``base``/``length``: the archive is that byte range of ``path`` (a torch_dist item)."""
@@ -259,6 +266,7 @@ class TorchFile:
             if self._prefix + "byteorder" in self._records and self._read_record("byteorder") != b"little":
                 raise CheckpointError(self.path, "big-endian torch files are not supported")
             self.obj = _Unpickler(self._read_record("data.pkl"), self.path).load()
+            self._check_structure(self.obj, 0, set(), {})
         except CheckpointError:
             raise
         except FileNotFoundError:
@@ -270,6 +278,51 @@ class TorchFile:
         except (EOFError, ValueError, KeyError, TypeError, struct.error, zipfile.LargeZipFile, OSError,
                 MemoryError, OverflowError, RecursionError, IndexError, AttributeError, NotImplementedError) as e:
             raise CheckpointError(self.path, f"corrupt pickle in torch file ({type(e).__name__}: {e})") from None
+
+    def _check_structure(self, value, depth: int, inside: set, expanded: dict) -> int:
+        """Refuse now what would make a later walk of the pickle's objects run away, or a read
+        allocate more than the file holds: nesting deeper than _MAX_DEPTH, a container inside
+        itself, shared containers that expand to more than _MAX_ITEMS (a "billion laughs"), a
+        tensor that does not lie inside its storage, a storage larger than the file. Returns the
+        number of items ``value`` expands to."""
+        if isinstance(value, LazyTensor):
+            self._check_tensor(value)
+            return 1
+        if isinstance(value, dict):
+            items = itertools.chain(value.keys(), value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            items = value
+        elif isinstance(value, argparse.Namespace):
+            items = vars(value).values()
+        else:
+            return 1
+        if id(value) in expanded:
+            return expanded[id(value)]
+        if id(value) in inside:
+            raise CheckpointError(self.path, f"the pickle holds a {type(value).__name__} inside itself")
+        if depth >= _MAX_DEPTH:
+            raise CheckpointError(self.path, f"the pickle nests containers more than {_MAX_DEPTH} deep")
+        inside.add(id(value))
+        count = 1 + sum(self._check_structure(item, depth + 1, inside, expanded) for item in items)
+        inside.discard(id(value))
+        if count > _MAX_ITEMS:
+            raise CheckpointError(self.path, f"the pickle's shared containers expand to more than {_MAX_ITEMS} items")
+        expanded[id(value)] = count
+        return count
+
+    def _check_tensor(self, t: LazyTensor) -> None:
+        storage, dims = t.storage, (*t.shape, *t.stride, t.offset)
+        if not (isinstance(storage, LazyStorage) and len(t.shape) == len(t.stride)
+                and all(type(n) is int and n >= 0 for n in dims)):
+            raise CheckpointError(self.path, f"a malformed tensor (storage {type(storage).__name__}, shape "
+                                             f"{t.shape!r:.60}, strides {t.stride!r:.60}, offset {t.offset!r:.20})")
+        span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride)) if math.prod(t.shape) else 0
+        if t.offset + span > storage.numel:
+            raise CheckpointError(self.path, f"a tensor of shape {list(t.shape)} (strides {list(t.stride)}, offset "
+                                             f"{t.offset}) reaches beyond its storage of {storage.numel} elements")
+        if storage.numel * storage.dtype.itemsize > self._end - self._base:
+            raise CheckpointError(self.path, f"storage data/{storage.key} declares {storage.numel} elements "
+                                             f"of {storage.dtype}, more than the file's {self._end - self._base} bytes")
 
     def _record_offset(self, name: str, nbytes: int | None = None) -> int:
         """Byte offset of a record's data, from its local header (records are stored uncompressed).
