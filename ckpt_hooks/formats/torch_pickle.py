@@ -259,6 +259,11 @@ class TorchFile:
             self._end = os.path.getsize(self.path) if length is None else base + length
             with _Window(self.path, base, self._end - base) as window, zipfile.ZipFile(window) as archive:
                 self._records = {info.filename: info for info in archive.infolist()}
+            # Nothing is extracted, but such a name is no torch.save's: refused rather than trusted.
+            escaping = next((n for n in self._records
+                             if n.startswith(("/", "\\")) or ".." in n.replace("\\", "/").split("/")), None)
+            if escaping is not None:
+                raise CheckpointError(self.path, f"record name {escaping!r} leaves the archive (absolute, or '..')")
             pkl = next((n for n in self._records if n.endswith("/data.pkl")), None)
             if pkl is None:
                 raise CheckpointError(self.path, "not a torch.save zip file (no data.pkl)")
