@@ -73,10 +73,11 @@ def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
     tracker = root / TRACKER
     if not tracker.is_file():
         raise CheckpointError(tracker, "missing: not a Megatron legacy checkpoint directory")
-    text = tracker.read_text().strip()
+    with open(tracker, "rb") as f:
+        text = f.read(64).strip().decode("ascii", "replace")   # a number or "release", not a file's worth
     if text == "release":
         iteration = None
-    elif text.isdigit():
+    elif text.isascii() and text.isdigit() and len(text) <= 18:   # str.isdigit alone takes "²"
         iteration = int(text)
     else:
         raise CheckpointError(tracker, f"expected an iteration number or 'release', found {text[:40]!r}")
