@@ -24,6 +24,7 @@ from ckpt_hooks.algebra.spec import ParallelConfig, Rank, parallel_config_from_a
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import torch_dist, torch_pickle
 from ckpt_hooks.formats.atomic import fsync
+from ckpt_hooks.formats.paths import check_links
 from ckpt_hooks.formats.torch_pickle import TorchFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -68,9 +69,11 @@ def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
     if not root.is_dir():
         raise CheckpointError(root, "checkpoint directory not found")
     if any(_RANK_DIR.fullmatch(p.name) or p.name in (torch_dist.METADATA, torch_dist.BACKEND) for p in root.iterdir()):
+        check_links(root, [root])
         name = root.name
         return root, (int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None)
     tracker = root / TRACKER
+    check_links(root, [tracker])
     if not tracker.is_file():
         raise CheckpointError(tracker, "missing: not a Megatron legacy checkpoint directory")
     with open(tracker, "rb") as f:
@@ -84,6 +87,7 @@ def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
     iter_dir = root / iteration_dir_name(iteration)
     if not iter_dir.is_dir():
         raise CheckpointError(iter_dir, "missing iteration directory named by the tracker file")
+    check_links(root, [iter_dir])
     return iter_dir, iteration
 
 
