@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -114,7 +115,7 @@ class DistCheckpoint:
         metadata = self._read_metadata()
         try:
             self.tensors, self.objects = self._index(metadata)
-        except (AttributeError, TypeError, ValueError, KeyError, OverflowError) as e:
+        except (AttributeError, TypeError, ValueError, KeyError, OverflowError, RecursionError) as e:
             raise CheckpointError(self.iter_dir / METADATA,
                                   f"malformed DCP metadata ({type(e).__name__}: {e})") from None
         self.common = read_common(self.iter_dir)
@@ -166,13 +167,23 @@ class DistCheckpoint:
                     raise CheckpointError(path, f"object '{key}' has no record")
                 objects[key] = record
                 continue
-            found = []
+            found, shape = [], tuple(entry.size)
             for chunk in chunks:
                 record = records.get((key, tuple(chunk.offsets)))
                 if record is None:
                     raise CheckpointError(path, f"'{key}' chunk at {tuple(chunk.offsets)} has no record")
                 found.append(Chunk(tuple(chunk.offsets), tuple(chunk.sizes), record))
-            tensors[key] = DistTensor(key, tuple(entry.size), entry.properties.dtype, found)
+                if len(chunk.offsets) != len(shape) or len(chunk.sizes) != len(shape) or \
+                        any(o < 0 or n < 0 or o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, shape)):
+                    raise CheckpointError(path, f"'{key}' chunk at {tuple(chunk.offsets)} of size {tuple(chunk.sizes)} "
+                                                f"lies outside its shape {shape}")
+            # A declared shape is believed only as far as chunks fill it (each read from a record
+            # that fits its file): not a petabyte tensor from a few bytes of .metadata.
+            covered = sum(math.prod(c.sizes) for c in found)
+            if covered < math.prod(shape):
+                raise CheckpointError(path, f"'{key}' declares shape {shape} ({math.prod(shape)} elements), its "
+                                            f"chunks hold {covered}")
+            tensors[key] = DistTensor(key, shape, entry.properties.dtype, found)
         return tensors, objects
 
     def record(self, record: Record) -> TorchFile:
