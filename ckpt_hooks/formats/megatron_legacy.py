@@ -24,6 +24,7 @@ from ckpt_hooks.algebra.spec import ParallelConfig, Rank, parallel_config_from_a
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import torch_dist, torch_pickle
 from ckpt_hooks.formats.atomic import fsync
+from ckpt_hooks.formats.paths import check_links
 from ckpt_hooks.formats.torch_pickle import TorchFile
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -68,21 +69,25 @@ def find_iteration_dir(load_dir: str | os.PathLike) -> tuple[Path, int | None]:
     if not root.is_dir():
         raise CheckpointError(root, "checkpoint directory not found")
     if any(_RANK_DIR.fullmatch(p.name) or p.name in (torch_dist.METADATA, torch_dist.BACKEND) for p in root.iterdir()):
+        check_links(root, [root])
         name = root.name
         return root, (int(name[5:]) if name.startswith("iter_") and name[5:].isdigit() else None)
     tracker = root / TRACKER
+    check_links(root, [tracker])
     if not tracker.is_file():
         raise CheckpointError(tracker, "missing: not a Megatron legacy checkpoint directory")
-    text = tracker.read_bytes().decode(errors="replace").strip()
+    with open(tracker, "rb") as f:
+        text = f.read(64).strip().decode("ascii", "replace")   # a number or "release", not a file's worth
     if text == "release":
         iteration = None
-    elif text.isascii() and text.isdigit():   # str.isdigit alone admits "²", which int() refuses
+    elif text.isascii() and text.isdigit() and len(text) <= 18:   # str.isdigit alone takes "²"
         iteration = int(text)
     else:
         raise CheckpointError(tracker, f"expected an iteration number or 'release', found {text[:40]!r}")
     iter_dir = root / iteration_dir_name(iteration)
     if not iter_dir.is_dir():
         raise CheckpointError(iter_dir, "missing iteration directory named by the tracker file")
+    check_links(root, [iter_dir])
     return iter_dir, iteration
 
 

@@ -48,7 +48,7 @@ class SafetensorsFile(MappedFile):
                 raise ValueError("__metadata__ is not a map")
             for name in sorted(header):
                 self._add(name, header[name], _HEADER + length, size)
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as e:
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError, OverflowError, RecursionError) as e:
             raise CheckpointError(self.path, f"not a safetensors file, or corrupt or truncated "
                                              f"({type(e).__name__}: {e})") from None
         spans = sorted((t.pieces[0], name) for name, t in self.tensors.items())

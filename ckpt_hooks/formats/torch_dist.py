@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.torch_pickle import BoundedUnpickler, LazyTensor, TorchFile, WriteSink, _allowed_global
+from ckpt_hooks.formats.torch_pickle import LazyTensor, SafeUnpickler, TorchFile, WriteSink, _allowed_global
 
 METADATA = ".metadata"
 COMMON = "common.pt"
@@ -54,25 +55,20 @@ def _layout(name: str) -> torch.layout:
     return layout
 
 
-class _MetadataUnpickler(BoundedUnpickler):
+class _MetadataUnpickler(SafeUnpickler):
     """DCP's metadata classes, torch.Size, dtypes and layouts, and the torch-file allowlist; nothing else."""
 
-    def __init__(self, file):
-        super().__init__(file)
-        self._classes = _dcp_classes()
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self._dcp = _dcp_classes()
 
-    def find_class(self, module, name):
-        obj = self._classes.get((module, name))
+    def allowed_global(self, module, name):
+        obj = self._dcp.get((module, name))
         if obj is None and module == "torch" and name == "Size":
             obj = torch.Size
         if obj is None and (module, name) == ("torch.serialization", "_get_layout"):
             obj = _layout
-        if obj is None:
-            obj = _allowed_global(module, name)
-        if obj is None:
-            raise pickle.UnpicklingError(f"refused to load: the pickle needs '{module}.{name}', "
-                                         "which is not on the allowlist")
-        return obj
+        return obj if obj is not None else _allowed_global(module, name)
 
 
 @dataclass(frozen=True)
@@ -119,7 +115,7 @@ class DistCheckpoint:
         metadata = self._read_metadata()
         try:
             self.tensors, self.objects = self._index(metadata)
-        except (AttributeError, TypeError, ValueError, KeyError, OverflowError) as e:
+        except (AttributeError, TypeError, ValueError, KeyError, OverflowError, RecursionError) as e:
             raise CheckpointError(self.iter_dir / METADATA,
                                   f"malformed DCP metadata ({type(e).__name__}: {e})") from None
         self.common = read_common(self.iter_dir)
@@ -128,7 +124,7 @@ class DistCheckpoint:
         path = self.iter_dir / METADATA
         try:
             # From memory: a declared length is then checked against the bytes there are.
-            metadata = _MetadataUnpickler(io.BytesIO(path.read_bytes())).load()
+            metadata = _MetadataUnpickler(path.read_bytes()).load()
         except FileNotFoundError:
             raise CheckpointError(path, "missing: the checkpoint's index of chunks (an interrupted save?)") from None
         except pickle.UnpicklingError as e:
@@ -171,13 +167,23 @@ class DistCheckpoint:
                     raise CheckpointError(path, f"object '{key}' has no record")
                 objects[key] = record
                 continue
-            found = []
+            found, shape = [], tuple(entry.size)
             for chunk in chunks:
                 record = records.get((key, tuple(chunk.offsets)))
                 if record is None:
                     raise CheckpointError(path, f"'{key}' chunk at {tuple(chunk.offsets)} has no record")
                 found.append(Chunk(tuple(chunk.offsets), tuple(chunk.sizes), record))
-            tensors[key] = DistTensor(key, tuple(entry.size), entry.properties.dtype, found)
+                if len(chunk.offsets) != len(shape) or len(chunk.sizes) != len(shape) or \
+                        any(o < 0 or n < 0 or o + n > d for o, n, d in zip(chunk.offsets, chunk.sizes, shape)):
+                    raise CheckpointError(path, f"'{key}' chunk at {tuple(chunk.offsets)} of size {tuple(chunk.sizes)} "
+                                                f"lies outside its shape {shape}")
+            # A declared shape is believed only as far as chunks fill it (each read from a record
+            # that fits its file): not a petabyte tensor from a few bytes of .metadata.
+            covered = sum(math.prod(c.sizes) for c in found)
+            if covered < math.prod(shape):
+                raise CheckpointError(path, f"'{key}' declares shape {shape} ({math.prod(shape)} elements), its "
+                                            f"chunks hold {covered}")
+            tensors[key] = DistTensor(key, shape, entry.properties.dtype, found)
         return tensors, objects
 
     def record(self, record: Record) -> TorchFile:

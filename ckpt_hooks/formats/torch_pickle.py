@@ -23,6 +23,7 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import threading
 import warnings
 import zipfile
@@ -124,7 +125,11 @@ _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
 }
-# Enums defined by the trainers appear in saved ``args`` (e.g. AttnBackend).
+# Enums defined by the trainers appear in saved ``args`` (e.g. AttnBackend): those of the modules
+# listed, or of a trainer's module already imported. No other module is imported on a pickle's
+# word: an import runs code, and a namespace package (megatron) takes modules from the working
+# directory, which may be the checkpoint's.
+_ENUM_MODULES = ("megatron.core.enums", "megatron.core.transformer.enums")
 _ENUM_MODULE_PREFIXES = ("megatron.", "mindspeed.", "mindformers.")
 
 
@@ -133,10 +138,12 @@ def _allowed_global(module: str, name: str):
         return _ALLOWED[(module, name)]
     if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
         return getattr(torch, name)
-    if (module, name) in _NUMPY_GLOBALS or (module == "numpy" and name.endswith("DType")) \
-            or module == "numpy.dtypes":
+    if (module, name) in _NUMPY_GLOBALS:
         return getattr(importlib.import_module(module), name)
-    if module.startswith(_ENUM_MODULE_PREFIXES):
+    if module in ("numpy", "numpy.dtypes") and name.endswith("DType"):  # not numpy.dtypes' helpers
+        obj = getattr(importlib.import_module(module), name, None)
+        return obj if isinstance(obj, type) else None
+    if module in _ENUM_MODULES or module.startswith(_ENUM_MODULE_PREFIXES) and module in sys.modules:
         try:
             with warnings.catch_warnings():  # megatron's "Transformer Engine and Apex are not installed" & co.
                 warnings.simplefilter("ignore")
@@ -148,39 +155,69 @@ def _allowed_global(module: str, name: str):
     return None
 
 
-def _refuse_bytearray8(unpickler):
-    raise pickle.UnpicklingError("BYTEARRAY8 (pickle protocol 5), which torch files do not use")
+class SafeUnpickler(pickle._Unpickler):
+    """pickle's own Python unpickler, with what a hostile pickle could use shut off: globals only
+    from ``allowed_global`` (subclasses'), BUILD only on instances of the classes found there
+    (on a class, a function or an enum member it would change them for every later load in the
+    process), and no bytearray larger than the pickle (``bytearray(n)`` is zeroed before it is
+    read into). Its memo is a dict: the C unpickler grows an array to whatever index a PUT names."""
 
+    dispatch = dict(pickle._Unpickler.dispatch)
 
-class BoundedUnpickler(pickle._Unpickler):
-    """An unpickler whose memory follows the pickle's size, not sizes it declares: Python's own,
-    not the C one (that grows its memo to any index a LONG_BINPUT names, and writes all of it),
-    without BYTEARRAY8 (which allocates its declared length before reading)."""
+    def __init__(self, data: bytes, **kwargs):
+        super().__init__(io.BytesIO(data), **kwargs)
+        self._size = len(data)
+        self._classes: tuple[type, ...] = ()
 
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BYTEARRAY8[0]: _refuse_bytearray8}
-
-
-class _Unpickler(BoundedUnpickler):
-    def __init__(self, file, path: str):
-        super().__init__(file, encoding="utf-8")
-        self._path = path
+    def allowed_global(self, module: str, name: str):
+        raise NotImplementedError
 
     def find_class(self, module, name):
-        if module == "torch" and name in _STORAGE_DTYPES:  # named inside persistent ids
-            return _STORAGE_DTYPES[name]
-        obj = _allowed_global(module, name)
+        obj = self.allowed_global(module, name)
         if obj is None:
             raise pickle.UnpicklingError(f"refused to load: the pickle needs '{module}.{name}', "
                                          "which is not on the allowlist")
+        if isinstance(obj, type) and not issubclass(obj, enum.Enum) and obj not in self._classes:
+            self._classes += (obj,)
         return obj
+
+    def load_build(self):
+        target = self.stack[-2] if len(self.stack) > 1 else None
+        if isinstance(target, type) or not isinstance(target, self._classes):
+            raise pickle.UnpicklingError(f"refused to load: the pickle sets the state of {target!r:.60}, "
+                                         "not an object of an allowlisted class")
+        super().load_build()
+
+    def load_bytearray8(self):
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > self._size:
+            raise pickle.UnpicklingError(f"a bytearray of {n} bytes in a pickle of {self._size}")
+        data = bytearray(n)
+        self.readinto(data)
+        self.append(data)
+
+    dispatch[pickle.BUILD[0]] = load_build
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+
+
+class _Unpickler(SafeUnpickler):
+    def __init__(self, data: bytes, path: str):
+        super().__init__(data, encoding="utf-8")
+        self._path = path
+
+    def allowed_global(self, module, name):
+        if module == "torch" and name in _STORAGE_DTYPES:  # named inside persistent ids
+            return _STORAGE_DTYPES[name]
+        return _allowed_global(module, name)
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
             raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
         _, storage_type, key, _location, numel = pid
-        if not isinstance(storage_type, torch.dtype):   # find_class maps storage names to dtypes
-            raise pickle.UnpicklingError(f"unexpected storage type {storage_type!r}")
-        return LazyStorage(self._path, str(key), storage_type, int(numel))
+        if not (isinstance(storage_type, torch.dtype) and isinstance(key, str) and isinstance(numel, int)
+                and numel >= 0):
+            raise pickle.UnpicklingError(f"persistent id {pid!r:.100} is not a storage")
+        return LazyStorage(self._path, key, storage_type, numel)
 
 
 class _Window(io.RawIOBase):
@@ -217,6 +254,8 @@ class _Window(io.RawIOBase):
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX")   # buffers one preadv fills
+_MAX_DEPTH = 100          # a Megatron rank file nests about 8 deep
+_MAX_ITEMS = 10_000_000  # ... and holds some thousands of objects
 
 
 class TorchFile:
@@ -233,13 +272,19 @@ class TorchFile:
             self._end = os.path.getsize(self.path) if length is None else base + length
             with _Window(self.path, base, self._end - base) as window, zipfile.ZipFile(window) as archive:
                 self._records = {info.filename: info for info in archive.infolist()}
+            # Nothing is extracted, but such a name is no torch.save's: refused rather than trusted.
+            escaping = next((n for n in self._records
+                             if n.startswith(("/", "\\")) or ".." in n.replace("\\", "/").split("/")), None)
+            if escaping is not None:
+                raise CheckpointError(self.path, f"record name {escaping!r} leaves the archive (absolute, or '..')")
             pkl = next((n for n in self._records if n.endswith("/data.pkl")), None)
             if pkl is None:
                 raise CheckpointError(self.path, "not a torch.save zip file (no data.pkl)")
             self._prefix = pkl[: -len("data.pkl")]
             if self._prefix + "byteorder" in self._records and self._read_record("byteorder") != b"little":
                 raise CheckpointError(self.path, "big-endian torch files are not supported")
-            self.obj = _Unpickler(io.BytesIO(self._read_record("data.pkl")), self.path).load()
+            self.obj = _Unpickler(self._read_record("data.pkl"), self.path).load()
+            self._check_structure(self.obj, 0, set(), {})
         except CheckpointError:
             raise
         except FileNotFoundError:
@@ -251,6 +296,51 @@ class TorchFile:
         except (EOFError, ValueError, KeyError, TypeError, struct.error, zipfile.LargeZipFile, OSError,
                 MemoryError, OverflowError, RecursionError, IndexError, AttributeError, NotImplementedError) as e:
             raise CheckpointError(self.path, f"corrupt pickle in torch file ({type(e).__name__}: {e})") from None
+
+    def _check_structure(self, value, depth: int, inside: set, expanded: dict) -> int:
+        """Refuse now what would make a later walk of the pickle's objects run away, or a read
+        allocate more than the file holds: nesting deeper than _MAX_DEPTH, a container inside
+        itself, shared containers that expand to more than _MAX_ITEMS (a "billion laughs"), a
+        tensor that does not lie inside its storage, a storage larger than the file. Returns the
+        number of items ``value`` expands to."""
+        if isinstance(value, LazyTensor):
+            self._check_tensor(value)
+            return 1
+        if isinstance(value, dict):
+            items = itertools.chain(value.keys(), value.values())
+        elif isinstance(value, (list, tuple, set, frozenset)):
+            items = value
+        elif isinstance(value, argparse.Namespace):
+            items = vars(value).values()
+        else:
+            return 1
+        if id(value) in expanded:
+            return expanded[id(value)]
+        if id(value) in inside:
+            raise CheckpointError(self.path, f"the pickle holds a {type(value).__name__} inside itself")
+        if depth >= _MAX_DEPTH:
+            raise CheckpointError(self.path, f"the pickle nests containers more than {_MAX_DEPTH} deep")
+        inside.add(id(value))
+        count = 1 + sum(self._check_structure(item, depth + 1, inside, expanded) for item in items)
+        inside.discard(id(value))
+        if count > _MAX_ITEMS:
+            raise CheckpointError(self.path, f"the pickle's shared containers expand to more than {_MAX_ITEMS} items")
+        expanded[id(value)] = count
+        return count
+
+    def _check_tensor(self, t: LazyTensor) -> None:
+        storage, dims = t.storage, (*t.shape, *t.stride, t.offset)
+        if not (isinstance(storage, LazyStorage) and len(t.shape) == len(t.stride)
+                and all(type(n) is int and n >= 0 for n in dims)):
+            raise CheckpointError(self.path, f"a malformed tensor (storage {type(storage).__name__}, shape "
+                                             f"{t.shape!r:.60}, strides {t.stride!r:.60}, offset {t.offset!r:.20})")
+        span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride)) if math.prod(t.shape) else 0
+        if t.offset + span > storage.numel:
+            raise CheckpointError(self.path, f"a tensor of shape {list(t.shape)} (strides {list(t.stride)}, offset "
+                                             f"{t.offset}) reaches beyond its storage of {storage.numel} elements")
+        if storage.numel * storage.dtype.itemsize > self._end - self._base:
+            raise CheckpointError(self.path, f"storage data/{storage.key} declares {storage.numel} elements "
+                                             f"of {storage.dtype}, more than the file's {self._end - self._base} bytes")
 
     def _record_offset(self, name: str, nbytes: int | None = None) -> int:
         """Byte offset of a record's data, from its local header (records are stored uncompressed).

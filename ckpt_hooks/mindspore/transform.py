@@ -35,6 +35,7 @@ from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors
 from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
 from ckpt_hooks.formats.mindspore_ckpt import MappedFile, PendingArray
 from ckpt_hooks.formats.mindspore_strategy import read_strategy
+from ckpt_hooks.formats.paths import check_links
 from ckpt_hooks.mindspore.files import READERS, RANK_DIR, MappedTensor, latest_checkpoint, open_checkpoint, rank_dirs
 
 DEFAULT_PREFIX = "checkpoint_"  # MindFormers' (transform_checkpoints requires one)
@@ -68,6 +69,7 @@ def open_source(load_dir, world: int) -> dict[int, MappedFile]:
     if root.is_file():
         paths = {0: root}
     elif root.is_dir():
+        check_links(root, [root])
         ranks = rank_dirs(root)
         if not ranks and world == 1:
             paths = {0: latest_checkpoint(root)}

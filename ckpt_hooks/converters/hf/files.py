@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.formats.paths import check_links, file_of
 from ckpt_hooks.formats.safetensors import ArrayPiece, SafetensorsFile
 
 SINGLE = "model.safetensors"
@@ -60,17 +61,16 @@ def open_file(path) -> dict[str, StoredTensor]:
 def open_directory(directory) -> dict[str, StoredTensor]:
     """Every tensor of a Hugging Face model directory (one file or index + shards), unread."""
     root = Path(directory)
+    if root.is_dir():
+        check_links(root, [root])
     index = root / INDEX
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
             files = sorted(set(weight_map.values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
             raise CheckpointError(index, f"unreadable index ({type(e).__name__}: {e})") from None
-        for name in files:
-            if not isinstance(name, str) or Path(name).name != name or "\0" in name:
-                raise CheckpointError(index, f"weight_map names {name!r}, not a file of the directory")
-        opened = {name: open_file(root / name) for name in files}
+        opened = {name: open_file(file_of(root, name, index)) for name in files}
         tensors = {}
         for name, file in weight_map.items():
             if name not in opened[file]:

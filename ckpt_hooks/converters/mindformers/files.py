@@ -17,6 +17,7 @@ from ckpt_hooks.converters.hf import files
 from ckpt_hooks.converters.hf.files import PlannedTensor, StoredTensor
 from ckpt_hooks.engine.run import run
 from ckpt_hooks.formats.atomic import staged_directory
+from ckpt_hooks.formats.paths import check_links, file_of
 
 NAME_MAP = "param_name_map.json"
 SUFFIX = ".safetensors"
@@ -30,13 +31,14 @@ def open_checkpoint(path) -> dict[str, StoredTensor]:
         return files.open_file(root)
     if not root.is_dir():
         raise CheckpointError(root, "no such file or directory")
+    check_links(root, [root])
     if (root / NAME_MAP).is_file():
         try:
             listed = json.loads((root / NAME_MAP).read_text())
             listed = sorted(set(listed.get("weight_map", listed).values()))
-        except (ValueError, AttributeError, TypeError) as e:
+        except (ValueError, AttributeError, TypeError, RecursionError) as e:
             raise CheckpointError(root / NAME_MAP, f"unreadable ({type(e).__name__}: {e})") from None
-        paths = [root / name for name in listed]
+        paths = [file_of(root, name, root / NAME_MAP) for name in listed]
     else:
         paths = sorted(p for p in root.iterdir() if p.suffix == SUFFIX)
     if not paths:
