@@ -112,10 +112,10 @@ def _pickle(storage_type, size=(4,), offset=0) -> bytes:
 
 
 @pytest.mark.parametrize("pkl, says", [
-    (_pickle("FloatStorage"), "unexpected storage type"),                  # a name, not a storage class
+    (_pickle("FloatStorage"), "is not a storage"),                         # a name, not a storage class
     (_pickle(torch.FloatStorage, size=(5,)), "reaches beyond its storage"),  # 5 floats of a 4-float storage
     (_pickle(torch.FloatStorage, offset=-1), "malformed size or stride"),
-    (b"\x80\x05\x96" + (1 << 40).to_bytes(8, "little") + b".", "BYTEARRAY8"),   # a 1 TiB bytearray
+    (b"\x80\x05\x96" + (1 << 40).to_bytes(8, "little") + b".", "a bytearray of 1099511627776 bytes"),   # a 1 TiB bytearray
 ], ids=["storage name", "beyond storage", "negative offset", "bytearray8"])
 def test_torch_file_pickle(tmp_path, pkl, says):
     with capped_memory():
@@ -149,7 +149,7 @@ def test_hf_index_naming_no_file_of_the_directory(tmp_path, shard):
 
     _safetensors(tmp_path / "model.safetensors", {"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})
     (tmp_path / INDEX).write_text(json.dumps({"weight_map": {"w": shard}}))
-    refused(open_directory, tmp_path, says="not a file of the directory")
+    refused(open_directory, tmp_path, says="which is not a file of")
 
 
 def _json_strategy(path: Path, **item) -> Path:
