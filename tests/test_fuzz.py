@@ -114,7 +114,7 @@ def _pickle(storage_type, size=(4,), offset=0) -> bytes:
 @pytest.mark.parametrize("pkl, says", [
     (_pickle("FloatStorage"), "is not a storage"),                         # a name, not a storage class
     (_pickle(torch.FloatStorage, size=(5,)), "reaches beyond its storage"),  # 5 floats of a 4-float storage
-    (_pickle(torch.FloatStorage, offset=-1), "malformed size or stride"),
+    (_pickle(torch.FloatStorage, offset=-1), "a malformed tensor"),
     (b"\x80\x05\x96" + (1 << 40).to_bytes(8, "little") + b".", "a bytearray of 1099511627776 bytes"),   # a 1 TiB bytearray
 ], ids=["storage name", "beyond storage", "negative offset", "bytearray8"])
 def test_torch_file_pickle(tmp_path, pkl, says):

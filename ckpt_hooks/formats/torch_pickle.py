@@ -88,14 +88,8 @@ def contiguous_strides(shape) -> tuple[int, ...]:
 
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    size, stride = tuple(size), tuple(stride)
-    if not isinstance(storage, LazyStorage) or len(size) != len(stride) or \
-            not all(type(n) is int and n >= 0 for n in (storage_offset, *size, *stride)):
-        raise pickle.UnpicklingError("a tensor with no storage, or a malformed size or stride")
-    if math.prod(size) and storage_offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.numel:
-        raise pickle.UnpicklingError(f"a tensor of size {size} and stride {stride} at offset {storage_offset} "
-                                     f"reaches beyond its storage of {storage.numel} elements")
-    return LazyTensor(storage, storage_offset, size, stride)
+    # Checked once the pickle is loaded (TorchFile._check_tensor), with the file's size at hand.
+    return LazyTensor(storage, storage_offset, tuple(size), tuple(stride))
 
 
 def _rebuild_parameter(data, requires_grad=False, hooks=None, state=None):
