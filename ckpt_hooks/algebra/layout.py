@@ -20,6 +20,7 @@ Pure: no I/O, no framework imports.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -124,6 +125,13 @@ def placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, v
     ``vocab_rows`` is the padded vocabulary of this layout; ``file_shape`` is used for
     tensors whose shape the spec does not determine (e.g. learned position embeddings).
     """
+    shape = tuple(file_shape) if rule.shape is None and file_shape is not None else None   # else unused
+    return _placement(rule, spec, config, rank, vocab_rows, shape)
+
+
+@functools.lru_cache(maxsize=1 << 14)   # the same rule and rank for every layer (and expert)
+def _placement(rule: Rule, spec: ModelSpec, config: ParallelConfig, rank: Rank, vocab_rows: int,
+               file_shape: tuple[int, ...] | None) -> Placement:
     if rule.shape is None:
         logical = tuple(file_shape)
     else:

@@ -10,6 +10,7 @@ One table serves both layer specs: the local spec (``input_layernorm.weight``,
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -84,6 +85,7 @@ class Name:
         return expert_of(self.suffix)
 
 
+@functools.lru_cache(maxsize=1 << 16)   # keys repeat in every file of a layout and in every plan
 def expert_of(suffix: str) -> int | None:
     """The expert number a per-layer key suffix names (None: not an expert's tensor)."""
     match = _EXPERT_NUMBER.match(suffix)
@@ -128,6 +130,7 @@ def state_dict_order(key: str) -> tuple:
     return (0 if key.startswith("embedding.") else 2), 0, module_order(key)
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def classify(key: str) -> Name | None:
     """The rule for a chunk key, or None when the key is not a known GPT tensor."""
     for pattern, rule in _COMPILED:

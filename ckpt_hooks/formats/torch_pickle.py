@@ -709,6 +709,17 @@ _SHORT_RUN = 1024
 
 def _pieces(a_starts: list[int], a_run: int, b_starts: list[int], b_run: int):
     """(a offset, b offset, elements) where two run lists of one element stream meet."""
+    if a_run == b_run:
+        return zip(a_starts, b_starts, itertools.repeat(a_run))
+    if len(a_starts) == 1 or len(b_starts) == 1:   # one whole run on a side: cut by the other's
+        one, runs, run = (a_starts[0], b_starts, b_run) if len(a_starts) == 1 else (b_starts[0], a_starts, a_run)
+        cuts = range(one, one + run * len(runs), run)
+        return zip(cuts, runs, itertools.repeat(run)) if len(a_starts) == 1 else \
+            zip(runs, cuts, itertools.repeat(run))
+    return _walk(a_starts, a_run, b_starts, b_run)
+
+
+def _walk(a_starts: list[int], a_run: int, b_starts: list[int], b_run: int):
     i = j = a_used = b_used = 0
     while i < len(a_starts) and j < len(b_starts):
         n = min(a_run - a_used, b_run - b_used)
