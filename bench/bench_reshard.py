@@ -1,7 +1,7 @@
 """Resharding benchmark on a ~1 GB checkpoint in Megatron-LM's real legacy layout.
 
 Builds a GQA/SwiGLU GPT checkpoint (local-spec names) at TP2·PP2, then reshards it to
-TP4·PP1 and TP1·PP1 with `ckpt-hooks convert --convert-param-only`, each in its own
+TP4·PP1, TP1·PP1 and TP1·PP2·VPP2 with `ckpt-hooks convert --convert-param-only`, each in its own
 process (the command users run). Reports throughput, the ratio to `cp -r` of the same source files measured in
 the same run (both warm: source in the page cache), and to `cp -r && sync` (the conversion
 fsyncs what it publishes, so that is the like-for-like copy), and each process's peak RSS
@@ -99,10 +99,10 @@ def child(command: list[str], tree: str | None = None) -> tuple[float, int, str]
     return seconds, usage.ru_maxrss * 1024, out
 
 
-def convert_command(source: Path, out: Path, tp: int, pp: int, workers: int) -> list[str]:
+def convert_command(source: Path, out: Path, tp: int, pp: int, vpp: int, workers: int) -> list[str]:
     return [sys.executable, "-m", "ckpt_hooks.cli", "convert", "--load-dir", str(source), "--save-dir", str(out),
             "--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size", str(pp),
-            "--convert-param-only", "--workers", str(workers)]
+            "--convert-param-only", "--workers", str(workers)] + (["--vpp-size", str(vpp)] if vpp > 1 else [])
 
 
 def reported_seconds(printed: str) -> float:
@@ -139,7 +139,7 @@ def main() -> None:
         trees = {"this tree": None}
         if options.baseline:
             trees[f"baseline {options.baseline}"] = baseline_tree
-        for tp, pp in ((4, 1), (1, 1)):
+        for tp, pp, vpp in ((4, 1, 1), (1, 1, 1), (1, 2, 2)):
             copies, durable, runs = [], [], {name: [] for name in trees}
             for _ in range(options.repeat):
                 copies.append(child(["cp", "-r", str(source), str(work / "copy")])[0])
@@ -148,8 +148,8 @@ def main() -> None:
                 durable.append(child(["sh", "-c", f"cp -r '{source}' '{work / 'copy'}' && sync"])[0])
                 shutil.rmtree(work / "copy")
                 for name, env in trees.items():
-                    out = work / f"tp{tp}pp{pp}"
-                    wall, rss, printed = child(convert_command(source, out, tp, pp, options.workers), env)
+                    out = work / f"tp{tp}pp{pp}vpp{vpp}"
+                    wall, rss, printed = child(convert_command(source, out, tp, pp, vpp, options.workers), env)
                     runs[name].append((reported_seconds(printed), wall, rss, largest_file(out)))
                     shutil.rmtree(out)
             copy, synced = median(copies), median(durable)
@@ -157,7 +157,8 @@ def main() -> None:
                 work_s = median([r[0] for r in measured])
                 wall = median([r[1] for r in measured])
                 rss, biggest = max(r[2] for r in measured), measured[0][3]
-                print(f"-> TP{tp}·PP{pp} ({name}): convert {work_s:5.2f} s = {size / work_s / 1e6:5.0f} MB/s = "
+                layout = f"TP{tp}·PP{pp}" + (f"·VPP{vpp}" if vpp > 1 else "")
+                print(f"-> {layout} ({name}): convert {work_s:5.2f} s = {size / work_s / 1e6:5.0f} MB/s = "
                       f"{copy / work_s:4.2f}x cp -r ({copy:4.2f} s), {synced / work_s:4.2f}x cp -r + sync "
                       f"({synced:4.2f} s); whole process {wall:5.2f} s = "
                       f"{copy / wall:4.2f}x cp; peak RSS {rss / 1e6:5.0f} MB = {rss / biggest:4.2f}x largest target "

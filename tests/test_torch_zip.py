@@ -2,6 +2,7 @@
 that fill its tensors: what torch's own reader and Python's zipfile make of the files, ZIP64 past
 4 GiB, and reads landing exactly where they belong."""
 
+import errno
 import os
 import random
 import struct
@@ -34,6 +35,19 @@ def test_files_read_back_by_torch_with_real_crcs(tmp_path):
     again = tmp_path / "g.pt"
     torch_pickle.save(obj, again)
     assert again.read_bytes() == path.read_bytes()   # the same content, the same bytes
+
+
+def test_a_filesystem_that_cannot_map_gets_the_same_bytes(tmp_path, monkeypatch):
+    tensors = {"w": torch.arange(3000.0).view(30, 100)}
+    torch_pickle.save({"w": PendingTensor((30, 100), torch.float32, fill=lambda out: out.copy_(tensors["w"]))},
+                      tmp_path / "mapped.pt")
+
+    def unmappable(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+    monkeypatch.setattr(torch_pickle.mmap, "mmap", unmappable)
+    torch_pickle.save({"w": PendingTensor((30, 100), torch.float32, fill=lambda out: out.copy_(tensors["w"]))},
+                      tmp_path / "written.pt")
+    assert (tmp_path / "written.pt").read_bytes() == (tmp_path / "mapped.pt").read_bytes()
 
 
 def test_data_is_aligned_and_zip64_past_4_gib(tmp_path):

@@ -13,6 +13,7 @@ import collections
 import contextlib
 from concurrent.futures import ThreadPoolExecutor
 import enum
+import errno
 import importlib
 import io
 import itertools
@@ -550,20 +551,34 @@ _PAGE = mmap.ALLOCATIONGRANULARITY
 def _write_tensor(fd: int, record: torch_zip.Record, pending: PendingTensor) -> None:
     """Make one tensor straight into its place in the file, mapped (its pages only, while it is
     made): the reads land in the file's page cache, with no buffer between, and its CRC-32 is
-    taken there."""
+    taken there. Where the file cannot be mapped (some network filesystems), or the tensor
+    comes made, it is written from memory."""
     if record.size == 0:
         return
-    if pending.fill is None:
-        data = _produce(pending).reshape(-1).view(torch.uint8).numpy()
-        record.crc = crc32(data)
-        _pwrite(fd, data, record.data_offset)
-        return
-    start = record.data_offset - record.data_offset % _PAGE
-    with mmap.mmap(fd, record.data_offset + record.size - start, offset=start) as mapped:
-        place = numpy.frombuffer(mapped, numpy.uint8, record.size, record.data_offset - start)
-        pending.fill(torch.from_numpy(place).view(pending.dtype).view(pending.shape))
-        record.crc = crc32(place)
-        del place   # (the map closes only once nothing points into it)
+    if pending.fill is not None:
+        start = record.data_offset - record.data_offset % _PAGE
+        try:
+            mapped = mmap.mmap(fd, record.data_offset + record.size - start, offset=start)
+        except OSError as e:
+            if e.errno not in _UNMAPPABLE:
+                raise
+            tensor = torch.zeros(pending.shape, dtype=pending.dtype)
+            pending.fill(tensor)
+        else:
+            with mapped:
+                place = numpy.frombuffer(mapped, numpy.uint8, record.size, record.data_offset - start)
+                pending.fill(torch.from_numpy(place).view(pending.dtype).view(pending.shape))
+                record.crc = crc32(place)
+                del place   # (the map closes only once nothing points into it)
+            return
+    else:
+        tensor = _produce(pending)
+    data = tensor.reshape(-1).view(torch.uint8).numpy()
+    record.crc = crc32(data)
+    _pwrite(fd, data, record.data_offset)
+
+
+_UNMAPPABLE = {errno.ENODEV, errno.EINVAL, errno.EACCES, errno.EOPNOTSUPP}
 
 
 def save(obj, path, threads: int = 2) -> dict[str, int]:
