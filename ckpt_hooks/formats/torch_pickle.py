@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 from concurrent.futures import ThreadPoolExecutor
 import enum
 import errno
