@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.torch_pickle import LazyTensor, SafeUnpickler, TorchFile, WriteSink, _allowed_global
+from ckpt_hooks.formats.atomic import fsync
+from ckpt_hooks.formats.torch_pickle import (LazyTensor, PendingTensor, SafeUnpickler, TorchFile, _allowed_global,
+                                            save_archives)
 
 METADATA = ".metadata"
 COMMON = "common.pt"
@@ -236,38 +238,24 @@ def is_dist_checkpoint(iter_dir) -> bool:
 
 @dataclass
 class Item:
-    """One record to write: a chunk of tensor ``key`` (``produce()`` -> the chunk, built when
-    written) or an object (``obj``; ``offsets``/``shape``/``dtype`` unused)."""
+    """One record to write: a chunk of tensor ``key`` (``pending``: made when written) or an
+    object (``obj``; ``offsets``/``shape``/``dtype`` unused)."""
 
     key: str
     offsets: tuple[int, ...] | None = None
     shape: tuple[int, ...] | None = None        # the global shape
     sizes: tuple[int, ...] | None = None
     dtype: torch.dtype | None = None
-    produce: object = None
+    pending: PendingTensor | None = None
     obj: object = None
 
 
 def write_records(path, items: list[Item]) -> list[tuple[Item, Record]]:
-    """Write ``items`` into one .distcp file, one built tensor at a time, and fsync it (by the
-    worker that wrote it, beside the others' writing)."""
-    written = []
-    with WriteSink(path) as f:
-        for item in items:
-            start = f.tell()
-            if item.produce is not None:
-                tensor = item.produce()
-                if tuple(tensor.shape) != item.sizes or tensor.dtype != item.dtype:
-                    raise AssertionError(f"{item.key}: built {tuple(tensor.shape)} {tensor.dtype}, "
-                                         f"planned {item.sizes} {item.dtype}")
-                torch.save(tensor.contiguous(), f)
-            else:
-                buffer = io.BytesIO()
-                torch.save(item.obj, buffer)
-                f.write(buffer.getbuffer())
-            written.append((item, Record(Path(path).name, start, f.tell() - start)))
-        f.sync()
-    return written
+    """Write ``items`` into one .distcp file, each record a ``torch.save`` archive made in place
+    (``save_archives``), and fsync it (by the worker that wrote it, beside the others' writing)."""
+    written = save_archives(path, [item.obj if item.pending is None else item.pending for item in items])
+    fsync(path)
+    return [(item, Record(Path(path).name, offset, length)) for item, (offset, length, _) in zip(items, written)]
 
 
 def write_metadata(iter_dir, written: list[tuple[Item, Record]]) -> None:
@@ -278,7 +266,7 @@ def write_metadata(iter_dir, written: list[tuple[Item, Record]]) -> None:
 
     state, storage = {}, {}
     for item, record in written:
-        if item.produce is None:
+        if item.pending is None:
             state[item.key] = BytesStorageMetadata()
             storage[MetadataIndex(item.key)] = _StorageInfo(record.relative_path, record.offset, record.length)
             continue

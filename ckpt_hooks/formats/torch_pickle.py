@@ -488,8 +488,8 @@ class TorchFile:
 
 class PendingTensor:
     """A tensor of a file being written, made only when its bytes are written: ``fill(out)``
-    builds it into ``out`` (contiguous, of its shape and dtype: a buffer the writer reuses), or
-    ``produce()`` returns it made."""
+    builds it into ``out`` (contiguous, zeroed, of its shape and dtype: its place in the file),
+    or ``produce()`` returns it made."""
 
     def __init__(self, shape, dtype: torch.dtype, produce=None, *, fill=None):
         self.shape, self.dtype, self.produce, self.fill = tuple(shape), dtype, produce, fill
@@ -547,17 +547,18 @@ def _pwrite(fd: int, data, offset: int) -> None:
 _PAGE = mmap.ALLOCATIONGRANULARITY
 
 
-def _write_tensor(fd: int, record: torch_zip.Record, pending: PendingTensor) -> None:
-    """Make one tensor straight into its place in the file, mapped (its pages only, while it is
-    made): the reads land in the file's page cache, with no buffer between, and its CRC-32 is
-    taken there. Where the file cannot be mapped (some network filesystems), or the tensor
-    comes made, it is written from memory."""
+def _write_tensor(fd: int, base: int, record: torch_zip.Record, pending: PendingTensor) -> None:
+    """Make one tensor straight into its place in the file (an archive at ``base``), mapped (its
+    pages only, while it is made): the reads land in the file's page cache, with no buffer
+    between, and its CRC-32 is taken there. Where the file cannot be mapped (some network
+    filesystems), or the tensor comes made, it is written from memory."""
     if record.size == 0:
         return
+    at = base + record.data_offset
     if pending.fill is not None:
-        start = record.data_offset - record.data_offset % _PAGE
+        start = at - at % _PAGE
         try:
-            mapped = mmap.mmap(fd, record.data_offset + record.size - start, offset=start)
+            mapped = mmap.mmap(fd, at + record.size - start, offset=start)
         except OSError as e:
             if e.errno not in _UNMAPPABLE:
                 raise
@@ -565,7 +566,7 @@ def _write_tensor(fd: int, record: torch_zip.Record, pending: PendingTensor) -> 
             pending.fill(tensor)
         else:
             with mapped:
-                place = numpy.frombuffer(mapped, numpy.uint8, record.size, record.data_offset - start)
+                place = numpy.frombuffer(mapped, numpy.uint8, record.size, at - start)
                 pending.fill(torch.from_numpy(place).view(pending.dtype).view(pending.shape))
                 record.crc = crc32(place)
                 del place   # (the map closes only once nothing points into it)
@@ -574,104 +575,84 @@ def _write_tensor(fd: int, record: torch_zip.Record, pending: PendingTensor) -> 
         tensor = _produce(pending)
     data = tensor.reshape(-1).view(torch.uint8).numpy()
     record.crc = crc32(data)
-    _pwrite(fd, data, record.data_offset)
+    _pwrite(fd, data, at)
 
 
 _UNMAPPABLE = {errno.ENODEV, errno.EINVAL, errno.EACCES, errno.EOPNOTSUPP}
 
 
-def save(obj, path, threads: int = 2) -> dict[str, int]:
-    """Write ``obj`` as ``torch.save`` does (any ``torch.load`` reads it), making its tensors only
-    as they are written: the zip is laid out first (``torch_zip``) and its space allocated (a full
-    disk fails here, before any byte), then ``threads`` threads each make one PendingTensor leaf at
-    a time into its place (``_write_tensor``); headers last. Memory: ``threads`` tensors' pages.
-    Returns each data record's CRC-32 ({"data/0": crc, ...}) for the manifest; the zip holds
-    them too. A write error (a full disk) is raised as an OSError naming ``path``."""
-    pickled = io.BytesIO()
-    pickler = _StreamingPickler(pickled)
-    pickler.dump(obj)
-    head = {"data.pkl": pickled.getvalue(), ".format_version": b"1", ".storage_alignment": b"64",
-            "byteorder": b"little"}
-    storages = pickler.storages
-    records, directory = torch_zip.layout([(name, len(data)) for name, data in head.items()]
-                                          + [(f"data/{s.key}", s.tensor.nbytes) for s in storages]
-                                          + [("version", 2), (".data/serialization_id", 40)])
-    tensors = records[len(head):len(head) + len(storages)]
+class _Archive:
+    """One ``torch.save`` zip of ``obj``, laid out (``torch_zip``): its pickle and small records,
+    and the PendingTensors whose records are to be made."""
+
+    def __init__(self, obj):
+        pickled = io.BytesIO()
+        pickler = _StreamingPickler(pickled)
+        pickler.dump(obj)
+        self.small = {"data.pkl": pickled.getvalue(), ".format_version": b"1", ".storage_alignment": b"64",
+                      "byteorder": b"little"}
+        self.pending = [s.tensor for s in pickler.storages]
+        self.records, self.directory = torch_zip.layout(
+            [(name, len(data)) for name, data in self.small.items()]
+            + [(f"data/{s.key}", s.tensor.nbytes) for s in pickler.storages]
+            + [("version", 2), (".data/serialization_id", 40)])
+        self.tensors = self.records[len(self.small):len(self.small) + len(self.pending)]
+        # The central directory's size does not depend on the CRCs it will hold.
+        self.size = self.directory + len(torch_zip.central_directory(self.records, self.directory))
+
+    def finish(self, fd: int, base: int) -> dict[str, int]:
+        """Once its tensors are in: the small records, the headers and the central directory.
+        Returns the data records' CRC-32s."""
+        crcs = {r.name: r.crc for r in self.tensors}
+        # An id of the content (torch's is random): the same content, the same bytes.
+        identity = crc32(json.dumps(crcs).encode())
+        small = {**self.small, "version": b"3\n",
+                 ".data/serialization_id": f"{identity:020d}{self.directory:020d}".encode()}
+        for record in self.records:
+            if record.name in small:
+                record.crc = crc32(small[record.name])
+                _pwrite(fd, small[record.name], base + record.data_offset)
+            _pwrite(fd, torch_zip.local_header(record), base + record.header_offset)
+        _pwrite(fd, torch_zip.central_directory(self.records, self.directory), base + self.directory)
+        return crcs
+
+
+def save_archives(path, objs: list, threads: int = 2) -> list[tuple[int, int, dict[str, int]]]:
+    """Write ``objs`` one after another into ``path``, each as ``torch.save`` writes it (any
+    ``torch.load`` reads it; a .distcp file is such a sequence), making their tensors only as they
+    are written: the archives are laid out first and the file's space allocated (a full disk fails
+    here, before any byte), then ``threads`` threads each make one PendingTensor leaf at a time
+    into its place (``_write_tensor``); headers last. Memory: ``threads`` tensors' pages. Returns
+    each archive's (offset, length, CRC-32 of each data record), the CRC-32s for the manifest;
+    the zips hold them too. A write error (a full disk) is raised as an OSError naming ``path``."""
+    archives = [_Archive(obj) for obj in objs]
+    bases = list(itertools.accumulate((a.size for a in archives), initial=0))
     path = str(path)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            central = torch_zip.central_directory(records, directory)   # CRCs aside, its size is known
-            os.posix_fallocate(fd, 0, directory + len(central))
+            if bases[-1]:
+                os.posix_fallocate(fd, 0, bases[-1])
             with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-                futures = [pool.submit(_write_tensor, fd, record, storage.tensor)
-                           for record, storage in zip(tensors, storages)]
+                futures = [pool.submit(_write_tensor, fd, base, record, pending)
+                           for archive, base in zip(archives, bases)
+                           for record, pending in zip(archive.tensors, archive.pending)]
                 try:
                     for future in futures:
                         future.result()
                 finally:   # on a failure the queued tensors are not started
                     pool.shutdown(cancel_futures=True)
-            crcs = {r.name: r.crc for r in tensors}
-            # An id of the content (torch's is random): the same content, the same bytes.
-            identity = crc32(json.dumps(crcs).encode())
-            tail = {"version": b"3\n", ".data/serialization_id": f"{identity:020d}{directory:020d}".encode()}
-            for record in records:
-                data = head.get(record.name, tail.get(record.name))
-                if data is not None:
-                    record.crc = crc32(data)
-                    _pwrite(fd, data, record.data_offset)
-                _pwrite(fd, torch_zip.local_header(record), record.header_offset)
-            _pwrite(fd, torch_zip.central_directory(records, directory), directory)
+            return [(base, archive.size, archive.finish(fd, base)) for archive, base in zip(archives, bases)]
         finally:
             os.close(fd)
     except OSError as e:   # a full disk: named as the file it would have been
         raise OSError(e.errno, e.strerror, path) from None
-    return crcs
 
 
-class WriteSink:
-    """A file torch's zip writer (``PyTorchFileWriter``, ``torch.save``) writes to, through Python:
-    the first write error (a full disk) is kept, and raised naming the file when the ``with`` block
-    completes, once the writer is done (an exception already leaving the block wins). Raised inside
-    torch's C++ writer it would abort the process (the writer's destructor finishes the zip and
-    throws again) or be replaced by a RuntimeError."""
-
-    def __init__(self, path):
-        self.path, self.file, self.error, self.position = str(path), open(path, "wb"), None, 0
-
-    def write(self, data) -> int:
-        if self.error is None:
-            try:
-                self.file.write(data)
-            except OSError as e:
-                self.error = e
-        self.position += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.position
-
-    def flush(self) -> None:
-        """Nothing until ``sync``: torch.save flushes after every archive."""
-
-    def sync(self) -> None:
-        """Flush and fsync what was written (an error kept, as a write's)."""
-        try:
-            self.file.flush()
-            os.fsync(self.file.fileno())
-        except OSError as e:
-            self.error = self.error or e
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        try:
-            self.file.close()
-        except OSError as e:
-            self.error = self.error or e
-        if self.error is not None and exc_type is None:
-            raise OSError(self.error.errno, self.error.strerror, self.path)
+def save(obj, path, threads: int = 2) -> dict[str, int]:
+    """Write ``obj`` as ``torch.save`` does (``save_archives``); returns each data record's
+    CRC-32 ({"data/0": crc, ...})."""
+    return save_archives(path, [obj], threads)[0][2]
 
 
 def iter_lazy_tensors(obj, prefix=""):

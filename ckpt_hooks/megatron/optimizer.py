@@ -312,8 +312,7 @@ def _optimizer_state(maps: list[BufferMap], chunk_keys: list, indexed: dict, exp
     for index, buffer_map in enumerate(maps):
         flats = {}
         for name in STATES:
-            def fill(flat, buffer_map=buffer_map, plan=indexed[name]):
-                flat.zero_()
+            def fill(flat, buffer_map=buffer_map, plan=indexed[name]):   # flat comes zeroed
                 for slot in grouped_experts.unpacked(buffer_map, experts):
                     tensor = plan[(chunk_keys[buffer_map.chunk], slot.name)]
                     offset = buffer_map.legacy_offset(slot)

@@ -31,6 +31,7 @@ from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats import torch_dist as dist
 from ckpt_hooks.formats.atomic import staged_directory
+from ckpt_hooks.formats.torch_pickle import PendingTensor
 from ckpt_hooks.megatron.checkpoint import write_manifest
 from ckpt_hooks.megatron import grouped_experts
 from ckpt_hooks.megatron.optimizer import local_experts, target_maps
@@ -85,7 +86,7 @@ def _weight_items(target: TargetFile, spec, config, seen: set, per_layer: bool) 
                 continue
             seen.add((key, offsets))
             shape = (*outer, *_saved_shape(name.rule, tensor.placement.logical_shape))
-            items.append(dist.Item(key, offsets, shape, sizes, tensor.dtype, produce=_builder(part, sizes)))
+            items.append(dist.Item(key, offsets, shape, sizes, tensor.dtype, pending=_builder(part, sizes)))
     return items
 
 
@@ -96,8 +97,9 @@ def _saved_shape(rule, logical_shape) -> tuple[int, ...]:
     return tuple(logical_shape)
 
 
-def _builder(tensor, sizes):
-    return lambda: build_tensor(tensor).reshape(sizes)
+def _builder(tensor, sizes) -> PendingTensor:
+    return PendingTensor(sizes, tensor.dtype, fill=lambda out: build_tensor(tensor, out=out.view(
+        tensor.placement.stored_shape)))
 
 
 def _optimizer_items(target: TargetFile, plans: dict[str, TargetFile], grad_dtypes, param_groups, spec, config,
@@ -133,16 +135,19 @@ def _bucket_items(buffer_map, group: int, index: int, prefix: str, chunk_keys, i
         slots = [s for s in grouped_experts.unpacked(buffer_map, experts) if s.bucket == bucket]
         begin = buffer_map.bucket_indices[bucket][0]
         for state in STATES:
-            def produce(slots=slots, numel=numel, begin=begin, plan=indexed[state], chunk=buffer_map.chunk):
-                flat = torch.zeros(numel, dtype=torch.float32)
+            def fill(flat, slots=slots, begin=begin, plan=indexed[state], chunk=buffer_map.chunk):   # zeroed
                 for slot in slots:
                     tensor = plan[(chunk_keys[chunk], slot.name)]
-                    flat[slot.start - begin:slot.end - begin] = grouped_experts.packed(slot, build_tensor(tensor))
+                    place = flat[slot.start - begin:slot.end - begin]
+                    if slot.transposed:
+                        place.copy_(grouped_experts.packed(slot, build_tensor(tensor)))
+                    else:   # straight into the file
+                        build_tensor(tensor, out=place.view(tensor.placement.stored_shape))
                     if progress is not None:
                         progress.update(tensor.nbytes)
-                return flat
             key = bucket_key(group, index, buffer_map.param_dtype, buffer_map.grad_dtype, bucket, state, prefix)
-            items.append(dist.Item(key, (0,), (numel,), (numel,), torch.float32, produce=produce))
+            items.append(dist.Item(key, (0,), (numel,), (numel,), torch.float32,
+                                   pending=PendingTensor((numel,), torch.float32, fill=fill)))
     return items
 
 
@@ -167,7 +172,7 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
         iter_dir.mkdir(parents=True, exist_ok=True)
 
         def write(target: TargetFile, progress) -> None:
-            items = [dataclasses.replace(i, produce=_reporting(i.produce, progress)) for i in by_rank[target.rank]]
+            items = [dataclasses.replace(i, pending=_reporting(i.pending, progress)) for i in by_rank[target.rank]]
             if optimizer_plans is not None:
                 items += _optimizer_items(target, {s: optimizer_plans[s][target.rank] for s in STATES}, grad_dtypes,
                                           common["optimizer_param_groups"], spec, config, args, progress)
@@ -182,7 +187,8 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
         share = total * sum(f.nbytes for f in mine) // max(1, sum(f.nbytes for f in weights))
         seconds = run(mine, write, share, workers=workers, quiet=quiet or not ranks.lead, label=label)
         # What the index needs of each record (not its builder), from every rank.
-        described = [(dataclasses.replace(item, produce=item.produce is not None or None, obj=None), record)
+        described = [(dataclasses.replace(item, obj=None, pending=None if item.pending is None else
+                                          PendingTensor(item.sizes, item.dtype)), record)
                      for item, record in written]
         everything = [entry for part in ranks.gather(described) for entry in part]
         if ranks.lead:   # every record is written: the index, the common state, then publish
@@ -204,13 +210,12 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
     return seconds
 
 
-def _reporting(produce, progress):
-    """A weight chunk's builder, reporting to the run's progress bar."""
-    if produce is None:
+def _reporting(pending: PendingTensor | None, progress) -> PendingTensor | None:
+    """A weight chunk, reporting to the run's progress bar when made."""
+    if pending is None:
         return None
 
-    def build():
-        out = produce()
+    def fill(out):
+        pending.fill(out)
         progress.update(out.numel() * out.element_size())
-        return out
-    return build
+    return PendingTensor(pending.shape, pending.dtype, fill=fill)
