@@ -19,7 +19,8 @@ from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors  # noqa: E402
 from ckpt_hooks.converters.mindspeed import megatron_to_mindspore, mindspore_to_megatron, tensor_md5  # noqa: E402
 from ckpt_hooks.cli.mindspeed import COMMANDS  # noqa: E402
 from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
-from tests.util import assert_same, tree_digest  # noqa: E402
+from ckpt_hooks.mindspore.manifest import manifest_path  # noqa: E402
+from tests.util import assert_same, tree_digest, without_manifests  # noqa: E402
 
 # (source, MindSpore layout, Megatron layout back, format). cont_tp2pp2's vocabulary pads to the
 # same rows at TP 1 and 2, so even its padding rows survive the trip through TP1.
@@ -153,7 +154,7 @@ def test_command_line_all_dp_cp_copies_and_param_map_check(sources, tmp_path):
                        tmp_path / "ms", "--param-map-path", maps[0].parent, "--dp-size", 2, "--cp-size", 2,
                        "--generate-all-dp-cp", "--num-layers", 4, "--process-limit", 2) == 0
     for stage in ("mp_rank_00_000", "mp_rank_00_001"):
-        found = sorted(p.name for p in (tmp_path / "ms" / "iter_0000003" / stage).iterdir())
+        found = sorted(without_manifests(tmp_path / "ms" / "iter_0000003" / stage))
         assert found == ["model_optim_rng.ckpt"] + [f"model_optim_rng_00{i}.ckpt" for i in range(4)]
         assert len({tensor_md5(tmp_path / "ms" / "iter_0000003" / stage / f) for f in found}) == 1
     meta = sorted(p.name for p in (tmp_path / "ms" / "pt_meta").iterdir())
@@ -166,15 +167,18 @@ def test_command_line_all_dp_cp_copies_and_param_map_check(sources, tmp_path):
 
 
 def rewrite(path, change) -> None:
-    """A MindSpore .ckpt with ``change(name, array)`` -> [(name, array), ...] applied to each tensor."""
+    """A MindSpore .ckpt with ``change(name, array)`` -> [(name, array), ...] applied to each
+    tensor, as another program would save it: without our manifest beside it."""
     f = mindspore_ckpt.CkptFile(path)
     items = [item for name in f.names for item in change(name, np.array(f.read(name)))]
     mindspore_ckpt.save(path, items)
+    manifest_path(path).unlink()
 
 
 def rewrite_safetensors(path, changed: dict) -> None:
     f = ms_safetensors.SafetensorsFile(path)
     ms_safetensors.save(path, {name: changed.get(name, np.array(f.read(name))) for name in f.names})
+    manifest_path(path).unlink()
 
 
 def test_noop_layers_are_skipped(trips, tmp_path):

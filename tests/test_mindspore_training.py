@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from tests.harness import free_port
 ms = pytest.importorskip("mindspore")
 
 from ckpt_hooks.errors import CheckpointError  # noqa: E402
+from ckpt_hooks.formats.mindspore_ckpt import CkptFile  # noqa: E402
 from ckpt_hooks.mindspore import manifest  # noqa: E402
 from ckpt_hooks.mindspore.callback import CheckpointManifest  # noqa: E402
 from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
@@ -124,9 +126,11 @@ def test_manifest_describes_the_checkpoint(runs, saved_dir, rank, world):
         "layout": {"rank": rank, "world_size": world, "parallel_mode": mode}}
     assert list(described["files"]) == [SAVED]
     (listed,) = described["files"].values()
-    assert listed.keys() == {"bytes", "tensors"} and listed["bytes"] == (directory / SAVED).stat().st_size
+    assert listed.keys() == {"bytes", "tensors", "crc32"} and listed["bytes"] == (directory / SAVED).stat().st_size
     saved = ms.load_checkpoint(str(directory / SAVED))
     assert list(listed["tensors"]) == list(saved)
+    # every tensor's CRC-32, as zlib computes it from the values MindSpore loads
+    assert listed["crc32"] == {name: zlib.crc32(value.asnumpy().tobytes()) for name, value in saved.items()}
     for name, entry in listed["tensors"].items():
         shape, role = list(saved[name].shape), "model" if name in MODEL else "optimizer"
         assert entry == {"logical": name, "shape": shape, "dtype": str(saved[name].dtype), "role": role,
@@ -247,8 +251,18 @@ def _wrong_shape(copy):
     return copy / "dp_ckpt", copy / "dp_ckpt" / "rank_1" / SAVED
 
 
+def _flipped_byte(copy):
+    """One bit inside fc2.weight's bytes, in place: only its CRC-32 can tell."""
+    path = copy / "stand_alone_ckpt" / SAVED
+    data = bytearray(path.read_bytes())
+    data[CkptFile(path).tensors["fc2.weight"].pieces[0][0] + 37] ^= 0x10
+    path.write_bytes(bytes(data))
+    return copy / "stand_alone_ckpt", path
+
+
 @pytest.mark.parametrize("damage, network, says", [
     (_missing_rank, {}, "missing, but the manifest of"),
+    (_flipped_byte, {}, "fc2.weight: CRC-32"),
     (_wrong_bytes, {}, "bytes, its manifest CKP-1_4.ckpt.manifest.json says"),
     (_wrong_shape, {}, "disagrees with its manifest CKP-1_4.ckpt.manifest.json: fc1.weight is Float32[16, 8], "
                        "the manifest says Float32[8, 16]"),
