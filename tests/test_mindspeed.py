@@ -18,6 +18,7 @@ from ckpt_hooks.megatron.export import export_param_maps  # noqa: E402
 from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors  # noqa: E402
 from ckpt_hooks.converters.mindspeed import megatron_to_mindspore, mindspore_to_megatron, tensor_md5  # noqa: E402
 from ckpt_hooks.cli.mindspeed import COMMANDS  # noqa: E402
+from ckpt_hooks.megatron.verify import check, verify  # noqa: E402
 from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
 from ckpt_hooks.mindspore.manifest import manifest_path  # noqa: E402
 from tests.util import assert_same, tree_digest, without_manifests  # noqa: E402
@@ -119,6 +120,39 @@ def test_mindspore_loads_every_file_we_write(trips):
             assert sorted(loaded) == sorted(ours.names)
             for name, value in loaded.items():
                 assert np.array_equal(value.asnumpy(), ours.read(name)), (path, name)
+
+@pytest.mark.parametrize("name", ["cont_tp2pp2", "tp1pp2vpp2"])
+def test_verify_certifies_the_mindspore_checkpoint_against_its_megatron_source(sources, trips, name):
+    """MindSpeed-Core-MS's files, read by mindspore-to-megatron's reader as the Megatron layout
+    pt_meta describes, hold the source's weights, fp32 params and both Adam moments bit for bit,
+    and its run state; alone, every tensor matches the CRC-32 its manifest recorded while writing."""
+    ms_dir = trips[name][0]
+    certificate = verify(sources[name].dir, ms_dir)
+    assert certificate.equal, certificate
+    assert {t.name.split(":")[0] for t in certificate.tensors if ":" in t.name} == {"param", "exp_avg", "exp_avg_sq"}
+    assert set(certificate.run_state) == {"iteration", "param_groups", "scheduler",
+                                          "num_floating_point_operations_so_far"}
+    assert not certificate.only_first and not certificate.only_second
+    integrity = check(ms_dir)
+    assert integrity.files == len(mindspore_files(ms_dir)) and integrity.checked and not integrity.unchecked
+
+
+def test_verify_finds_a_changed_moment_in_a_mindspeed_checkpoint(sources, ms_copy):
+    """One Adam moment element changed in a MindSpore file: named, at its global index."""
+    victim = next(ms_copy.rglob("*.ckpt"))
+    name = "exp_avg_sq.decoder.layers.3.mlp.linear_fc2.weight"
+
+    def bump(key, array):
+        if key == name:
+            array[2, 9] = np.nextafter(array[2, 9], np.float32(np.inf))
+        return [(key, array)]
+    rewrite(victim, bump)
+    certificate = verify(sources["cont_tp2pp2"].dir, ms_copy)
+    wrong = [t for t in certificate.tensors if not t.equal]
+    assert not certificate.equal and "NOT EQUAL" in str(certificate)
+    assert [(t.name, t.differing, t.first) for t in wrong] == [("exp_avg_sq:decoder.layers.3.mlp.linear_fc2.weight", 1,
+                                                                (2, 9))] and 0 < wrong[0].max_abs < 1e-6
+
 
 def test_bf16_weights_only(sources, tmp_path):
     """bf16 weights go to MindSpore in fp32 (MindSpeed-Core-MS's converter does the same, exactly),

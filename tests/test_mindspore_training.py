@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from tests.harness import free_port
+from tests.util import cli
 
 ms = pytest.importorskip("mindspore")
 
@@ -24,7 +25,9 @@ from ckpt_hooks.formats.mindspore_ckpt import CkptFile  # noqa: E402
 from ckpt_hooks.mindspore import manifest  # noqa: E402
 from ckpt_hooks.mindspore.callback import CheckpointManifest  # noqa: E402
 from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
+from ckpt_hooks.mindspore import transform  # noqa: E402
 from ckpt_hooks.mindspore.load import load  # noqa: E402
+from ckpt_hooks.mindspore.verify import check  # noqa: E402
 from tests.harness.mindspore_run import STEPS, dataset, network_and_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -285,3 +288,20 @@ def test_bad_input_is_refused_before_any_change(runs, tmp_path, damage, network,
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{named}: ") and says in message, message
     assert _parameter_bytes(net, opt) == before
+
+
+def test_a_flipped_byte_is_found_by_verify_and_the_transform(runs, tmp_path):
+    """The callback's CRC-32s: `verify CKPT` alone checks the training run's files, and names the
+    file and the tensor of a flipped byte, as the transform does (load: above)."""
+    integrity = check(runs / "dp_ckpt")
+    assert (integrity.files, integrity.checked, integrity.unchecked) == (2, 2 * len(MODEL | ADAM_STATE), 0)
+    for saved in ("stand_alone_ckpt", "dp_ckpt"):
+        shutil.copytree(runs / saved, tmp_path / saved)
+    ckpt, path = _flipped_byte(tmp_path)
+    result = cli("verify", ckpt, "--quiet")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}: fc2.weight: CRC-32"), \
+        result.stderr
+    with pytest.raises(CheckpointError, match=f"^{path}: fc2.weight: CRC-32 .* its bytes changed"):
+        transform.transform_checkpoints(ckpt, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()
