@@ -16,6 +16,7 @@ ms = pytest.importorskip("mindspore")
 
 from ckpt_hooks.errors import CheckpointError  # noqa: E402
 from ckpt_hooks.mindspore.dp_zero import combine_dp_zero  # noqa: E402
+from ckpt_hooks.mindspore.verify import check  # noqa: E402
 from tests.util import cli, tree_digest  # noqa: E402
 
 DP_GROUPS = [[0, 2], [1, 3]]  # global ranks; TP2 x DP2: rank = dp * 2 + tp
@@ -108,6 +109,9 @@ def test_buckets_combine_into_the_very_tensors_they_were_cut_from(sharded):
         assert out["state_step"] == 7
     peer = root / "merged" / "rank_2" / "network_rank_2-1_7_dp_merged.ckpt"
     assert peer.read_bytes() == (root / "merged" / "rank_0" / "network_rank_0-1_7_dp_merged.ckpt").read_bytes()
+    # each file's manifest holds the CRC-32 of every tensor, taken while writing
+    integrity = check(root / "merged")
+    assert (integrity.files, integrity.unchecked) == (4, 0) and integrity.checked == 4 * (3 * len(PARAMS) + 2)
 
 
 def test_rank_section_safetensors_and_no_optimizer(tmp_path):

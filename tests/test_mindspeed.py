@@ -18,8 +18,10 @@ from ckpt_hooks.megatron.export import export_param_maps  # noqa: E402
 from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors  # noqa: E402
 from ckpt_hooks.converters.mindspeed import megatron_to_mindspore, mindspore_to_megatron, tensor_md5  # noqa: E402
 from ckpt_hooks.cli.mindspeed import COMMANDS  # noqa: E402
+from ckpt_hooks.megatron.verify import check, verify  # noqa: E402
 from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
-from tests.util import assert_same, tree_digest  # noqa: E402
+from ckpt_hooks.mindspore.manifest import manifest_path  # noqa: E402
+from tests.util import assert_same, tree_digest, without_manifests  # noqa: E402
 
 # (source, MindSpore layout, Megatron layout back, format). cont_tp2pp2's vocabulary pads to the
 # same rows at TP 1 and 2, so even its padding rows survive the trip through TP1.
@@ -119,6 +121,39 @@ def test_mindspore_loads_every_file_we_write(trips):
             for name, value in loaded.items():
                 assert np.array_equal(value.asnumpy(), ours.read(name)), (path, name)
 
+@pytest.mark.parametrize("name", ["cont_tp2pp2", "tp1pp2vpp2"])
+def test_verify_certifies_the_mindspore_checkpoint_against_its_megatron_source(sources, trips, name):
+    """MindSpeed-Core-MS's files, read by mindspore-to-megatron's reader as the Megatron layout
+    pt_meta describes, hold the source's weights, fp32 params and both Adam moments bit for bit,
+    and its run state; alone, every tensor matches the CRC-32 its manifest recorded while writing."""
+    ms_dir = trips[name][0]
+    certificate = verify(sources[name].dir, ms_dir)
+    assert certificate.equal, certificate
+    assert {t.name.split(":")[0] for t in certificate.tensors if ":" in t.name} == {"param", "exp_avg", "exp_avg_sq"}
+    assert set(certificate.run_state) == {"iteration", "param_groups", "scheduler",
+                                          "num_floating_point_operations_so_far"}
+    assert not certificate.only_first and not certificate.only_second
+    integrity = check(ms_dir)
+    assert integrity.files == len(mindspore_files(ms_dir)) and integrity.checked and not integrity.unchecked
+
+
+def test_verify_finds_a_changed_moment_in_a_mindspeed_checkpoint(sources, ms_copy):
+    """One Adam moment element changed in a MindSpore file: named, at its global index."""
+    victim = next(ms_copy.rglob("*.ckpt"))
+    name = "exp_avg_sq.decoder.layers.3.mlp.linear_fc2.weight"
+
+    def bump(key, array):
+        if key == name:
+            array[2, 9] = np.nextafter(array[2, 9], np.float32(np.inf))
+        return [(key, array)]
+    rewrite(victim, bump)
+    certificate = verify(sources["cont_tp2pp2"].dir, ms_copy)
+    wrong = [t for t in certificate.tensors if not t.equal]
+    assert not certificate.equal and "NOT EQUAL" in str(certificate)
+    assert [(t.name, t.differing, t.first) for t in wrong] == [("exp_avg_sq:decoder.layers.3.mlp.linear_fc2.weight", 1,
+                                                                (2, 9))] and 0 < wrong[0].max_abs < 1e-6
+
+
 def test_bf16_weights_only(sources, tmp_path):
     """bf16 weights go to MindSpore in fp32 (MindSpeed-Core-MS's converter does the same, exactly),
     and come back bf16, bit for bit."""
@@ -153,7 +188,7 @@ def test_command_line_all_dp_cp_copies_and_param_map_check(sources, tmp_path):
                        tmp_path / "ms", "--param-map-path", maps[0].parent, "--dp-size", 2, "--cp-size", 2,
                        "--generate-all-dp-cp", "--num-layers", 4, "--process-limit", 2) == 0
     for stage in ("mp_rank_00_000", "mp_rank_00_001"):
-        found = sorted(p.name for p in (tmp_path / "ms" / "iter_0000003" / stage).iterdir())
+        found = sorted(without_manifests(tmp_path / "ms" / "iter_0000003" / stage))
         assert found == ["model_optim_rng.ckpt"] + [f"model_optim_rng_00{i}.ckpt" for i in range(4)]
         assert len({tensor_md5(tmp_path / "ms" / "iter_0000003" / stage / f) for f in found}) == 1
     meta = sorted(p.name for p in (tmp_path / "ms" / "pt_meta").iterdir())
@@ -166,15 +201,18 @@ def test_command_line_all_dp_cp_copies_and_param_map_check(sources, tmp_path):
 
 
 def rewrite(path, change) -> None:
-    """A MindSpore .ckpt with ``change(name, array)`` -> [(name, array), ...] applied to each tensor."""
+    """A MindSpore .ckpt with ``change(name, array)`` -> [(name, array), ...] applied to each
+    tensor, as another program would save it: without our manifest beside it."""
     f = mindspore_ckpt.CkptFile(path)
     items = [item for name in f.names for item in change(name, np.array(f.read(name)))]
     mindspore_ckpt.save(path, items)
+    manifest_path(path).unlink()
 
 
 def rewrite_safetensors(path, changed: dict) -> None:
     f = ms_safetensors.SafetensorsFile(path)
     ms_safetensors.save(path, {name: changed.get(name, np.array(f.read(name))) for name in f.names})
+    manifest_path(path).unlink()
 
 
 def test_noop_layers_are_skipped(trips, tmp_path):

@@ -9,20 +9,25 @@ import os
 import shutil
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.harness import free_port
+from tests.util import cli
 
 ms = pytest.importorskip("mindspore")
 
 from ckpt_hooks.errors import CheckpointError  # noqa: E402
+from ckpt_hooks.formats.mindspore_ckpt import CkptFile  # noqa: E402
 from ckpt_hooks.mindspore import manifest  # noqa: E402
 from ckpt_hooks.mindspore.callback import CheckpointManifest  # noqa: E402
 from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
+from ckpt_hooks.mindspore import transform  # noqa: E402
 from ckpt_hooks.mindspore.load import load  # noqa: E402
+from ckpt_hooks.mindspore.verify import check  # noqa: E402
 from tests.harness.mindspore_run import STEPS, dataset, network_and_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,9 +129,11 @@ def test_manifest_describes_the_checkpoint(runs, saved_dir, rank, world):
         "layout": {"rank": rank, "world_size": world, "parallel_mode": mode}}
     assert list(described["files"]) == [SAVED]
     (listed,) = described["files"].values()
-    assert listed.keys() == {"bytes", "tensors"} and listed["bytes"] == (directory / SAVED).stat().st_size
+    assert listed.keys() == {"bytes", "tensors", "crc32"} and listed["bytes"] == (directory / SAVED).stat().st_size
     saved = ms.load_checkpoint(str(directory / SAVED))
     assert list(listed["tensors"]) == list(saved)
+    # every tensor's CRC-32, as zlib computes it from the values MindSpore loads
+    assert listed["crc32"] == {name: zlib.crc32(value.asnumpy().tobytes()) for name, value in saved.items()}
     for name, entry in listed["tensors"].items():
         shape, role = list(saved[name].shape), "model" if name in MODEL else "optimizer"
         assert entry == {"logical": name, "shape": shape, "dtype": str(saved[name].dtype), "role": role,
@@ -247,8 +254,18 @@ def _wrong_shape(copy):
     return copy / "dp_ckpt", copy / "dp_ckpt" / "rank_1" / SAVED
 
 
+def _flipped_byte(copy):
+    """One bit inside fc2.weight's bytes, in place: only its CRC-32 can tell."""
+    path = copy / "stand_alone_ckpt" / SAVED
+    data = bytearray(path.read_bytes())
+    data[CkptFile(path).tensors["fc2.weight"].pieces[0][0] + 37] ^= 0x10
+    path.write_bytes(bytes(data))
+    return copy / "stand_alone_ckpt", path
+
+
 @pytest.mark.parametrize("damage, network, says", [
     (_missing_rank, {}, "missing, but the manifest of"),
+    (_flipped_byte, {}, "fc2.weight: CRC-32"),
     (_wrong_bytes, {}, "bytes, its manifest CKP-1_4.ckpt.manifest.json says"),
     (_wrong_shape, {}, "disagrees with its manifest CKP-1_4.ckpt.manifest.json: fc1.weight is Float32[16, 8], "
                        "the manifest says Float32[8, 16]"),
@@ -271,3 +288,20 @@ def test_bad_input_is_refused_before_any_change(runs, tmp_path, damage, network,
     message = str(error.value)
     assert "\n" not in message and message.startswith(f"{named}: ") and says in message, message
     assert _parameter_bytes(net, opt) == before
+
+
+def test_a_flipped_byte_is_found_by_verify_and_the_transform(runs, tmp_path):
+    """The callback's CRC-32s: `verify CKPT` alone checks the training run's files, and names the
+    file and the tensor of a flipped byte, as the transform does (load: above)."""
+    integrity = check(runs / "dp_ckpt")
+    assert (integrity.files, integrity.checked, integrity.unchecked) == (2, 2 * len(MODEL | ADAM_STATE), 0)
+    for saved in ("stand_alone_ckpt", "dp_ckpt"):
+        shutil.copytree(runs / saved, tmp_path / saved)
+    ckpt, path = _flipped_byte(tmp_path)
+    result = cli("verify", ckpt, "--quiet")
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {path}: fc2.weight: CRC-32"), \
+        result.stderr
+    with pytest.raises(CheckpointError, match=f"^{path}: fc2.weight: CRC-32 .* its bytes changed"):
+        transform.transform_checkpoints(ckpt, tmp_path / "out", quiet=True)
+    assert not (tmp_path / "out").exists()

@@ -19,11 +19,13 @@ from mindspore.train import node_strategy_pb2  # noqa: E402
 
 from ckpt_hooks.errors import CheckpointError  # noqa: E402
 from ckpt_hooks.formats import ms_safetensors  # noqa: E402
+from ckpt_hooks.formats.mindspore_ckpt import CkptFile  # noqa: E402
 from ckpt_hooks.formats.protobuf_wire import integers, message  # noqa: E402
 from ckpt_hooks.mindspore import transform  # noqa: E402
+from ckpt_hooks.megatron.verify import verify  # noqa: E402
 from ckpt_hooks.mindspore.load import load  # noqa: E402
 from ckpt_hooks.mindspore.strategy import ParamLayout, box  # noqa: E402
-from tests.util import cli, tree_digest  # noqa: E402
+from tests.util import cli, tree_digest, without_manifests  # noqa: E402
 
 # The tiny model: name -> (shape, dtype). "global_step" is named by no strategy.
 MODEL = {"embedding.weight": ((16, 8), np.float32), "dense.weight": ((8, 8), np.float32),
@@ -174,7 +176,7 @@ def test_pair_matches_mindspore(work, tmp_path, pair):
     before = tree_digest(load)
     ours_strategy = strategies[ours_src[0]] if ours_src else src and strategies[src]
     transform.transform_checkpoints(load, tmp_path / "ours", ours_strategy, dst and strategies[dst], quiet=True)
-    assert tree_digest(tmp_path / "ours") == tree_digest(theirs)
+    assert without_manifests(tmp_path / "ours") == tree_digest(theirs)
     assert tree_digest(load) == before
 
 
@@ -204,7 +206,7 @@ def _contents(root) -> dict:
     """{file: {name: (dtype, shape, bytes)}} of a tree, as MindSpore loads it."""
     return {str(p.relative_to(root)): {name: (str(v.dtype), v.shape, v.asnumpy().tobytes())
                                        for name, v in ms.load_checkpoint(str(p), format=p.suffix[1:]).items()}
-            for p in sorted(root.rglob("*.*"))}
+            for p in sorted(root.rglob("*.*")) if p.suffix in (".ckpt", ".safetensors")}
 
 
 def test_safetensors_in_and_out_with_contiguous_writes(work, tmp_path, monkeypatch):
@@ -228,7 +230,7 @@ def test_safetensors_in_and_out_with_contiguous_writes(work, tmp_path, monkeypat
     assert _contents(tmp_path / "back") == _contents(theirs)  # safetensors keep names sorted: another order
     theirs = ms_transform(tmp_path / "st", tmp_path / "theirs", strategies["col2"], None, "safetensors")
     transform.transform_checkpoints(tmp_path / "st", tmp_path / "ours", strategies["col2"], None, quiet=True)
-    assert tree_digest(tmp_path / "ours") == tree_digest(theirs)
+    assert without_manifests(tmp_path / "ours") == tree_digest(theirs)
 
 
 def test_by_rank_matches_mindspore(work, tmp_path):
@@ -249,12 +251,43 @@ def test_cli_with_mindspore_flags(work, tmp_path):
                  "--src-strategy-path-or-dir", strategies["rep22"], "--dst-strategy", strategies["opt"],
                  "--prefix", "checkpoint_", "--process-num", 2, "--format", "ckpt", "--quiet")
     assert result.returncode == 0, result.stderr
-    assert tree_digest(tmp_path / "ours") == tree_digest(theirs)
+    assert without_manifests(tmp_path / "ours") == tree_digest(theirs)
     # one complete file in, no strategies: still MindSpore, by its suffix
     result = cli("convert", "--load-dir", complete / "rank_0" / "full.ckpt", "--save-dir", tmp_path / "one",
                  "--quiet")
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "one" / "rank_0" / "checkpoint_0.ckpt").is_file()
+
+
+def test_verify_certifies_a_transform_and_finds_one_ulp(work, tmp_path):
+    """A checkpoint resharded to another strategy is certified equal to its source; one element
+    of one tensor moved by one ulp in place (the same size: only its bytes tell) is reported with
+    its global index, found by `verify OUT` alone and refused by the transform, in one line
+    naming the file and the tensor (the CRC-32s the transform's manifests recorded)."""
+    root, strategies, complete, sources = work
+    out = tmp_path / "row4"
+    transform.transform_checkpoints(sources["col2"], out, strategies["col2"], strategies["row4"], quiet=True)
+    certificate = verify(sources["col2"], out, strategies=(strategies["col2"], strategies["row4"]))
+    assert certificate.equal and "EQUAL: 7 of 7 tensors" in str(certificate), certificate
+    # row4 splits dense.weight [8, 8] by columns: rank 1 holds columns 2..3; its element [5, 1] is [5, 3]
+    path = out / "rank_1" / "checkpoint_1.ckpt"
+    offset = CkptFile(path).tensors["dense.weight"].pieces[0][0] + (5 * 2 + 1) * 4
+    data = bytearray(path.read_bytes())
+    value = np.frombuffer(data[offset:offset + 4], np.float32)
+    data[offset:offset + 4] = np.nextafter(value, np.float32(np.inf)).tobytes()
+    path.write_bytes(bytes(data))
+    result = cli("verify", sources["col2"], out, "--src-strategy-path-or-dir", strategies["col2"], "--dst-strategy",
+                 strategies["row4"], "--json")
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    wrong = [t for t in report["tensors"] if not t["equal"]]
+    assert [t["name"] for t in wrong] == ["dense.weight"] and report["equal"] is False
+    assert wrong[0]["differing"] == 1 and wrong[0]["first"] == [5, 3] and 0 < wrong[0]["max_abs"] < 1e-6
+    says = f"{path}: dense.weight: CRC-32"
+    alone = cli("verify", out, "--quiet")
+    assert alone.returncode == 2 and alone.stderr.count("\n") == 1 and says in alone.stderr, alone.stderr
+    _refused(out, tmp_path / "again", "--src-strategy-path-or-dir", strategies["row4"], names=path,
+             says="dense.weight: CRC-32")
 
 
 def _slices(b) -> tuple:

@@ -172,10 +172,16 @@ def run_combine(args) -> None:
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("first", help="a Megatron checkpoint (legacy or torch_dist; root or iter_* directory)")
+    parser.add_argument("first", help="a Megatron checkpoint (legacy or torch_dist; root or iter_* directory), a "
+                                      "MindSpeed-Core-MS one (pt_meta beside it), or a MindSpore one (a rank_N/ tree "
+                                      "or one file)")
     parser.add_argument("second", nargs="?",
                         help="another one, at any layout and in either format, or a Hugging Face directory "
                              "(weights); without it, FIRST alone is checked against its recorded CRC-32s and manifest")
+    parser.add_argument("--src-strategy-path-or-dir", dest="first_strategy", metavar="STRATEGY",
+                        help="FIRST is a MindSpore checkpoint saved under this strategy file or directory")
+    parser.add_argument("--dst-strategy", dest="second_strategy", metavar="STRATEGY",
+                        help="SECOND is a MindSpore checkpoint saved under this strategy file or directory")
     parser.add_argument("--weights-only", action="store_true", help="compare the weights, not the optimizer state")
     parser.add_argument("--json", action="store_true", help="print the certificate as one JSON object")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -185,7 +191,8 @@ def run_verify(args) -> None:
     from ckpt_hooks.megatron.verify import check, verify
 
     quiet = args.quiet or args.json
-    certificate = verify(args.first, args.second, weights_only=args.weights_only, quiet=quiet) if args.second else \
+    certificate = verify(args.first, args.second, weights_only=args.weights_only, quiet=quiet,
+                         strategies=(args.first_strategy, args.second_strategy)) if args.second else \
         check(args.first, quiet=quiet)
     print(json.dumps(certificate.to_json(), indent=1) if args.json else certificate)
     if not certificate.equal:
@@ -200,7 +207,8 @@ COMMANDS = {
                          add_export_arguments, run_export),
     "combine-dp-zero": ("merge MindSpeed-Core-MS distributed-optimizer buckets into per-parameter tensors",
                         add_combine_arguments, run_combine),
-    "verify": ("certify that two Megatron checkpoints hold the same model and optimizer state, bit for bit, "
+    "verify": ("certify that two checkpoints (Megatron, MindSpeed-Core-MS, MindSpore) hold the same model and "
+               "optimizer state, bit for bit, "
                "at any layouts (exit 0) or say where they differ (exit 1)", add_verify_arguments, run_verify),
     **HF_COMMANDS,
     **MINDSPEED_COMMANDS,

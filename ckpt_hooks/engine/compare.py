@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ckpt_hooks.algebra.layout import Box, Placement
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import plan_tensor
@@ -76,24 +78,75 @@ def compare(name: str, a: Tensor, b: Tensor, box: Box | None) -> Outcome:
 
 
 def _compare_region(outcome: Outcome, left, right, region: Box) -> None:
-    import torch
-
-    left, right = torch.as_tensor(left), torch.as_tensor(right)
+    left_bits, right_bits = _bits(left), _bits(right)
     outcome.compared += region.numel
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[left.element_size()]
-    differ = left.reshape(-1).view(bits) != right.reshape(-1).view(bits)
+    differ = left_bits != right_bits
     count = int(differ.sum())
     if not count:
         return
     outcome.differing += count
-    delta = (left.reshape(-1)[differ].double() - right.reshape(-1)[differ].double()).abs()
-    outcome.max_abs = max(outcome.max_abs, float(delta.max()) if delta.numel() else 0.0)
-    flat = int(differ.nonzero()[0])
-    local = []
-    for size in reversed(region.lengths):
-        local.append(flat % size)
-        flat //= size
-    first = tuple(o + i for o, i in zip(region.offsets, reversed(local)))
+    delta = np.abs(_float64(left, differ) - _float64(right, differ))
+    outcome.max_abs = max(outcome.max_abs, float(delta.max()) if delta.size else 0.0)
+    flat = int(np.flatnonzero(differ)[0])
+    first = tuple(o + int(i) for o, i in zip(region.offsets, np.unravel_index(flat, region.lengths)))
     if outcome.first is None or first < outcome.first:
         outcome.first = first
 
+
+def _bits(values) -> np.ndarray:
+    """A torch or NumPy array's elements as flat unsigned integers of their size: what "bitwise"
+    compares (NumPy has no bfloat16: the codecs' BF16 is a 2-byte struct)."""
+    size = values.dtype.itemsize
+    if not isinstance(values, np.ndarray):   # torch
+        import torch
+
+        values = values.contiguous().reshape(-1).view(torch.uint8).numpy()
+    return np.ascontiguousarray(values).reshape(-1).view(np.uint8).view(f"<u{size}")
+
+
+def _float64(values, where: np.ndarray) -> np.ndarray:
+    """The elements ``where`` (a flat mask) as float64, for the size of a difference."""
+    if not isinstance(values, np.ndarray):   # torch
+        import torch
+
+        return values.reshape(-1)[torch.from_numpy(where)].double().numpy()
+    flat = np.ascontiguousarray(values).reshape(-1)[where]
+    if flat.dtype.fields is not None:   # BF16: the high half of a float32
+        return (flat.view(np.uint16).astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+    return flat.astype(np.float64)
+
+
+@dataclass
+class Side:
+    """One checkpoint as a certificate compares it, whatever its framework: each state it holds
+    as a Source under one naming, and its run state."""
+
+    path: str
+    layout: str                  # how the report names its layout
+    states: dict                 # prefix -> Source: "" the weights; "param:", "exp_avg:", "exp_avg_sq:"
+    run_state: dict | None       # what -> value (compared where both hold it); None: it holds none
+    names: str                   # the naming of its tensors: "megatron" (logical names) or "mindspore"
+    spec: object = None          # its ModelSpec, where it has one (Megatron names)
+    args: object = None          # its Megatron args, where it has them (a Hugging Face side's layer spec)
+
+
+@dataclass
+class Integrity:
+    """``verify CKPT`` alone: every file's tensor records checked against their CRC-32s."""
+
+    path: str
+    files: int = 0
+    checked: int = 0      # records whose bytes matched their CRC-32
+    unchecked: int = 0    # records with no CRC-32 recorded anywhere
+
+    @property
+    def equal(self) -> bool:
+        return True   # a mismatch raises, naming the file and the record
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "files": self.files, "checked": self.checked, "unchecked": self.unchecked}
+
+    def __str__(self) -> str:
+        return (f"{self.path}: {self.checked} tensor records in {self.files} files match their CRC-32"
+                + (f"; {self.unchecked} have none recorded (not checked)" if self.unchecked else "")
+                + "; sizes and shapes match the manifest where there is one")

@@ -9,11 +9,13 @@
                MindSpore: {"rank", "world_size", "parallel_mode"}
     path     = relative to the manifest's directory
     file     = {"bytes": N[, "tensors": {key: tensor | null}][, "crc32": {record: N}]}
-               null: an entry holding no tensor; crc32: a torch file's data records' CRC-32,
-               computed while the converter wrote them (``ckpt-hooks verify CKPT`` checks them)
+               null: an entry holding no tensor; crc32: the CRC-32 of each record's bytes — a
+               torch file's data records ("data/0"), a MindSpore file's tensors (by key: its
+               bytes in row-major order, whatever records hold them) — computed while they were
+               written (``ckpt-hooks verify CKPT`` checks them, readers where they read the bytes)
     key      = the tensor's name in the file: MindSpore's parameter name, Megatron's "<chunk>.<key>"
                (``model.decoder.layers.0.mlp.linear_fc1.weight``; chunk names hold no dot)
-    tensor   = {"logical": name, "shape": [N, ...], "dtype": name, "role": "model" | "optimizer",
+    tensor   = {"logical": name, "shape": [N, ...], "dtype": name, "role": "model" | "optimizer" | null,
                 "global_shape": [N, ...] | null, "offsets": [N, ...] | null
                 [, "box_shape": [N, ...]][, "parallel_layout": {...}]}
 
@@ -24,9 +26,11 @@ A tensor is the box of the logical tensor ``logical`` that starts at ``offsets``
 ``global_shape``; its lengths are ``shape``, or ``box_shape`` where the stored tensor merges
 axes (Megatron's SwiGLU fc1: [2F/tp, H] of [2, F, H]). ``offsets`` and ``global_shape`` are null
 where the manifest does not place the tensor (a Megatron ``_extra_state``; a MindSpore rank's
-slice, whose place follows from its ``parallel_layout``). ``role`` is "model" for the network's
-parameters and "optimizer" for the rest of the training state; ``dtype`` is the framework's name
-("bfloat16", "BFloat16").
+slice, whose place follows from its ``parallel_layout``; a MindSpeed-Core-MS or combine-dp-zero
+file's tensors, slices of a layout it does not describe). ``role`` is "model" for the network's
+parameters, "optimizer" for the rest of the training state, null where the writer did not know
+(a MindSpore checkpoint resharded from files saved without a manifest); ``dtype`` is the
+framework's name ("bfloat16", "BFloat16").
 
 A manifest is written once its files are complete (save hooks, callbacks, converters), so it can
 vouch for them: a reader checks that every listed file is there with its size and that the

@@ -114,6 +114,14 @@ class MappedFile:
     def names(self) -> list[str]:
         return list(self.tensors)
 
+    def crc32(self, name: str) -> int:
+        """The CRC-32 of tensor ``name``'s bytes in row-major order, whatever records hold them
+        (what the writers record in a manifest)."""
+        crc = 0
+        for offset, n in self.tensors[name].pieces:
+            crc = crc32(memoryview(self._map)[offset:offset + n], crc)
+        return crc
+
     def read(self, name: str, rows: slice | None = None) -> np.ndarray:
         """Tensor ``name``, or the rows ``rows`` (step 1) of its first axis. A read-only view of
         the map when those bytes are in one record, else a copy of just those bytes; index the
@@ -248,7 +256,7 @@ class PendingArray:
 
 
 def _encode(path, name: str, value) -> Iterable:
-    """The records of one tensor or string, as save_checkpoint writes them: header, content, ..."""
+    """The records of one tensor or string, as save_checkpoint writes them: (header, content) pairs."""
     if isinstance(value, PendingArray):
         value = value.array(path, name)
     if isinstance(value, str):
@@ -267,22 +275,29 @@ def _encode(path, name: str, value) -> Iterable:
         piece = content[i:i + SLICE_BYTES]
         tensor = dims_and_type + b"\x1a" + _varint_bytes(piece.size)
         value_head = tag + b"\x12" + _varint_bytes(len(tensor) + piece.size) + tensor
-        yield b"\x0a" + _varint_bytes(len(value_head) + piece.size) + value_head
-        yield piece
+        yield b"\x0a" + _varint_bytes(len(value_head) + piece.size) + value_head, piece
 
 
-def save(path, items: Mapping | Iterable, crc: bool = False) -> None:
+def save(path, items: Mapping | Iterable, crc: bool = False) -> dict[str, int]:
     """Write ``items`` (name -> array, PendingArray or str, as a mapping or (name, value) pairs) the way
     ``mindspore.save_checkpoint(..., crc_check=crc)`` does, to the byte. Values are taken one at
     a time (pairs may come from a generator), written to a temporary file renamed into place
-    when complete. bfloat16 arrays have dtype BF16 (or any NumPy dtype named "bfloat16")."""
+    when complete. bfloat16 arrays have dtype BF16 (or any NumPy dtype named "bfloat16").
+    Returns each tensor's CRC-32 (``MappedFile.crc32``), taken from the bytes as they are written."""
+    crcs = {}
     with atomic_write(path) as f:
         crc_num = 0
         for name, value in items.items() if isinstance(items, Mapping) else items:
-            for chunk in _encode(path, name, value):
-                f.write(chunk)
+            tensor_crc = 0
+            for header, piece in _encode(path, name, value):
+                f.write(header)
+                f.write(piece)
+                tensor_crc = crc32(piece, tensor_crc)
                 if crc:
-                    crc_num = crc32(chunk, crc_num)
-            chunk = None   # a view of the array: released before the next one is made
+                    crc_num = crc32(piece, crc32(header, crc_num))
+            piece = None   # a view of the array: released before the next one is made
+            if not isinstance(value, str):
+                crcs[name] = tensor_crc
         if crc:
             f.write(b"crc_num" + crc_num.to_bytes(10, "big"))
+    return crcs

@@ -42,11 +42,12 @@ class SafetensorsFile(safetensors.SafetensorsFile):
                 raise CheckpointError(self.path, "CRC mismatch: the file is damaged")
 
 
-def save(path, items: Mapping) -> None:
+def save(path, items: Mapping) -> dict[str, int]:
     """Write ``items`` (name -> array, or PendingArray) as ``save_checkpoint(..., format="safetensors")``
     does, to the byte, streamed: the header from the shapes and dtypes, then one array produced and
     written at a time, into a temporary file renamed into place when complete. bfloat16 arrays
-    have dtype BF16 (or any NumPy dtype named "bfloat16")."""
+    have dtype BF16 (or any NumPy dtype named "bfloat16"). Returns each tensor's CRC-32, taken
+    from the bytes as they are written."""
     items = {name: value if isinstance(value, PendingArray) else np.asarray(value) for name, value in items.items()}
     index = {name: dtype_index(np.dtype(value.dtype), path, name) for name, value in items.items()}
     order = sorted(items, key=lambda name: (index[name], name))
@@ -59,10 +60,14 @@ def save(path, items: Mapping) -> None:
     header = {"__metadata__": {"format": "ms"}, **entries} if entries else {}
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
+    crcs = {}
     with atomic_write(path) as f:
         f.write(struct.pack("<Q", len(text)) + text)
         for name in order:
             value = items.pop(name)   # held no longer than its write
             array = value.array(path, name) if isinstance(value, PendingArray) else value
-            f.write(raw_bytes(array))  # a copy only for a non-contiguous view
-            del array                  # before the next one is produced
+            data = raw_bytes(array)   # a copy only for a non-contiguous view
+            f.write(data)
+            crcs[name] = crc32(data)
+            del array, data           # before the next one is produced
+    return crcs

@@ -1,13 +1,18 @@
-"""``ckpt-hooks verify A B``: an equivalence certificate between two Megatron checkpoints, at any
-layouts and in either format (legacy ``torch`` or ``torch_dist``), or between a Megatron
-checkpoint and the Hugging Face model written from it (weights).
+"""``ckpt-hooks verify A B``: an equivalence certificate between two checkpoints of one model, at
+any layouts: Megatron (legacy ``torch`` or ``torch_dist``), MindSpeed-Core-MS (MindSpore files
+with Megatron's names), a Hugging Face model written from either (weights), or two MindSpore
+checkpoints, each under its strategy.
 
-Every logical tensor both hold — weights, fp32 main params, both Adam moments — is compared bit
-for bit through the box algebra (``engine.compare``), reading both checkpoints lazily; then the
-run state: iteration, the optimizer's param groups (with the Adam step), the scheduler, the
-floating-point operations so far. Vocabulary tensors are compared on the real vocabulary rows;
-the padding rows both hold are compared apart and reported, not counted against equality (a
-layout with fewer padded rows drops some; megatron-core initialises them randomly).
+Each side is a set of Sources under one naming (``engine.compare.Side``): Megatron's logical
+names for Megatron, MindSpeed-Core-MS (the converters' own reader, ``MindSpeedSource``) and
+Hugging Face (the converters' name tables); MindSpore's parameter names for MindSpore. Every
+logical tensor both hold — weights, fp32 main params, both Adam moments — is compared bit for
+bit through the box algebra (``engine.compare``), reading both checkpoints lazily; then the run
+state both hold: iteration, the optimizer's param groups (with the Adam step), the scheduler,
+the floating-point operations so far (MindSpore: step, epoch, string entries). Vocabulary
+tensors are compared on the real vocabulary rows; the padding rows both hold are compared apart
+and reported, not counted against equality (a layout with fewer padded rows drops some;
+megatron-core initialises them randomly).
 """
 
 from __future__ import annotations
@@ -15,31 +20,33 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ckpt_hooks.algebra import names
 from ckpt_hooks.algebra.layout import VOCAB, Box
 from ckpt_hooks.algebra.spec import ParallelConfig
-from ckpt_hooks.engine.compare import Outcome, common_box, compare
+from ckpt_hooks.engine.compare import Integrity, Outcome, Side, common_box, compare
 from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.megatron.checkpoint import MegatronSource, read_source
+from ckpt_hooks.megatron.checkpoint import read_source
 from ckpt_hooks.megatron.inspection import holds_optimizer
 from ckpt_hooks.megatron.optimizer import chained_param_groups, source_optimizer
 
-# The run state compared besides the tensors: (what, how to read it from the source).
-_RUN_STATE = {
-    "iteration": lambda src: src.ckpt.iteration,
-    # MoE's chained [dense, expert] groups merged as at EP 1: equal across expert layouts
-    "param_groups": lambda src: (chained_param_groups(src.ckpt.first.obj.get("optimizer"), ParallelConfig())
-                                 or {}).get("optimizer"),
-    "scheduler": lambda src: src.ckpt.first.obj.get("opt_param_scheduler"),
-    "num_floating_point_operations_so_far": lambda src: src.ckpt.first.obj.get("num_floating_point_operations_so_far"),
-}
+MEGATRON = "megatron"   # a Side's naming: Megatron's logical names
 # Spec fields two checkpoints of one model may differ in: the vocabulary padding (it depends on
 # TP), the layer spec (names, splits) and the experts' form (grouped or not).
 _LAYOUT_DEPENDENT = {"padded_vocab_size", "make_vocab_size_divisible_by", "transformer_impl", "moe_grouped_gemm"}
+
+
+def _run_state(iteration, saved: dict) -> dict:
+    """The run state compared besides the tensors, from a model file's entries (or pt_meta's)."""
+    # MoE's chained [dense, expert] groups merged as at EP 1: equal across expert layouts
+    groups = (chained_param_groups(saved.get("optimizer"), ParallelConfig()) or {}).get("optimizer")
+    return {"iteration": iteration, "param_groups": groups, "scheduler": saved.get("opt_param_scheduler"),
+            "num_floating_point_operations_so_far": saved.get("num_floating_point_operations_so_far")}
 
 
 @dataclass
@@ -92,59 +99,75 @@ class Certificate:
         return "\n".join(lines)
 
 
-def _states(src: MegatronSource, weights_only: bool) -> dict:
-    """{prefix: Source}: the weights, and each optimizer state the checkpoint holds."""
-    out = {"": src.weights}
+def _megatron(path, weights_only: bool) -> Side:
+    """A Megatron checkpoint: its weights, and each optimizer state it holds."""
+    src = read_source(path)
+    states = {"": src.weights}
     if not weights_only and holds_optimizer(src):
         optimizer = source_optimizer(src)
-        out.update({f"{state}:": optimizer.sources[state] for state in STATES})
-    return out
+        states.update({f"{state}:": optimizer.sources[state] for state in STATES})
+    return Side(str(path), src.layout.describe(), states, _run_state(src.ckpt.iteration, src.ckpt.first.obj), MEGATRON,
+                src.spec, src.ckpt.args)
 
 
-def _check_same_model(a: MegatronSource, b: MegatronSource) -> None:
+def _is_mindspeed(path) -> bool:
+    """A MindSpeed-Core-MS checkpoint: its root or iteration directory, ``pt_meta`` beside."""
+    from ckpt_hooks.converters.mindspeed.files import META_DIR
+
+    path = Path(path)
+    return path.is_dir() and any((p / META_DIR).is_dir() for p in (path, path.parent))
+
+
+def _mindspeed(path, weights_only: bool) -> Side:
+    """A MindSpeed-Core-MS checkpoint through the converters' reader, as the Megatron layout its
+    pt_meta describes: its fp32 params are the weights (cast to the model's dtype, as
+    mindspore-to-megatron writes them) and, with its Adam moments, the optimizer's states."""
+    from ckpt_hooks.converters.mindspeed.to_megatron import MindSpeedSource
+
+    src = MindSpeedSource(path, with_optimizer=not weights_only and _holds_moments(path))
+    states = {"": src.sources["param"]}
+    if len(src.sources) > 1:   # the optimizer's states are fp32 whatever the model's dtype
+        states.update({f"{state}:": {name: dataclasses.replace(t, dtype=torch.float32) for name, t in source.items()}
+                       for state, source in src.sources.items()})
+    carried = src.carried(len(src.sources) > 1)
+    return Side(str(path), f"MindSpeed-Core-MS {src.layout.describe()}", states,
+                _run_state(carried["iteration"], carried), MEGATRON, src.spec, src.meta.obj["args"])
+
+
+def _holds_moments(path) -> bool:
+    """Whether a MindSpeed-Core-MS checkpoint holds Adam moments (``--convert-param-only`` has none)."""
+    from ckpt_hooks.formats.megatron_legacy import find_iteration_dir
+    from ckpt_hooks.mindspore.files import READERS, open_checkpoint
+
+    iter_dir, _ = find_iteration_dir(path)
+    first = next((p for p in sorted(iter_dir.rglob("*")) if p.suffix in READERS), None)
+    return first is not None and any(name.startswith("exp_avg.") for name in open_checkpoint(first).tensors)
+
+
+def _check_same_model(a: Side, b: Side) -> None:
     first, second = dataclasses.asdict(a.spec), dataclasses.asdict(b.spec)
     # A true vocabulary one side does not know (args without vocab_size) contradicts none.
     unknown = {"true_vocab_size"} if None in (first["true_vocab_size"], second["true_vocab_size"]) else set()
     wrong = [f"{k} {first[k]!r} vs {second[k]!r}" for k in first
              if k not in _LAYOUT_DEPENDENT | unknown and first[k] != second.get(k)]
     if wrong:
-        raise CheckpointError(b.ckpt.first.path, "a checkpoint of another model than "
-                                                 f"{a.ckpt.first.path}: " + ", ".join(wrong))
-
-
-@dataclass
-class Integrity:
-    """``verify CKPT`` alone: every file's records checked against their CRC-32s."""
-
-    path: str
-    files: int = 0
-    checked: int = 0      # records whose bytes matched their CRC-32
-    unchecked: int = 0    # records with no CRC-32 recorded anywhere
-
-    @property
-    def equal(self) -> bool:
-        return True   # a mismatch raises, naming the file and the record
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def __str__(self) -> str:
-        return (f"{self.path}: {self.checked} tensor records in {self.files} files match their CRC-32"
-                + (f"; {self.unchecked} have none recorded (not checked)" if self.unchecked else "")
-                + "; sizes and shapes match the manifest where there is one")
+        raise CheckpointError(b.path, f"a checkpoint of another model than {a.path}: " + ", ".join(wrong))
 
 
 def check(load_dir, quiet: bool = True) -> Integrity:
     """Check one checkpoint: its manifest (sizes, shapes) and every tensor record's bytes against
     its CRC-32 — the manifest's (written by ckpt_hooks' converters) or the zip directory's
-    (``torch.save``: Megatron-LM's own files, torch_dist records). Raises CheckpointError,
-    naming the file and record, on the first mismatch."""
-    from pathlib import Path
-
+    (``torch.save``: Megatron-LM's own files, torch_dist records); for MindSpore files (and
+    MindSpeed-Core-MS's) ``mindspore.verify.check``. Raises CheckpointError, naming the file and
+    record, on the first mismatch."""
     from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE
     from ckpt_hooks.formats.torch_pickle import TorchFile
     from ckpt_hooks.megatron import manifest
+    from ckpt_hooks.mindspore import verify as ms_verify
+    from ckpt_hooks.mindspore.transform import is_mindspore_source
 
+    if is_mindspore_source(load_dir) or _is_mindspeed(load_dir):
+        return ms_verify.check(load_dir, quiet)
     src = read_source(load_dir)
     out = Integrity(str(load_dir))
     if src.ckpt_format == "torch_dist":
@@ -166,18 +189,7 @@ def check(load_dir, quiet: bool = True) -> Integrity:
     return out
 
 
-@dataclass
-class _HuggingFace:
-    """A Hugging Face model directory seen as a Megatron source of weights alone, under the
-    names of the other side's layer spec."""
-
-    weights: dict
-    layout_name: str = "Hugging Face"
-
-
 def _is_huggingface(path) -> bool:
-    from pathlib import Path
-
     from ckpt_hooks.converters.hf.config import CONFIG
     from ckpt_hooks.formats.megatron_legacy import TRACKER
     from ckpt_hooks.formats.torch_dist import METADATA
@@ -185,7 +197,9 @@ def _is_huggingface(path) -> bool:
     return (Path(path) / CONFIG).is_file() and not any((Path(path) / n).exists() for n in (TRACKER, METADATA))
 
 
-def _huggingface(path, megatron: MegatronSource) -> _HuggingFace:
+def _huggingface(path, other: Side) -> Side:
+    """A Hugging Face model directory as weights alone, under Megatron's names in the layer spec
+    of the other side's args."""
     from ckpt_hooks.converters.hf import config as hf_config
     from ckpt_hooks.converters.hf import names as hf_names
     from ckpt_hooks.converters.hf.files import open_directory
@@ -193,52 +207,77 @@ def _huggingface(path, megatron: MegatronSource) -> _HuggingFace:
 
     config_path, config, family = hf_config.read(path)
     spec = hf_config.model_spec(config, config_path, family)
-    layer_spec = hf_names.LOCAL if getattr(megatron.ckpt.args, "transformer_impl", None) == "local" \
+    layer_spec = hf_names.LOCAL if getattr(other.args, "transformer_impl", None) == "local" \
         else hf_names.TRANSFORMER_ENGINE
     table = hf_names.TABLES[family]
     entries, extras = model_entries(table, config, spec, layer_spec)
-    return _HuggingFace(external_source(open_directory(path), table, entries, spec, config["vocab_size"], path,
-                                        hf_config.CONFIG, extras))
+    weights = external_source(open_directory(path), table, entries, spec, config["vocab_size"], path, hf_config.CONFIG,
+                              extras)
+    return Side(str(path), "Hugging Face", {"": weights}, None, MEGATRON)
 
 
-def verify(first, second, *, weights_only: bool = False, quiet: bool = True) -> Certificate:
-    """Compare two Megatron checkpoints (see the module's docstring), or a Megatron checkpoint and
-    a Hugging Face model directory (its weights: HF holds no training state)."""
+def _side(path, strategy, weights_only: bool) -> Side:
+    """What ``path`` is, read as a side of a certificate (``strategy``: a MindSpore checkpoint's)."""
+    from ckpt_hooks.mindspore import verify as ms_verify
+    from ckpt_hooks.mindspore.transform import is_mindspore_source
+
+    if strategy is not None or is_mindspore_source(path):
+        return ms_verify.side(path, strategy)
+    if _is_mindspeed(path):
+        return _mindspeed(path, weights_only)
+    return _megatron(path, weights_only)
+
+
+def verify(first, second, *, weights_only: bool = False, strategies=(None, None), quiet: bool = True) -> Certificate:
+    """Compare two checkpoints (see the module's docstring): Megatron or MindSpeed-Core-MS ones, or
+    one of those and a Hugging Face model directory (its weights: HF holds no training state), or
+    two MindSpore checkpoints, each under its strategy (``strategies``: the first's and the
+    second's strategy file or directory; None: one complete checkpoint)."""
     if _is_huggingface(first):
         raise CheckpointError(first, "give the Megatron checkpoint first and the Hugging Face directory second")
-    a = read_source(first)
+    a = _side(first, strategies[0], weights_only)
     if _is_huggingface(second):
-        b, weights_only = _huggingface(second, a), True
+        if a.names != MEGATRON:
+            raise CheckpointError(second, "a Hugging Face model is compared with a Megatron or MindSpeed-Core-MS "
+                                          "checkpoint only")
+        b = _huggingface(second, a)
     else:
-        b = read_source(second)
+        b = _side(second, strategies[1], weights_only)
+    if a.names != b.names:
+        mindspore = a if a.names != MEGATRON else b
+        raise CheckpointError(mindspore.path, "a MindSpore checkpoint is compared with another MindSpore checkpoint "
+                                              "only (with Megatron's names: MindSpeed-Core-MS's directory, pt_meta "
+                                              "beside it)")
+    if a.spec is not None and b.spec is not None:
         _check_same_model(a, b)
-    certificate = Certificate(str(first), str(second),
-                              (a.layout.describe(), getattr(b, "layout_name", None) or b.layout.describe()))
-    real_rows = a.spec.true_vocab_size
-    states_a = _states(a, weights_only)
-    states_b = {"": b.weights} if isinstance(b, _HuggingFace) else _states(b, weights_only)
-    for prefix in states_a.keys() | states_b.keys():
-        if prefix not in states_a or prefix not in states_b:
-            side = certificate.only_first if prefix in states_a else certificate.only_second
+    return compare_sides(a, b, weights_only, quiet)
+
+
+def compare_sides(a: Side, b: Side, weights_only: bool = False, quiet: bool = True) -> Certificate:
+    """The certificate of two sides of one naming: every tensor both hold, the run state both hold."""
+    certificate = Certificate(a.path, b.path, (a.layout, b.layout))
+    real_rows = a.spec.true_vocab_size if a.names == MEGATRON and a.spec is not None else None
+    for prefix in a.states.keys() | b.states.keys():
+        if prefix not in a.states or prefix not in b.states:
+            side = certificate.only_first if prefix in a.states else certificate.only_second
             side.append(f"{prefix.rstrip(':') or 'weights'} (all tensors)")
-    total = sum(math.prod(t.shape) * t.dtype.itemsize for prefix, source in states_a.items() if prefix in states_b
+    total = sum(math.prod(t.shape) * t.dtype.itemsize for prefix, source in a.states.items() if prefix in b.states
                 for t in source.values() if t.dtype is not None)
     bar = tqdm(total=total, desc="verify", unit="B", unit_scale=True, disable=quiet, dynamic_ncols=True)
-    for prefix, source_a in states_a.items():
-        source_b = states_b.get(prefix)
+    for prefix, source_a in a.states.items():
+        source_b = b.states.get(prefix)
         if source_b is None:
             continue
         for name, tensor_a in source_a.items():
-            if tensor_a.dtype is not None:
-                bar.update(math.prod(tensor_a.shape) * tensor_a.dtype.itemsize)
             if tensor_a.dtype is None:   # _extra_state: no data to compare
                 continue
+            bar.update(math.prod(tensor_a.shape) * tensor_a.dtype.itemsize)
             tensor_b = source_b.get(name)
             if tensor_b is None:
                 certificate.only_first.append(prefix + name)
                 continue
-            rule = names.classify(name)
-            vocab = rule is not None and rule.rule.kind == VOCAB and real_rows is not None
+            rule = names.classify(name) if real_rows is not None else None
+            vocab = rule is not None and rule.rule.kind == VOCAB
             box = common_box(tensor_a, tensor_b, real_rows if vocab else None)
             certificate.tensors.append(compare(prefix + name, tensor_a, tensor_b, box))
             if vocab:
@@ -252,9 +291,11 @@ def verify(first, second, *, weights_only: bool = False, quiet: bool = True) -> 
         certificate.only_second += [prefix + n for n, t in source_b.items()
                                     if n not in source_a and t.dtype is not None]
     bar.close()
-    for what, read in _RUN_STATE.items():
-        if isinstance(b, _HuggingFace) or (what == "param_groups" and weights_only):
+    if not certificate.tensors:
+        raise CheckpointError(b.path, f"holds no tensor that {a.path} holds (a checkpoint of another model?)")
+    for what in [what for what in a.run_state or {} if what in (b.run_state or {})]:
+        if what == "param_groups" and weights_only:
             continue
-        left, right = read(a), read(b)
+        left, right = a.run_state[what], b.run_state[what]
         certificate.run_state[what] = (left == right, left, right)
     return certificate

@@ -157,14 +157,14 @@ def _stored(shard, name: str):
     return shard.tensors[name]
 
 
-def write_checkpoint(path, items) -> None:
-    """``items`` (name, value) pairs to a .ckpt (streamed) or MindSpore safetensors file."""
+def write_checkpoint(path, items) -> dict[str, int]:
+    """``items`` (name, value) pairs to a .ckpt (streamed) or MindSpore safetensors file; returns
+    each tensor's CRC-32, taken while writing."""
     from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors
 
     if str(path).endswith(".safetensors"):
-        ms_safetensors.save(path, {name: value for name, value in items if not isinstance(value, str)})
-    else:
-        mindspore_ckpt.save(path, items)
+        return ms_safetensors.save(path, {name: value for name, value in items if not isinstance(value, str)})
+    return mindspore_ckpt.save(path, items)
 
 
 def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str = "ckpt",
@@ -172,11 +172,13 @@ def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str
                     no_save_optim: bool = False, workers: int = 2, quiet: bool = False) -> list[Path]:
     """Merge every DP group's optimizer shards (``checkpoint_dir/rank_{r}/``, last file) into
     per-parameter tensors: ``output_dir/rank_{r}/{name}_dp_merged.{dst_format}`` for DP rank 0
-    of each group (and its DP peers with ``copy_to_all_dp_ranks``). ``rank_section`` = (start,
-    end) keeps the groups whose first rank is in [start, end). Written atomically; returns the
-    files written."""
+    of each group (and its DP peers with ``copy_to_all_dp_ranks``), each with its manifest (the
+    CRC-32s taken while writing; the tensors unplaced: a rank's slices of a layout the shard info
+    does not describe). ``rank_section`` = (start, end) keeps the groups whose first rank is in
+    [start, end). Written atomically; returns the files written."""
     import shutil
 
+    from ckpt_hooks.mindspore import manifest
     from ckpt_hooks.mindspore.files import latest_checkpoint, open_checkpoint
     from ckpt_hooks.engine.run import run
     from ckpt_hooks.formats.atomic import staged_directory
@@ -184,6 +186,7 @@ def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str
     infos = [read_shard_info(p) for p in sorted(Path(strategy_dir).rglob("dist_opt_shard_info*.json"))]
     if not infos:
         raise CheckpointError(strategy_dir, "no dist_opt_shard_info*.json (MindSpeed-Core-MS shard info)")
+    world = max(r for i in infos for r in i.dp_ranks) + 1
     start, end = rank_section
     infos = [i for i in infos if (start is None or i.dp_ranks[0] >= start) and (end is None or i.dp_ranks[0] < end)]
     sources = {i.path: [latest_checkpoint(Path(checkpoint_dir) / f"rank_{r}", f".{src_format}") for r in i.dp_ranks]
@@ -197,14 +200,19 @@ def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str
             target = root / first / f"{files[0].stem}_dp_merged.{dst_format}"
             target.parent.mkdir(parents=True, exist_ok=True)
             shards = [open_checkpoint(f) for f in files]
-            write_checkpoint(target, combined_tensors(info, shards, states, carry_training_state=not no_save_optim))
+            crcs = write_checkpoint(target, combined_tensors(info, shards, states,
+                                                             carry_training_state=not no_save_optim))
             progress.update(sum(f.stat().st_size for f in files))
-            written.append(target)
-            for rank in info.dp_ranks[1:] if copy_to_all_dp_ranks else ():
-                copy = root / f"rank_{rank}" / target.name.replace(first, f"rank_{rank}")
-                copy.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(target, copy)
-                written.append(copy)
+            params = {*info.params, *info.zero3}
+            for rank, path in [(info.dp_ranks[0], target)] + [
+                    (rank, root / f"rank_{rank}" / target.name.replace(first, f"rank_{rank}"))
+                    for rank in (info.dp_ranks[1:] if copy_to_all_dp_ranks else ())]:
+                if path != target:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(target, path)
+                manifest.describe_written(path, crcs, layout={"rank": rank, "world_size": world, "parallel_mode": None},
+                                          role=lambda name: "model" if name in params else "optimizer")
+                written.append(path)
 
         total = sum(f.stat().st_size for files in sources.values() for f in files)
         run(infos, write, total, workers=workers, quiet=quiet, label="combine-dp-zero")

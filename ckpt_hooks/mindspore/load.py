@@ -12,7 +12,8 @@ In a directory the last file by the epoch and step in its name is taken, the sam
 rank directory. Each parameter's box is planned (``engine.plan``) from the replica ``rank %
 replicas`` of each piece (to spread the reads), read from the files, only those bytes, and
 built (``engine.execute``), then assigned with ``Parameter.set_data``. Everything is checked
-before the first parameter changes.
+before the first parameter changes: the files against their manifests, and every stored tensor
+read whole against its CRC-32.
 """
 
 from __future__ import annotations
@@ -83,6 +84,7 @@ def load(network, ckpt_path_or_dir, *, optimizer=None, rank: int | None = None, 
     boxes = _running_boxes(params, saved, strategy, target["rank"])
     skipped = _check_same_network(params, saved, boxes, files[0].file.path)
     plans = {name: _plan(name, saved[name], box, target["rank"]) for name, box in boxes.items() if box is not None}
+    _check_whole_reads(plans, files)
 
     bytes_read = 0
     for name, plan in plans.items():
@@ -208,6 +210,17 @@ def _check_same_network(params: dict, saved: Source, boxes: dict[str, Box | None
 def _listing(items: list[str], limit: int = 8) -> str:
     """Items for a one-line error, the first ``limit`` of them."""
     return ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _check_whole_reads(plans: dict[str, TargetTensor], files: list[SavedFile]) -> None:
+    """Each stored tensor a plan reads whole, against its manifest's CRC-32: those bytes are read
+    anyway (a part of one is not checked: that would read bytes this rank does not need)."""
+    described = {f.file.path: f.manifest for f in files if f.manifest}
+    for plan in plans.values():
+        for copy in plan.copies:
+            handle = copy.piece.handle
+            if copy.box == copy.piece.box and handle.file.path in described:
+                manifest.check_crcs(described[handle.file.path], handle.file, [handle.name])
 
 
 def _plan(name: str, tensor: Tensor, box: Box, rank: int) -> TargetTensor:

@@ -9,12 +9,26 @@ another layout needs no strategy file or flags.
      "files": {"CKP-1_4.ckpt": {"bytes": 6583, "tensors": {
          "fc1.weight": {"logical": "fc1.weight", "shape": [16, 8], "dtype": "Float32", "role": "model",
                         "global_shape": [16, 8], "offsets": [0, 0]},
-         "moment1.fc1.weight": {..., "role": "optimizer"}, ...}}}}
+         "moment1.fc1.weight": {..., "role": "optimizer"}, ...},
+         "crc32": {"fc1.weight": 2821945316, ...}}}}
 
 The role "optimizer" covers the moments, ``beta1_power``, ``global_step``, ``learning_rate``, a
 loss scale. Where the running network had a parallel layout for a parameter (semi/auto parallel), the
 manifest records it as ``parallel_layout``; a file holding only this rank's slice then has
 ``offsets`` and ``global_shape`` null: the slice's place follows from that layout.
+
+``crc32`` has the CRC-32 of every tensor's bytes: taken while writing where ckpt_hooks writes the
+file (transform, LoRA merge, combine-dp-zero, megatron-to-mindspore: ``describe_written``), read
+back once by the callback from the file MindSpore wrote. The transform checks them for every
+file it reads (it reads them whole anyway), ``load`` for every tensor it reads whole, ``verify
+CKPT`` for all.
+
+The converters' files are described the same way: a transform's rank files with each tensor's
+box of the global tensor (``offsets``, ``global_shape``: the target strategy's), layout
+``{"rank": r, "world_size": n, "parallel_mode": null}`` (``"stand_alone"`` for one complete
+file), and the step, epoch and roles of the source's manifests where it had them;
+MindSpeed-Core-MS's files (megatron-to-mindspore, rank = its model-parallel rank among TP x PP,
+with ``tp`` and ``pp``) and combine-dp-zero's with their tensors unplaced.
 """
 
 from __future__ import annotations
@@ -70,8 +84,9 @@ def dtype_name(array_dtype, path, name: str) -> str:
 
 
 def build(ckpt: MappedFile, *, layout: dict, step: int, epoch: int, roles: dict[str, str],
-          parallel_layouts: dict[str, dict]) -> dict:
-    """The manifest of the complete checkpoint file ``ckpt``: its tensors as the file lists them."""
+          parallel_layouts: dict[str, dict], crcs: dict[str, int] | None = None) -> dict:
+    """The manifest of the complete checkpoint file ``ckpt``: its tensors as the file lists them,
+    and their CRC-32s where given."""
     tensors = {}
     for name, stored in ckpt.tensors.items():
         shape = list(stored.shape)
@@ -80,9 +95,30 @@ def build(ckpt: MappedFile, *, layout: dict, step: int, epoch: int, roles: dict[
         tensors[name] = manifest.tensor_entry(name, shape, dtype_name(stored.dtype, ckpt.path, name),
                                               roles.get(name, manifest.MODEL), shape if whole else None,
                                               [0] * len(shape) if whole else None, **more)
-    path = Path(ckpt.path)
-    return manifest.build(FRAMEWORK, path.suffix[1:], step=step, epoch=epoch, layout=layout,
-                          files={path.name: manifest.file_entry(path, tensors)})
+    return _build(Path(ckpt.path), tensors, crcs, layout=layout, step=step, epoch=epoch)
+
+
+def _build(path: Path, tensors: dict, crcs: dict | None, **header) -> dict:
+    entry = manifest.file_entry(path, tensors)
+    if crcs is not None:
+        entry["crc32"] = crcs
+    return manifest.build(FRAMEWORK, path.suffix[1:], **header, files={path.name: entry})
+
+
+def describe_written(path, crcs: dict[str, int], *, layout: dict, role, placements: dict | None = None,
+                     step: int | None = None, epoch: int | None = None) -> Path:
+    """Write the manifest of the file ckpt_hooks just wrote at ``path``: its tensors as its header
+    lists them, each with ``role(name)``, placed in its global tensor where ``placements`` (name
+    -> ``Placement``) says, with the CRC-32s its writer took from the bytes as they went out."""
+    from ckpt_hooks.mindspore.files import open_checkpoint
+
+    written, tensors = open_checkpoint(path), {}
+    for name, stored in written.tensors.items():
+        where = (placements or {}).get(name)
+        tensors[name] = manifest.tensor_entry(name, stored.shape, dtype_name(stored.dtype, path, name), role(name),
+                                              None if where is None else where.logical_shape,
+                                              None if where is None else where.box.offsets)
+    return write(_build(Path(path), tensors, crcs, layout=layout, step=step, epoch=epoch), path)
 
 
 def write(described: dict, ckpt_path) -> Path:
@@ -98,6 +134,37 @@ def tensors(described: dict) -> dict:
     """The tensor entries of the one file a checked manifest describes."""
     (entry,) = described["files"].values()
     return entry.get("tensors", {})
+
+
+def check_crcs(described: dict, ckpt: MappedFile, names=None) -> tuple[int, int]:
+    """Check the bytes of the tensors ``names`` (default: all) against the manifest's CRC-32s;
+    a mismatch raises CheckpointError naming the file and the tensor. Returns (checked, tensors
+    with no CRC-32 recorded)."""
+    crcs = next(iter(described["files"].values())).get("crc32", {})
+    checked = unchecked = 0
+    for name in ckpt.tensors if names is None else names:
+        want = crcs.get(name)
+        if want is None:
+            unchecked += 1
+            continue
+        crc = ckpt.crc32(name)
+        if crc != want:
+            raise CheckpointError(ckpt.path, f"{name}: CRC-32 {crc:08x}, its manifest {manifest_path(ckpt.path).name} "
+                                             f"says {want:08x}: its bytes changed after they were written")
+        checked += 1
+    return checked, unchecked
+
+
+def read_checked(ckpt: MappedFile, crcs: bool = True) -> dict | None:
+    """The manifest beside ``ckpt`` (None without one), the file checked against it: sizes,
+    shapes, dtypes, and (``crcs``) every tensor's bytes against its CRC-32 — for readers that
+    read every tensor anyway."""
+    described = read(ckpt.path)
+    if described is not None:
+        check(described, ckpt)
+        if crcs:
+            check_crcs(described, ckpt)
+    return described
 
 
 def check(described: dict, ckpt: MappedFile) -> None:

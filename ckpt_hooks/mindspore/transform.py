@@ -7,9 +7,11 @@
     sink    each rank of the target strategy -> one file, ``rank_{r}/{prefix}{r}.ckpt`` (or
             ``.safetensors``): its box of every tensor, in MindSpore's order (the tensors as first
             seen from the last source rank down, those both strategies name first), and the
-            source's string entries
+            source's string entries; beside it its manifest (``mindspore.manifest``: the boxes,
+            each tensor's CRC-32 taken while writing)
 
-Tensors a strategy does not name are held whole, by every rank. Each target tensor is planned
+Tensors a strategy does not name are held whole, by every rank. A source file with a manifest
+is checked against it, its tensors' bytes against their CRC-32s included. Each target tensor is planned
 (``engine.plan``) and built (``engine.execute``) from the mapped source files, reading only the
 rows each piece needs. Each worker writes one target file at a time (a ``.ckpt`` one tensor at
 a time), into a temporary sibling of the save directory renamed into place when all is written.
@@ -36,6 +38,7 @@ from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
 from ckpt_hooks.formats.mindspore_ckpt import MappedFile, PendingArray
 from ckpt_hooks.formats.mindspore_strategy import read_strategy
 from ckpt_hooks.formats.paths import check_links
+from ckpt_hooks.mindspore import manifest
 from ckpt_hooks.mindspore.files import READERS, RANK_DIR, MappedTensor, latest_checkpoint, open_checkpoint, rank_dirs
 
 DEFAULT_PREFIX = "checkpoint_"  # MindFormers' (transform_checkpoints requires one)
@@ -49,6 +52,16 @@ class MindSporeSource:
     strategy: Strategy | None
     tensors: Source
     strings: dict[str, str]   # a .ckpt's string entries (append_dict), carried to every rank
+    manifests: dict[int, dict]   # rank -> its file's manifest, where it has one (checked)
+
+    def roles(self) -> dict[str, str]:
+        """Each tensor's role as the manifests say (none without them)."""
+        return {name: t["role"] for m in self.manifests.values() for name, t in manifest.tensors(m).items()}
+
+    def run_state(self) -> dict:
+        """The step and epoch the lowest rank's manifest records (none without one)."""
+        first = self.manifests.get(min(self.files))
+        return {} if first is None else {"step": first.get("step"), "epoch": first.get("epoch")}
 
 
 # ---- the source checkpoint ------------------------------------------------------------------
@@ -91,9 +104,10 @@ def open_source(load_dir, world: int) -> dict[int, MappedFile]:
     return {rank: open_checkpoint(p, check_crc=True) for rank, p in paths.items()}
 
 
-def read_source(load_dir, strategy: Strategy | None) -> MindSporeSource:
+def read_source(load_dir, strategy: Strategy | None, crcs: bool = True) -> MindSporeSource:
     """The checkpoint in ``load_dir`` (a ``rank_N/`` tree, or one complete file) as global
-    tensors; nothing is read but the files' headers."""
+    tensors, each file checked against its manifest where it has one (with ``crcs``, its
+    tensors' bytes too)."""
     files = open_source(load_dir, strategy.world if strategy else 1)
     # MindSpore's order: the tensors as first seen from the last rank down (pipeline stages hold
     # different ones); .ckpt string entries (safetensors have none) from the lowest rank
@@ -106,7 +120,9 @@ def read_source(load_dir, strategy: Strategy | None) -> MindSporeSource:
         raise CheckpointError(strategy.path, f"names none of the checkpoint's tensors (such as {names[0]!r}): "
                                              "a strategy of another model?")
     tensors = {name: tensor for name in names if (tensor := _locate(files, name, strategy)) is not None}
-    return MindSporeSource(files, strategy, tensors, strings)
+    # read whole anyway: every file is checked against its manifest, CRC-32s included
+    manifests = {rank: described for rank, f in files.items() if (described := manifest.read_checked(f, crcs))}
+    return MindSporeSource(files, strategy, tensors, strings, manifests)
 
 
 def _check_replicas(files: dict[int, MappedFile], name: str, ranks: list[int]) -> None:
@@ -193,9 +209,12 @@ def plan_files(source: MindSporeSource, dst: Strategy | None, ranks: list[int] |
 
 # ---- writing --------------------------------------------------------------------------------
 
-def write_target(target: TargetFile, strings: dict, path: Path, progress=None, build=build_tensor) -> None:
-    """One target file, in the format its suffix names, written atomically; each tensor made by
-    ``build(tensor)`` (ckpt_hooks.converters.lora's merges adapters in), then ``strings``."""
+def write_target(target: TargetFile, source: MindSporeSource, dst: Strategy | None, path: Path, progress=None,
+                 build=build_tensor) -> None:
+    """One target file of ``dst``, in the format its suffix names, written atomically; each tensor
+    made by ``build(tensor)`` (ckpt_hooks.converters.lora's merges adapters in), then the source's
+    strings; and its manifest (each tensor's box, the CRC-32s taken while writing, the source's
+    roles, step and epoch)."""
     def made(tensor):
         def make():
             # A source view may be strided (a column piece). Not ascontiguousarray: it makes scalars 1-D.
@@ -207,9 +226,13 @@ def write_target(target: TargetFile, strings: dict, path: Path, progress=None, b
 
     pending = {tensor.key: made(tensor) for tensor in target.tensors}
     if path.suffix == ".ckpt":
-        mindspore_ckpt.save(path, itertools.chain(pending.items(), strings.items()))
+        crcs = mindspore_ckpt.save(path, itertools.chain(pending.items(), source.strings.items()))
     else:
-        ms_safetensors.save(path, pending)
+        crcs = ms_safetensors.save(path, pending)
+    layout = {"rank": target.rank, "world_size": dst.world if dst else 1,
+              "parallel_mode": None if dst else "stand_alone"}
+    manifest.describe_written(path, crcs, layout=layout, role=source.roles().get,
+                              placements={t.key: t.placement for t in target.tensors}, **source.run_state())
 
 
 def check_format(source: MindSporeSource, output_format: str, load_dir) -> None:
@@ -245,7 +268,7 @@ def transform_checkpoints(load_dir, save_dir, src_strategy=None, dst_strategy=No
         def write(target: TargetFile, progress) -> None:
             directory = root / f"rank_{target.rank}"
             directory.mkdir()
-            write_target(target, source.strings, directory / f"{prefix}{target.rank}.{output_format}", progress)
+            write_target(target, source, dst, directory / f"{prefix}{target.rank}.{output_format}", progress)
 
         run(targets, write, total, workers=process_num, quiet=quiet,
             label=f"{len(source.files)} -> {len(targets)} ranks")
@@ -264,4 +287,4 @@ def transform_checkpoint_by_rank(rank_id: int, load_dir, save_file, src_strategy
     source = read_source(load_dir, src)
     target = plan_files(source, dst, [rank_id])[0]
     check_format(source, Path(save_file).suffix[1:], load_dir)
-    write_target(target, source.strings, Path(save_file))
+    write_target(target, source, dst, Path(save_file))

@@ -124,7 +124,7 @@ def merge_lora_mindspore(load_dir, save_dir, src_strategy=None, dst_strategy=Non
         def write(target, progress) -> None:
             directory = root / f"rank_{target.rank}"
             directory.mkdir()
-            write_target(target, source.strings, directory / f"{prefix}{target.rank}.{output_format}", progress,
+            write_target(target, source, dst, directory / f"{prefix}{target.rank}.{output_format}", progress,
                          merged)
 
         run(targets, write, total, workers=workers, quiet=quiet,

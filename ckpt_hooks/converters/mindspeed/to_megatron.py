@@ -34,6 +34,7 @@ from ckpt_hooks.formats.torch_pickle import contiguous_strides
 from ckpt_hooks.megatron.checkpoint import (SourceFile, pending_file, place, plan_files, source_tensors,
                                             write_checkpoint)
 from ckpt_hooks.megatron.optimizer import target_state
+from ckpt_hooks.mindspore import manifest as ms_manifest
 from ckpt_hooks.mindspore.files import latest_checkpoint, open_checkpoint
 
 
@@ -88,6 +89,7 @@ class MindSpeedSource:
             self.metas[rank], chunks, _ = files.read_meta(meta_dir, rank)
             mapped = opened[rank] = open_checkpoint(
                 latest_checkpoint(files.rank_dir(iter_dir, rank), src_format and f".{src_format}"))
+            ms_manifest.read_checked(mapped)   # every tensor is read whole anyway
             self.by_name.setdefault(rank.tp, {}).update(dict.fromkeys(mapped.names, mapped))
             rank_files.append(SourceFile(mapped.path, rank, chunks))
         for f in rank_files:

@@ -27,6 +27,7 @@ from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
 from ckpt_hooks.megatron.conversion import Planned, plan_megatron
 from ckpt_hooks.megatron.export import write_mindspeed_maps
 from ckpt_hooks.megatron.optimizer import rebuild_maps
+from ckpt_hooks.mindspore import manifest as ms_manifest
 from ckpt_hooks.mindspore.dp_zero import write_checkpoint
 
 
@@ -81,6 +82,11 @@ def megatron_to_mindspore(load_dir, ms_path, target: Target = Target(), *, cp: i
     first = {**ckpt.first.obj, "args": updated_args(ckpt.args, src.spec, target)}
     entries = {k: first.get(k) for k in files.META_ENTRIES}
     scalars = files.training_scalars(iteration, entries["optimizer"], entries["opt_param_scheduler"])
+    training_state = {name for name, _ in scalars}
+
+    def role(name: str) -> str:   # a parameter (its fp32 value) or training state
+        return "optimizer" if name in training_state or name.startswith(("exp_avg.", "exp_avg_sq.")) else "model"
+
     grad_dtypes = p.optimizer.grad_dtypes if p.optimizer else {}
     dp_cp = target.dp * cp
     md5 = {}
@@ -95,9 +101,13 @@ def megatron_to_mindspore(load_dir, ms_path, target: Target = Target(), *, cp: i
             directory.mkdir(parents=True)
             paths = [directory / f"{file_prefix}.{file_format}"] + \
                 [directory / f"{file_prefix}_{i:03d}.{file_format}" for i in range(dp_cp if generate_all_dp_cp else 0)]
-            write_checkpoint(paths[0], itertools.chain(_tensors(p, target_file, progress), scalars))
-            for copy in paths[1:]:
-                shutil.copyfile(paths[0], copy)
+            crcs = write_checkpoint(paths[0], itertools.chain(_tensors(p, target_file, progress), scalars))
+            layout = {"rank": rank.pp * target.tp + rank.tp, "world_size": target.tp * target.pp,
+                      "parallel_mode": None, "tp": rank.tp, "pp": rank.pp}
+            for path in paths:
+                if path != paths[0]:
+                    shutil.copyfile(paths[0], path)
+                ms_manifest.describe_written(path, crcs, layout=layout, role=role, step=iteration)
             digest = files.tensor_md5(paths[0])
             md5.update((str(path.relative_to(root)), digest) for path in paths)
             # The RNG state belongs to a rank: kept only where the ranks stay the same.
