@@ -41,7 +41,8 @@ def make_source_args(layers: int, hidden: int) -> argparse.Namespace:
         padded_vocab_size=32000, swiglu=True, untie_embeddings_and_output_weights=True, add_bias_linear=False,
         add_qkv_bias=False, position_embedding_type="rope", normalization="RMSNorm",
         tensor_model_parallel_size=1, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
-        data_parallel_size=4, world_size=4, params_dtype=torch.float32, ckpt_format="torch")
+        data_parallel_size=4, world_size=4, params_dtype=torch.float32, ckpt_format="torch", seq_length=4096,
+        max_position_embeddings=4096)
 
 
 def write_tp1_checkpoint(root: Path, args) -> None:

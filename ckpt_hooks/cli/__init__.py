@@ -11,7 +11,8 @@ import signal
 import sys
 
 from ckpt_hooks import __version__
-from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, positive, refuse_flags, target_from
+from ckpt_hooks.cli.target import (add_layout_arguments, add_vocab_arguments, positive, refuse_flags, reports,
+                                   target_from)
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.cli.hf import COMMANDS as HF_COMMANDS
 from ckpt_hooks.cli.lora import COMMANDS as LORA_COMMANDS
@@ -90,7 +91,7 @@ def _convert(args) -> None:
 
     report = convert(args.load_dir, args.save_dir, target_from(args), convert_param_only=args.convert_param_only,
                      workers=args.workers, quiet=args.quiet, ckpt_format=args.target_ckpt_format, resume=args.resume)
-    if not args.quiet and os.environ.get("RANK", "0") == "0":   # under torchrun, rank 0 reports
+    if reports(args.quiet):
         print(f"wrote {args.save_dir}: {report}")
 
 
@@ -110,7 +111,7 @@ def run_mindspore_convert(args) -> None:
     report = transform_checkpoints(args.load_dir, args.save_dir, args.src_strategy_path_or_dir, args.dst_strategy,
                                    prefix=args.prefix or DEFAULT_PREFIX, output_format=args.format,
                                    process_num=args.workers, quiet=args.quiet)
-    if not args.quiet:
+    if reports(args.quiet):
         print(f"wrote {args.save_dir}: {report}")
 
 
@@ -139,7 +140,8 @@ def run_export(args) -> None:
     from ckpt_hooks.megatron.export import export_param_maps
 
     written = export_param_maps(args.load_dir, args.save_dir, dp=args.data_parallel_size)
-    print(f"wrote {len(written)} param_map files to {args.save_dir}")
+    if reports(False):
+        print(f"wrote {len(written)} param_map files to {args.save_dir}")
 
 
 def add_combine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -167,7 +169,7 @@ def run_combine(args) -> None:
                               dst_format=args.dst_format, copy_to_all_dp_ranks=args.copy_to_all_dp_ranks,
                               rank_section=tuple(args.rank_section), no_save_optim=args.no_save_optim,
                               workers=args.workers, quiet=args.quiet)
-    if not args.quiet:
+    if reports(args.quiet):
         print(f"wrote {len(written)} merged files to {args.output_dir}")
 
 
@@ -314,6 +316,11 @@ def main(argv=None) -> int:
                                      formatter_class=_HelpWithDefaults))
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # `ckpt-hooks inspect ... | head` ends quietly
     args = parser.parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun the ranks join now, so that they meet at exit (engine.ranks) and each
+        # prints its line before torchrun stops the rest, whatever fails first (planning too).
+        from ckpt_hooks.engine.ranks import Ranks
+        Ranks.from_env()
     return_freed_memory()
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _interrupt)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, positive, target_from
+from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, positive, reports, target_from
 from ckpt_hooks.converters.hf.names import LAYERS, LOCAL, TRANSFORMER_ENGINE
 
 DTYPES = ("bf16", "fp16", "fp32")
@@ -65,7 +65,7 @@ def run_hf_to_megatron(args) -> None:
     from ckpt_hooks.converters.hf.to_megatron import hf_to_megatron
 
     report = hf_to_megatron(args.load_dir, args.save_dir, **to_megatron_options(args))
-    if not args.quiet:
+    if reports(args.quiet):
         print(f"wrote {args.save_dir}: {report}")
 
 
@@ -85,7 +85,7 @@ def run_megatron_to_hf(args) -> None:
 
     report = megatron_to_hf(args.load_dir, args.save_dir, target(args), model_type=args.model_type,
                             max_shard_size=args.max_shard_size, workers=args.workers, quiet=args.quiet)
-    if not args.quiet:
+    if reports(args.quiet):
         print(f"wrote {args.save_dir}: {report}")
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from ckpt_hooks.cli.target import add_layout_arguments, add_vocab_arguments, refuse_flags, target_from
+from ckpt_hooks.cli.target import (add_layout_arguments, add_vocab_arguments, refuse_flags, reports,
+                                   target_from)
 from ckpt_hooks.converters.hf.names import LAYERS
 
 _MEGATRON_FLAGS = ("tp", "pp", "vpp", "dp", "num_layer_list")
@@ -52,7 +53,7 @@ def run_merge(args) -> None:
                         target_modules=args.lora_target_modules, save_format=args.save_format,
                         target=target_from(args), model_type=args.model_type,
                         max_shard_size=args.max_shard_size or "5GB", workers=args.workers, quiet=args.quiet)
-    if not args.quiet:
+    if reports(args.quiet):
         print(f"wrote {args.save_dir}: {report}")
 
 
@@ -69,7 +70,7 @@ def run_peft(args) -> None:
 
     report = lora_to_peft(args.lora_load, args.save_dir, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                           target_modules=args.lora_target_modules, model_type=args.model_type)
-    if not args.quiet:
+    if reports(args.quiet):
         print(f"wrote {args.save_dir}: {report}")
 
 
@@ -96,7 +97,7 @@ def run_mindspore(args) -> None:
                                   lora_scaling=args.lora_scaling, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
                                   prefix=args.prefix, output_format=args.format, workers=args.workers,
                                   quiet=args.quiet)
-    if not args.quiet:
+    if reports(args.quiet):
         print(f"wrote {args.save_dir}: {report}")
 
 

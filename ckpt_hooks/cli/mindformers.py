@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from ckpt_hooks.errors import CheckpointError
+from ckpt_hooks.cli.target import reports
 from ckpt_hooks.cli.hf import add_common_arguments, add_megatron_target_arguments, target, to_megatron_options
 
 _MINDFORMERS = "MindFormers safetensors: one file, or a directory of them (with param_name_map.json)"
@@ -47,7 +48,7 @@ def _add_output_arguments(parser: argparse.ArgumentParser, load_help: str, fused
 
 
 def _report(args, report) -> None:
-    if not args.quiet:
+    if reports(args.quiet):
         print(f"wrote {args.save_dir}: {report}")
 
 

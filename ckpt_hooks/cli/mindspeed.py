@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from ckpt_hooks.cli.target import add_layout_arguments, positive, target_from
+from ckpt_hooks.cli.target import add_layout_arguments, positive, reports, target_from
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -58,7 +58,7 @@ def _layout(args) -> dict:
 
 
 def _print(report, save_dir, quiet: bool) -> None:
-    if not quiet:
+    if reports(quiet):
         print(f"wrote {save_dir}: {report}")
         for path, md5 in report.md5.items():  # md5 of each file's tensors (see files.tensor_md5)
             print(f"{md5}  {path}")

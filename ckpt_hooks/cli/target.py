@@ -14,10 +14,17 @@ the flag); their fit to the model is checked by ``Target.layout``."""
 from __future__ import annotations
 
 import argparse
+import os
 
 from ckpt_hooks.algebra.spec import parse_layer_list
 from ckpt_hooks.algebra.target import FLAGS, Target
 from ckpt_hooks.errors import CheckpointError
+
+
+def reports(quiet: bool) -> bool:
+    """Whether this process prints what a command wrote: unless ``--quiet``, and under torchrun
+    rank 0 alone (it has every rank's part of the report)."""
+    return not quiet and os.environ.get("RANK", "0") == "0"
 
 
 def positive(text: str) -> int:

@@ -7,7 +7,8 @@ files (balanced by bytes, the same split on every process), and writes them into
 directory that rank 0 created; rank 0 then publishes it (tracker, manifest, rename) once every
 rank has finished. A failure on any rank is agreed on by all before anything is published, and
 every rank stops with the same one-line error. One process (no torchrun) is rank 0 of 1.
-torch.distributed (gloo) is imported only under torchrun.
+torch.distributed (gloo) is imported only under torchrun. ``write_shared`` is that sequence, for
+every converter.
 """
 
 from __future__ import annotations
@@ -15,6 +16,10 @@ from __future__ import annotations
 import atexit
 import os
 from datetime import timedelta
+from typing import Callable
+
+from ckpt_hooks.engine.run import run
+from ckpt_hooks.formats.atomic import staged_directory
 
 
 class Ranks:
@@ -77,6 +82,34 @@ class Ranks:
     def first_error(self, error: str | None) -> str | None:
         """The lowest rank's error, if any rank has one: every rank learns the same."""
         return next((e for e in self.gather(error) if e is not None), None)
+
+
+def write_shared(save_dir, targets: list, write: Callable, total: int, *, workers: int, quiet: bool, label: str,
+                 size: Callable = lambda target: target.nbytes, resume: bool = False,
+                 result: Callable = lambda: None, publish: Callable | None = None) -> float:
+    """Write ``targets`` into the one staged directory that becomes ``save_dir`` (formats.atomic):
+    each process (the one, or each of torchrun's) writes its share, by ``size``,
+    ``write(root, target, progress)`` for each, ``workers`` at a time (``total``: the progress
+    bar's bytes for all). Then rank 0 alone calls ``publish(root, results)`` — every rank's
+    ``result()`` in rank order — for what depends on all the files (an index, a tracker, a
+    manifest), and the directory is published. Returns the data phase's seconds."""
+    ranks = Ranks.from_env()
+    mine = ranks.share(targets, size)
+    with staged_directory(save_dir, resume, ranks) as root:
+        seconds = failure = None
+        try:
+            share = total * sum(map(size, mine)) // max(1, sum(map(size, targets)))
+            seconds = run(mine, lambda target, progress: write(root, target, progress), share, workers=workers,
+                          quiet=quiet or not ranks.lead, label=label)
+            done = (result(),)
+        except BaseException as e:   # raised after the gather: a rank that skipped it would meet
+            failure, done = e, None  # the others' in staged_directory's agreement instead
+        results = ranks.gather(done)
+        if failure is not None:
+            raise failure
+        if ranks.lead and publish is not None and None not in results:   # else: a failure, agreed on next
+            publish(root, [r[0] for r in results])
+    return seconds
 
 
 def _leave(dist) -> None:

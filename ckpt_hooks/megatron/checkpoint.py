@@ -28,12 +28,10 @@ from ckpt_hooks.algebra.spec import (ModelSpec, ParallelConfig, Rank, model_spec
                                      vocab_divisor)
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, TargetTensor, covered, plan_tensor
-from ckpt_hooks.engine.ranks import Ranks
-from ckpt_hooks.engine.run import run
+from ckpt_hooks.engine.ranks import write_shared
 from ckpt_hooks.engine.source import Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
-from ckpt_hooks.formats.atomic import staged_directory
 from ckpt_hooks.formats.torch_dist import is_dist_checkpoint, object_key
 from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, iter_lazy_tensors
 from ckpt_hooks.megatron import grouped_experts, legacy_names, manifest
@@ -465,38 +463,39 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], co
     directory an interrupted run left, keeping its complete rank files (CRC-checked; their ranks
     go to ``reused``). Returns the data phase's seconds."""
     checksums: dict[str, dict[str, int]] = {}   # file -> record -> CRC-32, as written
-    ranks = Ranks.from_env()   # under torchrun, this process writes its share of the files
-    mine = ranks.share(plan)
-    with staged_directory(save_dir, resume, ranks) as root:
-        def write(target: TargetFile, progress) -> None:
-            rank = target.rank
-            kept = _reuse(root, iteration, rank, config, optimizer_state is not None, checksums) if resume else None
-            if kept is not None:
-                if reused is not None:
-                    reused.append(rank)
-                if written is not None:
-                    written(root, kept)
-                progress.update(target.nbytes)
-                return
-            paths = [legacy.save_rank_file(root, iteration, rank, config, rank_state(target, progress),
-                                           checksums=checksums)]
-            state = optimizer_state(target, progress) if optimizer_state is not None else None
-            if state is not None:
-                paths.append(legacy.save_rank_file(root, iteration, rank, config, state,
-                                                   legacy.OPTIMIZER_FILE, checksums))
-            if written is not None:
-                written(root, paths)
+    kept_ranks: list = []
 
-        share = total * sum(f.nbytes for f in mine) // max(1, sum(f.nbytes for f in plan))
-        seconds = run(mine, write, share, workers=workers, quiet=quiet or not ranks.lead, label=label)
-        everyone = ranks.gather(checksums)
-        if ranks.lead:   # every file is written: publish
-            for part in everyone:
-                checksums.update(part)
-            for marker in root.rglob(".*.done.json"):   # complete: nothing to resume
-                marker.unlink()
-            if finish is not None:
-                finish(root)
-            legacy.write_tracker(root, iteration)
-            write_manifest(root, checksums)
+    def write(root: Path, target: TargetFile, progress) -> None:
+        rank = target.rank
+        kept = _reuse(root, iteration, rank, config, optimizer_state is not None, checksums) if resume else None
+        if kept is not None:
+            kept_ranks.append(rank)
+            if written is not None:
+                written(root, kept)
+            progress.update(target.nbytes)
+            return
+        paths = [legacy.save_rank_file(root, iteration, rank, config, rank_state(target, progress),
+                                       checksums=checksums)]
+        state = optimizer_state(target, progress) if optimizer_state is not None else None
+        if state is not None:
+            paths.append(legacy.save_rank_file(root, iteration, rank, config, state,
+                                               legacy.OPTIMIZER_FILE, checksums))
+        if written is not None:
+            written(root, paths)
+
+    def publish(root: Path, every_ranks: list[tuple[dict, list]]) -> None:   # every file is written
+        for crcs, _ in every_ranks:
+            checksums.update(crcs)
+        kept_ranks[:] = [rank for _, kept in every_ranks for rank in kept]   # for the lead's report
+        for marker in root.rglob(".*.done.json"):   # complete: nothing to resume
+            marker.unlink()
+        if finish is not None:
+            finish(root)
+        legacy.write_tracker(root, iteration)
+        write_manifest(root, checksums)
+    # under torchrun, this process writes its share of the files
+    seconds = write_shared(save_dir, plan, write, total, workers=workers, quiet=quiet, label=label, resume=resume,
+                           result=lambda: (checksums, kept_ranks), publish=publish)
+    if reused is not None:
+        reused.extend(kept_ranks)
     return seconds

@@ -10,7 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ckpt_hooks.megatron.checkpoint import read_source
-from ckpt_hooks.formats.atomic import staged_directory
+from ckpt_hooks.engine.ranks import write_shared
 from ckpt_hooks.formats.megatron_legacy import rank_dir_name
 from ckpt_hooks.megatron.optimizer import source_optimizer
 from ckpt_hooks.algebra.param_map import BufferMap, mindspeed_file_name, mindspeed_json
@@ -39,6 +39,9 @@ def export_param_maps(load_dir, save_dir, dp: int | None = None) -> list[Path]:
     if dp:
         src.layout = replace(src.layout, dp=dp)
     optimizer = source_optimizer(src)
-    with staged_directory(save_dir) as root:
-        written = write_mindspeed_maps(root, optimizer.maps, src.layout)
-    return [Path(save_dir) / p.relative_to(root) for p in written]
+    written = []
+
+    def write_all(root: Path, _) -> None:   # small: rank 0 writes them all (under torchrun too)
+        written.extend(p.relative_to(root) for p in write_mindspeed_maps(root, optimizer.maps, src.layout))
+    write_shared(save_dir, [], None, 0, workers=1, quiet=True, label="export-param-map", publish=write_all)
+    return [Path(save_dir) / p for p in written]

@@ -25,12 +25,10 @@ from ckpt_hooks.algebra import names
 from ckpt_hooks.algebra.layout import chunk_layers, expert_range
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, restrict
-from ckpt_hooks.engine.ranks import Ranks
-from ckpt_hooks.engine.run import run
+from ckpt_hooks.engine.ranks import write_shared
 from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats import torch_dist as dist
-from ckpt_hooks.formats.atomic import staged_directory
 from ckpt_hooks.formats.torch_pickle import PendingTensor
 from ckpt_hooks.megatron.checkpoint import write_manifest
 from ckpt_hooks.megatron import grouped_experts
@@ -159,55 +157,56 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
     content metadata are set here); ``rng_of(rank)`` is the RNG state list for a target rank (or
     None); ``finish(root)`` runs on rank 0 once every record is written, before the index.
     Returns the data phase's seconds."""
-    ranks = Ranks.from_env()   # under torchrun, this process writes its share of the files
     seen: set = set()
     by_rank = {}
     for target in weights:   # in rank order: the lowest rank writes a replicated chunk
         by_rank[target.rank] = _weight_items(target, spec, config, seen, per_layer_keys(args))
     lock = threading.Lock()
     written: list = []
-    mine = ranks.share(weights)
-    with staged_directory(save_dir, ranks=ranks) as root:
-        iter_dir = root / legacy.iteration_dir_name(iteration)
-        iter_dir.mkdir(parents=True, exist_ok=True)
+    iter_name = legacy.iteration_dir_name(iteration)
 
-        def write(target: TargetFile, progress) -> None:
-            items = [dataclasses.replace(i, pending=_reporting(i.pending, progress)) for i in by_rank[target.rank]]
-            if optimizer_plans is not None:
-                items += _optimizer_items(target, {s: optimizer_plans[s][target.rank] for s in STATES}, grad_dtypes,
-                                          common["optimizer_param_groups"], spec, config, args, progress)
-            rng = rng_of(target.rank)
-            if rng is not None:
-                items.append(dist.Item(dist.object_key("rng_state", (target.rank.pp, target.rank.tp),
-                                                       (config.pp, config.tp)), obj=[rng]))
-            records = dist.write_records(iter_dir / distcp_name(target.rank, config), items)
-            with lock:
-                written.extend(records)
+    def write(root, target: TargetFile, progress) -> None:
+        items = [dataclasses.replace(i, pending=_reporting(i.pending, progress)) for i in by_rank[target.rank]]
+        if optimizer_plans is not None:
+            items += _optimizer_items(target, {s: optimizer_plans[s][target.rank] for s in STATES}, grad_dtypes,
+                                      common["optimizer_param_groups"], spec, config, args, progress)
+        rng = rng_of(target.rank)
+        if rng is not None:
+            items.append(dist.Item(dist.object_key("rng_state", (target.rank.pp, target.rank.tp),
+                                                   (config.pp, config.tp)), obj=[rng]))
+        (root / iter_name).mkdir(exist_ok=True)
+        records = dist.write_records(root / iter_name / distcp_name(target.rank, config), items)
+        with lock:
+            written.extend(records)
 
-        share = total * sum(f.nbytes for f in mine) // max(1, sum(f.nbytes for f in weights))
-        seconds = run(mine, write, share, workers=workers, quiet=quiet or not ranks.lead, label=label)
-        # What the index needs of each record (not its builder), from every rank.
-        described = [(dataclasses.replace(item, obj=None, pending=None if item.pending is None else
-                                          PendingTensor(item.sizes, item.dtype)), record)
-                     for item, record in written]
-        everything = [entry for part in ranks.gather(described) for entry in part]
-        if ranks.lead:   # every record is written: the index, the common state, then publish
-            if finish is not None:
-                finish(root)
-            everything.sort(key=lambda entry: (entry[1].relative_path, entry[1].offset))
-            dist.write_metadata(iter_dir, everything)
-            saved = {k: v for k, v in common.items() if k != "optimizer_param_groups"}
-            if optimizer_plans is not None:   # as megatron-core's (each of a chain's under its index)
-                # One dict per optimizer: the pickle keeps shared objects shared, and megatron-core's
-                # load merges each optimizer's state into its own.
-                saved["optimizer"] = {i: {"param_state_sharding_type": "dp_reshardable"}
-                                      for i in range(len(optimizers_of(config)))}
-                if config.ep == 1:
-                    saved["optimizer"] = saved["optimizer"][0]
-            dist.write_common(iter_dir, {**saved, "args": args, "content_metadata": dict(CONTENT_METADATA)})
-            legacy.write_tracker(root, iteration)
-            write_manifest(root)
-    return seconds
+    def described() -> list:
+        """What the index needs of each record this rank wrote (not its builder)."""
+        return [(dataclasses.replace(item, obj=None, pending=None if item.pending is None else
+                                     PendingTensor(item.sizes, item.dtype)), record)
+                for item, record in written]
+
+    def publish(root, every_ranks: list[list]) -> None:   # every record is written: the index, the common state
+        iter_dir = root / iter_name
+        iter_dir.mkdir(exist_ok=True)
+        if finish is not None:
+            finish(root)
+        everything = sorted((entry for part in every_ranks for entry in part),
+                            key=lambda entry: (entry[1].relative_path, entry[1].offset))
+        dist.write_metadata(iter_dir, everything)
+        saved = {k: v for k, v in common.items() if k != "optimizer_param_groups"}
+        if optimizer_plans is not None:   # as megatron-core's (each of a chain's under its index)
+            # One dict per optimizer: the pickle keeps shared objects shared, and megatron-core's
+            # load merges each optimizer's state into its own.
+            saved["optimizer"] = {i: {"param_state_sharding_type": "dp_reshardable"}
+                                  for i in range(len(optimizers_of(config)))}
+            if config.ep == 1:
+                saved["optimizer"] = saved["optimizer"][0]
+        dist.write_common(iter_dir, {**saved, "args": args, "content_metadata": dict(CONTENT_METADATA)})
+        legacy.write_tracker(root, iteration)
+        write_manifest(root)
+    # under torchrun, this process writes its share of the files
+    return write_shared(save_dir, weights, write, total, workers=workers, quiet=quiet, label=label,
+                        result=described, publish=publish)
 
 
 def _reporting(pending: PendingTensor | None, progress) -> PendingTensor | None:

@@ -178,10 +178,9 @@ def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str
     [start, end). Written atomically; returns the files written."""
     import shutil
 
+    from ckpt_hooks.engine.ranks import write_shared
     from ckpt_hooks.mindspore import manifest
     from ckpt_hooks.mindspore.files import latest_checkpoint, open_checkpoint
-    from ckpt_hooks.engine.run import run
-    from ckpt_hooks.formats.atomic import staged_directory
 
     infos = [read_shard_info(p) for p in sorted(Path(strategy_dir).rglob("dist_opt_shard_info*.json"))]
     if not infos:
@@ -193,30 +192,35 @@ def combine_dp_zero(strategy_dir, checkpoint_dir, output_dir, *, src_format: str
                for i in infos}
     states = STATES[:1] if no_save_optim else STATES
     written = []
-    with staged_directory(output_dir) as root:
-        def write(info: ShardInfo, progress) -> None:
-            files = sources[info.path]
-            first = f"rank_{info.dp_ranks[0]}"
-            target = root / first / f"{files[0].stem}_dp_merged.{dst_format}"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shards = [open_checkpoint(f) for f in files]
-            crcs = write_checkpoint(target, combined_tensors(info, shards, states,
-                                                             carry_training_state=not no_save_optim))
-            progress.update(sum(f.stat().st_size for f in files))
-            params = {*info.params, *info.zero3}
-            for rank, path in [(info.dp_ranks[0], target)] + [
-                    (rank, root / f"rank_{rank}" / target.name.replace(first, f"rank_{rank}"))
-                    for rank in (info.dp_ranks[1:] if copy_to_all_dp_ranks else ())]:
-                if path != target:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(target, path)
-                manifest.describe_written(path, crcs, layout={"rank": rank, "world_size": world, "parallel_mode": None},
-                                          role=lambda name: "model" if name in params else "optimizer")
-                written.append(path)
 
-        total = sum(f.stat().st_size for files in sources.values() for f in files)
-        run(infos, write, total, workers=workers, quiet=quiet, label="combine-dp-zero")
-    return [Path(output_dir) / p.relative_to(root) for p in written]
+    def size(info: ShardInfo) -> int:   # a DP group's work: the bytes of its shards
+        return sum(f.stat().st_size for f in sources[info.path])
+
+    def write(root: Path, info: ShardInfo, progress) -> None:
+        files = sources[info.path]
+        first = f"rank_{info.dp_ranks[0]}"
+        target = root / first / f"{files[0].stem}_dp_merged.{dst_format}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shards = [open_checkpoint(f) for f in files]
+        crcs = write_checkpoint(target, combined_tensors(info, shards, states, carry_training_state=not no_save_optim))
+        progress.update(size(info))
+        params = {*info.params, *info.zero3}
+        for rank, path in [(info.dp_ranks[0], target)] + [
+                (rank, root / f"rank_{rank}" / target.name.replace(first, f"rank_{rank}"))
+                for rank in (info.dp_ranks[1:] if copy_to_all_dp_ranks else ())]:
+            if path != target:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(target, path)
+            manifest.describe_written(path, crcs, layout={"rank": rank, "world_size": world, "parallel_mode": None},
+                                      role=lambda name: "model" if name in params else "optimizer")
+            written.append(path.relative_to(root))
+
+    def publish(root: Path, every_ranks: list[list[Path]]) -> None:
+        written[:] = [path for part in every_ranks for path in part]   # for rank 0's report
+
+    write_shared(output_dir, infos, write, sum(map(size, infos)), workers=workers, quiet=quiet,
+                 label="combine-dp-zero", size=size, result=lambda: written, publish=publish)
+    return [Path(output_dir) / path for path in written]
 
 
 def _training_state(name: str) -> bool:

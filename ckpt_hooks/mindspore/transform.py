@@ -14,7 +14,8 @@ Tensors a strategy does not name are held whole, by every rank. A source file wi
 is checked against it, its tensors' bytes against their CRC-32s included. Each target tensor is planned
 (``engine.plan``) and built (``engine.execute``) from the mapped source files, reading only the
 rows each piece needs. Each worker writes one target file at a time (a ``.ckpt`` one tensor at
-a time), into a temporary sibling of the save directory renamed into place when all is written.
+a time), into a temporary sibling of the save directory renamed into place when all is written;
+under torchrun each process writes its share of the files (engine.ranks).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from ckpt_hooks.algebra.layout import LayoutError, Placement
 from ckpt_hooks.algebra.mindspore_layout import Strategy, global_shape, rank_boxes, whole
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, plan_tensor
-from ckpt_hooks.engine.run import Report, run
+from ckpt_hooks.engine.ranks import write_shared
+from ckpt_hooks.engine.run import Report
 from ckpt_hooks.engine.source import Source, Tensor
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors
-from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
+from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.formats.mindspore_ckpt import MappedFile, PendingArray
 from ckpt_hooks.formats.mindspore_strategy import read_strategy
 from ckpt_hooks.formats.paths import check_links
@@ -263,17 +265,24 @@ def transform_checkpoints(load_dir, save_dir, src_strategy=None, dst_strategy=No
         raise CheckpointError(save_dir, f"output format {output_format!r} is neither ckpt nor safetensors")
     targets = plan_files(source, dst)
     check_format(source, output_format, load_dir)
-    total = sum(t.nbytes for target in targets for t in target.tensors)
-    with staged_directory(save_dir) as root:
-        def write(target: TargetFile, progress) -> None:
-            directory = root / f"rank_{target.rank}"
-            directory.mkdir()
-            write_target(target, source, dst, directory / f"{prefix}{target.rank}.{output_format}", progress)
-
-        run(targets, write, total, workers=process_num, quiet=quiet,
-            label=f"{len(source.files)} -> {len(targets)} ranks")
+    total = write_files(save_dir, targets, source, dst, prefix, output_format, workers=process_num, quiet=quiet,
+                        label=f"{len(source.files)} -> {len(targets)} ranks")
     return Report(f"{len(source.files)} ranks", f"{len(targets)} ranks", len(targets), total,
                   time.perf_counter() - started)
+
+
+def write_files(save_dir, targets: list[TargetFile], source: MindSporeSource, dst: Strategy | None, prefix: str,
+                output_format: str, *, workers: int, quiet: bool, label: str, build=build_tensor) -> int:
+    """Every target file as ``save_dir/rank_{r}/{prefix}{r}.{output_format}`` (``write_target``),
+    atomically, shared out among torchrun's processes (engine.ranks); returns the bytes written."""
+    def write(root: Path, target: TargetFile, progress) -> None:
+        directory = root / f"rank_{target.rank}"
+        directory.mkdir()
+        write_target(target, source, dst, directory / f"{prefix}{target.rank}.{output_format}", progress, build)
+
+    total = sum(target.nbytes for target in targets)
+    write_shared(save_dir, targets, write, total, workers=workers, quiet=quiet, label=label)
+    return total
 
 
 def transform_checkpoint_by_rank(rank_id: int, load_dir, save_file, src_strategy=None, dst_strategy=None) -> None:

@@ -289,13 +289,16 @@ def from_megatron(args, spec: ModelSpec, family: str, dtype: torch.dtype, path) 
     if spec.latent_attention and getattr(args, "rope_type", "rope") == "yarn":
         rope = {"rope_type": "yarn", "rope_theta": base, "factor": float(args.rotary_scaling_factor),
                 **{k: type(default)(getattr(args, k)) for k, default in _YARN.items()}}
+    positions = getattr(args, "max_position_embeddings", None) or getattr(args, "seq_length", None)
+    if not positions:
+        raise CheckpointError(path, "saved args lack max_position_embeddings and seq_length (the longest sequence)")
     config = {
         "architectures": [ARCHITECTURES[family]], "model_type": family,
         "hidden_size": spec.hidden_size, "intermediate_size": spec.ffn_hidden_size,
         "num_hidden_layers": len(spec.real_layers), "num_attention_heads": spec.num_attention_heads,
         "num_key_value_heads": spec.num_query_groups,
         "head_dim": spec.qk_pos_emb_head_dim if spec.latent_attention else spec.kv_channels, "hidden_act": "silu",
-        "max_position_embeddings": getattr(args, "max_position_embeddings", None) or args.seq_length,
+        "max_position_embeddings": positions,
         "rms_norm_eps": float(getattr(args, "norm_epsilon", 1e-5)), "rope_parameters": rope,
         "tie_word_embeddings": spec.tied_embeddings, "vocab_size": spec.true_vocab_size,
         "attention_dropout": float(getattr(args, "attention_dropout", 0.0)),

@@ -6,7 +6,8 @@
 
 Files are read through formats.safetensors (mapped: a tensor's rows are read only when asked
 for, straight into their torch output) and written here one tensor at a time, in the layout
-the safetensors library writes.
+the safetensors library writes; a directory of them by ``write_shards``, atomically, its files
+shared out among torchrun's processes (engine.ranks).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ckpt_hooks.engine.ranks import write_shared
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.paths import check_links, file_of
 from ckpt_hooks.formats.safetensors import ArrayPiece, SafetensorsFile
@@ -144,3 +146,19 @@ def write_file(path: Path, tensors: list[PlannedTensor], progress=None, metadata
             f.write(memoryview(data.view(torch.uint8).numpy()) if data.numel() else b"")
             if progress is not None:
                 progress.update(t.nbytes)
+
+
+def write_shards(save_dir, shards: dict[str, list[PlannedTensor]], *, workers: int, quiet: bool, label: str,
+                 metadata: dict | None = None, describe=None) -> int:
+    """``save_dir``, atomically: each shard (file name -> its tensors) a safetensors file
+    (``write_file``), then ``describe(root)`` adds the files that describe them all (an index, a
+    config), once. Returns the bytes written."""
+    def size(shard) -> int:
+        return sum(t.nbytes for t in shard[1])
+
+    items = list(shards.items())
+    total = sum(map(size, items))
+    write_shared(save_dir, items, lambda root, shard, progress: write_file(root / shard[0], shard[1], progress, metadata),
+                 total, workers=workers, quiet=quiet, label=label, size=size,
+                 publish=None if describe is None else lambda root, _: describe(root))
+    return total

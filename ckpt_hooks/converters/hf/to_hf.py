@@ -22,10 +22,10 @@ from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.converters.hf import config as hf_config, files, names
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetTensor, restrict
-from ckpt_hooks.engine.run import Report, run
+from ckpt_hooks.engine.run import Report
 from ckpt_hooks.engine.source import Source
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
+from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron.checkpoint import plan_files, read_source
 
 
@@ -148,13 +148,12 @@ def write_hf(save_dir, planned: list[files.PlannedTensor], config: dict, max_byt
     """A Hugging Face model directory, atomically, with copies of ``assets`` (tokenizer files):
     (files, bytes) written."""
     shards = files.shard(planned, max_bytes)
-    total = sum(t.nbytes for t in planned)
-    with staged_directory(save_dir) as root:
-        run(list(shards.items()), lambda shard, bar: files.write_file(root / shard[0], shard[1], bar), total,
-            workers=workers, quiet=quiet, label=label)
+
+    def describe(root) -> None:
         if len(shards) > 1:
             files.write_index(root, shards)
         (root / hf_config.CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         for path in assets:
             shutil.copyfile(path, root / path.name)
-    return len(shards), total
+    return len(shards), files.write_shards(save_dir, shards, workers=workers, quiet=quiet, label=label,
+                                           describe=describe)

@@ -17,14 +17,14 @@ import torch
 
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetTensor
-from ckpt_hooks.engine.run import Report, run
+from ckpt_hooks.engine.run import Report
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
+from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.formats.mindspore_ckpt import BF16
 from ckpt_hooks.formats.mindspore_strategy import read_strategy
 from ckpt_hooks.mindspore.files import READERS
 from ckpt_hooks.mindspore.transform import DEFAULT_PREFIX, MindSporeSource, check_format, plan_files, read_source, \
-    write_target
+    write_files
 
 # (lora_a suffix, lora_b suffix) of MindFormers' adapters: its parallel_core LoRA layers,
 # mindpet's LoRADense (tk_delta before it), its pynative layers. The adapted weight is the name
@@ -119,15 +119,7 @@ def merge_lora_mindspore(load_dir, save_dir, src_strategy=None, dst_strategy=Non
         base = _torch(array)
         return _numpy((base.float() + (b[rows] @ a[:, cols]) * lora_scaling).to(base.dtype))
 
-    total = sum(t.nbytes for target in targets for t in target.tensors)
-    with staged_directory(save_dir) as root:
-        def write(target, progress) -> None:
-            directory = root / f"rank_{target.rank}"
-            directory.mkdir()
-            write_target(target, source, dst, directory / f"{prefix}{target.rank}.{output_format}", progress,
-                         merged)
-
-        run(targets, write, total, workers=workers, quiet=quiet,
-            label=f"merge LoRA, {len(source.files)} -> {len(targets)} ranks")
+    total = write_files(save_dir, targets, source, dst, prefix, output_format, workers=workers, quiet=quiet,
+                        label=f"merge LoRA, {len(source.files)} -> {len(targets)} ranks", build=merged)
     return Report(f"{len(source.files)} ranks", f"{len(targets)} ranks", len(targets), total,
                   time.perf_counter() - started)

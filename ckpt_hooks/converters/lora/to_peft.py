@@ -16,8 +16,9 @@ import torch
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.converters.hf import config as hf_config, files, names
 from ckpt_hooks.converters.lora.adapter import read_adapter
+from ckpt_hooks.engine.ranks import write_shared
 from ckpt_hooks.engine.run import Report
-from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
+from ckpt_hooks.formats.atomic import refuse_non_empty
 
 ADAPTER = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -49,8 +50,10 @@ def lora_to_peft(lora_dir, save_dir, *, lora_r: int | None = None, lora_alpha: f
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "r": adapter.r,
               "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
               "target_modules": sorted({t.name.split(".")[-3] for t in tensors}), "inference_mode": True}
-    with staged_directory(save_dir) as root:
+
+    def write_all(root, _) -> None:   # small: rank 0 writes it all (under torchrun too)
         files.write_file(root / ADAPTER, tensors)
         (root / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    write_shared(save_dir, [], None, 0, workers=1, quiet=True, label="lora-to-peft", publish=write_all)
     total = sum(t.nbytes for t in tensors)
     return Report(f"LoRA r={adapter.r}", f"PEFT {family} adapter", 1, total, time.perf_counter() - started)

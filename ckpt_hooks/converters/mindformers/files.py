@@ -15,8 +15,6 @@ from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.mindspore_ckpt import DTYPES
 from ckpt_hooks.converters.hf import files
 from ckpt_hooks.converters.hf.files import PlannedTensor, StoredTensor
-from ckpt_hooks.engine.run import run
-from ckpt_hooks.formats.atomic import staged_directory
 from ckpt_hooks.formats.paths import check_links, file_of
 
 NAME_MAP = "param_name_map.json"
@@ -58,11 +56,10 @@ def write_directory(save_dir, planned: list[PlannedTensor], config: dict, max_by
     and the HF-style ``config.json`` that describes the model. Returns (files, bytes)."""
     shards = {name: sorted(tensors, key=lambda t: (_ORDER[files.CODES[t.dtype]], t.name))
               for name, tensors in files.shard(planned, max_bytes).items()}
-    total = sum(t.nbytes for t in planned)
-    with staged_directory(save_dir) as root:
-        run(list(shards.items()), lambda shard, bar: files.write_file(root / shard[0], shard[1], bar, {"format": "ms"}),
-            total, workers=workers, quiet=quiet, label=label)
+
+    def describe(root) -> None:
         name_map = {t.name: name for name, tensors in shards.items() for t in tensors}
         (root / NAME_MAP).write_text(json.dumps(name_map, indent=2) + "\n")
         (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return len(shards), total
+    return len(shards), files.write_shards(save_dir, shards, workers=workers, quiet=quiet, label=label,
+                                           metadata={"format": "ms"}, describe=describe)

@@ -25,6 +25,7 @@ from ckpt_hooks.algebra.layout import Placement
 from ckpt_hooks.algebra.spec import Rank, model_spec_from_args, parallel_config_from_args, updated_args
 from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.converters.mindspeed import files
+from ckpt_hooks.engine.ranks import Ranks
 from ckpt_hooks.engine.source import STATES, Source
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
@@ -192,5 +193,7 @@ def mindspore_to_megatron(ms_path, megatron_path, target: Target = Target(), *, 
                                     rank_state, optimizer_state if state_plans else None, total, workers=workers,
                                     quiet=quiet, label=f"MindSpore {source.describe()} -> {target.describe()}",
                                     written=written)
+    for part in Ranks.from_env().gather(md5):   # under torchrun, every rank's files, for the report
+        md5.update(part)
     return files.MindSpeedReport(source.describe(), target.describe(), len(md5), total, time.perf_counter() - started,
                                  data_seconds, md5=dict(sorted(md5.items())))

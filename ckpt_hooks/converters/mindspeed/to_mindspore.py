@@ -19,11 +19,11 @@ from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.converters.mindspeed import files
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile
-from ckpt_hooks.engine.run import run
+from ckpt_hooks.engine.ranks import write_shared
 from ckpt_hooks.engine.source import STATES, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
-from ckpt_hooks.formats.atomic import refuse_non_empty, staged_directory
+from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron.conversion import Planned, plan_megatron
 from ckpt_hooks.megatron.export import write_mindspeed_maps
 from ckpt_hooks.megatron.optimizer import rebuild_maps
@@ -91,40 +91,45 @@ def megatron_to_mindspore(load_dir, ms_path, target: Target = Target(), *, cp: i
     dp_cp = target.dp * cp
     md5 = {}
 
-    with staged_directory(ms_path) as root:
-        iter_dir, meta_dir = root / legacy.iteration_dir_name(ckpt.iteration), root / files.META_DIR
-        meta_dir.mkdir()
+    iter_name = legacy.iteration_dir_name(ckpt.iteration)
 
-        def write(target_file: TargetFile, progress) -> None:
-            rank = target_file.rank
-            directory = files.rank_dir(iter_dir, rank)
-            directory.mkdir(parents=True)
-            paths = [directory / f"{file_prefix}.{file_format}"] + \
-                [directory / f"{file_prefix}_{i:03d}.{file_format}" for i in range(dp_cp if generate_all_dp_cp else 0)]
-            crcs = write_checkpoint(paths[0], itertools.chain(_tensors(p, target_file, progress), scalars))
-            layout = {"rank": rank.pp * target.tp + rank.tp, "world_size": target.tp * target.pp,
-                      "parallel_mode": None, "tp": rank.tp, "pp": rank.pp}
-            for path in paths:
-                if path != paths[0]:
-                    shutil.copyfile(paths[0], path)
-                ms_manifest.describe_written(path, crcs, layout=layout, role=role, step=iteration)
-            digest = files.tensor_md5(paths[0])
-            md5.update((str(path.relative_to(root)), digest) for path in paths)
-            # The RNG state belongs to a rank: kept only where the ranks stay the same.
-            rng = None
-            if same_layout:
-                rank_file = ckpt.files[rank]
-                rng = rank_file.materialize(rank_file.obj.get("rng_state"))
-            chunks = chunk_metas(target_file)
-            files.write_meta(meta_dir, rank, {**entries, "rng_state": rng}, chunks, grad_dtypes)
-            if p.optimizer is not None:
-                maps = rebuild_maps(src.spec, target, entries["args"], rank.pp, chunks, grad_dtypes)
-                write_mindspeed_maps(meta_dir, {rank: maps}, replace(target, dp=dp_cp))
+    def write(root, target_file: TargetFile, progress) -> None:
+        rank = target_file.rank
+        directory = files.rank_dir(root / iter_name, rank)
+        directory.mkdir(parents=True)
+        paths = [directory / f"{file_prefix}.{file_format}"] + \
+            [directory / f"{file_prefix}_{i:03d}.{file_format}" for i in range(dp_cp if generate_all_dp_cp else 0)]
+        crcs = write_checkpoint(paths[0], itertools.chain(_tensors(p, target_file, progress), scalars))
+        layout = {"rank": rank.pp * target.tp + rank.tp, "world_size": target.tp * target.pp,
+                  "parallel_mode": None, "tp": rank.tp, "pp": rank.pp}
+        for path in paths:
+            if path != paths[0]:
+                shutil.copyfile(paths[0], path)
+            ms_manifest.describe_written(path, crcs, layout=layout, role=role, step=iteration)
+        digest = files.tensor_md5(paths[0])
+        md5.update((str(path.relative_to(root)), digest) for path in paths)
+        # The RNG state belongs to a rank: kept only where the ranks stay the same.
+        rng = None
+        if same_layout:
+            rank_file = ckpt.files[rank]
+            rng = rank_file.materialize(rank_file.obj.get("rng_state"))
+        chunks = chunk_metas(target_file)
+        meta_dir = root / files.META_DIR
+        meta_dir.mkdir(exist_ok=True)
+        files.write_meta(meta_dir, rank, {**entries, "rng_state": rng}, chunks, grad_dtypes)
+        if p.optimizer is not None:
+            maps = rebuild_maps(src.spec, target, entries["args"], rank.pp, chunks, grad_dtypes)
+            write_mindspeed_maps(meta_dir, {rank: maps}, replace(target, dp=dp_cp))
 
-        total = sum(f.nbytes for plans in p.optimizer_plans.values() for f in plans.values()) if p.optimizer \
-            else p.nbytes
-        data_seconds = run(p.weights, write, total, workers=workers, quiet=quiet,
-                           label=f"{source.describe()} -> MindSpore {target.describe()}")
+    def publish(root, every_ranks: list[dict]) -> None:
+        for part in every_ranks:   # the md5 list, for rank 0's report
+            md5.update(part)
         legacy.write_tracker(root, ckpt.iteration)
+
+    total = sum(f.nbytes for plans in p.optimizer_plans.values() for f in plans.values()) if p.optimizer \
+        else p.nbytes
+    data_seconds = write_shared(ms_path, p.weights, write, total, workers=workers, quiet=quiet,
+                                label=f"{source.describe()} -> MindSpore {target.describe()}", result=lambda: md5,
+                                publish=publish)
     return files.MindSpeedReport(source.describe(), target.describe(), len(md5), total, time.perf_counter() - started,
                                  data_seconds, md5=dict(sorted(md5.items())))
