@@ -17,7 +17,6 @@ inside them the bytes) a plan asks for. Writing streams one record at a time.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
