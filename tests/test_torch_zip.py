@@ -82,7 +82,8 @@ def test_data_is_aligned_and_zip64_past_4_gib(tmp_path):
 def test_reads_land_exactly_in_strided_places(tmp_path, short_run, monkeypatch):
     """Any box of a stored tensor into a strided window of a larger tensor: those elements, there,
     and nothing around them touched; straight into place (preadv) or through a covering read."""
-    monkeypatch.setattr(torch_pickle, "_SHORT_RUN", short_run)
+    monkeypatch.setattr(torch_pickle, "SHORT_READ", short_run)
+    monkeypatch.setattr(torch_pickle, "_SHORT_PLACE", short_run)
     stored = torch.arange(6 * 8 * 10, dtype=torch.float32).view(6, 8, 10)
     torch_pickle.save({"x": stored}, tmp_path / "s.pt")
     source = TorchFile(tmp_path / "s.pt")

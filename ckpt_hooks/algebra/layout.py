@@ -247,6 +247,19 @@ def is_last_chunk(config: ParallelConfig, pp_rank: int, vp_rank: int) -> bool:
     return pp_rank == config.pp - 1 and vp_rank == config.vpp - 1
 
 
+def innermost_partial(shape, slices) -> int:
+    """The last axis ``slices`` does not take whole (0 if it takes them all): the elements of
+    ``slices`` of a row-major ``shape`` lie in one run per index of the axes before it."""
+    partial = [a for a, (s, n) in enumerate(zip(slices, shape)) if (s.start, s.stop) != (0, n)]
+    return partial[-1] if partial else 0
+
+
+def run_length(shape, slices) -> int:
+    """Elements in each of those runs."""
+    inner = innermost_partial(shape, slices)
+    return (slices[inner].stop - slices[inner].start) * math.prod(shape[inner + 1:]) if len(shape) else 1
+
+
 def element_range_boxes(shape, start: int, stop: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """Boxes ``(offsets, lengths)`` of a row-major ``shape`` holding exactly its flat elements
     [start, stop), in order: a partial head row, whole rows, a partial tail row, recursively."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ckpt_hooks.algebra.layout import Box, Placement
+from ckpt_hooks.algebra.layout import Box, Placement, run_length
 from ckpt_hooks.engine.source import Piece, Tensor
 
 
@@ -43,6 +43,12 @@ class TargetTensor:
     def target_slices(self, copy: Copy) -> tuple[slice, ...]:
         """Where a copy lands in this tensor's view (``Placement.view_shape``)."""
         return copy.box.slices_within(self.placement.box)
+
+    @property
+    def shortest_read(self) -> int:
+        """Elements of the shortest contiguous run a copy reads from its piece (one read each,
+        however they land: scattered writes go in one ``preadv``)."""
+        return min((run_length(c.piece.box.lengths, c.source_slices) for c in self.copies), default=0)
 
 
 @dataclass

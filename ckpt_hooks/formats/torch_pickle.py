@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy
 import torch
 
+from ckpt_hooks.algebra.layout import innermost_partial, run_length
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import torch_zip
 from ckpt_hooks.formats.checksum import crc32
@@ -491,8 +492,9 @@ class PendingTensor:
     builds it into ``out`` (contiguous, zeroed, of its shape and dtype: its place in the file),
     or ``produce()`` returns it made."""
 
-    def __init__(self, shape, dtype: torch.dtype, produce=None, *, fill=None):
+    def __init__(self, shape, dtype: torch.dtype, produce=None, *, fill=None, in_place: bool = True):
         self.shape, self.dtype, self.produce, self.fill = tuple(shape), dtype, produce, fill
+        self.in_place = in_place   # False: fill a buffer in memory, then write it (many short reads)
 
     @property
     def nbytes(self) -> int:
@@ -555,7 +557,10 @@ def _write_tensor(fd: int, base: int, record: torch_zip.Record, pending: Pending
     if record.size == 0:
         return
     at = base + record.data_offset
-    if pending.fill is not None:
+    if pending.fill is not None and not pending.in_place:
+        tensor = torch.zeros(pending.shape, dtype=pending.dtype)
+        pending.fill(tensor)
+    elif pending.fill is not None:
         start = at - at % _PAGE
         try:
             mapped = mmap.mmap(fd, at + record.size - start, offset=start)
@@ -667,17 +672,12 @@ def iter_lazy_tensors(obj, prefix=""):
             yield from iter_lazy_tensors(v, f"{prefix}.{i}" if prefix else str(i))
 
 
-def _innermost_partial(shape, slices) -> int:
-    partial = [a for a, (s, n) in enumerate(zip(slices, shape)) if (s.start, s.stop) != (0, n)]
-    return partial[-1] if partial else 0
-
-
 def contiguous_runs(shape, slices: tuple[slice, ...]) -> tuple[list[int], int]:
     """The elements ``slices`` of a row-major ``shape`` as runs: (start of each run, elements per
     run), one run per index of the axes before the innermost partial axis."""
-    inner = _innermost_partial(shape, slices)
+    inner = innermost_partial(shape, slices)
     strides = contiguous_strides(shape)
-    run = (slices[inner].stop - slices[inner].start) * strides[inner]
+    run = run_length(shape, slices)
     starts = [sum(i * st for i, st in zip(index, strides)) + slices[inner].start * strides[inner]
               for index in itertools.product(*(range(s.start, s.stop) for s in slices[:inner]))]
     return starts, run
@@ -698,8 +698,12 @@ def strided_runs(t: torch.Tensor) -> tuple[list[int], int] | None:
     return starts, run
 
 
-# Runs shorter than this (bytes) are read covered, gaps included, and copied: fewer syscalls.
-_SHORT_RUN = 1024
+# Reads shorter than this (bytes) are not worth a syscall each: they are covered by one read,
+# gaps included, and copied from there; a tensor read so is made in memory, then written (a
+# short write into a mapped file pays a page fault of the filesystem's each; TP2 -> TP4 of the
+# bench's row-parallel weights, rows of 1-3 KiB: 2.4 s mapped against 1.3 s from memory).
+SHORT_READ = 1 << 16
+_SHORT_PLACE = 1024   # ... and places shorter than this are too many buffers for preadv
 
 
 def _pieces(a_starts: list[int], a_run: int, b_starts: list[int], b_run: int):
@@ -750,7 +754,8 @@ class TensorView:
             return
         starts, run_numel = contiguous_runs(self.shape, slices)
         places = strided_runs(out) if out.dtype == self.tensor.dtype else None
-        if places is not None and (exact or min(run_numel, places[1]) * out.element_size() >= _SHORT_RUN):
+        size = out.element_size()
+        if places is not None and (exact or run_numel * size >= SHORT_READ and places[1] * size >= _SHORT_PLACE):
             self.file.read_scattered(self.tensor, _pieces(starts, run_numel, *places), out)
             return
         if exact or len(starts) == 1:
@@ -759,7 +764,7 @@ class TensorView:
         else:
             covering = torch.empty(starts[-1] + run_numel - starts[0], dtype=self.tensor.dtype)
             self.file.read_runs(self.tensor, [starts[0]], covering.numel(), covering)
-            inner = _innermost_partial(self.shape, slices)
+            inner = innermost_partial(self.shape, slices)
             shape = [s.stop - s.start for s in slices[:inner + 1]] + list(self.shape[inner + 1:])
             buffer = covering.as_strided(shape, contiguous_strides(self.shape), 0)
         out.copy_(buffer.reshape(out.shape))

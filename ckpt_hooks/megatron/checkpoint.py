@@ -33,7 +33,7 @@ from ckpt_hooks.engine.source import Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.torch_dist import is_dist_checkpoint, object_key
-from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, iter_lazy_tensors
+from ckpt_hooks.formats.torch_pickle import SHORT_READ, LazyTensor, PendingTensor, TensorView, iter_lazy_tensors
 from ckpt_hooks.megatron import grouped_experts, legacy_names, manifest
 
 
@@ -395,6 +395,11 @@ def plan_files(tensors: Source, spec: ModelSpec, target: ParallelConfig, *, rank
     return plan
 
 
+def in_place(tensor: TargetTensor) -> bool:
+    """Whether a tensor is best read straight into its place in the file: its reads are long."""
+    return tensor.shortest_read * tensor.dtype.itemsize >= SHORT_READ
+
+
 def pending_file(target: TargetFile, progress=None, grouped: bool = False) -> "OrderedDict[str, OrderedDict]":
     """{chunk: {key: PendingTensor}} for one target file: each tensor is built only when the
     writer asks for it, so one tensor of the file is in memory at a time. ``grouped``: the routed
@@ -409,7 +414,8 @@ def pending_file(target: TargetFile, progress=None, grouped: bool = False) -> "O
     planned = {}
     for tensor in target.tensors:
         entry = None if tensor.placement is None else \
-            PendingTensor(tensor.placement.stored_shape, tensor.dtype, fill=lambda out, tensor=tensor: build(tensor, out))
+            PendingTensor(tensor.placement.stored_shape, tensor.dtype, fill=lambda out, tensor=tensor: build(tensor, out),
+                          in_place=in_place(tensor))
         chunks.setdefault(tensor.chunk, OrderedDict())[tensor.key] = entry
         planned[(tensor.chunk, tensor.key)] = tensor
     if not grouped:

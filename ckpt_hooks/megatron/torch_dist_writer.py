@@ -30,7 +30,7 @@ from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats import torch_dist as dist
 from ckpt_hooks.formats.torch_pickle import PendingTensor
-from ckpt_hooks.megatron.checkpoint import write_manifest
+from ckpt_hooks.megatron.checkpoint import in_place, write_manifest
 from ckpt_hooks.megatron import grouped_experts
 from ckpt_hooks.megatron.optimizer import local_experts, target_maps
 from ckpt_hooks.megatron.torch_dist import (CONTENT_METADATA, LAYERS, bucket_key, dist_suffix, distcp_name,
@@ -97,7 +97,7 @@ def _saved_shape(rule, logical_shape) -> tuple[int, ...]:
 
 def _builder(tensor, sizes) -> PendingTensor:
     return PendingTensor(sizes, tensor.dtype, fill=lambda out: build_tensor(tensor, out=out.view(
-        tensor.placement.stored_shape)))
+        tensor.placement.stored_shape)), in_place=in_place(tensor))
 
 
 def _optimizer_items(target: TargetFile, plans: dict[str, TargetFile], grad_dtypes, param_groups, spec, config,
