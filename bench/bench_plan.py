@@ -48,12 +48,13 @@ def deepseek_v3(layers: int) -> ModelSpec:
 
 
 def layout_of(tp: int, pp: int, ep: int, layers: int) -> ParallelConfig:
-    """ETP1, the DP that EP needs; a lighter first and last stage where the layers do not split."""
-    first = last = None
+    """ETP1, the DP that EP needs; where the layers do not split evenly, the first and last stages
+    share what the others' even share leaves (61 over 16: 2, 14 x 4, 3)."""
+    stages = None
     if layers % pp:
-        first = last = (layers - (pp - 2) * (layers // pp)) // 2
-        last = layers - (pp - 2) * (layers // pp) - first
-    stages = uneven_layers(layers, pp, first, last) if first is not None else None
+        middle = round(layers / pp)
+        first = (layers - (pp - 2) * middle) // 2
+        stages = uneven_layers(layers, pp, first, layers - (pp - 2) * middle - first)
     return ParallelConfig(tp=tp, pp=pp, dp=max(1, ep // tp), ep=ep, etp=1, layers_per_stage=stages)
 
 
@@ -76,7 +77,7 @@ def logical_tensors(spec: ModelSpec) -> dict:
     return tensors
 
 
-def describe(spec: ModelSpec, config: ParallelConfig, order) -> list[SourceFile]:
+def describe(spec: ModelSpec, config: ParallelConfig, order, shapes: dict) -> list[SourceFile]:
     """What each rank file of ``config`` holds, as reading its pickle would tell."""
     files = []
     for rank in config.file_ranks():
@@ -87,11 +88,23 @@ def describe(spec: ModelSpec, config: ParallelConfig, order) -> list[SourceFile]
                 rule = names.classify(key).rule
                 held[key] = None if rule.kind == EXTRA else TensorMeta(
                     layout.placement(rule, spec, config, rank, spec.padded_vocab_size,
-                                     logical_shapes[logical]).stored_shape,
+                                     shapes[logical]).stored_shape,
                     torch.bfloat16)
             chunks[chunk] = held
         files.append(SourceFile(f"mp_rank_{rank.tp:02d}_{rank.pp:03d}_{rank.ep:03d}", rank, chunks))
     return files
+
+
+def plan_one(spec: ModelSpec, source: ParallelConfig, target: ParallelConfig, rank, order, shapes):
+    """(seconds to describe, index, plan), the source files, the rank's planned file."""
+    started = time.perf_counter()
+    files = describe(spec, source, order, shapes)
+    described = time.perf_counter()
+    tensors = source_tensors(files, place(spec, source, files), lambda f, chunk, key, where: Described(f.path))
+    indexed = time.perf_counter()
+    (planned,) = plan_files(tensors, spec, target, ranks={rank})
+    done = time.perf_counter()
+    return (described - started, indexed - described, done - indexed), files, planned
 
 
 def main() -> None:
@@ -101,9 +114,7 @@ def main() -> None:
     options = parser.parse_args()
     spec = deepseek_v3(options.layers)
     logical = logical_tensors(spec)
-    global logical_shapes
-    logical_shapes = {k: t.shape for k, t in logical.items()}
-    order = key_order(logical, spec)
+    order, shapes = key_order(logical, spec), {k: t.shape for k, t in logical.items()}
     total = sum(torch.Size(t.shape).numel() * 2 for t in logical.values() if t.dtype is not None)
     print(f"DeepSeek-V3-sized: {len(logical)} logical tensors, {total / 1e12:.2f} TB of bf16 weights; "
           f"planning target file rank #{options.rank}")
@@ -111,23 +122,19 @@ def main() -> None:
     for (stp, spp, sep), (ttp, tpp, tep) in rows:
         source, target = layout_of(stp, spp, sep, spec.num_layers), layout_of(ttp, tpp, tep, spec.num_layers)
         spec = dataclasses.replace(spec, padded_vocab_size=round_up(VOCAB, 128 * stp))   # as Megatron pads it
-        tracemalloc.start()
-        started = time.perf_counter()
-        files = describe(spec, source, order)
-        described = time.perf_counter()
-        tensors = source_tensors(files, place(spec, source, files), lambda f, chunk, key, where: Described(f.path))
-        indexed = time.perf_counter()
         rank = target.file_ranks()[options.rank]
-        (planned,) = plan_files(tensors, spec, target, ranks={rank})
-        done = time.perf_counter()
+        timings = plan_one(spec, source, target, rank, order, shapes)
+        tracemalloc.start()   # again, for the memory (tracemalloc slows it)
+        plan_one(spec, source, target, rank, order, shapes)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
+        (described, indexed, planned_s), files, planned = timings
         read_from = {c.piece.handle.path for t in planned.tensors for c in t.copies}
         print(f"TP{stp}·PP{spp}·EP{sep} ({len(files)} files) -> TP{ttp}·PP{tpp}·EP{tep} "
-              f"({len(target.file_ranks())} files): describe {described - started:5.2f} s, index "
-              f"{indexed - described:5.2f} s, plan one rank {done - indexed:5.2f} s; peak {peak / 1e6:6.0f} MB "
-              f"(Python objects); the rank writes {planned.nbytes / 1e9:.1f} GB from {len(read_from)} source files")
-        del files, tensors, planned
+              f"({len(target.file_ranks())} files): describe {described:5.2f} s, index {indexed:5.2f} s, "
+              f"plan one rank {planned_s:5.2f} s = {described + indexed + planned_s:5.2f} s; peak "
+              f"{peak / 1e6:4.0f} MB of Python objects; the rank writes {planned.nbytes / 1e9:.1f} GB from "
+              f"{len(read_from)} of the source files")
 
 
 if __name__ == "__main__":
