@@ -8,7 +8,6 @@ split like the weight's rows (each rank's [gate; up] halves for fc1); for the ro
 linear_proj / linear_fc2, lora_A split like the weight's columns and lora_B whole.
 """
 
-import argparse
 import copy
 import json
 
@@ -17,13 +16,11 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_hooks.algebra.target import Target
-from ckpt_hooks.cli import guarded
 from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
-from ckpt_hooks.cli.lora import COMMANDS
 from ckpt_hooks.converters.lora.merge import merge_lora
 from ckpt_hooks.converters.lora.to_peft import lora_to_peft
 from tests.harness import padded_vocab
-from tests.util import tree_digest
+from tests.util import run_in_process, tree_digest
 
 R, ALPHA = 4, 8.0
 MODULES = {"linear_qkv": "self_attention.linear_qkv", "linear_proj": "self_attention.linear_proj",
@@ -148,15 +145,6 @@ def check_megatron(out_dir, expected: dict, tp: int, pp: int, vocab_rows: int) -
                 layers // pp * len(TRUTH_NAMES)
 
 
-def run_cli(*argv) -> int:
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name))
-    args = parser.parse_args([str(a) for a in argv])
-    return guarded(COMMANDS[args.command][2], args)
-
-
 @pytest.fixture(scope="module")
 def work(sources, tmp_path_factory):
     """The same random fp32 LoRA for the TP2·PP2 GQA/SwiGLU checkpoint saved at TP2·PP2 (megatron-core
@@ -178,7 +166,7 @@ def test_merge_sharded_lora_into_sharded_base(work, tmp_path):
     saved at TP1·PP4 with legacy names, written at the base's TP2·PP2: every merged weight equals
     W + (alpha / r) B A computed here on whole tensors, bit for bit (each element is the same fp32
     dot product over r in both, then the same rounding); every other tensor is the base's, bitwise."""
-    assert run_cli("merge-lora", "--load-dir", work["base"].dir, "--lora-load", work["tp2pp2"],
+    assert run_in_process("merge-lora", "--load-dir", work["base"].dir, "--lora-load", work["tp2pp2"],
                    "--save-dir", tmp_path / "tp1", "--lora-r", R, "--lora-alpha", ALPHA, "--lora-target-modules",
                    *MODULES, "--target-tensor-parallel-size", 1, "--target-pipeline-parallel-size", 1, "--quiet") == 0
     check_megatron(tmp_path / "tp1", work["expected"], 1, 1, padded_vocab(work["base"].model, 1))
@@ -208,7 +196,7 @@ def split_like_hf(key: str, b: torch.Tensor) -> dict:
 def test_peft_export_splits_fused_modules(work, tmp_path):
     """lora-to-peft: q/k/v_proj and gate/up_proj get a copy of the fused module's lora_A and their
     rows of its lora_B, named as PEFT saves a Llama adapter."""
-    assert run_cli("lora-to-peft", "--lora-load", work["tp1pp4"], "--save-dir", tmp_path / "peft", "--quiet") == 0
+    assert run_in_process("lora-to-peft", "--lora-load", work["tp1pp4"], "--save-dir", tmp_path / "peft", "--quiet") == 0
     tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["peft_type"]) == (R, ALPHA, "LORA")
@@ -260,7 +248,7 @@ def test_bad_lora_is_refused(work, tmp_path, capsys, flags, says):
         state["model"]["decoder.layers.1.self_attention.linear_qkv.lora_B.default.weight"] = torch.zeros(60, R)
         torch.save(state, path)
     before = {d: tree_digest(d) for d in (work["base"].dir, lora)}
-    assert run_cli("merge-lora", "--load-dir", work["base"].dir, "--lora-load", lora, "--save-dir",
+    assert run_in_process("merge-lora", "--load-dir", work["base"].dir, "--lora-load", lora, "--save-dir",
                    tmp_path / "out", *flags, "--quiet") == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {lora}") and says in lines[0], lines
@@ -330,9 +318,9 @@ def test_mindspore_sharded_merge(tmp_path, capsys):
     target_strategy = write_strategy(tmp_path / "dst.ckpt", MS_TARGET)
     ms.transform_checkpoints(str(tmp_path / "complete"), str(tmp_path / "src"), "checkpoint_", None,
                              str(source_strategy))
-    assert run_cli("merge-lora-mindspore", "--load-dir", tmp_path / "src", "--save-dir", tmp_path / "one",
+    assert run_in_process("merge-lora-mindspore", "--load-dir", tmp_path / "src", "--save-dir", tmp_path / "one",
                    "--src-strategy-path-or-dir", source_strategy, "--lora-alpha", ALPHA, "--lora-r", R, "--quiet") == 0
-    assert run_cli("merge-lora-mindspore", "--load-dir", tmp_path / "src", "--save-dir", tmp_path / "four",
+    assert run_in_process("merge-lora-mindspore", "--load-dir", tmp_path / "src", "--save-dir", tmp_path / "four",
                    "--src-strategy-path-or-dir", source_strategy, "--dst-strategy", target_strategy,
                    "--lora-scaling", 0.5, "--quiet") == 0
     ms.transform_checkpoints(str(tmp_path / "four"), str(tmp_path / "four_whole"), "checkpoint_",
@@ -348,6 +336,6 @@ def test_mindspore_sharded_merge(tmp_path, capsys):
                 want = (want.float() + (b @ a) * scaling).to(want.dtype)
             got = merged[name].astype(ms.float32).asnumpy()
             assert torch.equal(torch.from_numpy(got), want.float()), (directory, name)
-    assert run_cli("merge-lora-mindspore", "--load-dir", tmp_path / "src", "--save-dir", tmp_path / "bad",
+    assert run_in_process("merge-lora-mindspore", "--load-dir", tmp_path / "src", "--save-dir", tmp_path / "bad",
                    "--src-strategy-path-or-dir", source_strategy, "--lora-scaling", 1, "--lora-r", 8) == 2
     assert "has rank 4" in capsys.readouterr().err and not (tmp_path / "bad").exists()

@@ -3,7 +3,6 @@ processes share the target files and write a checkpoint (legacy or torch_dist, M
 safetensors, Hugging Face, MindSpeed-Core-MS, MindFormers, merged DP shards or LoRA) byte-identical
 to one process's; a bad source stops every rank with one line and publishes nothing."""
 
-import argparse
 import contextlib
 import importlib.util
 import io
@@ -18,9 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ckpt_hooks.cli import COMMANDS, guarded
 from tests.harness import free_port
-from tests.util import random_hf_model, tree_digest
+from tests.util import random_hf_model, run_in_process, tree_digest
 
 
 def torchrun_convert(*args):
@@ -63,16 +61,6 @@ def test_a_bad_source_stops_every_rank_with_one_line(sources, tmp_path):
 
 
 # ---- every other converter ------------------------------------------------------------------
-
-def run_here(*argv) -> int:
-    """A ``ckpt-hooks`` command line in this process: one process, as without torchrun."""
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, (_, add_arguments, _) in COMMANDS.items():
-        add_arguments(sub.add_parser(name))
-    args = parser.parse_args([str(a) for a in argv])
-    return guarded(COMMANDS[args.command][2], args)
-
 
 def mindspore_inputs(root: Path) -> dict:
     """A complete MindSpore checkpoint saved by MindSpore, sharded by MindSpore's own transform
@@ -162,7 +150,7 @@ def converted(sources, tmp_path_factory):
         (root / ran).mkdir()
     for name in cases:
         with contextlib.redirect_stdout(io.StringIO()) as text:
-            assert run_here(*CONVERTERS[name][1](inputs, out / name)) == 0, name
+            assert run_in_process(*CONVERTERS[name][1](inputs, out / name)) == 0, name
         printed[name] = text.getvalue()
         (out / name).rename(root / "one" / name)
     commands = root / "commands.json"

@@ -15,6 +15,20 @@ def cli(*args):
                           capture_output=True, text=True, timeout=300)
 
 
+def run_in_process(*argv) -> int:
+    """A ``ckpt-hooks`` command line in this process (one process, as without torchrun): its exit code."""
+    import argparse
+
+    from ckpt_hooks.cli import COMMANDS, guarded
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, add_arguments, _) in COMMANDS.items():
+        add_arguments(sub.add_parser(name))
+    args = parser.parse_args([str(a) for a in argv])
+    return guarded(COMMANDS[args.command][2], args)
+
+
 def tree_digest(root: Path) -> dict:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}

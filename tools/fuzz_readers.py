@@ -48,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ckpt_hooks.errors import CheckpointError  # noqa: E402
+from ckpt_hooks.formats.mindspore_ckpt import _varint_bytes  # noqa: E402
 
 SCRATCH = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 # Room for the readers' own allocations once the seeds were read: real inputs here need a few MB.
@@ -135,13 +136,7 @@ def mutate_json(data: bytes, rng: random.Random) -> bytes:
 
 
 def _varint(value: int) -> bytes:
-    value &= (1 << 64) - 1
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+    return _varint_bytes(value & (1 << 64) - 1)
 
 
 def protobuf_varints(buf: bytes, start: int = 0, end: int | None = None, depth: int = 0) -> list[tuple[int, int]]:
