@@ -85,9 +85,9 @@ def check_fits(optimizer, filename: str) -> None:
         if saved != running:
             raise CheckpointError(filename, f"buffer sizes {saved} do not fit the running optimizer's {running} "
                                             "(a different model or layout: convert it with ckpt-hooks)")
-    recorded = read_recorded_maps(Path(filename).parent)
+    live = record_param_maps(optimizer)
+    recorded = read_recorded_maps(Path(filename).parent, 1 + max((m.chunk for m in live), default=0))
     if recorded is not None:
-        live = record_param_maps(optimizer)
         for saved_map, live_map in zip(recorded, live):
             if saved_map.per_bucket_numel_unpadded != live_map.per_bucket_numel_unpadded or \
                     [(s.name, s.start, s.end) for s in saved_map.params] != \
