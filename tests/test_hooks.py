@@ -55,9 +55,12 @@ def hooked_loads(sources, tmp_path_factory):
     tampered = root / "tampered"
     shutil.copytree(source.dir, tampered)
     for path in tampered.glob("iter_*/mp_rank_*/param_map.json"):
-        maps = json.loads(path.read_text())
-        maps[0]["per_bucket_numel_unpadded"][0] += 64
-        path.write_text(json.dumps(maps))
+        # A well-formed map of another order: two parameters of one shape swap places.
+        params = json.loads(path.read_text())
+        slots = params[0]["params"]
+        a, b = next((i, j) for i in range(len(slots)) for j in range(i + 1, len(slots)) if slots[i][1] == slots[j][1])
+        slots[a][0], slots[b][0] = slots[b][0], slots[a][0]
+        path.write_text(json.dumps(params))
     jobs = {name: resume_job(source.layout, load_dir, source.truth, root / f"{name}.json", model=source.model,
                              steps=2, patches=("megatron_core",))
             for name, load_dir in (("intact", source.dir), ("tampered", tampered))}
