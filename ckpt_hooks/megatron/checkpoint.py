@@ -402,8 +402,8 @@ def in_place(tensor: TargetTensor) -> bool:
 
 def pending_file(target: TargetFile, progress=None, grouped: bool = False) -> "OrderedDict[str, OrderedDict]":
     """{chunk: {key: PendingTensor}} for one target file: each tensor is built only when the
-    writer asks for it, so one tensor of the file is in memory at a time. ``grouped``: the routed
-    experts as GroupedMLP holds them (``grouped_experts``)."""
+    writer asks for it, in its place in the file (``in_place``) or in memory, a few at a time.
+    ``grouped``: the routed experts as GroupedMLP holds them (``grouped_experts``)."""
     def build(tensor, out=None):
         out = build_tensor(tensor, out=out)
         if progress is not None:
