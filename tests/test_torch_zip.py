@@ -1,4 +1,4 @@
-"""The torch.save writer (``torch_pickle.save`` on ``torch_zip``'s layout) and the scattered reads
+"""The torch.save writer (``torch_save.save`` on ``torch_zip``'s layout) and the scattered reads
 that fill its tensors: what torch's own reader and Python's zipfile make of the files, ZIP64 past
 4 GiB, and reads landing exactly where they belong."""
 
@@ -11,8 +11,9 @@ import zipfile
 import pytest
 import torch
 
-from ckpt_hooks.formats import torch_pickle, torch_zip
-from ckpt_hooks.formats.torch_pickle import PendingTensor, TensorView, TorchFile
+from ckpt_hooks.formats import torch_pickle, torch_save, torch_zip
+from ckpt_hooks.formats.torch_pickle import TensorView, TorchFile
+from ckpt_hooks.formats.torch_save import PendingTensor
 
 
 def test_files_read_back_by_torch_with_real_crcs(tmp_path):
@@ -21,7 +22,7 @@ def test_files_read_back_by_torch_with_real_crcs(tmp_path):
            "c": PendingTensor((40, 50), torch.int64, fill=lambda out: out.copy_(torch.arange(2000).view(40, 50))),
            "d": PendingTensor((0,), torch.float32, lambda: torch.empty(0)),
            "e": PendingTensor((7,), torch.float16, lambda: torch.arange(14.0)[::2].half())}
-    crcs = torch_pickle.save(obj, path, threads=3)
+    crcs = torch_save.save(obj, path, threads=3)
     with zipfile.ZipFile(path) as z:
         assert z.testzip() is None   # every record's CRC-32 is right
         assert {i.filename: i.CRC for i in z.infolist() if "/data/" in i.filename} == \
@@ -33,19 +34,19 @@ def test_files_read_back_by_torch_with_real_crcs(tmp_path):
         assert torch.equal(loaded["e"], torch.arange(14.0)[::2].half())
     assert TorchFile(path).check_crcs() == (4, 1)   # the empty record has nothing to check
     again = tmp_path / "g.pt"
-    torch_pickle.save(obj, again)
+    torch_save.save(obj, again)
     assert again.read_bytes() == path.read_bytes()   # the same content, the same bytes
 
 
 def test_a_filesystem_that_cannot_map_gets_the_same_bytes(tmp_path, monkeypatch):
     tensors = {"w": torch.arange(3000.0).view(30, 100)}
-    torch_pickle.save({"w": PendingTensor((30, 100), torch.float32, fill=lambda out: out.copy_(tensors["w"]))},
+    torch_save.save({"w": PendingTensor((30, 100), torch.float32, fill=lambda out: out.copy_(tensors["w"]))},
                       tmp_path / "mapped.pt")
 
     def unmappable(*args, **kwargs):
         raise OSError(errno.ENODEV, "No such device")
-    monkeypatch.setattr(torch_pickle.mmap, "mmap", unmappable)
-    torch_pickle.save({"w": PendingTensor((30, 100), torch.float32, fill=lambda out: out.copy_(tensors["w"]))},
+    monkeypatch.setattr(torch_save.mmap, "mmap", unmappable)
+    torch_save.save({"w": PendingTensor((30, 100), torch.float32, fill=lambda out: out.copy_(tensors["w"]))},
                       tmp_path / "written.pt")
     assert (tmp_path / "written.pt").read_bytes() == (tmp_path / "mapped.pt").read_bytes()
 
@@ -85,7 +86,7 @@ def test_reads_land_exactly_in_strided_places(tmp_path, short_run, monkeypatch):
     monkeypatch.setattr(torch_pickle, "SHORT_READ", short_run)
     monkeypatch.setattr(torch_pickle, "_SHORT_PLACE", short_run)
     stored = torch.arange(6 * 8 * 10, dtype=torch.float32).view(6, 8, 10)
-    torch_pickle.save({"x": stored}, tmp_path / "s.pt")
+    torch_save.save({"x": stored}, tmp_path / "s.pt")
     source = TorchFile(tmp_path / "s.pt")
     view = TensorView(source, source.obj["x"], (6, 8, 10))
     rng = random.Random(0)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ckpt_hooks.algebra.spec import ParallelConfig, Rank, parallel_config_from_args
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats import torch_dist, torch_pickle
+from ckpt_hooks.formats import torch_dist, torch_pickle, torch_save
 from ckpt_hooks.formats.atomic import fsync
 from ckpt_hooks.formats.paths import check_links
 from ckpt_hooks.formats.torch_pickle import TorchFile
@@ -169,7 +169,7 @@ def save_rank_file(root: Path, iteration: int | None, rank: Rank, config: Parall
     directory = root / iteration_dir_name(iteration) / rank_dir_name(rank, config)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
-    crcs = torch_pickle.save(state, path)
+    crcs = torch_save.save(state, path)
     if checksums is not None:
         checksums[str(path)] = crcs
     fsync(path)   # now, by this worker, beside the others' writing: the publish then finds it on disk

@@ -28,8 +28,8 @@ import torch
 
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.atomic import fsync
-from ckpt_hooks.formats.torch_pickle import (LazyTensor, PendingTensor, SafeUnpickler, TorchFile, _allowed_global,
-                                            save_archives)
+from ckpt_hooks.formats.torch_pickle import LazyTensor, SafeUnpickler, TorchFile, _allowed_global
+from ckpt_hooks.formats.torch_save import PendingTensor, save_archives
 
 METADATA = ".metadata"
 COMMON = "common.pt"

@@ -33,7 +33,8 @@ from ckpt_hooks.engine.source import Source, Tensor, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.torch_dist import is_dist_checkpoint, object_key
-from ckpt_hooks.formats.torch_pickle import SHORT_READ, LazyTensor, PendingTensor, TensorView, iter_lazy_tensors
+from ckpt_hooks.formats.torch_pickle import SHORT_READ, LazyTensor, TensorView, iter_lazy_tensors
+from ckpt_hooks.formats.torch_save import PendingTensor
 from ckpt_hooks.megatron import grouped_experts, legacy_names, manifest
 
 

@@ -31,7 +31,8 @@ from ckpt_hooks.engine.plan import TargetFile
 from ckpt_hooks.engine.source import STATES, Source, TensorMeta
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE, RECORDED_MAP
-from ckpt_hooks.formats.torch_pickle import LazyTensor, PendingTensor, TensorView, TorchFile
+from ckpt_hooks.formats.torch_pickle import LazyTensor, TensorView, TorchFile
+from ckpt_hooks.formats.torch_save import PendingTensor
 from ckpt_hooks.megatron import grouped_experts
 from ckpt_hooks.megatron.checkpoint import plan_files, source_tensors
 

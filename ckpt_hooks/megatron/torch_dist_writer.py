@@ -29,7 +29,7 @@ from ckpt_hooks.engine.ranks import write_shared
 from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats import torch_dist as dist
-from ckpt_hooks.formats.torch_pickle import PendingTensor
+from ckpt_hooks.formats.torch_save import PendingTensor
 from ckpt_hooks.megatron.checkpoint import in_place, write_manifest
 from ckpt_hooks.megatron import grouped_experts
 from ckpt_hooks.megatron.optimizer import local_experts, target_maps

@@ -28,7 +28,7 @@ from ckpt_hooks.algebra.spec import Rank
 from ckpt_hooks.engine.run import Report
 from ckpt_hooks.engine.source import TensorMeta
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats import torch_pickle
+from ckpt_hooks.formats import torch_save
 from ckpt_hooks.formats.mindspore_ckpt import raw_bytes
 from ckpt_hooks.formats.torch_pickle import TorchFile, iter_lazy_tensors
 from ckpt_hooks.mindspore.files import open_checkpoint
@@ -89,7 +89,7 @@ def write_meta(meta_dir: Path, rank: Rank, entries: dict, chunks: dict, grad_dty
     param_names = [[f"{chunk}.{k}" for k, m in keys.items() if m is not None][::-1] for chunk, keys in chunks.items()]
     described = {chunk: {k: None if m is None else (tuple(m.shape), m.dtype) for k, m in keys.items()}
                  for chunk, keys in chunks.items()}
-    torch_pickle.save({**entries, "param_name_list": param_names,
+    torch_save.save({**entries, "param_name_list": param_names,
                        "ckpt_hooks": {"chunks": described, "grad_dtypes": grad_dtypes}},
                       meta_path(meta_dir, rank))
 
