@@ -25,14 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from ckpt_hooks.algebra import layout, names  # noqa: E402
-from ckpt_hooks.algebra.names import EXTRA  # noqa: E402
 from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, round_up, uneven_layers  # noqa: E402
 from ckpt_hooks.converters.hf import names as hf_names  # noqa: E402
-from ckpt_hooks.engine.source import Tensor, TensorMeta  # noqa: E402
-from ckpt_hooks.formats import megatron_legacy as legacy  # noqa: E402
-from ckpt_hooks.megatron.checkpoint import SourceFile, key_order, place, plan_files, source_tensors, \
-    target_keys  # noqa: E402
+from ckpt_hooks.engine.source import Tensor  # noqa: E402
+from ckpt_hooks.megatron.checkpoint import place, plan_files, source_tensors  # noqa: E402
+from ckpt_hooks.megatron.torch_dist import source_files  # noqa: E402
 
 DENSE_LAYERS = 3
 VOCAB = 129280
@@ -59,10 +56,10 @@ def layout_of(tp: int, pp: int, ep: int, layers: int) -> ParallelConfig:
 
 
 class Described:
-    """A piece's handle: where its bytes would be (the plan reads no data)."""
+    """A piece's handle: the source file rank holding its bytes (the plan reads no data)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, rank):
+        self.rank = rank
 
 
 def logical_tensors(spec: ModelSpec) -> dict:
@@ -77,30 +74,14 @@ def logical_tensors(spec: ModelSpec) -> dict:
     return tensors
 
 
-def describe(spec: ModelSpec, config: ParallelConfig, order, shapes: dict) -> list[SourceFile]:
-    """What each rank file of ``config`` holds, as reading its pickle would tell."""
-    files = []
-    for rank in config.file_ranks():
-        chunks = {}
-        for vp, chunk in enumerate(legacy.chunk_keys(config.vpp)):
-            held = {}
-            for key, logical in target_keys(order, spec, config, rank, vp):
-                rule = names.classify(key).rule
-                held[key] = None if rule.kind == EXTRA else TensorMeta(
-                    layout.placement(rule, spec, config, rank, spec.padded_vocab_size,
-                                     shapes[logical]).stored_shape,
-                    torch.bfloat16)
-            chunks[chunk] = held
-        files.append(SourceFile(f"mp_rank_{rank.tp:02d}_{rank.pp:03d}_{rank.ep:03d}", rank, chunks))
-    return files
-
-
-def plan_one(spec: ModelSpec, source: ParallelConfig, target: ParallelConfig, rank, order, shapes):
-    """(seconds to describe, index, plan), the source files, the rank's planned file."""
+def plan_one(spec: ModelSpec, source: ParallelConfig, target: ParallelConfig, rank, logical: dict):
+    """(seconds to describe, index, plan), the source files, the rank's planned file. The files
+    are described as the torch_dist reader describes a layout's legacy view (``source_files``):
+    what reading each rank file's pickle would tell."""
     started = time.perf_counter()
-    files = describe(spec, source, order, shapes)
+    files = source_files(logical, spec, source, "the description")
     described = time.perf_counter()
-    tensors = source_tensors(files, place(spec, source, files), lambda f, chunk, key, where: Described(f.path))
+    tensors = source_tensors(files, place(spec, source, files), lambda f, chunk, key, where: Described(f.rank))
     indexed = time.perf_counter()
     (planned,) = plan_files(tensors, spec, target, ranks={rank})
     done = time.perf_counter()
@@ -114,7 +95,6 @@ def main() -> None:
     options = parser.parse_args()
     spec = deepseek_v3(options.layers)
     logical = logical_tensors(spec)
-    order, shapes = key_order(logical, spec), {k: t.shape for k, t in logical.items()}
     total = sum(torch.Size(t.shape).numel() * 2 for t in logical.values() if t.dtype is not None)
     print(f"DeepSeek-V3-sized: {len(logical)} logical tensors, {total / 1e12:.2f} TB of bf16 weights; "
           f"planning target file rank #{options.rank}")
@@ -123,13 +103,13 @@ def main() -> None:
         source, target = layout_of(stp, spp, sep, spec.num_layers), layout_of(ttp, tpp, tep, spec.num_layers)
         spec = dataclasses.replace(spec, padded_vocab_size=round_up(VOCAB, 128 * stp))   # as Megatron pads it
         rank = target.file_ranks()[options.rank]
-        timings = plan_one(spec, source, target, rank, order, shapes)
+        timings = plan_one(spec, source, target, rank, logical)
         tracemalloc.start()   # again, for the memory (tracemalloc slows it)
-        plan_one(spec, source, target, rank, order, shapes)
+        plan_one(spec, source, target, rank, logical)
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         (described, indexed, planned_s), files, planned = timings
-        read_from = {c.piece.handle.path for t in planned.tensors for c in t.copies}
+        read_from = {c.piece.handle.rank for t in planned.tensors for c in t.copies}
         print(f"TP{stp}·PP{spp}·EP{sep} ({len(files)} files) -> TP{ttp}·PP{tpp}·EP{tep} "
               f"({len(target.file_ranks())} files): describe {described:5.2f} s, index {indexed:5.2f} s, "
               f"plan one rank {planned_s:5.2f} s = {described + indexed + planned_s:5.2f} s; peak "
