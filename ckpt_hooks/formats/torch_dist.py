@@ -12,7 +12,8 @@ An iteration directory holds PyTorch distributed-checkpoint (DCP) files plus Meg
 
 The ``.metadata`` pickle is read with an allowlist of DCP's own dataclasses; every record is
 opened as a lazy ``TorchFile`` over its byte range, so a reader touches only the chunks (and
-inside them the bytes) a plan asks for. Writing streams one record at a time.
+inside them the bytes) a plan asks for. Writing lays out a file's records and makes each tensor in
+its place (``torch_save.save_archives``).
 """
 
 from __future__ import annotations

@@ -68,7 +68,12 @@ class _StreamingPickler(pickle.Pickler):
         return None
 
 
-def _produce(pending: PendingTensor) -> torch.Tensor:
+def _made(pending: PendingTensor) -> torch.Tensor:
+    """The tensor made in memory."""
+    if pending.fill is not None:
+        tensor = torch.zeros(pending.shape, dtype=pending.dtype)
+        pending.fill(tensor)
+        return tensor
     tensor = pending.produce().contiguous()
     if tuple(tensor.shape) != pending.shape or tensor.dtype != pending.dtype:
         raise ValueError(f"produced {tuple(tensor.shape)} {tensor.dtype}, promised {pending.shape} {pending.dtype}")
@@ -86,37 +91,35 @@ _PAGE = mmap.ALLOCATIONGRANULARITY
 
 
 def _write_tensor(fd: int, base: int, record: torch_zip.Record, pending: PendingTensor) -> None:
-    """Make one tensor straight into its place in the file (an archive at ``base``), mapped (its
-    pages only, while it is made): the reads land in the file's page cache, with no buffer
-    between, and its CRC-32 is taken there. Where the file cannot be mapped (some network
-    filesystems), or the tensor comes made, it is written from memory."""
+    """Make one tensor (of an archive at ``base``) in its place in the file where it can
+    (``_fill_mapped``), else in memory, then written."""
     if record.size == 0:
         return
     at = base + record.data_offset
-    if pending.fill is not None and not pending.in_place:
-        tensor = torch.zeros(pending.shape, dtype=pending.dtype)
-        pending.fill(tensor)
-    elif pending.fill is not None:
-        start = at - at % _PAGE
-        try:
-            mapped = mmap.mmap(fd, at + record.size - start, offset=start)
-        except OSError as e:
-            if e.errno not in _UNMAPPABLE:
-                raise
-            tensor = torch.zeros(pending.shape, dtype=pending.dtype)
-            pending.fill(tensor)
-        else:
-            with mapped:
-                place = numpy.frombuffer(mapped, numpy.uint8, record.size, at - start)
-                pending.fill(torch.from_numpy(place).view(pending.dtype).view(pending.shape))
-                record.crc = crc32(place)
-                del place   # (the map closes only once nothing points into it)
-            return
-    else:
-        tensor = _produce(pending)
-    data = tensor.reshape(-1).view(torch.uint8).numpy()
+    if pending.fill is not None and pending.in_place and _fill_mapped(fd, at, record, pending):
+        return
+    data = _made(pending).reshape(-1).view(torch.uint8).numpy()
     record.crc = crc32(data)
     _pwrite(fd, data, at)
+
+
+def _fill_mapped(fd: int, at: int, record: torch_zip.Record, pending: PendingTensor) -> bool:
+    """Fill the record's place in the file, mapped (its pages only, while it is made): the reads
+    land in the file's page cache, with no buffer between, and its CRC-32 is taken there. False
+    where the file cannot be mapped (some network filesystems)."""
+    start = at - at % _PAGE
+    try:
+        mapped = mmap.mmap(fd, at + record.size - start, offset=start)
+    except OSError as e:
+        if e.errno in _UNMAPPABLE:
+            return False
+        raise
+    with mapped:
+        place = numpy.frombuffer(mapped, numpy.uint8, record.size, at - start)
+        pending.fill(torch.from_numpy(place).view(pending.dtype).view(pending.shape))
+        record.crc = crc32(place)
+        del place   # (the map closes only once nothing points into it)
+    return True
 
 
 _UNMAPPABLE = {errno.ENODEV, errno.EINVAL, errno.EACCES, errno.EOPNOTSUPP}
