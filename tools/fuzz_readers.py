@@ -633,6 +633,23 @@ def _bug(e: BaseException, seconds: float) -> str | None:
     return f"{type(e).__name__} at {_where(e)}"
 
 
+def _outcome(read, path: Path, seconds: float) -> tuple[str | None, str]:
+    """What reading ``path`` came to: (the kind of bug, its trace), kind None if none."""
+    began = time.perf_counter()
+    try:
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            read(path)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        late = time.perf_counter() - began
+        return (f"Timeout: {late:.1f} s" if late > seconds else None), "(returned late)"
+    except BaseException as e:  # noqa: BLE001 — what the fuzzer looks for
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        return _bug(e, seconds), "".join(traceback.format_exception(e))
+
+
 def build_seeds(names: list[str], scratch: Path, sources: dict) -> dict[str, Path]:
     return {name: READERS[name].build(scratch, sources) for name in names}
 
@@ -674,20 +691,10 @@ def fuzz(seeds: dict[str, Path], rounds: int, seed: int = 0, seconds: float = 5.
                 target, original, mutate = rng.choice(plans[name])
                 data = mutate(original, rng)
                 target.write_bytes(data)
-                began = time.perf_counter()
                 try:
-                    signal.setitimer(signal.ITIMER_REAL, seconds)
-                    try:
-                        read(path)
-                    finally:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
-                    kind = f"Timeout: {time.perf_counter() - began:.1f} s" \
-                        if time.perf_counter() - began > seconds else None
-                    trace = "(returned late)"
-                except BaseException as e:  # noqa: BLE001 — what the fuzzer looks for
-                    if isinstance(e, KeyboardInterrupt):
-                        raise
-                    kind, trace = _bug(e, seconds), "".join(traceback.format_exception(e))
+                    kind, trace = _outcome(read, path, seconds)
+                    if kind is not None and kind.startswith("Timeout"):   # a hang is one twice: not a
+                        kind, trace = _outcome(read, path, seconds)      # busy machine or a paused run
                 finally:
                     target.write_bytes(original)
                 if kind is not None:
