@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from ckpt_hooks.algebra.spec import ParallelConfig, Rank
-from ckpt_hooks.formats.megatron_legacy import completed, save_rank_file
+from ckpt_hooks.formats.megatron_legacy import completed_rank_file, save_rank_file
+from ckpt_hooks.formats.torch_dist import Item, completed_records, object_key, write_records
+from ckpt_hooks.formats.torch_save import PendingTensor
 from tests.util import tree_digest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -48,14 +50,17 @@ def test_a_signalled_conversion_stops_promptly_and_leaves_nothing(big_source, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_killed_conversion_resumes_with_its_complete_files(big_source, tmp_path):
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_a_killed_conversion_resumes_with_its_complete_files(big_source, tmp_path, ckpt_format):
     """SIGKILL (no chance to clean up) leaves nothing at --save-dir, only the hidden staged
-    directory; --resume reuses its complete files and gives what a fresh run gives, byte for byte."""
+    directory; --resume reuses its complete files (legacy rank files, torch_dist .distcp files)
+    and gives what a fresh run gives, byte for byte."""
     command = [sys.executable, "-m", "ckpt_hooks.cli", "convert", "--load-dir", big_source,
-               "--target-tensor-parallel-size", "4", "--workers", "1", "--convert-param-only", "--quiet"]
+               "--target-tensor-parallel-size", "4", "--target-ckpt-format", ckpt_format, "--workers", "1",
+               "--convert-param-only", "--quiet"]
     process = subprocess.Popen(command + ["--save-dir", tmp_path / "out"])
     deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.partial-*/iter_*/*/.*.done.json")):   # one file complete
+    while not list(tmp_path.glob(".out.partial-*/iter_*/**/.*.done.json")):   # one file complete
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
     process.kill()
@@ -74,11 +79,26 @@ def test_a_killed_conversion_resumes_with_its_complete_files(big_source, tmp_pat
 
 def test_a_staged_file_is_reused_only_if_its_bytes_are_what_was_written(tmp_path):
     path = save_rank_file(tmp_path, 1, Rank(), ParallelConfig(), {"model": {"w": torch.arange(1000, dtype=torch.float32)}})
-    assert completed(path) == {"data/0": zlib.crc32(torch.arange(1000, dtype=torch.float32).numpy().tobytes())}
+    assert completed_rank_file(path) == {"data/0": zlib.crc32(torch.arange(1000, dtype=torch.float32).numpy().tobytes())}
     blob = bytearray(path.read_bytes())
     at = blob.index(torch.tensor([500.0]).numpy().tobytes())
     blob[at] ^= 1                               # same size, one bit inside the tensor
     path.write_bytes(bytes(blob))
-    assert completed(path) is None
+    assert completed_rank_file(path) is None
     path.write_bytes(bytes(blob[:-10]))         # cut short
-    assert completed(path) is None
+    assert completed_rank_file(path) is None
+
+
+def test_a_staged_distcp_file_is_reused_only_if_its_records_are_what_was_written(tmp_path):
+    values = torch.arange(1000, dtype=torch.float32)
+    items = [Item("w", (0,), (1000,), (1000,), torch.float32, pending=PendingTensor((1000,), torch.float32,
+                                                                                   fill=lambda out: out.copy_(values))),
+             Item(object_key("rng_state"), obj=[{"seed": 1}])]
+    path = tmp_path / "__0_0.distcp"
+    written = write_records(path, items)
+    assert completed_records(path, items) == written
+    assert completed_records(path, items[::-1]) is None   # another conversion's records
+    blob = bytearray(path.read_bytes())
+    blob[blob.index(torch.tensor([500.0]).numpy().tobytes())] ^= 1   # same size, one bit inside the tensor
+    path.write_bytes(bytes(blob))
+    assert completed_records(path, items) is None

@@ -47,7 +47,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
                              "the checkpoint being read)")
     parser.add_argument("--resume", action="store_true",
                         help="finish a conversion that was killed: reuse the complete files it staged beside "
-                             "--save-dir (checked by CRC-32) and write the rest (Megatron legacy output)")
+                             "--save-dir (checked by CRC-32) and write the rest (Megatron output)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     mindspore = parser.add_argument_group("MindSpore checkpoints (mindspore.transform_checkpoints' arguments)")
     mindspore.add_argument("--src-strategy-path-or-dir",

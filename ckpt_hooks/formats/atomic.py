@@ -7,6 +7,7 @@ parent after it, so that a power loss after the rename cannot publish empty or p
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -32,6 +33,32 @@ def fsync_tree(root: Path) -> None:
             fsync(Path(directory) / name)
     for directory, _, _ in os.walk(root, topdown=False):
         fsync(directory)
+
+
+def mark_complete(path: Path, facts) -> None:
+    """Say of a file written into a staged directory, once it is on disk, that it is complete: its
+    size and ``facts`` (what a resumed run checks it by: its checksums) in a hidden marker beside
+    it. ``completed`` reads it back; publishing the directory removes every marker."""
+    marker = _marker(path)
+    marker.write_text(json.dumps({"bytes": path.stat().st_size, "facts": facts}))
+    fsync(marker)
+
+
+def completed(path: Path):
+    """The ``facts`` of a file an earlier, interrupted run completed; None when it must be written
+    again (absent, unfinished, or not of the size it was written at)."""
+    try:
+        done = json.loads(_marker(path).read_text())
+        return done["facts"] if Path(path).stat().st_size == done["bytes"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _marker(path) -> Path:
+    return Path(path).with_name(f".{Path(path).name}{_MARKER}")
+
+
+_MARKER = ".done.json"
 
 
 @contextlib.contextmanager
@@ -151,6 +178,8 @@ def _publish(staging: Path, target: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
+    for marker in staging.rglob(f".*{_MARKER}"):   # complete: nothing to resume
+        marker.unlink()
     fsync_tree(staging)
     if target.exists():
         target.rmdir()

@@ -14,7 +14,6 @@ model, as ``model`` or ``model0``, ``model1``, ... with virtual pipeline stages.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 from ckpt_hooks.algebra.spec import ParallelConfig, Rank, parallel_config_from_args
 from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import torch_dist, torch_pickle, torch_save
-from ckpt_hooks.formats.atomic import fsync
+from ckpt_hooks.formats.atomic import completed, fsync, mark_complete
 from ckpt_hooks.formats.paths import check_links
 from ckpt_hooks.formats.torch_pickle import TorchFile
 
@@ -141,22 +140,17 @@ def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
     return LegacyCheckpoint(iter_dir, iteration, files, config)
 
 
-def done_marker(path: Path) -> Path:
-    """Beside a rank file being written in a staged directory: its size and CRC-32s, once complete."""
-    return path.with_name(f".{path.name}.done.json")
-
-
-def completed(path: Path) -> dict | None:
+def completed_rank_file(path: Path) -> dict | None:
     """The CRC-32s of a rank file an earlier, interrupted run completed, checked against its
     bytes; None when it must be written again (absent, unfinished, or not what was written)."""
-    try:
-        done = json.loads(done_marker(path).read_text())
-        if path.stat().st_size != done["bytes"]:
-            return None
-        torch_pickle.TorchFile(path).check_crcs(done["crc32"])
-        return done["crc32"]
-    except (OSError, ValueError, KeyError, TypeError, CheckpointError):
+    crcs = completed(path)
+    if not isinstance(crcs, dict):
         return None
+    try:
+        TorchFile(path).check_crcs(crcs)
+    except (OSError, CheckpointError):
+        return None
+    return crcs
 
 
 def write_tracker(root: Path, iteration: int | None) -> None:
@@ -173,8 +167,5 @@ def save_rank_file(root: Path, iteration: int | None, rank: Rank, config: Parall
     if checksums is not None:
         checksums[str(path)] = crcs
     fsync(path)   # now, by this worker, beside the others' writing: the publish then finds it on disk
-    # Said complete only once on disk: an interrupted conversion resumed later reuses the file.
-    done = done_marker(path)
-    done.write_text(json.dumps({"bytes": path.stat().st_size, "crc32": crcs}))
-    fsync(done)
+    mark_complete(path, crcs)   # only once on disk: an interrupted conversion resumed later reuses it
     return path

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats.atomic import fsync
+from ckpt_hooks.formats.atomic import completed, fsync, mark_complete
 from ckpt_hooks.formats.torch_pickle import LazyTensor, SafeUnpickler, TorchFile, _allowed_global
 from ckpt_hooks.formats.torch_save import PendingTensor, save_archives
 
@@ -252,10 +252,27 @@ class Item:
 
 def write_records(path, items: list[Item]) -> list[tuple[Item, Record]]:
     """Write ``items`` into one .distcp file, each record a ``torch.save`` archive made in place
-    (``save_archives``), and fsync it (by the worker that wrote it, beside the others' writing)."""
+    (``save_archives``), fsync it (by the worker that wrote it, beside the others' writing) and
+    mark it complete (``completed_records``)."""
     written = save_archives(path, [item.obj if item.pending is None else item.pending for item in items])
     fsync(path)
+    mark_complete(path, [[item.key, offset, length, crcs] for item, (offset, length, crcs) in zip(items, written)])
     return [(item, Record(Path(path).name, offset, length)) for item, (offset, length, _) in zip(items, written)]
+
+
+def completed_records(path, items: list[Item]) -> list[tuple[Item, Record]] | None:
+    """The records of a .distcp file that an earlier, interrupted run of the same conversion
+    completed (the same keys, each record's CRC-32s checked against its bytes); None when the
+    file must be written again."""
+    facts = completed(path)
+    try:
+        if [key for key, *_ in facts] != [item.key for item in items]:
+            return None
+        for _, offset, length, crcs in facts:
+            TorchFile(path, offset, length).check_crcs(crcs)
+    except (TypeError, ValueError, OSError, CheckpointError):   # no marker, a malformed one, changed bytes
+        return None
+    return [(item, Record(Path(path).name, offset, length)) for item, (_, offset, length, _) in zip(items, facts)]
 
 
 def write_metadata(iter_dir, written: list[tuple[Item, Record]]) -> None:

@@ -449,7 +449,7 @@ def _reuse(root: Path, iteration, rank: Rank, config: ParallelConfig, optimizer:
     """This rank's files, where an interrupted run completed them all (their CRC-32s then kept)."""
     directory = root / legacy.iteration_dir_name(iteration) / legacy.rank_dir_name(rank, config)
     paths = [directory / legacy.MODEL_FILE] + ([directory / legacy.OPTIMIZER_FILE] if optimizer else [])
-    found = {str(path): legacy.completed(path) for path in paths}
+    found = {str(path): legacy.completed_rank_file(path) for path in paths}
     if any(crcs is None for crcs in found.values()):
         return None
     checksums.update(found)
@@ -494,8 +494,6 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], co
         for crcs, _ in every_ranks:
             checksums.update(crcs)
         kept_ranks[:] = [rank for _, kept in every_ranks for rank in kept]   # for the lead's report
-        for marker in root.rglob(".*.done.json"):   # complete: nothing to resume
-            marker.unlink()
         if finish is not None:
             finish(root)
         legacy.write_tracker(root, iteration)

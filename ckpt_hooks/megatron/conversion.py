@@ -121,7 +121,7 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
     ``convert_param_only`` the distributed optimizer's fp32 params and Adam moments — to
     ``target`` and write it to ``save_dir`` atomically, in ``ckpt_format`` (default: the source's).
     ``resume``: finish what an interrupted (killed) run of the same conversion left staged,
-    keeping its complete rank files, checked by their CRC-32s (legacy output)."""
+    keeping its complete rank files, checked by their CRC-32s."""
     if ckpt_format not in (None, *FORMATS):
         raise ValueError(f"unknown checkpoint format {ckpt_format!r} (one of {', '.join(FORMATS)})")
     refuse_non_empty(save_dir, sources=[load_dir])
@@ -137,10 +137,11 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
 
     def unchanged(root) -> None:
         src.check_unchanged(before)
+    reused: list = []
     if ckpt_format == "torch_dist":
+        data_seconds = _write_dist(p, save_dir, args, carried, workers, quiet, label, unchanged, resume, reused)
         if resume:
-            raise CheckpointError(save_dir, "--resume finishes legacy (torch) output only; convert again")
-        data_seconds = _write_dist(p, save_dir, args, carried, workers, quiet, label, unchanged)
+            src.notes.append(f"resumed: {len(reused)} of {len(p.weights)} ranks' files reused from the interrupted run")
         return Report(src.layout.describe(), layout.describe(), len(p.weights), p.nbytes,
                       time.perf_counter() - started, data_seconds,
                       [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None, ckpt_format)])
@@ -155,7 +156,6 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
         plans = {s: p.optimizer_plans[s][target_file.rank] for s in STATES}
         return target_state(target_file, plans, optim.grad_dtypes, p.spec, layout, args, progress)
 
-    reused: list = []
     data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout, rank_state,
                                     optimizer_state if optim is not None else None, p.nbytes, workers=workers,
                                     quiet=quiet, label=label, resume=resume, reused=reused, finish=unchanged)
@@ -167,7 +167,7 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
 
 
 def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: bool, label: str,
-                finish) -> float:
+                finish, resume: bool, reused: list) -> float:
     """The plan written as a torch_dist checkpoint. RNG states are per rank: carried rank by rank
     at an unchanged TP·PP without expert parallelism (with it Megatron-LM keeps one per DP rank)
     where the source saved them, else none are written and the args say
@@ -187,4 +187,5 @@ def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: 
     return write_dist_checkpoint(save_dir, src.ckpt.iteration, p.weights,
                                  p.optimizer_plans if p.optimizer is not None else None, p.spec, layout, args,
                                  common, rngs.get, p.optimizer.grad_dtypes if p.optimizer is not None else None,
-                                 total=p.nbytes, workers=workers, quiet=quiet, label=label, finish=finish)
+                                 total=p.nbytes, workers=workers, quiet=quiet, label=label, finish=finish,
+                                 resume=resume, reused=reused)

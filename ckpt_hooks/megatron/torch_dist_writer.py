@@ -151,18 +151,21 @@ def _bucket_items(buffer_map, group: int, index: int, prefix: str, chunk_keys, i
 
 def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimizer_plans: dict | None,
                           spec, config, args, common: dict, rng_of, grad_dtypes=None, *, total: int, workers: int,
-                          quiet: bool, label: str, finish=None) -> float:
+                          quiet: bool, label: str, finish=None, resume: bool = False,
+                          reused: list | None = None) -> float:
     """Write ``weights`` (and ``optimizer_plans``: {state: {rank: TargetFile}}; ``total`` bytes in
     all) as a torch_dist checkpoint in ``save_dir``; ``common`` goes to common.pt (args and
     content metadata are set here); ``rng_of(rank)`` is the RNG state list for a target rank (or
     None); ``finish(root)`` runs on rank 0 once every record is written, before the index.
-    Returns the data phase's seconds."""
+    ``resume``: continue the staged directory an interrupted run left, keeping its complete
+    .distcp files (CRC-checked; their ranks go to ``reused``). Returns the data phase's seconds."""
     seen: set = set()
     by_rank = {}
     for target in weights:   # in rank order: the lowest rank writes a replicated chunk
         by_rank[target.rank] = _weight_items(target, spec, config, seen, per_layer_keys(args))
     lock = threading.Lock()
     written: list = []
+    kept_ranks: list = []
     iter_name = legacy.iteration_dir_name(iteration)
 
     def write(root, target: TargetFile, progress) -> None:
@@ -175,7 +178,13 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
             items.append(dist.Item(dist.object_key("rng_state", (target.rank.pp, target.rank.tp),
                                                    (config.pp, config.tp)), obj=[rng]))
         (root / iter_name).mkdir(exist_ok=True)
-        records = dist.write_records(root / iter_name / distcp_name(target.rank, config), items)
+        path = root / iter_name / distcp_name(target.rank, config)
+        records = dist.completed_records(path, items) if resume else None
+        if records is not None:
+            progress.update(target.nbytes)
+            kept_ranks.append(target.rank)
+        else:
+            records = dist.write_records(path, items)
         with lock:
             written.extend(records)
 
@@ -185,12 +194,13 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
                                      PendingTensor(item.sizes, item.dtype)), record)
                 for item, record in written]
 
-    def publish(root, every_ranks: list[list]) -> None:   # every record is written: the index, the common state
+    def publish(root, every_ranks: list[tuple[list, list]]) -> None:   # every record is written: the index, the common state
         iter_dir = root / iter_name
         iter_dir.mkdir(exist_ok=True)
         if finish is not None:
             finish(root)
-        everything = sorted((entry for part in every_ranks for entry in part),
+        kept_ranks[:] = [rank for _, kept in every_ranks for rank in kept]   # for the lead's report
+        everything = sorted((entry for part, _ in every_ranks for entry in part),
                             key=lambda entry: (entry[1].relative_path, entry[1].offset))
         dist.write_metadata(iter_dir, everything)
         saved = {k: v for k, v in common.items() if k != "optimizer_param_groups"}
@@ -205,8 +215,11 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
         legacy.write_tracker(root, iteration)
         write_manifest(root)
     # under torchrun, this process writes its share of the files
-    return write_shared(save_dir, weights, write, total, workers=workers, quiet=quiet, label=label,
-                        result=described, publish=publish)
+    seconds = write_shared(save_dir, weights, write, total, workers=workers, quiet=quiet, label=label,
+                           resume=resume, result=lambda: (described(), kept_ranks), publish=publish)
+    if reused is not None:
+        reused.extend(kept_ranks)
+    return seconds
 
 
 def _reporting(pending: PendingTensor | None, progress) -> PendingTensor | None:
