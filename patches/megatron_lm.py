@@ -181,28 +181,31 @@ def _load_resharded(args, load_dir, ddp_model, optimizer, opt_param_scheduler):
 
 
 def _guarded(function, *args):
-    """(result, None), or (None, the one-line error) for a bad checkpoint."""
+    """(result, None), or (None, the one-line error) for a bad checkpoint or a failed read."""
     from ckpt_hooks.errors import CheckpointError
 
     try:
         return function(*args), None
     except CheckpointError as e:
         return None, str(e)
+    except OSError as e:   # a disk or a network filesystem failing under one rank
+        return None, f"{e.filename}: {e.strerror}" if e.filename else f"{type(e).__name__}: {e}"
 
 
 def _stop_if_any_failed(error: str | None) -> None:
-    """Every rank learns whether any rank failed, and then all stop: none waits in a collective."""
-    import torch
+    """Every rank learns whether any rank failed, and then all stop with the lowest failed rank's
+    line: none waits in a collective. (A rank killed outright never gets here: torchrun stops the
+    others when it sees it die.)"""
     import torch.distributed as dist
 
-    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-    failed = torch.tensor([0 if error is None else 1], dtype=torch.int32, device=device)
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
         # One write of the whole line: the ranks share one stderr, and print's separate write of
         # the newline let two ranks' lines run together.
         sys.stderr.flush()
-        os.write(sys.stderr.fileno(), f"error: {error or 'another rank could not load the checkpoint'}\n".encode())
+        os.write(sys.stderr.fileno(), f"error: {first}\n".encode())
         sys.exit(2)
 
 

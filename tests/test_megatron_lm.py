@@ -12,12 +12,14 @@ patch at other layouts it must continue the loss curve of the uninterrupted run.
 
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
 from tests.harness import run_megatron_lm
+from tests.util import tree_digest
 
 MEGATRON_LM = os.environ.get("CKPT_HOOKS_MEGATRON_LM")
 pytestmark = pytest.mark.skipif(not MEGATRON_LM or not (Path(MEGATRON_LM) / "pretrain_gpt.py").is_file(),
@@ -74,9 +76,9 @@ def runs(tmp_path_factory):
     return train_and_stop(tmp_path_factory.mktemp("megatron_lm"), COMMON)
 
 
-def resume(runs: Runs, layout: str, source: str = "hooked", mode: str = "hooks", extra=()):
+def resume(runs: Runs, layout: str, source: str = "hooked", mode: str = "hooks", extra=(), fault=None):
     return run_megatron_lm(MEGATRON_LM, mode, runs.common + LAYOUTS[layout] + ["--load", runs.work / source, *extra],
-                           runs.work, f"resume-{source}-{layout}-{mode}")
+                           runs.work, f"resume-{source}-{layout}-{mode}{'-' + fault if fault else ''}", fault=fault)
 
 
 def assert_continues(runs, rc, losses, log):
@@ -133,6 +135,32 @@ def test_missing_rank_stops_every_rank_with_one_error(runs):
     errors = [line for line in log.splitlines() if line.startswith("error: ")]
     assert len(errors) == 4 and all("mp_rank_01_001" in e and "missing" in e for e in errors), errors
     assert sorted(p.relative_to(broken) for p in broken.rglob("*")) == before
+
+
+def test_a_failed_read_on_one_rank_stops_every_rank_with_its_line(runs):
+    """EIO under rank 1 alone (a failing disk, a network filesystem): every rank stops with rank
+    1's line, naming the file; the checkpoint is untouched."""
+    before = tree_digest(runs.work / "hooked")
+    rc, losses, log = resume(runs, "tp4pp1", fault="eio:1")
+    assert rc != 0 and losses == {}, log[-3000:]
+    errors = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 4 and len(set(errors)) == 1, errors
+    assert errors[0].startswith(f"error: {runs.work / 'hooked'}/") and errors[0].endswith(": Input/output error"), errors
+    assert tree_digest(runs.work / "hooked") == before
+
+
+def test_a_rank_killed_in_the_load_leaves_no_rank_waiting(runs):
+    """SIGKILL of rank 1 while it reads (a lost node, the OOM killer): torchrun stops the other
+    ranks (waiting for it in the load's agreement) at once, not after a collective's timeout;
+    nothing is trained or saved, the checkpoint is untouched."""
+    before = tree_digest(runs.work / "hooked")
+    started = time.monotonic()
+    rc, losses, log = resume(runs, "tp4pp1", fault="kill:1", extra=["--save", runs.work / "after-kill"])
+    assert rc != 0 and losses == {}, log[-3000:]
+    assert time.monotonic() - started < 300, "a rank waited for the killed one"
+    assert "Signal 9 (SIGKILL) received by PID" in log or "exitcode  : -9" in log, log[-3000:]
+    assert not (runs.work / "after-kill").exists()
+    assert tree_digest(runs.work / "hooked") == before
 
 
 # ---- torch_dist, Megatron-LM's default format (default dp_reshardable optimizer state) -----------

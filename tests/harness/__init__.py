@@ -252,10 +252,11 @@ def run_jobs(jobs: list, workdir, timeout: float = 900) -> None:
         raise RuntimeError(f"megatron_run failed ({why}, log {log_file}):\n{tail}")
 
 
-def run_megatron_lm(megatron_lm, mode: str, arguments: list, workdir, name: str, timeout: float = 600):
+def run_megatron_lm(megatron_lm, mode: str, arguments: list, workdir, name: str, timeout: float = 600,
+                    fault: str | None = None):
     """Megatron-LM's pretrain_gpt.py under torchrun on the CPU (megatron_lm_run.py), with the
-    ckpt_hooks patch (mode "hooks") or without ("plain"). Returns (exit code, {iteration: lm
-    loss}, log text)."""
+    ckpt_hooks patch (mode "hooks") or without ("plain"); ``fault``: megatron_lm_run.py's
+    CKPT_HOOKS_TEST_FAULT. Returns (exit code, {iteration: lm loss}, log text)."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     losses, log_file = workdir / f"{name}.losses.json", workdir / f"{name}.log"
@@ -263,7 +264,7 @@ def run_megatron_lm(megatron_lm, mode: str, arguments: list, workdir, name: str,
            "--master-addr=127.0.0.1", f"--master-port={free_port()}",
            str(Path(__file__).resolve().parent / "megatron_lm_run.py"), str(megatron_lm), str(losses), mode,
            *map(str, arguments)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **({"CKPT_HOOKS_TEST_FAULT": fault} if fault else {})}
     with open(log_file, "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout).returncode
     found = {int(k): v for k, v in json.loads(losses.read_text()).items()} if losses.exists() else {}

@@ -6,13 +6,17 @@
 MEGATRON_LM is a Megatron-LM checkout (tag core_v0.16.1 for megatron-core 0.16.1); ``hooks``
 launches it through ``ckpt_hooks.patches.megatron_lm`` (as a user would with ``-m``), ``plain``
 runs it as is. The last rank writes ``{iteration: lm loss}`` of every step to LOSSES.json.
+CKPT_HOOKS_TEST_FAULT=eio:R (or kill:R) makes rank R's first read of checkpoint bytes through
+ckpt_hooks fail with EIO (or kill its process): a disk failing, a node lost, during the load.
 Test-only: the CPU shims below stand in for CUDA and are never library code.
 """
 
 import contextlib
+import errno
 import json
 import os
 import runpy
+import signal
 import sys
 import types
 from pathlib import Path
@@ -99,9 +103,25 @@ def record_losses(path: str) -> None:
     training.train_step = train_step
 
 
+def inject_fault(fault: str) -> None:
+    """``eio:R`` / ``kill:R``: rank R's reads of checkpoint bytes fail with EIO / kill the process."""
+    how, rank = fault.split(":")
+    if os.environ["RANK"] != rank:
+        return
+    from ckpt_hooks.formats.torch_pickle import TorchFile
+
+    def fail(self, *args, **kwargs):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise OSError(errno.EIO, os.strerror(errno.EIO), self.path)
+    TorchFile.read_scattered = TorchFile._pread_into = fail
+
+
 def main() -> None:
     megatron_lm, losses, mode, *arguments = sys.argv[1:]
     install_shims()
+    if os.environ.get("CKPT_HOOKS_TEST_FAULT"):
+        inject_fault(os.environ["CKPT_HOOKS_TEST_FAULT"])
     sys.path.append(megatron_lm)  # after site-packages: megatron.training from the checkout
     import megatron.legacy.fused_kernels as fused_kernels
 
