@@ -104,6 +104,17 @@ def sources(tmp_path_factory):
     return trained
 
 
+@pytest.fixture(scope="session")
+def big_source(tmp_path_factory):
+    """A ~220 MB TP1 legacy checkpoint (bench_reshard's synthetic model): large enough to act on
+    a conversion in the middle of its files (signals, faults)."""
+    from bench.bench_reshard import make_source_args, write_tp1_checkpoint
+
+    root = tmp_path_factory.mktemp("big") / "src"
+    write_tp1_checkpoint(root, make_source_args(layers=8, hidden=512))
+    return root
+
+
 def uninterrupted_losses(sources, run: str, steps: int = 2) -> list:
     """The losses of the ``steps`` steps after step 3 of run ``run`` (a source, or one saved from
     the same run: SAME_RUN), trained on without interruption."""

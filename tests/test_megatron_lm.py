@@ -155,7 +155,7 @@ def test_a_rank_killed_in_the_load_leaves_no_rank_waiting(runs):
     nothing is trained or saved, the checkpoint is untouched."""
     before = tree_digest(runs.work / "hooked")
     started = time.monotonic()
-    rc, losses, log = resume(runs, "tp4pp1", fault="kill:1", extra=["--save", runs.work / "after-kill"])
+    rc, losses, log = resume(runs, "tp4pp1", fault="kill:1", extra=["--save", runs.work / "after-kill", "--save-interval", 1000])
     assert rc != 0 and losses == {}, log[-3000:]
     assert time.monotonic() - started < 300, "a rank waited for the killed one"
     assert "Signal 9 (SIGKILL) received by PID" in log or "exitcode  : -9" in log, log[-3000:]

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,17 +17,6 @@ from ckpt_hooks.formats.megatron_legacy import completed_rank_file, save_rank_fi
 from ckpt_hooks.formats.torch_dist import Item, completed_records, object_key, write_records
 from ckpt_hooks.formats.torch_save import PendingTensor
 from tests.util import tree_digest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from bench_reshard import make_source_args, write_tp1_checkpoint  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def big_source(tmp_path_factory):
-    """A ~220 MB TP1 checkpoint: large enough to signal a conversion in the middle of its files."""
-    root = tmp_path_factory.mktemp("signals") / "src"
-    write_tp1_checkpoint(root, make_source_args(layers=8, hidden=512))
-    return root
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -59,6 +60,7 @@ def _marker(path) -> Path:
 
 
 _MARKER = ".done.json"
+_HELPER = re.compile(r"\.(.+)\.(?:[0-9a-f]{8}\.tmp|done\.json)")   # atomic_write's temporary, a marker
 
 
 @contextlib.contextmanager
@@ -164,6 +166,9 @@ def _as_published(error: OSError, staging: Path, target: Path) -> OSError:
     name = Path(error.filename) if error.filename else staging
     if not name.is_relative_to(staging):
         return error
+    helper = _HELPER.fullmatch(name.name)   # a temporary name or a marker: the file it stands for
+    if helper is not None:
+        name = name.with_name(helper.group(1))
     return OSError(error.errno, f"{error.strerror}; nothing was written", str(target / name.relative_to(staging)))
 
 

@@ -283,7 +283,11 @@ class TorchFile:
             raise CheckpointError(self.path, f"not a readable torch.save zip file, truncated or corrupt ({e})") from None
         except pickle.UnpicklingError as e:
             raise CheckpointError(self.path, str(e)) from None
-        except (EOFError, ValueError, KeyError, TypeError, struct.error, zipfile.LargeZipFile, OSError,
+        except OSError as e:
+            if e.errno is not None:   # the disk or the filesystem failed, not the bytes
+                raise CheckpointError(self.path, e.strerror) from None
+            raise CheckpointError(self.path, f"corrupt pickle in torch file (OSError: {e})") from None
+        except (EOFError, ValueError, KeyError, TypeError, struct.error, zipfile.LargeZipFile,
                 MemoryError, OverflowError, RecursionError, IndexError, AttributeError, NotImplementedError) as e:
             raise CheckpointError(self.path, f"corrupt pickle in torch file ({type(e).__name__}: {e})") from None
 
