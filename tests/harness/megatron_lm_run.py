@@ -6,7 +6,7 @@
 MEGATRON_LM is a Megatron-LM checkout (tag core_v0.16.1 for megatron-core 0.16.1); ``hooks``
 launches it through ``ckpt_hooks.patches.megatron_lm`` (as a user would with ``-m``), ``plain``
 runs it as is. The last rank writes ``{iteration: lm loss}`` of every step to LOSSES.json.
-CKPT_HOOKS_TEST_FAULT=eio:R (or kill:R) makes rank R's first read of checkpoint bytes through
+CKPT_HOOKS_TEST_FAULT=eio:R (or kill:R) makes rank R's first read of a tensor's bytes through
 ckpt_hooks fail with EIO (or kill its process): a disk failing, a node lost, during the load.
 Test-only: the CPU shims below stand in for CUDA and are never library code.
 """
@@ -104,7 +104,7 @@ def record_losses(path: str) -> None:
 
 
 def inject_fault(fault: str) -> None:
-    """``eio:R`` / ``kill:R``: rank R's reads of checkpoint bytes fail with EIO / kill the process."""
+    """``eio:R`` / ``kill:R``: rank R's reads of tensor bytes fail with EIO / kill the process."""
     how, rank = fault.split(":")
     if os.environ["RANK"] != rank:
         return
@@ -114,7 +114,7 @@ def inject_fault(fault: str) -> None:
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise OSError(errno.EIO, os.strerror(errno.EIO), self.path)
-    TorchFile.read_scattered = TorchFile._pread_into = fail
+    TorchFile.read = TorchFile.read_runs = TorchFile.read_scattered = fail   # a tensor's bytes, not the pickle
 
 
 def main() -> None:
