@@ -109,6 +109,7 @@ def _write_manifest(iteration, kwargs) -> None:
 
 def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg="load", strict=True, **kwargs):
     from megatron.training import get_args
+    from megatron.training.utils import print_rank_0
 
     args = get_args()
     load_dir = getattr(args, load_arg, None)
@@ -121,8 +122,10 @@ def load_checkpoint(ddp_model, optimizer, opt_param_scheduler, load_arg="load", 
     if layouts is None or (layouts[0] == layouts[1] and not layouts[2]):
         return _originals["load_checkpoint"](ddp_model, optimizer, opt_param_scheduler, load_arg, strict, **kwargs)
     outcome, error = _guarded(_load_resharded, args, load_dir, ddp_model, optimizer, opt_param_scheduler)
-    _stop_if_any_failed(error)
-    return outcome
+    _stop_if_any_failed(error)   # and every rank has loaded: no barrier of its own (a failed rank never meets it)
+    iteration, flops, done = outcome
+    print_rank_0(done)
+    return iteration, flops
 
 
 def _has_checkpoint(load_dir) -> bool:
@@ -148,11 +151,10 @@ def _layouts(ddp_model, load_dir):
 
 
 def _load_resharded(args, load_dir, ddp_model, optimizer, opt_param_scheduler):
-    """What Megatron-LM's load_checkpoint does, with ckpt_hooks reading the checkpoint."""
-    import torch.distributed as dist
+    """What Megatron-LM's load_checkpoint does, with ckpt_hooks reading the checkpoint: (iteration,
+    floating-point operations so far, the line rank 0 prints once every rank has loaded)."""
     from megatron.core.num_microbatches_calculator import update_num_microbatches
     from megatron.training import checkpointing
-    from megatron.training.utils import print_rank_0
 
     from ckpt_hooks.megatron.load import load
 
@@ -172,12 +174,11 @@ def _load_resharded(args, load_dir, ddp_model, optimizer, opt_param_scheduler):
         args.skipped_train_samples = getattr(saved, "skipped_train_samples", 0)
         args.consumed_valid_samples = getattr(saved, "consumed_valid_samples", 0)
         update_num_microbatches(consumed_samples=args.consumed_train_samples, verbose=True)
-    dist.barrier()
     done = f"resharded {load_dir} from {loaded.source.describe()} to {loaded.target.describe()}" \
         if loaded.resharded else f"loaded {load_dir} at its own layout {loaded.target.describe()}"
-    print_rank_0(f"ckpt_hooks: {done} at iteration {iteration} (rank 0 read {loaded.bytes_read / 1e6:.1f} MB; "
-                 f"RNG state {'restored' if loaded.rng_restored else 'not restored: it is per rank'})")
-    return iteration, loaded.num_floating_point_operations_so_far
+    return iteration, loaded.num_floating_point_operations_so_far, (
+        f"ckpt_hooks: {done} at iteration {iteration} (rank 0 read {loaded.bytes_read / 1e6:.1f} MB; "
+        f"RNG state {'restored' if loaded.rng_restored else 'not restored: it is per rank'})")
 
 
 def _guarded(function, *args):
