@@ -1443,11 +1443,27 @@ def dist_save_timing_job(job: dict) -> None:
             json.dump(times, f)
 
 
-def dist_load_timing_job(job: dict) -> None:
-    """`repeat` loads at this layout by "loader" ("ckpt_hooks": ckpt_hooks.megatron.load, or
-    "megatron_core": megatron-core's own dist_checkpointing.load) of job["load_dir"]. Rank 0
+def megatron_lm_legacy_load(load_dir, layout, chunks, optimizer, scheduler) -> int:
+    """Megatron-LM's load_checkpoint of a legacy checkpoint at its own layout and nothing more
+    (a benchmark's baseline): the rank's model file, the optimizer's and scheduler's state, then
+    load_parameter_state (DP rank 0 reads distrib_optim.pt and scatters it over its DP group).
+    Returns the bytes this rank read (torch.load reads whole files)."""
+    _, ckpt_dir, state = read_model_file(load_dir, layout)
+    load_model_state(state, ckpt_dir, chunks)
+    load_parameter_state(optimizer, ckpt_dir,
+                         load_optimizer_state(state, optimizer, scheduler, ckpt_dir, check_file=False))
+    reads_optimizer = any(o.data_parallel_group.rank() == 0 for o in distributed_optimizers(optimizer))
+    return sum(os.path.getsize(os.path.join(ckpt_dir, name)) for name in
+               ["model_optim_rng.pt", *(["distrib_optim.pt"] if reads_optimizer else [])])
+
+
+def load_timing_job(job: dict) -> None:
+    """`repeat` loads at this layout by "loader" ("ckpt_hooks": ckpt_hooks.megatron.load;
+    "megatron_core": megatron-core's own dist_checkpointing.load of torch_dist;
+    "megatron_lm_legacy": Megatron-LM's load of the legacy format) of job["load_dir"]. Rank 0
     writes job["result"]: {"seconds": [s] (slowest rank), "peak_rss": [bytes] (largest rank's
-    peak RSS above its size before the load)}."""
+    peak RSS above its size before the load), "bytes_read": [bytes] per rank (ckpt_hooks and
+    the legacy load; the last load's)}."""
     from ckpt_hooks.megatron import load
 
     m, layout = model_spec(job.get("model", {})), layout_spec(job["layout"])
@@ -1457,19 +1473,26 @@ def dist_load_timing_job(job: dict) -> None:
         dist.barrier()
         started = time.perf_counter()
         with PeakRss() as rss:
+            read = None
             if job["loader"] == "ckpt_hooks":
-                scheduler.load_state_dict(load(chunks, optimizer, job["load_dir"]).scheduler)
+                loaded = load(chunks, optimizer, job["load_dir"])
+                scheduler.load_state_dict(loaded.scheduler)
+                read = loaded.bytes_read
+            elif job["loader"] == "megatron_lm_legacy":
+                read = megatron_lm_legacy_load(job["load_dir"], layout, chunks, optimizer, scheduler)
             else:
                 megatron_core_dist_load(job["load_dir"], layout, chunks, optimizer, scheduler)
         seconds.append(_max_over_ranks(time.perf_counter() - started))
         peaks.append(_max_over_ranks(rss.above))
+    reads = [None] * dist.get_world_size()
+    dist.all_gather_object(reads, read)
     if dist.get_rank() == 0:
         with open(job["result"], "w") as f:
-            json.dump({"seconds": seconds, "peak_rss": peaks}, f)
+            json.dump({"seconds": seconds, "peak_rss": peaks, "bytes_read": reads}, f)
 
 
 JOBS = {"train": train_job, "verify": verify_job, "resume": resume_job, "save_timing": save_timing_job,
-        "logits": logits_job, "dist_save_timing": dist_save_timing_job, "dist_load_timing": dist_load_timing_job}
+        "logits": logits_job, "dist_save_timing": dist_save_timing_job, "load_timing": load_timing_job}
 
 
 def main() -> None:
