@@ -603,6 +603,7 @@ class Result:
     rounds: dict[str, int] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     bugs: dict[str, Bug] = field(default_factory=dict)
+    interrupted: bool = False
 
 
 def _alarm(signum, frame):
@@ -687,6 +688,7 @@ def fuzz(seeds: dict[str, Path], rounds: int, seed: int = 0, seconds: float = 5.
         for name, path in seeds.items():
             rng, read = random.Random(f"{seed}:{name}"), READERS[name].read
             started = time.perf_counter()
+            result.rounds[name], result.seconds[name] = 0, 0.0
             for n in range(rounds):
                 target, original, mutate = rng.choice(plans[name])
                 data = mutate(original, rng)
@@ -703,10 +705,11 @@ def fuzz(seeds: dict[str, Path], rounds: int, seed: int = 0, seconds: float = 5.
                         result.bugs[key].count += 1
                     else:
                         result.bugs[key] = Bug(key, trace, data)
+                result.rounds[name], result.seconds[name] = n + 1, time.perf_counter() - started
                 if progress is not None and (n + 1) % 1000 == 0:
-                    progress(name, n + 1, time.perf_counter() - started)
-            result.rounds[name] = rounds
-            result.seconds[name] = time.perf_counter() - started
+                    progress(name, n + 1, result.seconds[name])
+    except KeyboardInterrupt:   # Ctrl-C or SIGTERM: the report of the rounds done
+        result.interrupted = True
     finally:
         signal.signal(signal.SIGALRM, previous)
         if cap:
@@ -751,6 +754,7 @@ def main() -> int:
         def progress(name, n, elapsed):
             if n % 10000 == 0:
                 print(f"{name}: {n} rounds, {n / elapsed:.0f}/s", flush=True)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)   # stopped: report what was done
         result = fuzz(seeds, options.rounds, options.seed, options.seconds_per_input, progress=progress)
     for bug in result.bugs.values():
         print(f"== {bug.kind} ({bug.count} inputs)\n{bug.trace}")
@@ -759,8 +763,8 @@ def main() -> int:
             (options.crashes / "".join(c if c.isalnum() or c in "._-" else "_" for c in bug.kind)[:150]).write_bytes(
                 bug.input)
     for name, n in result.rounds.items():
-        print(f"{name}: {n} rounds in {result.seconds[name]:.0f} s ({n / result.seconds[name]:.0f}/s)")
-    print(f"{len(result.bugs)} distinct bugs")
+        print(f"{name}: {n} rounds in {result.seconds[name]:.0f} s ({n / max(result.seconds[name], 1e-9):.0f}/s)")
+    print(f"{len(result.bugs)} distinct bugs" + (" (interrupted)" if result.interrupted else ""))
     return 1 if result.bugs else 0
 
 
