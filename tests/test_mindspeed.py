@@ -18,7 +18,7 @@ from ckpt_hooks.megatron.export import export_param_maps  # noqa: E402
 from ckpt_hooks.formats import mindspore_ckpt, ms_safetensors  # noqa: E402
 from ckpt_hooks.converters.mindspeed import megatron_to_mindspore, mindspore_to_megatron, tensor_md5  # noqa: E402
 from ckpt_hooks.cli.mindspeed import COMMANDS  # noqa: E402
-from ckpt_hooks.megatron.verify import check, verify  # noqa: E402
+from ckpt_hooks.verify import check, verify  # noqa: E402
 from ckpt_hooks.mindspore.files import open_checkpoint  # noqa: E402
 from ckpt_hooks.mindspore.manifest import manifest_path  # noqa: E402
 from tests.util import assert_same, tree_digest, without_manifests  # noqa: E402

@@ -22,7 +22,7 @@ from ckpt_hooks.formats import ms_safetensors  # noqa: E402
 from ckpt_hooks.formats.mindspore_ckpt import CkptFile  # noqa: E402
 from ckpt_hooks.formats.protobuf_wire import integers, message  # noqa: E402
 from ckpt_hooks.mindspore import transform  # noqa: E402
-from ckpt_hooks.megatron.verify import verify  # noqa: E402
+from ckpt_hooks.verify import verify  # noqa: E402
 from ckpt_hooks.mindspore.load import load  # noqa: E402
 from ckpt_hooks.mindspore.strategy import ParamLayout, box  # noqa: E402
 from tests.util import cli, tree_digest, without_manifests  # noqa: E402

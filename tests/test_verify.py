@@ -10,7 +10,7 @@ from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.converters.hf.to_hf import megatron_to_hf
 from ckpt_hooks.formats.torch_dist import DistCheckpoint
 from ckpt_hooks.formats.torch_pickle import TorchFile
-from ckpt_hooks.megatron.verify import verify
+from ckpt_hooks.verify import verify
 from tests.util import cli
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: 
 
 from ckpt_hooks.algebra.target import Target  # noqa: E402
 from ckpt_hooks.megatron.conversion import convert  # noqa: E402
-from ckpt_hooks.megatron.verify import verify  # noqa: E402
+from ckpt_hooks.verify import verify  # noqa: E402
 from tests.harness import resume_job, run_jobs, train_job  # noqa: E402
 
 MODEL = {"vocab_size": 127}  # pads to 128 rows at TP 1, 2 and 4: the same function at every TP

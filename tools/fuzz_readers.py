@@ -387,7 +387,7 @@ def read_megatron(seed: Path) -> None:
     from ckpt_hooks.converters.mindspeed.files import check_param_maps
     from ckpt_hooks.engine.execute import build_tensor
     from ckpt_hooks.megatron.conversion import plan_megatron
-    from ckpt_hooks.megatron.verify import check
+    from ckpt_hooks.verify import check
 
     planned = plan_megatron(seed)
     for target in [*planned.weights, *(f for files in planned.optimizer_plans.values() for f in files.values())]:

@@ -190,7 +190,7 @@ def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_verify(args) -> None:
-    from ckpt_hooks.megatron.verify import check, verify
+    from ckpt_hooks.verify import check, verify
 
     quiet = args.quiet or args.json
     certificate = verify(args.first, args.second, weights_only=args.weights_only, quiet=quiet,

@@ -1,5 +1,5 @@
 """``ckpt-hooks verify`` for MindSpore checkpoints: a ``rank_N/`` tree under its strategy (or one
-complete file) as one side of a certificate (``megatron.verify``), and any MindSpore files —
+complete file) as one side of a certificate (``ckpt_hooks.verify``), and any MindSpore files —
 MindSpeed-Core-MS's included — checked alone against their manifests' CRC-32s."""
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ state both hold: iteration, the optimizer's param groups (with the Adam step), t
 the floating-point operations so far (MindSpore: step, epoch, string entries). Vocabulary
 tensors are compared on the real vocabulary rows; the padding rows both hold are compared apart
 and reported, not counted against equality (a layout with fewer padded rows drops some;
-megatron-core initialises them randomly).
+megatron-core initialises them randomly). Each side's readers are imported when that side is
+read: a MindSpore certificate does not load torch.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from ckpt_hooks.algebra import names
@@ -31,9 +31,6 @@ from ckpt_hooks.algebra.spec import ParallelConfig
 from ckpt_hooks.engine.compare import Integrity, Outcome, Side, common_box, compare
 from ckpt_hooks.engine.source import STATES
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.megatron.checkpoint import read_source
-from ckpt_hooks.megatron.inspection import holds_optimizer
-from ckpt_hooks.megatron.optimizer import chained_param_groups, source_optimizer
 
 MEGATRON = "megatron"   # a Side's naming: Megatron's logical names
 # Spec fields two checkpoints of one model may differ in: the vocabulary padding (it depends on
@@ -43,6 +40,8 @@ _LAYOUT_DEPENDENT = {"padded_vocab_size", "make_vocab_size_divisible_by", "trans
 
 def _run_state(iteration, saved: dict) -> dict:
     """The run state compared besides the tensors, from a model file's entries (or pt_meta's)."""
+    from ckpt_hooks.megatron.optimizer import chained_param_groups
+
     # MoE's chained [dense, expert] groups merged as at EP 1: equal across expert layouts
     groups = (chained_param_groups(saved.get("optimizer"), ParallelConfig()) or {}).get("optimizer")
     return {"iteration": iteration, "param_groups": groups, "scheduler": saved.get("opt_param_scheduler"),
@@ -101,6 +100,10 @@ class Certificate:
 
 def _megatron(path, weights_only: bool) -> Side:
     """A Megatron checkpoint: its weights, and each optimizer state it holds."""
+    from ckpt_hooks.megatron.checkpoint import read_source
+    from ckpt_hooks.megatron.inspection import holds_optimizer
+    from ckpt_hooks.megatron.optimizer import source_optimizer
+
     src = read_source(path)
     states = {"": src.weights}
     if not weights_only and holds_optimizer(src):
@@ -122,6 +125,8 @@ def _mindspeed(path, weights_only: bool) -> Side:
     """A MindSpeed-Core-MS checkpoint through the converters' reader, as the Megatron layout its
     pt_meta describes: its fp32 params are the weights (cast to the model's dtype, as
     mindspore-to-megatron writes them) and, with its Adam moments, the optimizer's states."""
+    import torch
+
     from ckpt_hooks.converters.mindspeed.to_megatron import MindSpeedSource
 
     src = MindSpeedSource(path, with_optimizer=not weights_only and _holds_moments(path))
@@ -163,6 +168,7 @@ def check(load_dir, quiet: bool = True) -> Integrity:
     from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE
     from ckpt_hooks.formats.torch_pickle import TorchFile
     from ckpt_hooks.megatron import manifest
+    from ckpt_hooks.megatron.checkpoint import read_source
     from ckpt_hooks.mindspore import verify as ms_verify
     from ckpt_hooks.mindspore.transform import is_mindspore_source
 
