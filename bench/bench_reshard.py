@@ -8,6 +8,12 @@ fsyncs what it publishes, so that is the like-for-like copy), and each process's
 against the largest target file, also net of the interpreter's own (Python + torch).
 
     python bench/bench_reshard.py [--workdir DIR] [--layers 16] [--hidden 1024] [--baseline TREE]
+    python bench/bench_reshard.py --optimizer [--layers 8] [--hidden 512]
+
+``--optimizer``: the source is a real megatron-core GPT (the benchmarks' GQA/SwiGLU model, fp32)
+trained one step at TP2·PP2 with the DistributedOptimizer under torchrun (gloo, 4 processes)
+and saved as Megatron-LM saves it, param_maps recorded by the megatron_core patch; the
+conversions carry the fp32 main params and both Adam moments (no ``--convert-param-only``).
 
 ``--baseline TREE`` also times another checkout of this project (e.g. the commit before a
 change, from ``git worktree`` or ``git archive``) on the same source, interleaved run by run:
@@ -100,10 +106,12 @@ def child(command: list[str], tree: str | None = None) -> tuple[float, int, str]
     return seconds, usage.ru_maxrss * 1024, out
 
 
-def convert_command(source: Path, out: Path, tp: int, pp: int, vpp: int, workers: int) -> list[str]:
+def convert_command(source: Path, out: Path, tp: int, pp: int, vpp: int, workers: int,
+                    optimizer: bool = False) -> list[str]:
     return [sys.executable, "-m", "ckpt_hooks.cli", "convert", "--load-dir", str(source), "--save-dir", str(out),
             "--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size", str(pp),
-            "--convert-param-only", "--workers", str(workers)] + (["--vpp-size", str(vpp)] if vpp > 1 else [])
+            "--workers", str(workers)] + ([] if optimizer else ["--convert-param-only"]) + \
+        (["--vpp-size", str(vpp)] if vpp > 1 else [])
 
 
 def reported_seconds(printed: str) -> float:
@@ -123,20 +131,25 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="runs of each measurement; medians are reported")
     parser.add_argument("--baseline", metavar="TREE", help="another checkout of ckpt_hooks to time on the same source")
+    parser.add_argument("--optimizer", action="store_true",
+                        help="a trained source with the distributed optimizer's state, converted with it")
     parser.add_argument("--make-source", metavar="DIR", help=argparse.SUPPRESS)
     options = parser.parse_args()
     if options.make_source:  # in a child, so that this process stays small (fork copies its RSS)
-        return make_source(Path(options.make_source), options.layers, options.hidden)
+        return (make_trained_source if options.optimizer else make_source)(Path(options.make_source), options.layers,
+                                                                           options.hidden)
     work = Path(options.workdir or tempfile.mkdtemp(prefix="ckpt-hooks-bench-"))
     try:
         source = work / "tp2pp2"
         baseline_tree = str(Path(options.baseline).resolve()) if options.baseline else None
         child([sys.executable, str(Path(__file__).resolve()), "--make-source", str(source.resolve()),
-               "--layers", str(options.layers), "--hidden", str(options.hidden)], baseline_tree)
+               "--layers", str(options.layers), "--hidden", str(options.hidden)]
+              + (["--optimizer"] if options.optimizer else []), None if options.optimizer else baseline_tree)
         size = du(source)
         baseline = child([sys.executable, "-c", "import ckpt_hooks.megatron.conversion"])[1]
-        print(f"source: TP2·PP2, {size / 1e9:.2f} GB in {len(list(source.rglob('*.pt')))} files; "
-              f"median of {options.repeat} runs, warm page cache, sync before each")
+        print(f"source: TP2·PP2{' with the optimizer state' if options.optimizer else ''}, {size / 1e9:.2f} GB in "
+              f"{len(list(source.rglob('*.pt')))} files; median of {options.repeat} runs, warm page cache, "
+              "sync before each")
         trees = {"this tree": None}
         if options.baseline:
             trees[f"baseline {options.baseline}"] = baseline_tree
@@ -150,7 +163,8 @@ def main() -> None:
                 shutil.rmtree(work / "copy")
                 for name, env in trees.items():
                     out = work / f"tp{tp}pp{pp}vpp{vpp}"
-                    wall, rss, printed = child(convert_command(source, out, tp, pp, vpp, options.workers), env)
+                    wall, rss, printed = child(convert_command(source, out, tp, pp, vpp, options.workers,
+                                                               options.optimizer), env)
                     runs[name].append((reported_seconds(printed), wall, rss, largest_file(out)))
                     shutil.rmtree(out)
             copy, synced = median(copies), median(durable)
@@ -178,6 +192,15 @@ def make_source(source: Path, layers: int, hidden: int) -> None:
                     "--target-tensor-parallel-size", "2", "--target-pipeline-parallel-size", "2",
                     "--convert-param-only", "--quiet"], check=True)
     shutil.rmtree(tp1)
+
+
+def make_trained_source(source: Path, layers: int, hidden: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.harness
+    from tests.harness import bench_model, run_jobs, train_job
+
+    run_jobs([train_job({"tp": 2, "pp": 2}, source, source.with_name("truth.pt"), bench_model(layers, hidden),
+                        steps=1, patches=("megatron_core",))], source.with_name("logs"), timeout=3600)
+    source.with_name("truth.pt").unlink()
 
 
 if __name__ == "__main__":
