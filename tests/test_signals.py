@@ -90,3 +90,22 @@ def test_a_staged_distcp_file_is_reused_only_if_its_records_are_what_was_written
     blob[blob.index(torch.tensor([500.0]).numpy().tobytes())] ^= 1   # same size, one bit inside the tensor
     path.write_bytes(bytes(blob))
     assert completed_records(path, items) is None
+
+
+def test_resume_never_takes_another_conversions_staged_files(big_source, tmp_path):
+    """A staged directory left by a killed conversion to another layout is not resumed by this
+    one (its files, complete and intact, belong to another plan): nothing reused."""
+    command = [sys.executable, "-m", "ckpt_hooks.cli", "convert", "--load-dir", big_source, "--workers", "1",
+               "--convert-param-only", "--quiet", "--save-dir", tmp_path / "out"]
+    process = subprocess.Popen(command + ["--target-tensor-parallel-size", "4"])
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.partial-*/iter_*/**/.*.done.json")):   # one file complete
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+    resumed = subprocess.run([c for c in command if c != "--quiet"] + ["--target-tensor-parallel-size", "2",
+                                                                       "--resume"],
+                             capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "note: resumed: 0 of 2" in resumed.stdout, resumed.stdout

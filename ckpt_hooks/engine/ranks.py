@@ -85,17 +85,18 @@ class Ranks:
 
 
 def write_shared(save_dir, targets: list, write: Callable, total: int, *, workers: int, quiet: bool, label: str,
-                 size: Callable = lambda target: target.nbytes, resume: bool = False,
+                 size: Callable = lambda target: target.nbytes, resume: bool = False, identity: str = "",
                  result: Callable = lambda: None, publish: Callable | None = None) -> float:
     """Write ``targets`` into the one staged directory that becomes ``save_dir`` (formats.atomic):
     each process (the one, or each of torchrun's) writes its share, by ``size``,
     ``write(root, target, progress)`` for each, ``workers`` at a time (``total``: the progress
     bar's bytes for all). Then rank 0 alone calls ``publish(root, results)`` — every rank's
     ``result()`` in rank order — for what depends on all the files (an index, a tracker, a
-    manifest), and the directory is published. Returns the data phase's seconds."""
+    manifest), and the directory is published. ``resume``, ``identity``: ``staged_directory``'s.
+    Returns the data phase's seconds."""
     ranks = Ranks.from_env()
     mine = ranks.share(targets, size)
-    with staged_directory(save_dir, resume, ranks) as root:
+    with staged_directory(save_dir, resume, ranks, identity) as root:
         seconds = failure = None
         try:
             share = total * sum(map(size, mine)) // max(1, sum(map(size, targets)))

@@ -60,6 +60,7 @@ def _marker(path) -> Path:
 
 
 _MARKER = ".done.json"
+_IDENTITY = ".conversion"   # in a staged directory: what it holds (staged_directory's identity)
 _HELPER = re.compile(r"\.(.+)\.(?:[0-9a-f]{8}\.tmp|done\.json)")   # atomic_write's temporary, a marker
 
 
@@ -112,15 +113,17 @@ def _resolved(path) -> Path:
 
 
 @contextlib.contextmanager
-def staged_directory(save_dir: str | os.PathLike, resume: bool = False, ranks=None):
+def staged_directory(save_dir: str | os.PathLike, resume: bool = False, ranks=None, identity: str = ""):
     """Yield a temporary sibling of ``save_dir``; it becomes ``save_dir`` only on success.
-    ``resume``: the one an interrupted run (killed, so it could not clean up) left, if any.
+    ``identity`` names what is written (a conversion: its source's files, target, options);
+    ``resume``: the directory an interrupted run (killed, so it could not clean up) of the same
+    ``identity`` left, if any (another conversion's is never resumed).
     ``ranks`` (``engine.ranks.Ranks``, several processes): rank 0 makes the directory and hands
     it to all; once every rank's block is done, all agree on any failure, and rank 0 publishes
     (or removes) it before any rank returns."""
     target = Path(save_dir).absolute()
     if ranks is None or ranks.world == 1:
-        staging = _staging(target, resume)
+        staging = _staging(target, resume, identity)
         try:
             yield staging
             _publish(staging, target)
@@ -134,7 +137,7 @@ def staged_directory(save_dir: str | os.PathLike, resume: bool = False, ranks=No
     made = error = None
     if ranks.lead:
         try:
-            made = str(_staging(target, resume))
+            made = str(_staging(target, resume, identity))
         except CheckpointError as e:
             error = (e.path, e.cause)
     made, error = ranks.broadcast((made, error))
@@ -172,18 +175,30 @@ def _as_published(error: OSError, staging: Path, target: Path) -> OSError:
     return OSError(error.errno, f"{error.strerror}; nothing was written", str(target / name.relative_to(staging)))
 
 
-def _staging(target: Path, resume: bool) -> Path:
+def _staging(target: Path, resume: bool, identity: str) -> Path:
     refuse_non_empty(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    left = sorted(target.parent.glob(f".{target.name}.partial-*"), key=lambda p: p.stat().st_mtime) if resume else []
-    return left[-1] if left else Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    left = sorted((p for p in target.parent.glob(f".{target.name}.partial-*") if _identity_of(p) == identity),
+                  key=lambda p: p.stat().st_mtime) if resume else []
+    if left:
+        return left[-1]
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    (staging / _IDENTITY).write_text(identity)
+    return staging
+
+
+def _identity_of(staging: Path) -> str | None:
+    try:
+        return (staging / _IDENTITY).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _publish(staging: Path, target: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
-    for marker in staging.rglob(f".*{_MARKER}"):   # complete: nothing to resume
+    for marker in [staging / _IDENTITY, *staging.rglob(f".*{_MARKER}")]:   # complete: nothing to resume
         marker.unlink()
     fsync_tree(staging)
     if target.exists():

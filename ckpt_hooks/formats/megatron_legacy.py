@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ckpt_hooks.algebra.spec import ParallelConfig, Rank, parallel_config_from_args
 from ckpt_hooks.errors import CheckpointError
-from ckpt_hooks.formats import torch_dist, torch_pickle, torch_save
+from ckpt_hooks.formats import torch_dist, torch_save
 from ckpt_hooks.formats.atomic import completed, fsync, mark_complete
 from ckpt_hooks.formats.paths import check_links
 from ckpt_hooks.formats.torch_pickle import TorchFile

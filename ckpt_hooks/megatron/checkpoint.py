@@ -460,15 +460,15 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], co
                      rank_state: Callable[[TargetFile, object], dict],
                      optimizer_state: Callable[[TargetFile, object], dict | None] | None, total: int, *,
                      workers: int, quiet: bool, label: str, written: Callable | None = None,
-                     finish: Callable[[Path], None] | None = None, resume: bool = False,
+                     finish: Callable[[Path], None] | None = None, resume: bool = False, identity: str = "",
                      reused: list | None = None) -> float:
     """Megatron's writer sequence, atomically: a staged directory, every rank's
     ``model_optim_rng.pt`` (``rank_state(file, progress)``) and ``distrib_optim.pt``
     (``optimizer_state``), then the tracker and the manifest, then the rename into place.
     ``written(root, paths)`` is told of each rank's files (MindSpeed's md5 list); ``finish(root)``
     adds files of its own before the tracker (HF's tokenizer). ``resume``: continue the staged
-    directory an interrupted run left, keeping its complete rank files (CRC-checked; their ranks
-    go to ``reused``). Returns the data phase's seconds."""
+    directory an interrupted run of the same ``identity`` left, keeping its complete rank files
+    (CRC-checked; their ranks go to ``reused``). Returns the data phase's seconds."""
     checksums: dict[str, dict[str, int]] = {}   # file -> record -> CRC-32, as written
     kept_ranks: list = []
 
@@ -500,7 +500,7 @@ def write_checkpoint(save_dir, iteration: int | None, plan: list[TargetFile], co
         write_manifest(root, checksums)
     # under torchrun, this process writes its share of the files
     seconds = write_shared(save_dir, plan, write, total, workers=workers, quiet=quiet, label=label, resume=resume,
-                           result=lambda: (checksums, kept_ranks), publish=publish)
+                           identity=identity, result=lambda: (checksums, kept_ranks), publish=publish)
     if reused is not None:
         reused.extend(kept_ranks)
     return seconds

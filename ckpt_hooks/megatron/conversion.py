@@ -4,15 +4,15 @@ written by the Megatron writer sequence (``checkpoint.write_checkpoint``)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
-from dataclasses import dataclass
 
 from ckpt_hooks.algebra.spec import ModelSpec, ParallelConfig, Rank, updated_args
 from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.engine.plan import TargetFile
 from ckpt_hooks.engine.run import Report
 from ckpt_hooks.engine.source import STATES
-from ckpt_hooks.errors import CheckpointError
 from ckpt_hooks.formats import megatron_legacy as legacy
 from ckpt_hooks.formats.atomic import refuse_non_empty
 from ckpt_hooks.megatron import legacy_names
@@ -25,7 +25,7 @@ from ckpt_hooks.megatron.torch_dist import distcp_name
 _CARRIED = ("checkpoint_version", "iteration", "opt_param_scheduler", "num_floating_point_operations_so_far")
 
 
-@dataclass
+@dataclasses.dataclass
 class Planned:
     """A Megatron checkpoint and the copies that build a target layout from it: the weights'
     plan and, unless converting the weights only, each optimizer state's {rank: file}."""
@@ -134,12 +134,16 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
     carried = p.carried()
     label = f"{src.layout.describe()} -> {layout.describe()}"
     before = src.files_state()   # checked again before anything is published
+    # What --resume must find staged: this conversion's files, not another's.
+    identity = json.dumps([before, layout.describe(), ckpt_format, convert_param_only, dataclasses.asdict(p.spec)],
+                          default=str)
 
     def unchanged(root) -> None:
         src.check_unchanged(before)
     reused: list = []
     if ckpt_format == "torch_dist":
-        data_seconds = _write_dist(p, save_dir, args, carried, workers, quiet, label, unchanged, resume, reused)
+        data_seconds = _write_dist(p, save_dir, args, carried, workers, quiet, label, unchanged, resume, identity,
+                                   reused)
         if resume:
             src.notes.append(f"resumed: {len(reused)} of {len(p.weights)} ranks' files reused from the interrupted run")
         return Report(src.layout.describe(), layout.describe(), len(p.weights), p.nbytes,
@@ -158,7 +162,8 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
 
     data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout, rank_state,
                                     optimizer_state if optim is not None else None, p.nbytes, workers=workers,
-                                    quiet=quiet, label=label, resume=resume, reused=reused, finish=unchanged)
+                                    quiet=quiet, label=label, resume=resume, identity=identity, reused=reused,
+                                    finish=unchanged)
     if resume:
         src.notes.append(f"resumed: {len(reused)} of {len(p.weights)} ranks' files reused from the interrupted run")
     return Report(src.layout.describe(), layout.describe(), len(p.weights) * (1 if optim is None else 2), p.nbytes,
@@ -167,7 +172,7 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
 
 
 def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: bool, label: str,
-                finish, resume: bool, reused: list) -> float:
+                finish, resume: bool, identity: str, reused: list) -> float:
     """The plan written as a torch_dist checkpoint. RNG states are per rank: carried rank by rank
     at an unchanged TP·PP without expert parallelism (with it Megatron-LM keeps one per DP rank)
     where the source saved them, else none are written and the args say
@@ -188,4 +193,4 @@ def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: 
                                  p.optimizer_plans if p.optimizer is not None else None, p.spec, layout, args,
                                  common, rngs.get, p.optimizer.grad_dtypes if p.optimizer is not None else None,
                                  total=p.nbytes, workers=workers, quiet=quiet, label=label, finish=finish,
-                                 resume=resume, reused=reused)
+                                 resume=resume, identity=identity, reused=reused)

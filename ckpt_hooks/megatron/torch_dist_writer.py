@@ -151,14 +151,15 @@ def _bucket_items(buffer_map, group: int, index: int, prefix: str, chunk_keys, i
 
 def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimizer_plans: dict | None,
                           spec, config, args, common: dict, rng_of, grad_dtypes=None, *, total: int, workers: int,
-                          quiet: bool, label: str, finish=None, resume: bool = False,
+                          quiet: bool, label: str, finish=None, resume: bool = False, identity: str = "",
                           reused: list | None = None) -> float:
     """Write ``weights`` (and ``optimizer_plans``: {state: {rank: TargetFile}}; ``total`` bytes in
     all) as a torch_dist checkpoint in ``save_dir``; ``common`` goes to common.pt (args and
     content metadata are set here); ``rng_of(rank)`` is the RNG state list for a target rank (or
     None); ``finish(root)`` runs on rank 0 once every record is written, before the index.
-    ``resume``: continue the staged directory an interrupted run left, keeping its complete
-    .distcp files (CRC-checked; their ranks go to ``reused``). Returns the data phase's seconds."""
+    ``resume``: continue the staged directory an interrupted run of the same ``identity`` left,
+    keeping its complete .distcp files (CRC-checked; their ranks go to ``reused``). Returns the
+    data phase's seconds."""
     seen: set = set()
     by_rank = {}
     for target in weights:   # in rank order: the lowest rank writes a replicated chunk
@@ -216,7 +217,8 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
         write_manifest(root)
     # under torchrun, this process writes its share of the files
     seconds = write_shared(save_dir, weights, write, total, workers=workers, quiet=quiet, label=label,
-                           resume=resume, result=lambda: (described(), kept_ranks), publish=publish)
+                           resume=resume, identity=identity, result=lambda: (described(), kept_ranks),
+                           publish=publish)
     if reused is not None:
         reused.extend(kept_ranks)
     return seconds
