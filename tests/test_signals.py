@@ -38,6 +38,17 @@ def test_a_signalled_conversion_stops_promptly_and_leaves_nothing(big_source, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+def killed_after_one_file(command: list, where) -> None:
+    """Run a conversion into ``where``/out and SIGKILL it once it has completed a file."""
+    process = subprocess.Popen(command)
+    deadline = time.monotonic() + 60
+    while not list(where.glob(".out.partial-*/iter_*/**/.*.done.json")):
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    process.kill()
+    process.wait()
+
+
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
 def test_a_killed_conversion_resumes_with_its_complete_files(big_source, tmp_path, ckpt_format):
     """SIGKILL (no chance to clean up) leaves nothing at --save-dir, only the hidden staged
@@ -46,13 +57,7 @@ def test_a_killed_conversion_resumes_with_its_complete_files(big_source, tmp_pat
     command = [sys.executable, "-m", "ckpt_hooks.cli", "convert", "--load-dir", big_source,
                "--target-tensor-parallel-size", "4", "--target-ckpt-format", ckpt_format, "--workers", "1",
                "--convert-param-only", "--quiet"]
-    process = subprocess.Popen(command + ["--save-dir", tmp_path / "out"])
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.partial-*/iter_*/**/.*.done.json")):   # one file complete
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.005)
-    process.kill()
-    process.wait()
+    killed_after_one_file(command + ["--save-dir", tmp_path / "out"], tmp_path)
     assert not (tmp_path / "out").exists() and len(list(tmp_path.glob(".out.partial-*"))) == 1
     resumed = subprocess.run([c for c in command if c != "--quiet"] + ["--save-dir", tmp_path / "out", "--resume"],
                              capture_output=True, text=True, timeout=120)
@@ -97,13 +102,7 @@ def test_resume_never_takes_another_conversions_staged_files(big_source, tmp_pat
     one (its files, complete and intact, belong to another plan): nothing reused."""
     command = [sys.executable, "-m", "ckpt_hooks.cli", "convert", "--load-dir", big_source, "--workers", "1",
                "--convert-param-only", "--quiet", "--save-dir", tmp_path / "out"]
-    process = subprocess.Popen(command + ["--target-tensor-parallel-size", "4"])
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.partial-*/iter_*/**/.*.done.json")):   # one file complete
-        assert process.poll() is None and time.monotonic() < deadline
-        time.sleep(0.005)
-    process.kill()
-    process.wait()
+    killed_after_one_file(command + ["--target-tensor-parallel-size", "4"], tmp_path)
     resumed = subprocess.run([c for c in command if c != "--quiet"] + ["--target-tensor-parallel-size", "2",
                                                                        "--resume"],
                              capture_output=True, text=True, timeout=120)
