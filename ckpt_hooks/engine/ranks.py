@@ -19,7 +19,7 @@ from datetime import timedelta
 from typing import Callable
 
 from ckpt_hooks.engine.run import run
-from ckpt_hooks.formats.atomic import staged_directory
+from ckpt_hooks.formats.atomic import drop_markers, staged_directory
 
 
 class Ranks:
@@ -90,10 +90,10 @@ def write_shared(save_dir, targets: list, write: Callable, total: int, *, worker
     """Write ``targets`` into the one staged directory that becomes ``save_dir`` (formats.atomic):
     each process (the one, or each of torchrun's) writes its share, by ``size``,
     ``write(root, target, progress)`` for each, ``workers`` at a time (``total``: the progress
-    bar's bytes for all). Then rank 0 alone calls ``publish(root, results)`` — every rank's
+    bar's bytes for all). Then rank 0 alone drops the staged files' markers (``resume``,
+    ``identity``: ``staged_directory``'s) and calls ``publish(root, results)`` — every rank's
     ``result()`` in rank order — for what depends on all the files (an index, a tracker, a
-    manifest), and the directory is published. ``resume``, ``identity``: ``staged_directory``'s.
-    Returns the data phase's seconds."""
+    manifest), and the directory is published. Returns the data phase's seconds."""
     ranks = Ranks.from_env()
     mine = ranks.share(targets, size)
     with staged_directory(save_dir, resume, ranks, identity) as root:
@@ -108,8 +108,10 @@ def write_shared(save_dir, targets: list, write: Callable, total: int, *, worker
         results = ranks.gather(done)
         if failure is not None:
             raise failure
-        if ranks.lead and publish is not None and None not in results:   # else: a failure, agreed on next
-            publish(root, [r[0] for r in results])
+        if ranks.lead and None not in results:   # else: a failure, agreed on next
+            drop_markers(root)
+            if publish is not None:
+                publish(root, [r[0] for r in results])
     return seconds
 
 

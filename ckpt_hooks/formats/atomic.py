@@ -39,7 +39,7 @@ def fsync_tree(root: Path) -> None:
 def mark_complete(path: Path, facts) -> None:
     """Say of a file written into a staged directory, once it is on disk, that it is complete: its
     size and ``facts`` (what a resumed run checks it by: its checksums) in a hidden marker beside
-    it. ``completed`` reads it back; publishing the directory removes every marker."""
+    it. ``completed`` reads it back; ``drop_markers`` removes them all."""
     marker = _marker(path)
     marker.write_text(json.dumps({"bytes": path.stat().st_size, "facts": facts}))
     fsync(marker)
@@ -53,6 +53,13 @@ def completed(path: Path):
         return done["facts"] if Path(path).stat().st_size == done["bytes"] else None
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def drop_markers(staging: Path) -> None:
+    """Once every file of a staged directory is written: nothing is left to resume, and what is
+    then written (a manifest listing the files) sees the checkpoint's files alone."""
+    for marker in [staging / _IDENTITY, *staging.rglob(f".*{_MARKER}")]:
+        marker.unlink(missing_ok=True)
 
 
 def _marker(path) -> Path:
@@ -198,8 +205,6 @@ def _publish(staging: Path, target: Path) -> None:
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp makes it private
-    for marker in [staging / _IDENTITY, *staging.rglob(f".*{_MARKER}")]:   # complete: nothing to resume
-        marker.unlink()
     fsync_tree(staging)
     if target.exists():
         target.rmdir()
