@@ -166,6 +166,7 @@ def check(load_dir, quiet: bool = True) -> Integrity:
     MindSpeed-Core-MS's) ``mindspore.verify.check``. Raises CheckpointError, naming the file and
     record, on the first mismatch."""
     from ckpt_hooks.formats.megatron_legacy import OPTIMIZER_FILE
+    from ckpt_hooks.formats.torch_dist import crcs_at
     from ckpt_hooks.formats.torch_pickle import TorchFile
     from ckpt_hooks.megatron import manifest
     from ckpt_hooks.megatron.checkpoint import read_source
@@ -176,20 +177,24 @@ def check(load_dir, quiet: bool = True) -> Integrity:
         return ms_verify.check(load_dir, quiet)
     src = read_source(load_dir)
     out = Integrity(str(load_dir))
-    if src.ckpt_format == "torch_dist":
+    listed = (manifest.read(src.ckpt.iter_dir) or {"files": {}})["files"]
+
+    def recorded(path) -> dict | None:
+        return listed.get(str(Path(path).relative_to(src.ckpt.iter_dir)), {}).get("crc32")
+    if src.ckpt_format == "torch_dist":   # each record an archive of its own, listed by its offset
         checkpoint = src.ckpt.dist
         records = {c.record for t in checkpoint.tensors.values() for c in t.chunks} | set(checkpoint.objects.values())
-        opened = [checkpoint.record(r) for r in sorted(records, key=lambda r: (r.relative_path, r.offset))]
+        opened = [(checkpoint.record(r), crcs_at(recorded(checkpoint.iter_dir / r.relative_path), r.offset))
+                  for r in sorted(records, key=lambda r: (r.relative_path, r.offset))]
         out.files = len({r.relative_path for r in records})
     else:
-        opened = list(src.ckpt.files.values())
-        opened += [TorchFile(Path(f.path).parent / OPTIMIZER_FILE) for f in src.ckpt.files.values()
-                   if (Path(f.path).parent / OPTIMIZER_FILE).is_file()]
+        files = list(src.ckpt.files.values())
+        files += [TorchFile(Path(f.path).parent / OPTIMIZER_FILE) for f in src.ckpt.files.values()
+                  if (Path(f.path).parent / OPTIMIZER_FILE).is_file()]
+        opened = [(f, recorded(f.path)) for f in files]
         out.files = len(opened)
-    listed = (manifest.read(src.ckpt.iter_dir) or {"files": {}})["files"]
-    for torch_file in tqdm(opened, desc="verify", unit="file", disable=quiet, dynamic_ncols=True):
-        relative = str(Path(torch_file.path).relative_to(src.ckpt.iter_dir))
-        checked, unchecked = torch_file.check_crcs(listed.get(relative, {}).get("crc32"))
+    for torch_file, crcs in tqdm(opened, desc="verify", unit="file", disable=quiet, dynamic_ncols=True):
+        checked, unchecked = torch_file.check_crcs(crcs)
         out.checked += checked
         out.unchecked += unchecked
     return out

@@ -65,16 +65,37 @@ def test_one_checkpoint_alone_is_checked_against_its_crcs(sources, tmp_path):
         assert "none recorded" not in result.stdout
     copy = tmp_path / "dist"
     shutil.copytree(sources["dist_tp2pp2"].dir, copy)
-    checkpoint = DistCheckpoint(next(copy.glob("iter_*")))
-    key = "decoder.layers.mlp.linear_fc2.weight"
+    flipped = flip_a_bit(copy, "decoder.layers.mlp.linear_fc2.weight")
+    result = cli("verify", copy, "--quiet")
+    assert result.returncode == 2 and f"{flipped}: record" in result.stderr, result.stderr
+
+
+def test_a_torch_dist_conversion_lists_each_records_crc(sources, tmp_path):
+    """The torch_dist output's manifest records every .distcp record's CRC-32 (keyed by the
+    archive's offset), taken while writing; verify checks each record against it."""
+    out = tmp_path / "tp1"
+    convert(sources["dist_tp2pp2"].dir, out, Target(tp=1, pp=2), quiet=True)
+    iter_dir = next(out.glob("iter_*"))
+    listed = json.loads((iter_dir / "ckpt_hooks_manifest.json").read_text())["files"]
+    distcp = sorted(name for name in listed if name.endswith(".distcp"))
+    assert distcp and all(listed[name]["crc32"] for name in distcp)
+    assert not any(name.startswith(".__") for name in listed)   # no marker of the staged output
+    flipped = flip_a_bit(out, "decoder.layers.mlp.linear_fc2.weight")
+    result = cli("verify", out, "--quiet")
+    assert result.returncode == 2 and f"{flipped}: record" in result.stderr, result.stderr
+    assert "the manifest says" in result.stderr, result.stderr
+
+
+def flip_a_bit(directory, key: str) -> str:
+    """Flip one bit inside the bytes of ``key``'s first chunk in a torch_dist checkpoint; its file."""
+    checkpoint = DistCheckpoint(next(directory.glob("iter_*")))
     chunk = checkpoint.tensors[key].chunks[0]
     torch_file, lazy = checkpoint.chunk_tensor(key, chunk)
     path = checkpoint.iter_dir / chunk.record.relative_path
     blob = bytearray(path.read_bytes())
-    blob[torch_file._data_offset(lazy.storage) + 100] ^= 1   # one bit inside the tensor's bytes
+    blob[torch_file._data_offset(lazy.storage) + 100] ^= 1
     path.write_bytes(bytes(blob))
-    result = cli("verify", copy, "--quiet")
-    assert result.returncode == 2 and f"{chunk.record.relative_path}: record" in result.stderr, result.stderr
+    return chunk.record.relative_path
 
 
 def test_another_iteration_is_not_equal(sources):

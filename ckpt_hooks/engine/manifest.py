@@ -10,7 +10,8 @@
     path     = relative to the manifest's directory
     file     = {"bytes": N[, "tensors": {key: tensor | null}][, "crc32": {record: N}]}
                null: an entry holding no tensor; crc32: the CRC-32 of each record's bytes — a
-               torch file's data records ("data/0"), a MindSpore file's tensors (by key: its
+               torch file's data records ("data/0"; a torch_dist .distcp file's: "<offset of
+               its archive>:data/0"), a MindSpore file's tensors (by key: its
                bytes in row-major order, whatever records hold them) — computed while they were
                written (``ckpt-hooks verify CKPT`` checks them, readers where they read the bytes)
     key      = the tensor's name in the file: MindSpore's parameter name, Megatron's "<chunk>.<key>"

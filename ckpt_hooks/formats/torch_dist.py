@@ -250,20 +250,23 @@ class Item:
     obj: object = None
 
 
-def write_records(path, items: list[Item]) -> list[tuple[Item, Record]]:
+def write_records(path, items: list[Item], checksums: dict | None = None) -> list[tuple[Item, Record]]:
     """Write ``items`` into one .distcp file, each record a ``torch.save`` archive made in place
     (``save_archives``), fsync it (by the worker that wrote it, beside the others' writing) and
-    mark it complete (``completed_records``)."""
+    mark it complete (``completed_records``). ``checksums[path]`` gets its records' CRC-32s
+    (``record_crcs``)."""
     written = save_archives(path, [item.obj if item.pending is None else item.pending for item in items])
     fsync(path)
     mark_complete(path, [[item.key, offset, length, crcs] for item, (offset, length, crcs) in zip(items, written)])
+    if checksums is not None:
+        checksums[str(path)] = record_crcs(written)
     return [(item, Record(Path(path).name, offset, length)) for item, (offset, length, _) in zip(items, written)]
 
 
-def completed_records(path, items: list[Item]) -> list[tuple[Item, Record]] | None:
+def completed_records(path, items: list[Item], checksums: dict | None = None) -> list[tuple[Item, Record]] | None:
     """The records of a .distcp file that an earlier, interrupted run of the same conversion
     completed (the same keys, each record's CRC-32s checked against its bytes); None when the
-    file must be written again."""
+    file must be written again. ``checksums``: as ``write_records``."""
     facts = completed(path)
     try:
         if [key for key, *_ in facts] != [item.key for item in items]:
@@ -272,7 +275,20 @@ def completed_records(path, items: list[Item]) -> list[tuple[Item, Record]] | No
             TorchFile(path, offset, length).check_crcs(crcs)
     except (TypeError, ValueError, OSError, CheckpointError):   # no marker, a malformed one, changed bytes
         return None
+    if checksums is not None:
+        checksums[str(path)] = record_crcs([(offset, length, crcs) for _, offset, length, crcs in facts])
     return [(item, Record(Path(path).name, offset, length)) for item, (_, offset, length, _) in zip(items, facts)]
+
+
+def record_crcs(written) -> dict[str, int]:
+    """A .distcp file's CRC-32s as its manifest lists them: ``"<archive offset>:<zip record>"``."""
+    return {f"{offset}:{name}": crc for offset, _, crcs in written for name, crc in crcs.items()}
+
+
+def crcs_at(listed: dict | None, offset: int) -> dict[str, int] | None:
+    """Of a .distcp file's listed CRC-32s (``record_crcs``), those of the archive at ``offset``."""
+    prefix = f"{offset}:"
+    return None if listed is None else {k[len(prefix):]: v for k, v in listed.items() if k.startswith(prefix)}
 
 
 def write_metadata(iter_dir, written: list[tuple[Item, Record]]) -> None:

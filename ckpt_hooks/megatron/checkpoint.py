@@ -437,7 +437,7 @@ def write_manifest(load_dir, checksums: dict | None = None) -> Path:
     the CRC-32 of each record where the writer computed them (``checksums``: path -> record -> crc)."""
     src = read_source(load_dir, check_manifest=False)
     if src.ckpt_format == "torch_dist":
-        built = manifest.build_dist(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout)
+        built = manifest.build_dist(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout, checksums)
     else:
         built = manifest.build(src.ckpt.iter_dir, src.ckpt.iteration, src.spec, src.layout, src.files, src.placed,
                                checksums)

@@ -89,12 +89,19 @@ def build(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConf
                           layout=_plain(dataclasses.asdict(layout)), files=listed)
 
 
-def build_dist(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConfig) -> dict:
+def build_dist(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConfig,
+               checksums: dict | None = None) -> dict:
     """The manifest of a complete torch_dist iteration directory: every file with its size (the
-    tensors are indexed, with their byte ranges, by DCP's own ``.metadata``)."""
+    tensors are indexed, with their byte ranges, by DCP's own ``.metadata``), and a .distcp
+    file's records' CRC-32s where the writer computed them (``torch_dist.record_crcs``)."""
     iter_dir = Path(iter_dir)
-    listed = {str(f.relative_to(iter_dir)): manifest.file_entry(f)
-              for f in sorted(iter_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
+    listed = {}
+    for file in sorted(iter_dir.rglob("*")):
+        if file.is_file() and file.name != MANIFEST:
+            listed[str(file.relative_to(iter_dir))] = manifest.file_entry(file)
+            crcs = (checksums or {}).get(str(file))
+            if crcs:
+                listed[str(file.relative_to(iter_dir))]["crc32"] = crcs
     return manifest.build(FRAMEWORK, DIST_FORMAT, iteration=iteration, model=_plain(dataclasses.asdict(spec)),
                           layout=_plain(dataclasses.asdict(layout)), files=listed)
 

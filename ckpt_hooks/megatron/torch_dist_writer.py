@@ -167,6 +167,7 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
     lock = threading.Lock()
     written: list = []
     kept_ranks: list = []
+    checksums: dict[str, dict[str, int]] = {}   # .distcp file -> its records' CRC-32s, for the manifest
     iter_name = legacy.iteration_dir_name(iteration)
 
     def write(root, target: TargetFile, progress) -> None:
@@ -180,12 +181,12 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
                                                    (config.pp, config.tp)), obj=[rng]))
         (root / iter_name).mkdir(exist_ok=True)
         path = root / iter_name / distcp_name(target.rank, config)
-        records = dist.completed_records(path, items) if resume else None
+        records = dist.completed_records(path, items, checksums) if resume else None
         if records is not None:
             progress.update(target.nbytes)
             kept_ranks.append(target.rank)
         else:
-            records = dist.write_records(path, items)
+            records = dist.write_records(path, items, checksums)
         with lock:
             written.extend(records)
 
@@ -195,13 +196,15 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
                                      PendingTensor(item.sizes, item.dtype)), record)
                 for item, record in written]
 
-    def publish(root, every_ranks: list[tuple[list, list]]) -> None:   # every record is written: the index, the common state
+    def publish(root, every_ranks: list[tuple[list, list, dict]]) -> None:   # every record is written: the index, the common state
         iter_dir = root / iter_name
         iter_dir.mkdir(exist_ok=True)
         if finish is not None:
             finish(root)
-        kept_ranks[:] = [rank for _, kept in every_ranks for rank in kept]   # for the lead's report
-        everything = sorted((entry for part, _ in every_ranks for entry in part),
+        kept_ranks[:] = [rank for _, kept, _ in every_ranks for rank in kept]   # for the lead's report
+        for _, _, crcs in every_ranks:
+            checksums.update(crcs)
+        everything = sorted((entry for part, _, _ in every_ranks for entry in part),
                             key=lambda entry: (entry[1].relative_path, entry[1].offset))
         dist.write_metadata(iter_dir, everything)
         saved = {k: v for k, v in common.items() if k != "optimizer_param_groups"}
@@ -214,10 +217,10 @@ def write_dist_checkpoint(save_dir, iteration, weights: list[TargetFile], optimi
                 saved["optimizer"] = saved["optimizer"][0]
         dist.write_common(iter_dir, {**saved, "args": args, "content_metadata": dict(CONTENT_METADATA)})
         legacy.write_tracker(root, iteration)
-        write_manifest(root)
+        write_manifest(root, checksums)
     # under torchrun, this process writes its share of the files
     seconds = write_shared(save_dir, weights, write, total, workers=workers, quiet=quiet, label=label,
-                           resume=resume, identity=identity, result=lambda: (described(), kept_ranks),
+                           resume=resume, identity=identity, result=lambda: (described(), kept_ranks, checksums),
                            publish=publish)
     if reused is not None:
         reused.extend(kept_ranks)
