@@ -190,13 +190,16 @@ def _staging(target: Path, resume: bool, identity: str) -> Path:
     if left:
         return left[-1]
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
-    (staging / _IDENTITY).write_text(identity)
+    if identity:
+        (staging / _IDENTITY).write_text(identity)
     return staging
 
 
 def _identity_of(staging: Path) -> str | None:
     try:
         return (staging / _IDENTITY).read_text()
+    except FileNotFoundError:
+        return ""
     except (OSError, UnicodeDecodeError):
         return None
 
