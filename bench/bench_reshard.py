@@ -142,6 +142,8 @@ def main() -> None:
     try:
         source = work / "tp2pp2"
         baseline_tree = str(Path(options.baseline).resolve()) if options.baseline else None
+        # A trained source comes from this tree's test harness; a synthetic one from the baseline's
+        # writer (whose manifest this tree reads; a newer one the baseline might not).
         child([sys.executable, str(Path(__file__).resolve()), "--make-source", str(source.resolve()),
                "--layers", str(options.layers), "--hidden", str(options.hidden)]
               + (["--optimizer"] if options.optimizer else []), None if options.optimizer else baseline_tree)
