@@ -5,9 +5,11 @@ import io
 import json
 import pickle
 import resource
+import shutil
 import sys
 import tempfile
 import zipfile
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -245,3 +247,35 @@ def test_recorded_param_map_of_another_model(tmp_path):
                                                                           "b.weight": TensorMeta((4, 2), torch.float32)}})
     check_slot(buffer.params[1], f, "model", tmp_path)
     refused(check_slot, buffer.params[0], f, "model", tmp_path, says="does not hold")
+
+
+@pytest.mark.parametrize("change", ["not_args", "no_num_layers", "first_stage_str", "pp_tuple", "vpp_tuple",
+                                    "class_value", "key_bytes", "key_int"])
+def test_legacy_args_and_keys_of_another_type(sources, tmp_path, change):
+    """Saved args that are no Namespace, lack a size, or hold sizes of another type, and model keys
+    that are no names (found by the legacy fuzzer): one-line errors naming the file."""
+    from ckpt_hooks.megatron.conversion import plan_megatron
+
+    copy = tmp_path / "ckpt"
+    shutil.copytree(sources["cont_tp2pp2"].dir, copy)
+    path = sorted(copy.glob("iter_*/mp_rank_*/model_optim_rng.pt"))[0]
+    state = torch.load(path, weights_only=False)   # the test's own checkpoint
+    args = state["args"]
+    if change == "not_args":
+        state["args"] = OrderedDict(vars(args))
+    elif change == "no_num_layers":
+        del args.num_layers
+    elif change == "first_stage_str":
+        args.decoder_first_pipeline_num_layers = "2"
+    elif change in ("pp_tuple", "vpp_tuple"):
+        setattr(args, "pipeline_model_parallel_size" if change == "pp_tuple" else
+                "virtual_pipeline_model_parallel_size", (2,))
+    elif change == "class_value":
+        args.hidden_size = int
+    else:
+        key = next(iter(state["model"]))
+        state["model"][key.encode() if change == "key_bytes" else 7] = state["model"].pop(key)
+    torch.save(state, path)
+    with pytest.raises(CheckpointError) as error:
+        plan_megatron(copy)
+    assert "\n" not in str(error.value)

@@ -53,6 +53,24 @@ def _rank_of(match: re.Match, config: ParallelConfig) -> Rank | None:
     return Rank(numbers[0], numbers[1] if config.pp > 1 else 0, numbers[-1] if config.ep > 1 else 0)
 
 
+def layout_of_args(args, path) -> ParallelConfig:
+    """The layout saved Megatron args describe; CheckpointError (naming ``path``) where they do
+    not (another object, a size missing or of another type)."""
+    try:
+        config = parallel_config_from_args(args)
+    except (AttributeError, TypeError, ValueError) as e:
+        raise CheckpointError(path, f"the saved args do not describe a layout ({type(e).__name__}: {e})") from None
+    sizes = [config.tp, config.pp, config.vpp, config.dp, config.cp, config.ep, config.etp or 1]
+    if not all(_is_count(n) and n > 0 for n in sizes) or \
+            not all(_is_count(n) and n >= 0 for n in config.layers_per_stage or ()):
+        raise CheckpointError(path, "the saved args give parallel sizes or layer counts that are not whole numbers")
+    return config
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def chunk_keys(vpp: int) -> list[str]:
     return ["model"] if vpp == 1 else [f"model{v}" for v in range(vpp)]
 
@@ -119,7 +137,7 @@ def open_checkpoint(load_dir: str | os.PathLike) -> LegacyCheckpoint:
     args = first.obj.get("args") if isinstance(first.obj, dict) else None
     if args is None:
         raise CheckpointError(first.path, "no 'args' saved in the checkpoint; cannot tell its layout")
-    config = parallel_config_from_args(args)
+    config = layout_of_args(args, first.path)
     said = f"args say TP{config.tp}·PP{config.pp}" + (f"·EP{config.ep}" if config.ep > 1 else "") + \
         (f"·ETP{config.etp}" if config.etp and config.ep > 1 else "")
     ranks = {}

@@ -103,6 +103,9 @@ def _ungroup_experts(torch_file, args) -> None:
     experts, ep = getattr(args, "num_experts", None) or 0, getattr(args, "expert_model_parallel_size", None) or 1
     obj = torch_file.obj if isinstance(torch_file.obj, dict) else {}
     for chunk in [k for k, v in obj.items() if isinstance(k, str) and k.startswith("model") and isinstance(v, dict)]:
+        named = next((k for k in obj[chunk] if not isinstance(k, str)), None)
+        if named is not None:
+            raise CheckpointError(torch_file.path, f"{chunk}: a key that is not a name ({named!r})")
         try:
             ungrouped = grouped_experts.ungroup_chunk(obj[chunk], experts // ep if experts % ep == 0 else 0)
         except ValueError as e:

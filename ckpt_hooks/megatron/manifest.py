@@ -114,7 +114,10 @@ def check_sizes(described: dict, iter_dir) -> None:
 def check_described(described: dict, iter_dir, spec: ModelSpec, layout: ParallelConfig) -> None:
     """Raise CheckpointError unless the manifest names the model and layout the saved args do."""
     for what, saved, found in (("model", described.get("model"), spec), ("layout", described["layout"], layout)):
-        found = _described(found, saved)
+        try:
+            found = _described(found, saved)
+        except (TypeError, ValueError) as e:   # a value no checkpoint's args hold (a class, NaN...)
+            raise CheckpointError(Path(iter_dir) / MANIFEST, f"the saved args' {what} is not plain data ({e})") from None
         if saved != found:
             diff = ", ".join(f"{k} {saved.get(k) if isinstance(saved, dict) else None!r} vs {v!r}"
                              for k, v in found.items() if not isinstance(saved, dict) or saved.get(k) != v)
