@@ -61,9 +61,11 @@ def tensor_entry(logical: str, shape, dtype: str, role: str, global_shape, offse
             "offsets": None if offsets is None else list(offsets), **more}
 
 
-def file_entry(path, tensors: dict | None = None) -> dict:
-    """A complete file's entry: its size, and its tensors where they are described."""
-    return {"bytes": Path(path).stat().st_size, **({} if tensors is None else {"tensors": tensors})}
+def file_entry(path, tensors: dict | None = None, crcs: dict | None = None) -> dict:
+    """A complete file's entry: its size, its tensors where they are described, its records'
+    CRC-32s where the writer took them."""
+    return {"bytes": Path(path).stat().st_size, **({} if tensors is None else {"tensors": tensors}),
+            **({} if crcs is None else {"crc32": crcs})}
 
 
 def build(framework: str, file_format: str, *, layout: dict, files: dict, **header) -> dict:

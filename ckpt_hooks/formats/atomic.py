@@ -68,7 +68,7 @@ def _marker(path) -> Path:
 
 _MARKER = ".done.json"
 _IDENTITY = ".conversion"   # in a staged directory: what it holds (staged_directory's identity)
-_HELPER = re.compile(r"\.(.+)\.(?:[0-9a-f]{8}\.tmp|done\.json)")   # atomic_write's temporary, a marker
+_HELPER = re.compile(rf"\.(.+)(?:\.[0-9a-f]{{8}}\.tmp|{re.escape(_MARKER)})")   # atomic_write's temporary, a marker
 
 
 @contextlib.contextmanager

@@ -81,10 +81,8 @@ def build(iter_dir, iteration: int | None, spec: ModelSpec, layout: ParallelConf
     for file in sorted(iter_dir.rglob("*")):
         relative = str(file.relative_to(iter_dir))
         if file.is_file() and file.name != MANIFEST and not file.name.startswith("."):
-            listed[relative] = manifest.file_entry(file, tensors.get(relative))
-            crcs = (checksums or {}).get(str(file))
-            if crcs:
-                listed[relative]["crc32"] = crcs
+            listed[relative] = manifest.file_entry(file, tensors.get(relative),
+                                                   (checksums or {}).get(str(file)) or None)
     return manifest.build(FRAMEWORK, FORMAT, iteration=iteration, model=_plain(dataclasses.asdict(spec)),
                           layout=_plain(dataclasses.asdict(layout)), files=listed)
 
@@ -95,13 +93,8 @@ def build_dist(iter_dir, iteration: int | None, spec: ModelSpec, layout: Paralle
     tensors are indexed, with their byte ranges, by DCP's own ``.metadata``), and a .distcp
     file's records' CRC-32s where the writer computed them (``torch_dist.record_crcs``)."""
     iter_dir = Path(iter_dir)
-    listed = {}
-    for file in sorted(iter_dir.rglob("*")):
-        if file.is_file() and file.name != MANIFEST:
-            listed[str(file.relative_to(iter_dir))] = manifest.file_entry(file)
-            crcs = (checksums or {}).get(str(file))
-            if crcs:
-                listed[str(file.relative_to(iter_dir))]["crc32"] = crcs
+    listed = {str(f.relative_to(iter_dir)): manifest.file_entry(f, crcs=(checksums or {}).get(str(f)) or None)
+              for f in sorted(iter_dir.rglob("*")) if f.is_file() and f.name != MANIFEST}
     return manifest.build(FRAMEWORK, DIST_FORMAT, iteration=iteration, model=_plain(dataclasses.asdict(spec)),
                           layout=_plain(dataclasses.asdict(layout)), files=listed)
 

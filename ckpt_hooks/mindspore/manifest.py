@@ -99,10 +99,8 @@ def build(ckpt: MappedFile, *, layout: dict, step: int, epoch: int, roles: dict[
 
 
 def _build(path: Path, tensors: dict, crcs: dict | None, **header) -> dict:
-    entry = manifest.file_entry(path, tensors)
-    if crcs is not None:
-        entry["crc32"] = crcs
-    return manifest.build(FRAMEWORK, path.suffix[1:], **header, files={path.name: entry})
+    return manifest.build(FRAMEWORK, path.suffix[1:], **header,
+                          files={path.name: manifest.file_entry(path, tensors, crcs)})
 
 
 def describe_written(path, crcs: dict[str, int], *, layout: dict, role, placements: dict | None = None,
