@@ -137,15 +137,14 @@ def _layouts(ddp_model, load_dir):
     layer split, EP, ETP; DP being Megatron-LM's business), and whether ckpt_hooks loads it even at the same layout: torch_dist, and experts
     at EP > 1, whose chained optimizers megatron-core 0.16.1 loads without ``torch.no_grad``
     (fp32 params fail). Only the saved args are read."""
-    from ckpt_hooks.algebra.spec import parallel_config_from_args
-    from ckpt_hooks.formats.megatron_legacy import find_iteration_dir, open_checkpoint
+    from ckpt_hooks.formats.megatron_legacy import find_iteration_dir, layout_of_args, open_checkpoint
     from ckpt_hooks.formats.torch_dist import is_dist_checkpoint, read_common
     from ckpt_hooks.megatron.load import running_layout
 
     iter_dir, _ = find_iteration_dir(load_dir)
     dist = is_dist_checkpoint(iter_dir)
     args = read_common(iter_dir).get("args") if dist else open_checkpoint(load_dir).args
-    saved = parallel_config_from_args(args)
+    saved = layout_of_args(args, iter_dir)
     running, _ = running_layout(ddp_model)
     return [saved.model_parallel, running.model_parallel, dist or saved.ep > 1]
 

@@ -278,4 +278,4 @@ def test_legacy_args_and_keys_of_another_type(sources, tmp_path, change):
     torch.save(state, path)
     with pytest.raises(CheckpointError) as error:
         plan_megatron(copy)
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and str(error.value).startswith(str(copy)), error.value

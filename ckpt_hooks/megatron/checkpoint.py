@@ -24,7 +24,7 @@ from typing import Callable
 
 from ckpt_hooks.algebra import layout, names
 from ckpt_hooks.algebra.layout import EXTRA, VOCAB, Box, LayoutError, Placement
-from ckpt_hooks.algebra.spec import (ModelSpec, ParallelConfig, Rank, model_spec_from_args, parallel_config_from_args,
+from ckpt_hooks.algebra.spec import (ModelSpec, ParallelConfig, Rank, model_spec_from_args,
                                      vocab_divisor)
 from ckpt_hooks.engine.execute import build_tensor
 from ckpt_hooks.engine.plan import TargetFile, TargetTensor, covered, plan_tensor
@@ -174,11 +174,12 @@ def settled_spec(spec: ModelSpec, config: ParallelConfig, args, path, true_vocab
 def _described(args, path) -> tuple[ModelSpec, ParallelConfig]:
     """The model and layout a rank file's ``args`` describe."""
     try:
-        return model_spec_from_args(args), parallel_config_from_args(args)
+        spec = model_spec_from_args(args)
     except AttributeError as e:
         raise CheckpointError(path, f"saved args lack a model setting ({e})") from None
     except (ValueError, TypeError) as e:
         raise CheckpointError(path, f"saved args: unreadable noop_layers ({e})") from None
+    return spec, legacy.layout_of_args(args, path)
 
 
 def _check_same_args(ckpt: legacy.LegacyCheckpoint, spec: ModelSpec, config: ParallelConfig) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from ckpt_hooks.algebra import layout
 from ckpt_hooks.algebra.layout import Placement
-from ckpt_hooks.algebra.spec import Rank, model_spec_from_args, parallel_config_from_args, updated_args
+from ckpt_hooks.algebra.spec import Rank, model_spec_from_args, updated_args
 from ckpt_hooks.algebra.target import Target
 from ckpt_hooks.converters.mindspeed import files
 from ckpt_hooks.engine.ranks import Ranks
@@ -79,9 +79,9 @@ class MindSpeedSource:
         self.meta, _, self.grad_dtypes = files.read_meta(meta_dir, Rank())
         try:
             self.spec = model_spec_from_args(self.meta.obj["args"])
-            self.layout = parallel_config_from_args(self.meta.obj["args"])
         except AttributeError as e:
             raise CheckpointError(self.meta.path, f"saved args lack a model setting ({e})") from None
+        self.layout = legacy.layout_of_args(self.meta.obj["args"], self.meta.path)
         self.noop, states = tuple(noop), STATES if with_optimizer else ("param",)
         self.chunk_keys = legacy.chunk_keys(self.layout.vpp)
         self.by_name: dict[int, dict[str, MappedFile]] = {}   # tp rank -> MindSpore name -> its file
