@@ -141,14 +141,24 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
     def unchanged(root) -> None:
         src.check_unchanged(before)
     reused: list = []
-    if ckpt_format == "torch_dist":
-        data_seconds = _write_dist(p, save_dir, args, carried, workers, quiet, label, unchanged, resume, identity,
-                                   reused)
-        if resume:
-            src.notes.append(f"resumed: {len(reused)} of {len(p.weights)} ranks' files reused from the interrupted run")
-        return Report(src.layout.describe(), layout.describe(), len(p.weights), p.nbytes,
-                      time.perf_counter() - started, data_seconds,
-                      [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None, ckpt_format)])
+    if ckpt_format == "torch_dist":   # one .distcp file per rank
+        data_seconds, files = _write_dist(p, save_dir, args, carried, workers, quiet, label, unchanged, resume,
+                                          identity, reused), len(p.weights)
+    else:
+        data_seconds = _write_legacy(p, save_dir, args, carried, workers, quiet, label, unchanged, resume, identity,
+                                     reused)
+        files = len(p.weights) * (1 if optim is None else 2)
+    if resume:
+        src.notes.append(f"resumed: {len(reused)} of {len(p.weights)} ranks' files reused from the interrupted run")
+    return Report(src.layout.describe(), layout.describe(), files, p.nbytes, time.perf_counter() - started,
+                  data_seconds, [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None, ckpt_format)])
+
+
+def _write_legacy(p: Planned, save_dir, args, carried: dict, workers: int, quiet: bool, label: str,
+                  finish, resume: bool, identity: str, reused: list) -> float:
+    """The plan written as Megatron-LM's legacy rank files (``model_optim_rng.pt``, and
+    ``distrib_optim.pt`` with the optimizer), each model in the source's own form."""
+    src, layout, optim = p.src, p.target, p.optimizer
     form = legacy_names.source_form(src.ckpt.first.obj)   # a legacy model is written as one
 
     def rank_state(target_file: TargetFile, progress) -> dict:
@@ -160,15 +170,9 @@ def convert(load_dir, save_dir, target: Target = Target(), *, convert_param_only
         plans = {s: p.optimizer_plans[s][target_file.rank] for s in STATES}
         return target_state(target_file, plans, optim.grad_dtypes, p.spec, layout, args, progress)
 
-    data_seconds = write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout, rank_state,
-                                    optimizer_state if optim is not None else None, p.nbytes, workers=workers,
-                                    quiet=quiet, label=label, resume=resume, identity=identity, reused=reused,
-                                    finish=unchanged)
-    if resume:
-        src.notes.append(f"resumed: {len(reused)} of {len(p.weights)} ranks' files reused from the interrupted run")
-    return Report(src.layout.describe(), layout.describe(), len(p.weights) * (1 if optim is None else 2), p.nbytes,
-                  time.perf_counter() - started, data_seconds,
-                  [*src.notes, resume_hint(save_dir, src.spec, layout, optim is not None, ckpt_format)])
+    return write_checkpoint(save_dir, src.ckpt.iteration, p.weights, layout, rank_state,
+                            optimizer_state if optim is not None else None, p.nbytes, workers=workers, quiet=quiet,
+                            label=label, resume=resume, identity=identity, reused=reused, finish=finish)
 
 
 def _write_dist(p: Planned, save_dir, args, carried: dict, workers: int, quiet: bool, label: str,
